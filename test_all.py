@@ -1,0 +1,475 @@
+"""Tests: common.py against independent references, then an end-to-end smoke run per script.
+
+    python -m pytest -q test_all.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from sklearn.metrics import average_precision_score, label_ranking_average_precision_score, roc_auc_score
+
+import common as C
+
+torch.set_num_threads(2)
+
+
+# =============================================================================================
+# Fixtures: one tiny synthetic corpus shared by every test that needs data
+# =============================================================================================
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """~160 clips of 4 s: 1 clip per leaf class in balanced/valid/eval, 90 Zipf clips."""
+    root = tmp_path_factory.mktemp("data") / "synth"
+    return C.make_synthetic_corpus(root, scale=0.1, seed=0, clip_seconds=4.0, workers=1, quiet=True)
+
+
+def sine(freq: float, sr: int, seconds: float = 1.0) -> np.ndarray:
+    return np.sin(2 * np.pi * freq * np.arange(int(sr * seconds)) / sr).astype(np.float32)
+
+
+# =============================================================================================
+# Audio I/O and manifests
+# =============================================================================================
+@pytest.mark.parametrize("orig_sr", [44100, 48000, 8000, 22050])
+def test_resample_keeps_frequency(orig_sr):
+    y = C.resample(sine(1000, orig_sr), orig_sr, C.SR)
+    assert abs(len(y) - C.SR) <= 1
+    spec = np.abs(np.fft.rfft(y * np.hanning(len(y))))
+    assert abs(np.argmax(spec) * C.SR / len(y) - 1000) <= 1.0
+
+
+def test_load_audio_mixes_down_and_resamples(tmp_path):
+    s = sine(1000, 44100)
+    sf.write(tmp_path / "st.wav", np.stack([s, 0.5 * s], 1), 44100, subtype="FLOAT")
+    y = C.load_audio(tmp_path / "st.wav")
+    ref = C.resample(0.75 * s, 44100, C.SR)
+    assert len(y) == len(ref) and np.allclose(y, ref, atol=1e-4)
+    sf.write(tmp_path / "m.flac", s[:4410], 44100)
+    assert len(C.load_audio(tmp_path / "m.flac")) == 1600
+
+
+def test_load_audio_partial_read(tmp_path):
+    x = np.arange(C.SR * 3, dtype=np.float32) / (C.SR * 3)
+    sf.write(tmp_path / "r.wav", x, C.SR, subtype="FLOAT")
+    assert np.allclose(C.load_audio(tmp_path / "r.wav", start_s=1.0, end_s=2.0), x[C.SR: 2 * C.SR])
+
+
+def test_bad_input_errors_name_the_file_or_row(tmp_path):
+    with pytest.raises(C.DataError, match="nope.wav: audio file not found"):
+        C.load_audio(tmp_path / "nope.wav")
+    (tmp_path / "junk.wav").write_bytes(b"this is not audio")
+    with pytest.raises(C.DataError, match="junk.wav: cannot read audio"):
+        C.load_audio(tmp_path / "junk.wav")
+    (tmp_path / "empty.tsv").write_text("filename\tlabels\n")
+    with pytest.raises(C.DataError, match="empty.tsv: empty manifest"):
+        C.read_manifest(tmp_path / "empty.tsv")
+    labels = C.Labels(["/m/a", "/m/b"], ["A", "B"])
+    with pytest.raises(C.DataError, match=r"row 2 \(y.wav\): unknown label id '/m/zz'"):
+        C.multi_hot([("x.wav", ["/m/a"]), ("y.wav", ["/m/b", "/m/zz"])], labels, "t.tsv")
+
+
+def test_manifest_roundtrip_and_multi_hot(tmp_path):
+    rows = [("a.wav", ["/m/b"]), ("b.wav", ["/m/a", "/m/b"])]
+    C.write_manifest(tmp_path / "m.tsv", rows)
+    assert C.read_manifest(tmp_path / "m.tsv") == rows
+    y = C.multi_hot(rows, C.Labels(["/m/a", "/m/b"], ["A", "B"]))
+    assert y.tolist() == [[0, 1], [1, 1]]
+
+
+def test_audioset_metadata_and_ontology():
+    labels = C.read_class_labels(C.AUDIOSET_META / "class_labels_indices.csv")
+    assert len(labels) == 527 and labels.names[0] == "Speech" and labels.index["/m/09x0r"] == 0
+    onto = C.read_ontology(C.AUDIOSET_META / "ontology.json")
+    assert len(onto.names) == 632
+    # Rimshot < Snare drum < Drum < Percussion < Musical instrument < Music (README of shared/data)
+    rimshot = next(m for m, n in onto.names.items() if n == "Rimshot")
+    assert {"Snare drum", "Drum", "Percussion", "Musical instrument", "Music"} <= {onto.names[a] for a in onto.ancestors(rimshot)}
+
+
+def test_sample_300h_caps_per_label():
+    labels = C.Labels(["/a", "/b"], ["a", "b"])
+    bal = [("b0", ["/a"])]
+    unbal = [(f"u{i}", ["/a"]) for i in range(10)] + [(f"v{i}", ["/b"]) for i in range(3)]
+    rows = C.sample_300h(bal, unbal, labels, per_label=4)
+    assert rows[0] == bal[0] and len(rows) == 1 + 4 + 3
+
+
+# =============================================================================================
+# Datasets and loaders
+# =============================================================================================
+def test_segment_bounds_last_partial_chunk():
+    assert C.segment_bounds(10.0, 2.0) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert C.segment_bounds(10.0, 3.0) == [(0, 3), (3, 6), (6, 9), (9, 10)]  # last one shorter
+    assert C.segment_bounds(1.5, 2.0) == [(0, 1.5)]
+
+
+def test_datasets_and_collate(tiny_root, tmp_path):
+    corpus = C.load_corpus(str(tiny_root))
+    rows = corpus.eval[:3] + [("missing.wav", corpus.eval[0][1])]
+    y = corpus.targets(rows)
+    clips = C.ClipDataset(tiny_root, rows, y, clip_seconds=4.0)
+    with pytest.warns(UserWarning, match="missing.wav"):
+        batch = C.pad_collate([clips[i] for i in range(4)])
+    assert batch[0].shape == (3, 4 * C.SR) and batch[2].tolist() == [0, 1, 2]  # the bad clip is dropped
+    segs = C.SegmentDataset(tiny_root, rows[:2], y[:2], segment_seconds=3.0, clip_seconds=4.0)
+    assert [(c, s, e) for c, s, e in segs.chunks] == [(0, 0, 3), (0, 3, 4), (1, 0, 3), (1, 3, 4)]
+    wave, target, idx = C.pad_collate([segs[0], segs[1]])
+    assert wave.shape == (2, 3 * C.SR) and wave[1, C.SR:].abs().sum() == 0  # zero-padded to the longest
+    full = C.load_audio(tiny_root / rows[0][0])
+    assert torch.allclose(wave[1, : C.SR], torch.from_numpy(full[3 * C.SR:]))
+    assert torch.equal(target[0], torch.from_numpy(y[0])) and torch.equal(target[1], torch.from_numpy(y[0]))
+
+
+# =============================================================================================
+# The synthetic corpus
+# =============================================================================================
+def test_synthetic_corpus_is_deterministic(tiny_root, tmp_path):
+    again = C.make_synthetic_corpus(tmp_path / "s2", scale=0.1, seed=0, clip_seconds=4.0, workers=2,
+                                    downstream=False, quiet=True)
+    for f in ("balanced_train.tsv", "unbalanced_train.tsv", "eval.tsv", "strong_eval.tsv", "class_labels_indices.csv"):
+        assert (again / f).read_bytes() == (tiny_root / f).read_bytes(), f
+    fn = C.read_manifest(again / "eval.tsv")[3][0]
+    assert (again / fn).read_bytes() == (tiny_root / fn).read_bytes()
+    other = C.make_synthetic_corpus(tmp_path / "s3", scale=0.1, seed=1, clip_seconds=4.0, workers=1,
+                                    downstream=False, quiet=True)
+    assert (other / "eval.tsv").read_bytes() != (tiny_root / "eval.tsv").read_bytes() or \
+        (other / fn).read_bytes() != (tiny_root / fn).read_bytes()
+
+
+def test_synthetic_corpus_statistics(tiny_root):
+    corpus = C.load_corpus(str(tiny_root), "full")
+    assert corpus.synthetic and len(corpus.labels) == 30 and len(corpus.eval) == 24
+    # every leaf class anchors one eval clip; eval labels are the true labels
+    assert all(dict(corpus.eval)[fn] == corpus.true[fn] for fn, _ in corpus.eval)
+    assert corpus.targets(corpus.eval)[:, [corpus.labels.index[C.child_mid(p, c)] for p, c in C.CHILDREN]].max(0).min() == 1
+    # true labels = classes of the strong events + their parents
+    for fn, true in corpus.eval:
+        leaves = {m for *_, m in corpus.strong[fn]}
+        assert set(true) == leaves | {m.split("c")[0] for m in leaves}
+        assert all(0 <= on < off <= 4.0 for on, off, _ in corpus.strong[fn])
+    # training labels are noisy in the documented ways
+    weak, true = corpus.targets(corpus.train), corpus.true_targets(corpus.train)
+    assert 0.9 < (weak * true).sum() / weak.sum() < 1.0      # a few spurious labels
+    assert 0.5 < (weak * true).sum() / true.sum() < 0.9      # many missing labels
+    parent = {corpus.labels.index[C.parent_mid(p)]: [corpus.labels.index[C.child_mid(p, c)] for c in range(4)]
+              for p in range(6)}
+    type1 = sum(((weak[:, p] == 1) & (true[:, ch].sum(1) > 0) & (weak[:, ch].sum(1) == 0)).sum() for p, ch in parent.items())
+    type2 = sum(((weak[:, p] == 0) & (weak[:, ch].sum(1) > 0)).sum() for p, ch in parent.items())
+    assert type1 > 0 and type2 > 0
+    meta = json.loads((tiny_root / "synth.json").read_text())
+    assert meta["splits"]["eval"]["noisy_labels"] is False and meta["splits"]["balanced_train"]["type1"] > 0
+    # the Zipf split is imbalanced
+    counts = C.multi_hot(C.read_manifest(tiny_root / "unbalanced_train_true.tsv"), corpus.labels).sum(0)
+    leaf_counts = np.sort(counts[[corpus.labels.index[C.child_mid(p, c)] for p, c in C.CHILDREN]])
+    assert leaf_counts[-1] >= 4 * max(leaf_counts[0], 1)
+    assert "Type I" in C.corpus_summary(tiny_root)
+
+
+def test_synthetic_events_have_their_energy_where_designed():
+    rng = np.random.default_rng(0)
+    def centroid(x):
+        s = np.abs(np.fft.rfft(x)) ** 2
+        return (np.fft.rfftfreq(len(x), 1 / C.SR) * s).sum() / s.sum()
+    low, mid, high = (centroid(C.synth_event(1, c, 1.0, rng)) for c in range(3))  # band noises
+    assert 100 < low < 900 < mid < 2600 < high < 6500
+    assert abs(centroid(C.synth_event(0, 0, 1.0, np.random.default_rng(1))) - 350) < 120  # low pure tone
+
+
+def test_downstream_tasks(tiny_root):
+    tasks = json.loads((tiny_root / "downstream" / "tasks.json").read_text())
+    assert {t["metric"] for t in tasks.values()} == {"accuracy", "mAP"} and tasks["sound"]["folds"][0] == "1"
+    for name, t in tasks.items():
+        lines = (tiny_root / "downstream" / t["manifest"]).read_text().splitlines()
+        assert lines[0] == "filename\tlabels\tfold" and len(lines) > 10
+        fn, lab, fold = lines[1].split("\t")
+        assert fold in t["folds"] and sf.info(str(tiny_root / "downstream" / fn)).duration == t["clip_seconds"]
+
+
+# =============================================================================================
+# prepare (real AudioSet layout)
+# =============================================================================================
+def test_prepare_from_official_csvs(tmp_path):
+    csvs, clips = tmp_path / "csv", tmp_path / "clips"
+    csvs.mkdir(), clips.mkdir()
+    head = "# Segments csv created Sun Mar  5 10:54:25 2017\n# num_ytids=3\n# YTID, start_seconds, end_seconds, positive_labels\n"
+    (csvs / "balanced_train_segments.csv").write_text(
+        head + '--4gqARaEJE, 0.000, 10.000, "/m/068hy,/m/07q6cd_"\nYabc_def123, 30.000, 40.000, "/m/09x0r"\nmissing1234, 0.000, 10.000, "/m/09x0r"\n')
+    (csvs / "unbalanced_train_segments.csv").write_text(head + 'zzzzzzzzzzz, 0.000, 10.000, "/m/09x0r"\n')
+    (csvs / "eval_segments.csv").write_text(head + 'evalclip001, 0.000, 10.000, "/m/09x0r"\n')
+    for name in ("Y--4gqARaEJE.wav", "Yabc_def123_30.000.flac", "sub/zzzzzzzzzzz.wav", "evalclip001.ogg"):
+        (clips / name).parent.mkdir(exist_ok=True)
+        sf.write(clips / name, np.zeros(1600, np.float32), 16000)
+    report = C.prepare(csvs, clips, tmp_path / "out")
+    assert report["balanced_train"] == {"rows": 3, "with_audio": 2, "missing_audio": 1}
+    corpus = C.load_corpus(str(tmp_path / "out"), "300h")
+    assert len(corpus.labels) == 527 and len(corpus.train) == 3 and not corpus.synthetic
+    assert corpus.train[0][1] == ["/m/068hy", "/m/07q6cd_"]
+    assert len(C.load_audio(corpus.root / corpus.eval[0][0])) == 1600
+
+
+# =============================================================================================
+# Front-ends against independent numpy references
+# =============================================================================================
+def ref_logmel(x: np.ndarray, sr, n_fft, hop, n_mels, top_db=None):
+    """Direct DFT per frame + triangles built from the HTK mel formula, in float64."""
+    pad = np.pad(x, n_fft // 2, mode="reflect")
+    n_frames = 1 + (len(pad) - n_fft) // hop
+    win = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
+    k = np.arange(n_fft // 2 + 1)
+    dft = np.exp(-2j * np.pi * np.outer(np.arange(n_fft), k) / n_fft)
+    spec = np.array([np.abs((pad[t * hop: t * hop + n_fft] * win) @ dft) ** 2 for t in range(n_frames)])
+    mel = lambda f: 2595 * np.log10(1 + f / 700)
+    hz = lambda m: 700 * (10 ** (m / 2595) - 1)
+    edges = hz(np.linspace(0, mel(sr / 2), n_mels + 2))
+    f = k * sr / n_fft
+    fb = np.zeros((len(k), n_mels))
+    for m in range(n_mels):
+        lo, c, hi = edges[m: m + 3]
+        fb[:, m] = np.clip(np.minimum((f - lo) / (c - lo), (hi - f) / (hi - c)), 0, None)
+    db = 10 * np.log10(np.maximum(spec @ fb, 1e-10)).T
+    return np.maximum(db, db.max() - top_db) if top_db else db
+
+
+def test_logmel_matches_reference_and_known_answer():
+    rng = np.random.default_rng(0)
+    x = (sine(1000, C.SR, 0.5) * 0.5 + 0.05 * rng.standard_normal(C.SR // 2)).astype(np.float32)
+    fe = C.LogMel.preset("psl")
+    ours = fe(torch.from_numpy(np.stack([x, x[::-1].copy()]))).numpy()
+    ref = ref_logmel(x.astype(np.float64), C.SR, 512, 160, 64, top_db=120)
+    assert ours.shape == (2, 64, 51)
+    power_ratio = 10 ** ((ours[0] - ref) / 10)  # compare in the power domain: 1e-3 relative
+    assert np.abs(power_ratio - 1).max() < 1e-3
+    # known answer: the 1 kHz tone lands in the mel band whose centre is nearest 1 kHz
+    centres = C.mel_to_hz(np.linspace(0, C.hz_to_mel(8000), 66))[1:-1]
+    assert ours[0].mean(1).argmax() == np.abs(centres - 1000).argmin()
+
+
+def test_logmel_presets_shapes_and_log_offset():
+    x = torch.randn(2, C.SR)
+    assert C.LogMel.preset("conformer")(x).shape == (2, 64, 51)
+    assert C.LogMel.preset("panns16k")(x).shape == (2, 64, 101)
+    fe = C.LogMel.preset("conformer")
+    spec = torch.stft(x, 1024, 320, 1024, torch.hann_window(1024), return_complex=True).abs() ** 2
+    ref = torch.log(fe.fb.T @ spec + 1e-6)
+    assert torch.allclose(fe(x), ref, rtol=1e-4, atol=1e-4)
+    slaney = C.mel_filterbank(257, 16000, 64, 50, 8000, "slaney", "slaney")
+    assert slaney.shape == (257, 64) and (slaney.sum(0) > 0).all()
+
+
+def ref_kaldi_fbank(x: np.ndarray, sr=16000, n_mels=128):
+    """Kaldi's compute-fbank algorithm written out frame by frame (float64)."""
+    win, shift, n_fft = 400, 160, 512
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / (win - 1))
+    mel = lambda f: 1127 * np.log(1 + f / 700)
+    lo, hi = mel(20), mel(sr / 2)
+    d = (hi - lo) / (n_mels + 1)
+    out = []
+    for t in range(1 + (len(x) - win) // shift):
+        fr = x[t * shift: t * shift + win].astype(np.float64)
+        fr = fr - fr.mean()
+        fr = fr - 0.97 * np.concatenate([[fr[0]], fr[:-1]])
+        p = np.abs(np.fft.rfft(np.concatenate([fr * window, np.zeros(n_fft - win)]))) ** 2
+        e = np.zeros(n_mels)
+        for m in range(n_mels):
+            l, c, r = lo + m * d, lo + (m + 1) * d, lo + (m + 2) * d
+            for b in range(n_fft // 2):
+                mb = mel(b * sr / n_fft)
+                if l < mb < r:
+                    e[m] += p[b] * ((mb - l) / (c - l) if mb <= c else (r - mb) / (r - c))
+        out.append(np.log(np.maximum(e, np.finfo(np.float32).eps)))
+    return np.array(out)
+
+
+def test_kaldi_fbank_matches_reference():
+    rng = np.random.default_rng(1)
+    x = (sine(440, C.SR, 0.2) + 0.1 * rng.standard_normal(3200)).astype(np.float32)
+    ours = C.KaldiFbank()(torch.from_numpy(x)[None])[0].numpy()
+    ref = ref_kaldi_fbank(x)
+    assert ours.shape == ref.shape == (18, 128)
+    assert np.abs(np.exp(ours - ref) - 1).max() < 1e-3  # 1e-3 relative in the energy domain
+    try:
+        import torchaudio  # cross-check where it imports (not on this project's CPU torch)
+    except Exception:
+        return
+    ta = torchaudio.compliance.kaldi.fbank(torch.from_numpy(x)[None], htk_compat=True, use_energy=False,
+                                           window_type="hanning", num_mel_bins=128, dither=0.0,
+                                           frame_shift=10, sample_frequency=16000).numpy()
+    assert np.abs(np.exp(ours - ta) - 1).max() < 1e-3
+
+
+# =============================================================================================
+# Augmentation
+# =============================================================================================
+def test_mask_along_is_per_sample_and_bounded():
+    torch.manual_seed(0)
+    x = torch.ones(64, 20, 100)
+    y = C.mask_along(x, 30, dim=2)
+    masked = (y == 0).all(1).sum(1)  # columns masked per sample (whole frequency axis)
+    assert masked.max() < 30 and masked.min() >= 0 and len(set(masked.tolist())) > 5
+    assert ((y == 0).sum(1) % 20 == 0).all()  # a time mask spans every frequency bin
+    z = C.mask_along(x, 8, dim=1, n_masks=2, fill=-1.0)
+    assert ((z == -1).all(2).sum(1) <= 14).all()
+
+
+def test_mixup_mixes_inputs_and_labels_alike():
+    torch.manual_seed(0)
+    eye = torch.eye(16)
+    x, y = C.mixup(eye.clone(), eye.clone(), alpha=10.0, rate=0.5)
+    assert torch.allclose(x, y) and torch.allclose(y.sum(1), torch.ones(16))
+    lam = x.max(1).values
+    assert ((lam >= 0.5) | torch.isclose(lam, torch.tensor(1.0))).all()
+    x0, _ = C.mixup(eye.clone(), eye.clone(), alpha=1.0, rate=0.0)
+    assert torch.equal(x0, eye)
+
+
+def test_wave_augment_gain_polarity_shift():
+    torch.manual_seed(0)
+    w = torch.randn(32, 1000)
+    out = C.wave_augment(w, gain_db=(6.0, 6.0), polarity_p=0.0, max_shift=0)
+    assert torch.allclose(out, w * 10 ** (6 / 20), atol=1e-6)
+    out = C.wave_augment(w, gain_db=(0.0, 0.0), polarity_p=1.0, max_shift=0)
+    assert torch.allclose(out, -w)
+    out = C.wave_augment(w, gain_db=(0.0, 0.0), polarity_p=0.0, max_shift=100)
+    assert torch.allclose(out.norm(dim=1), w.norm(dim=1), rtol=1e-5)  # circular: energy kept
+    assert not torch.allclose(out, w)
+
+
+# =============================================================================================
+# Samplers
+# =============================================================================================
+def test_generate_sampling_weights_by_hand():
+    y = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1], [0, 0, 1]], dtype=np.float32)
+    # counts: 3, 1, 2 -> w = [1/3, 1/3 + 1, 1/3 + 1/2, 1/2]
+    assert np.allclose(C.generate_sampling_weights(y), [1 / 3, 4 / 3, 5 / 6, 1 / 2])
+
+
+def test_weighted_sampler_frequencies():
+    w = np.array([1.0, 2.0, 7.0])
+    s = C.WeightedSampler(w, num_samples=20000, seed=0)
+    freq = np.bincount(list(s), minlength=3) / 20000
+    assert np.allclose(freq, w / w.sum(), atol=0.01)
+    first = list(s)
+    s.set_epoch(1)
+    assert list(s) != first
+
+
+def test_pseudo_balanced_sampler_rotates_over_classes():
+    rng = np.random.default_rng(0)
+    y = np.zeros((200, 5))
+    y[np.arange(200), rng.choice(5, 200, p=[0.8, 0.1, 0.05, 0.03, 0.02])] = 1
+    idx = np.array(list(C.PseudoBalancedSampler(y, num_samples=500, seed=0)))
+    cls = y[idx].argmax(1)
+    assert all(len(set(cls[i: i + 5])) == 5 for i in range(0, 500, 5))  # every block of K has all classes
+    rare = np.flatnonzero(y[:, 4])
+    assert set(idx[cls == 4]) == set(rare)  # a class's clips are all used before any repeats
+
+
+def _ddp_worker(rank_, world, port, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank_), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank_))
+    r, w, _ = C.setup_ddp()
+    t = torch.tensor([r + 1.0])
+    torch.distributed.all_reduce(t)
+    s = C.WeightedSampler(np.ones(10), num_samples=10, seed=3)
+    q.put((r, w, t.item(), list(s), len(s), C.is_main()))
+    C.cleanup_ddp()
+
+
+def test_ddp_two_processes_on_cpu():
+    ctx = torch.multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = sorted(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert [o[:3] for o in out] == [(0, 2, 3.0), (1, 2, 3.0)] and [o[5] for o in out] == [True, False]
+    full = C.WeightedSampler(np.ones(10), num_samples=10, seed=3)._global().tolist()
+    assert out[0][3] == full[0::2] and out[1][3] == full[1::2] and out[0][4] == 5
+
+
+# =============================================================================================
+# Metrics against scikit-learn and by hand
+# =============================================================================================
+def test_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    y = (rng.random((300, 12)) < 0.15).astype(float)
+    y[:, 11] = 0  # a class with no positive is ignored by mAP
+    s = np.round(rng.random((300, 12)) * 0.7 + 0.3 * y, 2)  # rounding creates ties
+    ap, auc = C.average_precision(y, s), C.roc_auc(y, s)
+    for k in range(11):
+        assert abs(ap[k] - average_precision_score(y[:, k], s[:, k])) < 1e-6
+        assert abs(auc[k] - roc_auc_score(y[:, k], s[:, k])) < 1e-6
+    assert np.isnan(ap[11]) and np.isnan(auc[11])
+    m = C.tagging_metrics(y, s)
+    assert abs(m["mAP"] - np.mean([average_precision_score(y[:, k], s[:, k]) for k in range(11)])) < 1e-6
+    assert abs(m["dprime"] - np.sqrt(2) * __import__("scipy").stats.norm.ppf(m["mAUC"])) < 1e-9
+    w = y[:, :11].sum(1)
+    keep = w > 0
+    ref = label_ranking_average_precision_score(y[keep, :11], s[keep, :11], sample_weight=w[keep])
+    assert abs(C.lwlrap(y[keep, :11], s[keep, :11]) - ref) < 1e-6
+
+
+def test_metrics_by_hand():
+    assert abs(C.d_prime(0.5)) < 1e-12 and abs(C.d_prime(0.8413447460685429) - np.sqrt(2)) < 1e-9
+    y = np.array([0, 2, 1])
+    s = np.array([[.9, .1, 0], [.5, .3, .2], [.1, .2, .7]])
+    assert C.accuracy(y, s) == 1 / 3 and abs(C.error_rate(y, s) - 2 / 3) < 1e-12
+    assert abs(C.map_at_k(y, s, 3) - (1 + 1 / 3 + 1 / 2) / 3) < 1e-12
+    assert C.average_precision(np.array([[1], [0], [1]]), np.array([[.9], [.8], [.7]]))[0] == pytest.approx((1 + 2 / 3) / 2)
+
+
+# =============================================================================================
+# Checkpoints, weight averaging, ensembles
+# =============================================================================================
+def test_average_state_dicts_includes_batchnorm(tmp_path):
+    nets = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3), torch.nn.BatchNorm1d(3))
+        net.train()(torch.randn(4, 2, 9) + seed)  # moves the BN running statistics
+        nets.append(net.state_dict())
+    C.save_checkpoint(tmp_path / "a.pt", {"model": nets[0], "step": 1})
+    avg = C.average_state_dicts([tmp_path / "a.pt", nets[1], nets[2]])
+    for k in ("0.weight", "1.running_mean", "1.running_var"):
+        assert torch.allclose(avg[k], sum(n[k] for n in nets) / 3, atol=1e-6)
+    assert avg["1.num_batches_tracked"] == nets[2]["1.num_batches_tracked"]
+    torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3), torch.nn.BatchNorm1d(3)).load_state_dict(avg)
+    assert np.allclose(C.ensemble_predictions([np.zeros((2, 2)), np.ones((2, 2))]), 0.5)
+
+
+def test_topk_checkpoints_keep_best_and_survive_restart(tmp_path):
+    top = C.TopKCheckpoints(tmp_path, k=2)
+    for step, metric in enumerate([0.1, 0.5, 0.3, 0.2, 0.6]):
+        top.update(metric, {"step": step}, step)
+    assert [p.name for p in top.paths] == ["top_step4.pt", "top_step1.pt"]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["top_step1.pt", "top_step4.pt"]
+    again = C.TopKCheckpoints(tmp_path, k=2)
+    assert again.update(0.05, {}, 9) is None and again.paths == top.paths
+    assert C.load_checkpoint(again.paths[0])["step"] == 4 and not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(C.DataError, match="checkpoint not found"):
+        C.load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_run_helpers(tmp_path, capsys):
+    assert C.pick_device("auto").type in ("cpu", "cuda", "mps")
+    assert C.amp_dtype(torch.device("cpu"), "auto") is None and C.amp_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    with C.autocast(torch.device("cpu"), torch.bfloat16):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32  # a no-op on CPU
+    log = C.RunLogger(tmp_path)
+    log.log({"step": 1, "val/mAP": 0.25})
+    assert json.loads((tmp_path / "log.jsonl").read_text())["val/mAP"] == 0.25
+    assert "val/mAP=0.25" in capsys.readouterr().out
+    C.write_results(tmp_path, {"mAP": 0.5}, C.markdown_table(["a", "mAP"], [["x", 0.5]]))
+    assert "| x | 0.5000 |" in (tmp_path / "results.md").read_text()
