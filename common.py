@@ -18,6 +18,7 @@ import abc
 import argparse
 import contextlib
 import csv
+import fcntl
 import json
 import math
 import os
@@ -737,18 +738,25 @@ def make_synthetic_corpus(root: str | Path = SYNTH_ROOT, scale: float = 1.0, see
     return root
 
 
-def ensure_synthetic(root: str | Path = SYNTH_ROOT, scale: float = 1.0, seed: int = 0,
+def ensure_synthetic(root: str | Path | None = None, scale: float = 1.0, seed: int = 0,
                      clip_seconds: float = 10.0) -> Path:
-    """The synthetic corpus with these settings, generated on first use (and regenerated if the
-    settings differ from the ones on disk)."""
+    """The synthetic corpus with these settings, generated on first use. The default lives in
+    data/synth; other settings get their own folder, so they never replace it. A file lock makes
+    concurrent first uses generate it once."""
+    if root is None:
+        default = (scale, seed, clip_seconds) == (1.0, 0, 10.0)
+        root = SYNTH_ROOT if default else SYNTH_ROOT.with_name(f"synth_scale{scale:g}_clip{clip_seconds:g}_seed{seed}")
     root = Path(root)
-    meta = root / "synth.json"
-    if meta.exists():
-        m = json.loads(meta.read_text())
-        if (m["seed"], m["scale"], m["clip_seconds"]) == (seed, scale, clip_seconds):
-            return root
-    print(f"generating the synthetic corpus in {root} (scale {scale}, seed {seed}) ...", flush=True)
-    return make_synthetic_corpus(root, scale=scale, seed=seed, clip_seconds=clip_seconds)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = root / "synth.json"
+        if meta.exists():
+            m = json.loads(meta.read_text())
+            if (m["seed"], m["scale"], m["clip_seconds"]) == (seed, scale, clip_seconds):
+                return root
+        print(f"generating the synthetic corpus in {root} (scale {scale}, seed {seed}) ...", flush=True)
+        return make_synthetic_corpus(root, scale=scale, seed=seed, clip_seconds=clip_seconds)
 
 
 def corpus_summary(root: str | Path = SYNTH_ROOT) -> str:
