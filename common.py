@@ -1267,7 +1267,8 @@ class TopKCheckpoints:
             return None
         name = f"{self.prefix}_step{step}.pt"
         save_checkpoint(self.folder / name, state)
-        self.entries = sorted(self.entries + [(float(metric), name)], key=lambda e: -self.sign * e[0])
+        kept = [e for e in self.entries if e[1] != name]  # a resumed run may re-evaluate the same step
+        self.entries = sorted(kept + [(float(metric), name)], key=lambda e: -self.sign * e[0])
         for _, old in self.entries[self.k:]:
             (self.folder / old).unlink(missing_ok=True)
         self.entries = self.entries[: self.k]

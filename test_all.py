@@ -458,6 +458,8 @@ def test_topk_checkpoints_keep_best_and_survive_restart(tmp_path):
     again = C.TopKCheckpoints(tmp_path, k=2)
     assert again.update(0.05, {}, 9) is None and again.paths == top.paths
     assert C.load_checkpoint(again.paths[0])["step"] == 4 and not list(tmp_path.glob("*.tmp"))
+    again.update(0.55, {"step": 1}, 1)  # the same step again (a resumed run): one entry, file kept
+    assert [p.name for p in again.paths] == ["top_step4.pt", "top_step1.pt"] and all(p.exists() for p in again.paths)
     with pytest.raises(C.DataError, match="checkpoint not found"):
         C.load_checkpoint(tmp_path / "nope.pt")
 
