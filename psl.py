@@ -81,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--teacher", type=str, default=None, help="use this MA checkpoint instead of training one")
     g.add_argument("--teacher-dir", type=str, default=None,
                    help="MA run folder, shared by runs (default: beside --out, teacher_<ma-data>_<corpus>)")
-    g.add_argument("--teacher-epochs", type=int, default=None, help="MA epochs with polynomial decay (30; synthetic: 5)")
+    g.add_argument("--teacher-epochs", type=int, default=None,
+                   help="MA epochs with polynomial decay (30; synthetic: 5)")
     g.add_argument("--poly-power", type=float, default=1.0, help="polynomial lr decay power (not given; ours)")
     g.add_argument("--mixup-alpha", type=float, default=1.0, help="mix-up lambda ~ Beta(a, a) (Sec. 3.3, [17])")
     g.add_argument("--gain-db", type=float, default=6.0, help="random gain in +-dB (not given; ours)")
@@ -94,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate: 1e-4 (Sec. 3.2); official code and "
                    "synthetic corpus: 1e-3")
     g.add_argument("--epochs", type=int, default=None, help="max student epochs (300; synthetic: 6)")
-    g.add_argument("--eval-every", type=int, default=None, help="validate every N batches (10,000; synthetic: half an epoch)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="validate every N batches (10,000; synthetic: half an epoch)")
     g.add_argument("--patience", type=int, default=15, help="early stop after N validations without gain (Sec. 3.3)")
     g.add_argument("--top-k", type=int, default=4, help="average the top-k checkpoints by validation mAP (Sec. 3.2)")
     g.add_argument("--valid-on", type=str, default="valid", choices=["valid", "train"],
@@ -157,7 +159,8 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """Log-mel front-end -> MobileNetV2 features (stride 32 on both axes) -> mean over frequency ->
     per-frame Linear + sigmoid -> mean over time. 527 classes: 2,898,383 parameters."""
-    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 
     def __init__(self, n_classes: int = 527, dropout: float = 0.3):
         super().__init__()
@@ -265,7 +268,7 @@ def bce(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy(p.float().clamp(1e-7, 1 - 1e-7), y.float())
 
 
-def train(model: nn.Module, dataset, targets_k: int, sample, folder: Path, log_dir: Path, args, *, epochs: int,
+def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_dir: Path, args, *, epochs: int,
           alpha: float, augment: bool, poly_decay: bool, validate) -> dict:
     """One visible loop for MA and student. `dataset` targets are [soft | weak] (2K columns); loss =
     alpha*BCE(soft) + (1-alpha)*BCE(weak) (Sec. 4.2). `sample(epoch)` gives one epoch's indices.
@@ -290,7 +293,7 @@ def train(model: nn.Module, dataset, targets_k: int, sample, folder: Path, log_d
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
         state = ck["state"]
         print(f"{folder.name}: resumed at step {state['step']}/{total}")
-    K = targets_k
+    K = n_classes
     spec_augment = lambda x: common.mask_along(common.mask_along(x, args.freq_mask, 1, args.n_masks),
                                                args.time_mask, 2, args.n_masks)  # (B, mel, T)
     bar = tqdm(total=total, initial=state["step"], desc=folder.name, disable=not common.is_main())
@@ -327,13 +330,15 @@ def train(model: nn.Module, dataset, targets_k: int, sample, folder: Path, log_d
                 metric = validate(model)
                 gain = metric > state["best"]
                 state["best"], state["bad_evals"] = max(metric, state["best"]), 0 if gain else state["bad_evals"] + 1
-                logger.log({"stage": folder.name, "step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 2),
+                logger.log({"stage": folder.name, "step": state["step"],
+                            "epoch": round(state["step"] / steps_per_epoch, 2),
                             "train/loss": float(np.mean(running)) if running else float("nan"),
                             "val/mAP": metric, "lr": lr, "skipped": skipped})
                 running = []
                 # last.pt first: a kill between the two writes loses one top-k candidate, never corrupts the list
-                common.save_checkpoint(folder / "last.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                            "scaler": scaler.state_dict(), "state": state})
+                common.save_checkpoint(folder / "last.pt", {"model": model.state_dict(), "state": state,
+                                                            "optimizer": opt.state_dict(),
+                                                            "scaler": scaler.state_dict()})
                 topk.update(metric, {"model": model.state_dict()}, state["step"])
             if state["step"] >= total or state["bad_evals"] >= args.patience:
                 break
@@ -362,24 +367,35 @@ def train_teacher(args, device) -> Path:
     wave augmentation, mix-up, SpecAugment and polynomial lr decay; whole 10 s clips."""
     folder = Path(args.teacher_dir)
     final = folder / "final.pt"
-    if final.exists():
+    if final.exists() and (folder / "results.json").exists():
         return final
     corpus = common.load_corpus(args.data_root, args.ma_data, args.synth_scale, args.synth_clip_seconds, args.seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    common.save_config(folder, args)
-    weak = corpus.targets(corpus.train)
-    ds = chunk_dataset(corpus, corpus.train, np.hstack([np.zeros_like(weak), weak]), None, args.clip_seconds)
-    sampler = common.PseudoBalancedSampler(weak, seed=args.seed)
-    sample = lambda epoch: (sampler.set_epoch(epoch), np.fromiter(sampler, np.int64))[1]
-    vrows = validation_split(corpus, args)
-    vtrue = corpus.targets(vrows)
     model = MobileNetV2(len(corpus.labels)).to(device)
-    print(f"machine annotator: MobileNetV2, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{len(ds)} clips of {args.ma_data}")
-    info = train(model, ds, len(corpus.labels), sample, folder, folder, args, epochs=args.teacher_epochs, alpha=0.0,
-                 augment=True, poly_decay=True,
-                 validate=lambda m: evaluate(m, corpus, vrows, vtrue, None, args)["mAP"])
-    save_final(final, model, corpus, None, args, info)
+    if final.exists():
+        model.load_state_dict(common.load_checkpoint(final)["model"])
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        common.save_config(folder, args)
+        weak = corpus.targets(corpus.train)
+        ds = chunk_dataset(corpus, corpus.train, np.hstack([np.zeros_like(weak), weak]), None, args.clip_seconds)
+        sampler = common.PseudoBalancedSampler(weak, seed=args.seed)
+        sample = lambda epoch: (sampler.set_epoch(epoch), np.fromiter(sampler, np.int64))[1]
+        vrows = validation_split(corpus, args)
+        vtrue = corpus.targets(vrows)
+        print(f"machine annotator: MobileNetV2, {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"{len(ds)} clips of {args.ma_data}")
+        info = train(model, ds, len(corpus.labels), sample, folder, folder, args, epochs=args.teacher_epochs,
+                     alpha=0.0, augment=True, poly_decay=True,
+                     validate=lambda m: evaluate(m, corpus, vrows, vtrue, None, args)["mAP"])
+        save_final(final, model, corpus, None, args, info)
+    # the MA's own eval numbers on whole clips (paper, full AudioSet: 40.53 mAP, d' 2.695)
+    m = evaluate(model, corpus, corpus.eval, corpus.true_targets(corpus.eval) if corpus.true
+                 else corpus.targets(corpus.eval), None, args)
+    table = common.markdown_table(["model", "mAP %", "mAUC", "d'", "paper mAP % (AudioSet)", "paper d'"],
+                                  [[f"MA ({args.ma_data})", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
+                                    f"{m['dprime']:.3f}", "40.53", "2.695"]])
+    common.write_results(folder, {k: m[k] for k in ("mAP", "mAUC", "dprime", "AP")}, table)
+    print(table)
     return final
 
 
@@ -511,7 +527,8 @@ def run(args: argparse.Namespace) -> dict:
         vtrue, vseg = corpus.targets(vrows), args.segment if args.eval_mode == "chunks" else None
         print(f"student: MobileNetV2, {n_params:,} parameters, {len(usable)} chunks of {args.segment:g} s, "
               f"alpha {args.alpha:g}")
-        sample = lambda epoch: np.random.default_rng([args.seed, epoch]).permutation(usable)[common.rank()::common.world_size()]
+        sample = lambda epoch: np.random.default_rng([args.seed, epoch]).permutation(usable)[
+            common.rank()::common.world_size()]  # random sampling (Sec. 3.3), this rank's share
         info = train(model, ds, K, sample, out / "student", out, args, epochs=args.epochs, alpha=args.alpha,
                      augment=False, poly_decay=False,
                      validate=lambda m: evaluate(m, corpus, vrows, vtrue, vseg, args)["mAP"])
@@ -524,13 +541,13 @@ def run(args: argparse.Namespace) -> dict:
                "mAP": m["mAP"], "mAUC": m["mAUC"], "dprime": m["dprime"], "AP": m["AP"], "params": n_params,
                "student": info, "analysis": analysis, "corpus": "synthetic" if corpus.synthetic else str(corpus.root)}
     paper = PAPER.get((kind, int(args.segment))) if args.data == "balanced" else None
-    md = "\n".join([f"## PSL: {kind} labels, {args.segment:g} s chunks, alpha {args.alpha:g}, trained on {args.data}", "",
-                    common.markdown_table(["method", "mAP %", "mAUC", "d'", "paper mAP % (AudioSet)", "paper d'"],
-                                          [[f"{kind}-{args.segment:g}s", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
-                                            f"{m['dprime']:.3f}", *(map(str, paper) if paper else ("-", "-"))]]),
-                    "", analysis_markdown(analysis, args.segment) if analysis else ""])
-    common.write_results(out, results, md)
-    print(md)
+    title = f"## PSL: {kind} labels, {args.segment:g} s chunks, alpha {args.alpha:g}, trained on {args.data}"
+    table = common.markdown_table(["method", "mAP %", "mAUC", "d'", "paper mAP % (AudioSet)", "paper d'"],
+                                  [[f"{kind}-{args.segment:g}s", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
+                                    f"{m['dprime']:.3f}", *(map(str, paper) if paper else ("-", "-"))]])
+    common.write_results(out, results, "\n\n".join([title, table, analysis_markdown(analysis, args.segment)
+                                                    if analysis else ""]))
+    print(f"{title}\n\n{table}")  # the analysis was printed before the student stage
     return results
 
 
@@ -543,7 +560,8 @@ def run_table(args: argparse.Namespace) -> None:
     rows = []
     for kind, seg in TABLES[args.table]:
         a = copy.copy(base)
-        a.labels, a.segment, a.alpha = ("weak" if kind == "weak" else "psl"), float(seg), {"weak": 0.0, "psl": 1.0, "ts": 0.5}[kind]
+        a.labels, a.segment = "weak" if kind == "weak" else "psl", float(seg)
+        a.alpha = {"weak": 0.0, "psl": 1.0, "ts": 0.5}[kind]
         a.out = str(out / run_name(a)) if args.out else None  # default: runs/psl/<row>, shared with single runs
         r = run(a)
         paper = PAPER[(kind, seg)]
@@ -551,7 +569,8 @@ def run_table(args: argparse.Namespace) -> None:
                      f"{100 * r['mAP']:.2f}", f"{r['dprime']:.3f}", f"{r['mAUC']:.4f}", str(paper[0]), str(paper[1])])
     md = "\n".join([f"## PSL Table {args.table} on {'the synthetic corpus' if corpus.synthetic else corpus.root}, "
                     f"trained on {args.data}", "",
-                    common.markdown_table(["method", "alpha", "mAP %", "d'", "mAUC", "paper mAP % (AudioSet)", "paper d'"], rows)])
+                    common.markdown_table(["method", "alpha", "mAP %", "d'", "mAUC", "paper mAP % (AudioSet)",
+                                           "paper d'"], rows)])
     out.mkdir(parents=True, exist_ok=True)
     common.write_results(out, {"table": args.table, "rows": rows}, md)
     print(md)
@@ -561,7 +580,8 @@ def predict(argv: list[str]) -> None:
     """Tag audio files with a checkpoint: top classes per clip and a per-segment timeline."""
     p = argparse.ArgumentParser(prog="psl.py predict", description="tag audio files with a PSL/MA checkpoint")
     p.add_argument("--ckpt", required=True, help="final.pt of a student or teacher")
-    p.add_argument("--segment", type=float, default=None, help="timeline resolution (default: the model's chunk length)")
+    p.add_argument("--segment", type=float, default=None,
+                   help="timeline resolution (default: the model's chunk length)")
     p.add_argument("--top", type=int, default=5, help="classes shown per clip (3 per segment)")
     p.add_argument("--device", default="auto")
     p.add_argument("files", nargs="+")
