@@ -12,7 +12,7 @@ Paper, balanced AudioSet -> eval mAP (Tables III, IV, VIII, IX, X):
     + weight averaging 0.3192 (single model)  ensemble of 3 seeds 0.3446  all 20 models 0.3620
 Full AudioSet: 0.3723 scratch ... 0.4435 single model with WA, 0.4744 ensemble of 10 models.
 
-    python psla.py                                          # synthetic corpus, B2, all techniques (~12 min CPU)
+    python psla.py                                          # synthetic corpus, B2, masking + mix-up + WA (9 min, 2 cores)
     python psla.py --effnet 0 --no-mixup --name mask        # one ablation row (see README for all)
     python psla.py --label-enhance type12 --teacher runs/psla/mixup --name le   # Sec. V, Table VIII
     python psla.py ensemble runs/psla/le_s0 runs/psla/le_s1 runs/psla/le_s2     # Table X
@@ -451,11 +451,11 @@ def enhance_labels(scores: np.ndarray, targets: np.ndarray, labels: common.Label
     with np.errstate(invalid="ignore", divide="ignore"):
         thresholds = (scores * pos).sum(0) / pos.sum(0)
     children, ancestors = ontology_matrices(labels, ontology)
-    candidates = np.zeros_like(pos)
+    candidates, y = np.zeros_like(pos), pos.astype(np.float32)
     if kind in ("type1", "type12"):
-        candidates |= (pos @ children) > 0
+        candidates |= (y @ children) > 0  # a child of one of the clip's labels
     if kind in ("type2", "type12"):
-        candidates |= (pos @ ancestors) > 0
+        candidates |= (y @ ancestors) > 0  # an ancestor of one of the clip's labels
     added = candidates & ~pos & (scores > thresholds)  # nan thresholds compare False
     return (pos | added).astype(np.float32), thresholds
 
