@@ -1,4 +1,5 @@
-"""Tests: common.py against independent references, then an end-to-end smoke run per script.
+"""Tests: common.py against independent references, then psl.py and psla.py: their components
+against hand-computed cases and an end-to-end run of every stage on a tiny synthetic corpus.
 
     python -m pytest -q test_all.py
 """
@@ -16,6 +17,8 @@ import torch
 from sklearn.metrics import average_precision_score, label_ranking_average_precision_score, roc_auc_score
 
 import common as C
+import psl
+import psla
 
 torch.set_num_threads(2)
 
@@ -475,3 +478,276 @@ def test_run_helpers(tmp_path, capsys):
     assert "val/mAP=0.25" in capsys.readouterr().out
     C.write_results(tmp_path, {"mAP": 0.5}, C.markdown_table(["a", "mAP"], [["x", 0.5]]))
     assert "| x | 0.5000 |" in (tmp_path / "results.md").read_text()
+
+
+# =============================================================================================
+# psl.py: model size, chunking, clip-level averaging, ground-truth chunk labels, and end-to-end
+# runs of all four stages (teacher -> relabel -> student -> eval), resume, the Table 2 rows
+# =============================================================================================
+@pytest.fixture(scope="session")
+def psl_tiny(tmp_path_factory):
+    """24 balanced / 45 unbalanced / 24 valid / 24 eval clips of 4 s (30 classes)."""
+    root = tmp_path_factory.mktemp("psl") / "synth"
+    return C.make_synthetic_corpus(root, scale=0.05, seed=0, clip_seconds=4.0, workers=1,
+                                   downstream=False, quiet=True)
+
+
+def _argv(root, out, *extra):
+    return ["--data-root", str(root), "--out", str(out), "--workers", "0",
+            "--batch-size", "8", "--eval-every", "1", *extra]
+
+
+def test_psl_param_count():
+    model = psl.MobileNetV2(527)
+    assert sum(p.numel() for p in model.parameters()) == 2_898_383
+    assert set(model.state_dict()) >= {"features.0.0.weight", "classifier.1.weight"}  # plain names for at_transfer.py
+
+
+def test_psl_model_shapes():
+    model = psl.MobileNetV2(30).eval()
+    with torch.no_grad():
+        clip, frames = model(torch.randn(2, 2 * C.SR))  # 2 s -> 201 frames -> 7 time steps
+    assert clip.shape == (2, 30) and frames.shape == (2, 7, 30)
+    assert torch.allclose(clip, frames.mean(1)) and (clip > 0).all() and (clip < 1).all()
+
+
+def test_psl_help(capsys):
+    for argv in (["--help"], ["predict", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            psl.main(argv)
+        assert e.value.code == 0
+    assert "--ckpt" in capsys.readouterr().out
+
+
+def test_psl_chunking_keeps_short_last_chunk(psl_tiny):
+    corpus = C.load_corpus(str(psl_tiny), "balanced")
+    rows = corpus.train[:2]
+    ds = psl.chunk_dataset(corpus, rows, corpus.targets(rows), 3.0, 4.0)
+    assert ds.chunks == [(0, 0.0, 3.0), (0, 3.0, 4.0), (1, 0.0, 3.0), (1, 3.0, 4.0)]
+    assert len(ds[1][0]) == C.SR and len(ds[0][0]) == 3 * C.SR  # last chunk 1 s, not padded
+    assert torch.equal(ds[1][1], ds[0][1])  # weak labels propagated to every chunk of a clip
+    whole = psl.chunk_dataset(corpus, rows, corpus.targets(rows), None, 4.0)
+    assert whole.chunks == [(0, 0.0, 4.0), (1, 0.0, 4.0)]
+
+
+def test_psl_average_chunks_per_clip():
+    scores = np.array([[0.2, 0.4], [0.4, 0.0], [0.9, 0.1], [np.nan, np.nan], [0.5, 0.5]], np.float32)
+    clip_index = np.array([0, 0, 1, 1, 2])
+    out = psl.average_chunks(scores, clip_index, 4)
+    np.testing.assert_allclose(out, [[0.3, 0.2], [0.9, 0.1], [0.5, 0.5], [0.0, 0.0]], atol=1e-6)
+
+
+def test_psl_chunk_truth_matches_true_clip_labels(psl_tiny):
+    """Union over a clip's chunks of the true strong labels (events + parents) = its true clip labels."""
+    corpus = C.load_corpus(str(psl_tiny), "balanced")
+    ds = psl.chunk_dataset(corpus, corpus.train, corpus.targets(corpus.train), 2.0, 4.0)
+    y = psl.chunk_truth(corpus, corpus.train, ds)
+    per_clip = np.zeros((len(corpus.train), y.shape[1]), np.float32)
+    np.maximum.at(per_clip, ds.clip_index, y)
+    np.testing.assert_array_equal(per_clip, corpus.true_targets(corpus.train))
+    assert y.sum() < y.shape[0] * per_clip.sum(1).mean()  # chunks carry fewer labels than their clips
+
+
+def test_psl_all_stages_save_reload_predict(psl_tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    psl.main(_argv(psl_tiny, out, "--segment", "2", "--max-steps", "2"))
+    res = json.loads((out / "results.json").read_text())
+    assert 0 < res["mAP"] <= 1 and 0 <= res["mAUC"] <= 1 and np.isfinite(res["dprime"])
+    assert res["method"] == "psl" and res["params"] == sum(p.numel() for p in psl.MobileNetV2(30).parameters())
+    a = res["analysis"]
+    assert sum(a["labels_per_clip"].values()) == 24 and 0 <= a["mean_coverage"] <= 1
+    assert set(a["chunk_vs_true_strong"]["pseudo"]) == {"precision", "recall"}
+    teacher = tmp_path / "teacher_full_synth"
+    assert (teacher / "final.pt").exists() and (teacher / "relabel" / "final_balanced_2s.npy").exists()
+    assert np.load(teacher / "relabel" / "final_balanced_2s.npy").shape == (48, 30)  # 24 clips x 2 chunks
+    # reload the averaged student from its checkpoint alone and evaluate it again: same numbers
+    ck = C.load_checkpoint(out / "student" / "final.pt")
+    model = psl.build_model(ck)
+    corpus = C.load_corpus(str(psl_tiny), "balanced")
+    args = psl.resolve(psl.parse_args(_argv(psl_tiny, out)), corpus)
+    m = psl.evaluate(model, corpus, corpus.eval, corpus.true_targets(corpus.eval), ck["segment"], args)
+    assert m["mAP"] == pytest.approx(res["mAP"], abs=1e-6)
+    capsys.readouterr()
+    psl.main(["predict", "--ckpt", str(out / "student" / "final.pt"), str(psl_tiny / corpus.eval[0][0])])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and "2.0-   4.0 s" in lines[2] and ":" in lines[0]  # clip line + 2 segments
+
+
+def test_psl_weak_baseline_needs_no_teacher(psl_tiny, tmp_path):
+    out = tmp_path / "weak"
+    psl.main(_argv(psl_tiny, out, "--labels", "weak", "--segment", "4", "--max-steps", "1"))
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == "weak" and res["alpha"] == 0 and res["analysis"] is None
+    assert not (tmp_path / "teacher_full_synth").exists()
+
+
+def test_psl_student_resumes_mid_training(psl_tiny, tmp_path, capsys):
+    """A run stopped after 2 of 4 student steps continues at step 3 and logs every step once."""
+    out = tmp_path / "resume"
+    base = _argv(psl_tiny, out, "--labels", "weak", "--segment", "2")
+    psl.main(base + ["--max-steps", "2"])
+    (out / "results.json").unlink()
+    (out / "student" / "final.pt").unlink()  # as if killed after the step-2 checkpoint
+    capsys.readouterr()
+    psl.main(base + ["--max-steps", "4"])
+    assert "resumed at step 2/4" in capsys.readouterr().out
+    steps = [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["stage"] == "student"]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_psl_table_shares_teacher_and_writes_rows(psl_tiny, tmp_path):
+    out = tmp_path / "table"
+    psl.main(_argv(psl_tiny, out, "--table", "2", "--max-steps", "1"))
+    md = (out / "results.md").read_text()
+    assert all(r in md for r in ("weak-10s", "PSL-10s", "PSL-5s", "PSL-2s", "35.48"))
+    assert len(list((out / "teacher_full_synth").glob("final.pt"))) == 1
+    assert len(list((out / "teacher_full_synth" / "relabel").glob("*.npy"))) == 3
+
+
+# =============================================================================================
+# psla.py: model size and shapes, ImageNet loading, attention pooling, Algorithms 1 and 2, the LR
+# schedule, and an end-to-end run (save -> reload -> eval, resume, label enhancement, ensembles)
+# =============================================================================================
+# torchvision's ImageNet state-dict keys and shapes (facts, no weights), shipped in data/reference/
+REFERENCE = C.HERE / "data" / "reference" / "torchvision_imagenet_state_dict_shapes.json"
+
+
+def test_psla_parameter_count_and_shapes():
+    model = psla.PSLANet(527, effnet=2, heads=4)
+    assert psla.count_parameters(model) == 13_640_766  # the official B2, 4 heads, 527 classes
+    assert psla.count_parameters(psla.PSLANet(527, effnet=0)) == 9_407_672
+    x = torch.zeros(1, 1, 128, 1056)
+    assert model.effnet(x).shape == (1, 1408, 4, 33)  # Sec. II-C: 33 x 4 x 1408
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 16000 * 10)).shape == (2, 527)
+
+
+def _torchvision_like_file(path, b):
+    shapes = json.loads(REFERENCE.read_text())[f"efficientnet_b{b}"]
+    gen = torch.Generator().manual_seed(0)
+    state = {k: (torch.tensor(7) if not s else torch.randn(s, generator=gen)) for k, s in shapes.items()}
+    torch.save(state, path)
+    return state
+
+
+def test_psla_imagenet_loading_counts(tmp_path):
+    for b, total in ((0, 360), (2, 508)):
+        state = _torchvision_like_file(tmp_path / f"b{b}.pth", b)
+        model = psla.PSLANet(30, effnet=b)
+        stem = model.effnet.features[0][0].weight.clone()
+        head = model.attention.att.weight.clone()
+        report = psla.load_imagenet(model, str(tmp_path / f"b{b}.pth"))
+        assert report["total"] == total and report["loaded"] == total - 3
+        assert sorted(report["skipped"]) == ["classifier.1.bias", "classifier.1.weight", "features.0.0.weight"]
+        own = model.effnet.state_dict()
+        assert torch.equal(own["features.0.1.weight"], state["features.0.1.weight"])  # stem BN is loaded
+        assert torch.equal(own["features.8.0.weight"], state["features.8.0.weight"])
+        assert torch.equal(model.effnet.features[0][0].weight, stem)  # 1-channel stem kept random
+        assert torch.equal(model.attention.att.weight, head)
+    with pytest.raises(C.DataError):  # a B0 file into a B2 model
+        psla.load_imagenet(psla.PSLANet(30, effnet=2), str(tmp_path / "b0.pth"))
+    with pytest.raises(C.DataError):
+        psla.load_imagenet(psla.PSLANet(30, effnet=0), "url-that-is-not-a-file.pth")
+
+
+def test_psla_attention_pooling_by_hand():
+    pool = psla.MultiHeadAttentionPooling(channels=1, n_classes=1, heads=2)
+    with torch.no_grad():
+        pool.att.weight[:] = torch.tensor([1.0, 0.0]).view(2, 1, 1)
+        pool.att.bias.zero_()
+        pool.cla.weight[:] = torch.tensor([1.0, -1.0]).view(2, 1, 1)
+        pool.cla.bias.zero_()
+        pool.head_weight[:] = torch.tensor([0.3, 0.5])
+    x = torch.tensor([[[0.0, 2.0]]])  # (B=1, C=1, T=2)
+    s = torch.sigmoid
+    a = s(torch.tensor([0.0, 2.0]))
+    head1 = (a / a.sum() * s(torch.tensor([0.0, 2.0]))).sum()  # attention normalised by its sum over time
+    head2 = (0.5 * s(torch.tensor([0.0, -2.0]))).sum()  # constant attention -> plain mean over time
+    expected = 0.3 * head1 + 0.5 * head2
+    assert torch.allclose(pool(x), expected.view(1, 1), atol=1e-6)
+    assert psla.MultiHeadAttentionPooling(8, 5, 4)(torch.randn(3, 8, 7)).shape == (3, 5)
+
+
+def test_psla_sampling_weights_by_hand():
+    y = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [1, 0, 1]], dtype=np.float32)  # counts 3, 1, 2
+    expected = [1 / 3, 1 / 3 + 1, 1 / 2, 1 / 3 + 1 / 2]
+    assert np.allclose(C.generate_sampling_weights(y), expected)
+
+
+def test_psla_enhance_labels_on_a_toy_ontology():
+    # G -> P -> {C1, C2}; X unrelated. Classes in this order.
+    mids = ["G", "P", "C1", "C2", "X"]
+    labels = C.Labels(mids, mids)
+    children = {"G": ["P"], "P": ["C1", "C2"], "C1": [], "C2": [], "X": []}
+    parents = {"P": ["G"], "C1": ["P"], "C2": ["P"]}
+    onto = C.Ontology({m: m for m in mids}, children, parents)
+    y = np.array([[0, 1, 0, 0, 0],   # P only: Type I candidates C1, C2
+                  [0, 0, 0, 1, 0],   # C2 only: Type II candidates P, G
+                  [1, 1, 1, 1, 1]], dtype=np.float32)
+    s = np.array([[.4, .9, .8, .1, .9],
+                  [.9, .9, .9, .9, .9],
+                  [.5, .5, .6, .5, .5]], dtype=np.float32)
+    # thresholds: G .5, P (.9+.5)/2=.7, C1 .6, C2 (.9+.5)/2=.7, X .5 (clip 0: ancestor G .4 < .5)
+    e1, t = psla.enhance_labels(s, y, labels, onto, "type1")
+    assert np.allclose(t, [.5, .7, .6, .7, .5])
+    added1 = (e1 > 0) & (y == 0)
+    assert added1.nonzero() == (np.array([0]), np.array([2]))  # clip 0 gains C1 (.8 > .6), not C2 or X
+    e2, _ = psla.enhance_labels(s, y, labels, onto, "type2")
+    added2 = (e2 > 0) & (y == 0)
+    assert sorted(zip(*added2.nonzero())) == [(1, 0), (1, 1)]  # clip 1 gains P and its ancestor G
+    e12, _ = psla.enhance_labels(s, y, labels, onto, "type12")
+    assert np.array_equal(e12, np.maximum(e1, e2)) and (e12 >= y).all()  # union; labels only added
+
+
+def test_psla_learning_rate_schedule():
+    a = psla.parse_args(["--data", "balanced"])
+    psla.resolve_schedule(a, synthetic=False)
+    assert (a.epochs, a.lr, a.batch_size, a.wa_start, a.balanced_sampling) == (60, 1e-3, 100, 41, False)
+    lr = lambda e, s=10_000: psla.learning_rate(a, e, s)
+    assert lr(35) == 1e-3 and lr(36) == 5e-4 and lr(40) == 5e-4 and lr(41) == 2.5e-4 and lr(46) == 1.25e-4
+    assert np.isclose(psla.learning_rate(a, 1, 0), 1e-6) and np.isclose(psla.learning_rate(a, 1, 499), 5e-4)
+    f = psla.parse_args(["--data", "full"])
+    psla.resolve_schedule(f, synthetic=False)
+    assert (f.epochs, f.lr, f.wa_start, f.balanced_sampling) == (30, 1e-4, 16, True)
+
+
+def test_psla_end_to_end_save_reload_resume_enhance_ensemble(tiny_root, tmp_path):
+    base = ["--data-root", str(tiny_root), "--effnet", "0", "--target-length", "256", "--epochs", "2",
+            "--batch-size", "8", "--workers", "0"]
+    run = tmp_path / "run"
+    res = psla.main(base + ["--out", str(run)])
+    for f in ("config.json", "log.jsonl", "results.json", "results.md", "last.pt", "best.pt", "wa.pt",
+              "preds/eval_e001.npy", "preds/eval_e002.npy", "preds/eval_wa.npy"):
+        assert (run / f).exists(), f
+    assert res["epochs"] == 2 and len(open(run / "log.jsonl").readlines()) == 2
+    for key in ("last_n", "best", "wa"):
+        assert 0 < res[key]["mAP"] <= 1 and 0 <= res[key]["mAUC"] <= 1
+    assert res["checkpoint_ensemble"]["models"] == 2 and len(res["last_AP"]) == 30
+    # save -> reload -> eval: the WA checkpoint alone rebuilds the model and reproduces its score
+    ckpt = C.load_checkpoint(run / "wa.pt")
+    model = psla.build_model(ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    corpus = C.load_corpus(str(tiny_root))
+    targets = corpus.targets(corpus.eval)
+    loader = C.make_loader(C.ClipDataset(corpus.root, corpus.eval, targets), 16, workers=0)
+    scores, ok = psla.predict(model, loader, len(targets), 30, torch.device("cpu"), None)
+    assert ok.all() and np.isclose(psla.metrics(targets, scores)["mAP"], res["wa"]["mAP"], atol=1e-6)
+    # resume: a finished run is not retrained and gives the same results
+    again = psla.main(base + ["--out", str(run)])
+    assert again["last_n"] == res["last_n"] and again["steps"] == res["steps"]
+    # label enhancement with this run as teacher (Table VIII statistics vs the true labels)
+    le = tmp_path / "le"
+    res_le = psla.main(base + ["--out", str(le), "--label-enhance", "type12", "--teacher", str(run),
+                               "--max-steps", "2", "--seed", "1"])
+    stats = json.loads((le / "label_enhancement.json").read_text())
+    enhanced = C.read_manifest(le / "train_type12.tsv")
+    original = dict(corpus.train)
+    assert all(set(original[fn]) <= set(m) for fn, m in enhanced)  # labels are only added
+    added = sum(len(m) - len(original[fn]) for fn, m in enhanced)
+    assert added == stats["type12"]["labels_added"] and 0 <= stats["type12"]["precision"] <= 1
+    assert res_le["steps"] == 2
+    # ensemble of two runs' saved eval predictions (Table X columns)
+    row = psla.main(["ensemble", str(run), str(le), "--out", str(tmp_path / "ens")])
+    assert row["models"] == 2 and row["best_mAP"] >= row["avg_mAP"]
+    assert (tmp_path / "ens" / "results.md").exists()
