@@ -617,6 +617,19 @@ SYNTH_SPLITS = {"balanced_train": ("floor", 12, True), "unbalanced_train": ("zip
                 "valid": ("floor", 6, True), "eval": ("floor", 12, False)}
 
 
+def _add_event(x: np.ndarray, leaf: int, rng: np.random.Generator, clip_s: float, min_db: float) -> tuple[float, float]:
+    """Add one event of leaf class `leaf` at a random onset and level (min_db..-6 dB) into x, in
+    place; returns its (onset, offset) in seconds."""
+    p, c = CHILDREN[leaf]
+    lo, hi = SYNTH_CLASSES[PARENTS[p]][c][1:]
+    dur = min(rng.uniform(lo, hi), clip_s)
+    on = rng.uniform(0, clip_s - dur)
+    ev = synth_event(p, c, dur, rng) * 10 ** (rng.uniform(min_db, -6) / 20)
+    s = int(on * SR)
+    x[s: s + len(ev)] += ev[: len(x) - s]
+    return round(on, 3), round(on + dur, 3)
+
+
 def _synth_clip(args):
     """Generate, write and label one clip (a worker job; deterministic in (seed, split, index))."""
     root, split, idx, anchor, seed, clip_s, zipf_p, noise = args
@@ -628,16 +641,7 @@ def _synth_clip(args):
     x = bg / (np.abs(bg).max() + 1e-9) * 10 ** (rng.uniform(-55, -45) / 20)
     n_events = int(rng.integers(1, 6))
     leaves = [anchor] + [int(rng.choice(len(CHILDREN), p=zipf_p)) for _ in range(n_events - 1)]
-    events = []
-    for leaf in leaves:
-        p, c = CHILDREN[leaf]
-        lo, hi = SYNTH_CLASSES[PARENTS[p]][c][1:]
-        dur = min(rng.uniform(lo, hi), clip_s)
-        on = rng.uniform(0, clip_s - dur)
-        ev = synth_event(p, c, dur, rng) * 10 ** (rng.uniform(-24, -6) / 20)
-        s = int(on * SR)
-        x[s: s + len(ev)] += ev[: n - s]
-        events.append((round(on, 3), round(on + dur, 3), leaf))
+    events = [(*_add_event(x, leaf, rng, clip_s, -24.0), leaf) for leaf in leaves]
     x /= max(1.0, np.abs(x).max() / 0.99)
     fn = f"audio/{split}/{split}_{idx:05d}.wav"
     sf.write(str(Path(root) / fn), x.astype(np.float32), SR, subtype="PCM_16")
@@ -806,13 +810,7 @@ def _downstream_clip(args):
             on += dur
     else:
         for leaf in spec:
-            p, c = CHILDREN[leaf]
-            lo, hi = SYNTH_CLASSES[PARENTS[p]][c][1:]
-            dur = min(rng.uniform(lo, hi), clip_s)
-            on = rng.uniform(0, clip_s - dur)
-            ev = synth_event(p, c, dur, rng) * 10 ** (rng.uniform(-20, -6) / 20)
-            s = int(on * SR)
-            x[s: s + len(ev)] += ev[: n - s]
+            _add_event(x, leaf, rng, clip_s, -20.0)
     x /= max(1.0, np.abs(x).max() / 0.99)
     fn = f"{task}/audio/{task}_{idx:05d}.wav"
     sf.write(str(Path(root) / fn), x.astype(np.float32), SR, subtype="PCM_16")
