@@ -687,7 +687,8 @@ def list_tasks(task_root: str | Path) -> list[str]:
 def read_task(task_root: str | Path, name: str) -> Task:
     """A task from <task_root>/tasks.json; a bad manifest row is an error naming file and line."""
     task_root = Path(task_root)
-    tasks = {n: json.loads((task_root / "tasks.json").read_text())[n] for n in list_tasks(task_root)}
+    list_tasks(task_root)  # a missing tasks.json is an error naming it
+    tasks = json.loads((task_root / "tasks.json").read_text())
     if name not in tasks:
         raise DataError(f"{task_root / 'tasks.json'}: no task {name!r} (have {', '.join(tasks)})")
     e = tasks[name]
@@ -774,7 +775,8 @@ def label_fractions(targets: np.ndarray, fractions=(0.01, 0.03, 0.1, 0.3, 1.0),
     for k in np.argsort(t.sum(0), kind="stable"):  # rarest class first: one random positive each
         if t[:, k].any() and not t[cover, k].any():
             cover.append(int(rng.choice(np.flatnonzero(t[:, k]))))
-    rest = [i for i in _stratified_order(t, seed, cover).tolist() if i not in set(cover)]
+    covered = set(cover)
+    rest = [i for i in _stratified_order(t, seed, cover).tolist() if i not in covered]
     order = cover + rest
     return {f: np.sort(np.array(order[: max(len(cover), int(round(f * len(t))))], dtype=np.int64))
             for f in sorted(fractions)}

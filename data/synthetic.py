@@ -4,6 +4,7 @@ that test transfer, and the clip generator behind common.synthetic_stream.
     python data/synthetic.py corpus [--root data/synth] [--scale 1] [--seed 0]   # build + summarise
     python data/synthetic.py summary [--root data/synth]
     python data/synthetic.py tasks [--root data/synth_tasks] [--scale 1] [--seed 0]
+    python data/synthetic.py probe [--root data/synth_tasks]      # linear-probe difficulty check
 
 Scripts never import this file directly: common.py loads it (by path) only when a corpus or the
 task root must be generated, so common.py + a script still run on real data without data/.
@@ -495,7 +496,7 @@ def unknown_words(seed: int, count: int = 30) -> list[str]:
 # =============================================================================================
 # The downstream tasks: manifest (filename, labels, fold) + a tasks.json entry each
 # =============================================================================================
-TASKS_VERSION = 1  # bump when a task's generator changes: common.ensure_synthetic_tasks rebuilds
+TASKS_VERSION = 2  # bump when a task's generator changes: common.ensure_synthetic_tasks rebuilds
 TASKS = {  # name: (type, metric, kfold, folds or splits, clip seconds, max training seconds, what it tests)
     "sound_novel": ("single", "accuracy", True, ["1", "2", "3", "4", "5"], 5.0, 5.0,
                     "ESC-50-like; 10 sound families the upstream corpus never contains"),
@@ -525,11 +526,11 @@ def _task_clip(args) -> str:
     """Generate and write one clip of a task (a worker job; deterministic in (seed, task, index))."""
     root, task, idx, spec, seed = args
     rng = np.random.default_rng([seed, 5000 + TASK_ORDER.index(task), idx])
-    if task == "sound_novel":  # one novel event over background; sometimes a quiet upstream distractor
-        x = _background(rng, int(5 * SR), -50, -35)
-        _add_novel(x, spec, rng, rng.uniform(2.5, 5.0), -12, -3)
-        if rng.random() < 0.3:
-            _add_event(x, int(rng.integers(len(CHILDREN))), rng, 5.0, -32.0)
+    if task == "sound_novel":  # one novel event over background; half the clips with an upstream distractor
+        x = _background(rng, int(5 * SR), -45, -30)
+        _add_novel(x, spec, rng, rng.uniform(1.0, 5.0), -20, -3)
+        if rng.random() < 0.5:
+            _add_event(x, int(rng.integers(len(CHILDREN))), rng, 5.0, -24.0)
     elif task == "tagging":  # events of upstream leaves (< 24) or novel families (>= 24)
         x = _background(rng, int(5 * SR), -55, -45)
         for c in spec:
@@ -655,6 +656,41 @@ def stream_clip(seed: int, j: int, clip_seconds: float = 10.0, speech: float = 0
 
 
 # =============================================================================================
+# A difficulty check: linear probes on log-mel statistics with and without temporal order
+# =============================================================================================
+def probe(root: str | Path, tasks: list[str] | None = None) -> dict:
+    """Test-split score of a logistic-regression probe on (a) the clip's mean + std log-mel (no
+    order) and (b) the means of its four quarters (coarse order); first split of k-fold tasks."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    import common
+    fe, out = common.LogMel.preset("psl"), {}
+    for name in tasks or common.list_tasks(root):
+        task = common.read_task(root, name)
+        _, train, _, test = common.task_splits(task)[0]
+        mels = {r[0]: fe(torch.from_numpy(common.load_audio(task.root / r[0]))[None])[0] for r in train + test}
+        for kind in ("mean+std", "quarters"):
+            def feats(rows):
+                if kind == "mean+std":
+                    return np.stack([torch.cat([mels[r[0]].mean(1), mels[r[0]].std(1)]).numpy() for r in rows])
+                return np.stack([torch.cat([q.mean(1) for q in mels[r[0]].chunk(4, 1)]).numpy() for r in rows])
+            xtr, xte = feats(train), feats(test)
+            mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+            ytr = task.targets(train)
+            clf = LogisticRegression(max_iter=2000, C=0.1)
+            if task.type == "multi":
+                score = OneVsRestClassifier(clf).fit((xtr - mu) / sd, ytr).predict_proba((xte - mu) / sd)
+            else:
+                fit = clf.fit((xtr - mu) / sd, ytr.argmax(1))
+                score = np.zeros((len(test), len(task.classes)))
+                score[:, fit.classes_] = fit.predict_proba((xte - mu) / sd)
+            out[f"{name}/{kind}"] = round(common.task_score(task.metric, task.targets(test), score), 3)
+            print(f"probe {name} ({task.metric}, {kind}): {out[f'{name}/{kind}']}", flush=True)
+    return out
+
+
+# =============================================================================================
 # Command line
 # =============================================================================================
 def main(argv=None) -> None:
@@ -674,6 +710,9 @@ def main(argv=None) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--only", nargs="+", choices=TASK_ORDER, default=None, help="build only these tasks")
+    s = sub.add_parser("probe", help="linear-probe scores of the tasks (a difficulty check; ~1.5 min)")
+    s.add_argument("--root", default=str(TASKS_ROOT))
+    s.add_argument("--only", nargs="+", default=None, help="probe only these tasks")
     a = p.parse_args(argv)
     t = time.time()
     if a.cmd == "corpus":
@@ -682,6 +721,8 @@ def main(argv=None) -> None:
         print(corpus_summary(a.root))
     elif a.cmd == "summary":
         print(corpus_summary(a.root))
+    elif a.cmd == "probe":
+        probe(a.root, a.only)
     else:
         make_synthetic_tasks(a.root, scale=a.scale, seed=a.seed, workers=a.workers, tasks=a.only)
         print(f"generated in {time.time() - t:.1f} s")
