@@ -751,3 +751,111 @@ def test_psla_end_to_end_save_reload_resume_enhance_ensemble(tiny_root, tmp_path
     row = psla.main(["ensemble", str(run), str(le), "--out", str(tmp_path / "ens")])
     assert row["models"] == 2 and row["best_mAP"] >= row["avg_mAP"]
     assert (tmp_path / "ens" / "results.md").exists()
+
+
+# =============================================================================================
+# at_transfer.py: model sizes, psl.py checkpoints as upstream, the HEAR API on a known signal,
+# the wave augmentation, head pooling, frozen mode, and a smoke run of every mode through main()
+# =============================================================================================
+import at_transfer as AT  # noqa: E402
+
+
+def test_at_param_counts_and_psl_names():
+    assert AT.count_parameters(AT.MobileNetV2(527)) == 2_898_383  # paper: 3.0 M
+    assert AT.count_parameters(AT.EfficientNetB0(527)) == 4_682_059  # paper: 4.6 M
+    assert set(AT.MobileNetV2(30).state_dict()) == set(psl.MobileNetV2(30).state_dict())
+
+
+def test_at_psl_checkpoint_loads_as_upstream(tmp_path):
+    """A psl.py machine-annotator checkpoint (written by psl's own save_final) is an upstream: same
+    weights, same clip probabilities, and the HEAR loader accepts it."""
+    torch.manual_seed(0)
+    ma = psl.MobileNetV2(30).eval()
+    labels = C.Labels([f"/m/{i}" for i in range(30)], [f"c{i}" for i in range(30)])
+    fake_corpus = type("Corpus", (), {"labels": labels})()
+    path = tmp_path / "teacher" / "final.pt"
+    psl.save_final(path, ma, fake_corpus, None, psl.parse_args([]), {})
+    up = AT.build_upstream(C.load_checkpoint(path)).eval()
+    x = torch.randn(2, 2 * C.SR)
+    with torch.no_grad():
+        assert torch.allclose(up(x)[0], ma(x)[0], atol=1e-6)
+    model = AT.load_model(str(path))
+    assert model.sample_rate == 16000 and model.scene_embedding_size == model.timestamp_embedding_size == 1280
+    args = AT.resolve(AT.parse_args(["--upstream-ckpt", str(path), "--out", str(tmp_path / "r")]))
+    assert AT.upstream_checkpoint(args, "mbv2", torch.device("cpu")) == path
+
+
+@pytest.mark.parametrize("arch", ["mbv2", "effb0"])
+def test_at_hear_api_shapes_timestamps_and_locality(arch):
+    """(n, T, 1280) float32 embeddings, timestamps j * 320 ms; a 0.2 s tone centred on 1.92 s changes
+    the embedding most at the frame stamped 1920 ms; the scene embedding is the frames' mean."""
+    torch.manual_seed(0)
+    model = AT.ARCHS[arch](10).eval()
+    sr, n = 16000, 4 * 16000
+    x = np.random.default_rng(0).standard_normal((2, n)).astype(np.float32) * 1e-3
+    s = int(1.82 * sr)
+    x[1, s: s + int(0.2 * sr)] += 0.5 * np.sin(2 * np.pi * 1000 * np.arange(int(0.2 * sr)) / sr)
+    emb, ts = AT.get_timestamp_embeddings(x, model)
+    assert emb.shape == (2, 13, 1280) and emb.dtype == torch.float32  # 401 log-mel frames / 32 -> 13
+    assert ts.shape == (2, 13) and torch.equal(ts[0], torch.arange(13) * 320.0) and torch.equal(ts[0], ts[1])
+    diff = (emb[1] - emb[0]).norm(dim=1)
+    assert ts[0, diff.argmax()] == 1920.0
+    scene = AT.get_scene_embeddings(x, model)
+    assert scene.shape == (2, 1280) and torch.allclose(scene, emb.mean(1))
+    with pytest.raises(C.DataError):
+        AT.get_timestamp_embeddings(x[0], model)
+
+
+def test_at_audiomentations_defaults():
+    torch.manual_seed(0)
+    w = torch.randn(4000, 100)
+    assert torch.equal(AT.audiomentations_default(w, p=0.0), w)  # nothing applied
+    out = AT.audiomentations_default(w, (-18.0, 6.0), p=1.0, max_shift=0.5)
+    ratio = out.norm(dim=1) / w.norm(dim=1)  # gain only: a roll keeps the norm
+    assert (ratio >= 10 ** (-18 / 20) - 1e-5).all() and (ratio <= 10 ** (6 / 20) + 1e-5).all()
+    idx = 0  # the polarity is flipped and the clip rolled by at most half its length
+    shifts = [k for k in range(-50, 51) if torch.allclose(-out[idx] / ratio[idx], torch.roll(w[idx], k), atol=1e-5)]
+    assert len(shifts) == 1
+    half = AT.audiomentations_default(w, p=0.5)
+    flipped = ((half * w).sum(1) < 0).float().mean()  # polarity flipped in about half the clips
+    assert 0.4 < flipped < 0.6
+
+
+def test_at_head_pooling_single_and_multi_label():
+    torch.manual_seed(0)
+    for multi in (False, True):
+        ds = AT.Downstream(AT.MobileNetV2(5), 3, multi)
+        emb = torch.randn(2, 4, 1280)
+        frames = ds.head(emb)
+        want = torch.sigmoid(frames).mean(1) if multi else frames.mean(1)  # Sec. 4.2.2
+        assert torch.allclose(ds.pool(emb), want, atol=1e-6)
+        mask = torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1]])
+        got = ds.pool(emb, mask)
+        assert torch.allclose(got[0], ds.pool(emb[:1, :2])[0], atol=1e-6)  # padded frames are ignored
+    assert isinstance(ds.backbone.classifier, torch.nn.Identity)  # the upstream classifier is replaced
+
+
+def test_at_settings_refused_on_resume(tmp_path):
+    AT.check_settings(tmp_path / "r", {"lr": 1e-3, "epochs": 3}, True)
+    with pytest.raises(C.DataError, match="epochs"):
+        AT.check_settings(tmp_path / "r", {"lr": 1e-3, "epochs": 4}, True)
+    AT.check_settings(tmp_path / "r", {"lr": 1e-3, "epochs": 4}, False)  # --no-resume starts over
+
+
+def test_at_help_and_embed_cli(tmp_path, capsys):
+    for argv in (["--help"], ["embed", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            AT.main(argv)
+        assert e.value.code == 0
+    assert "--ckpt" in capsys.readouterr().out
+    torch.manual_seed(0)
+    model = AT.MobileNetV2(4)
+    path = tmp_path / "up.pt"
+    C.save_checkpoint(path, {"model": model.state_dict(), "arch": "mbv2",
+                             "labels": {"mids": list("abcd"), "names": list("abcd")}})
+    wav = tmp_path / "a.wav"
+    sf.write(wav, sine(440, 16000, 1.5), 16000)
+    AT.main(["embed", "--ckpt", str(path), "--timestamps", str(wav)])
+    scene, frames, ts = (np.load(tmp_path / f"a{s}.npy") for s in ("", "_frames", "_timestamps"))
+    assert scene.shape == (1280,) and frames.shape == (5, 1280) and np.allclose(frames.mean(0), scene, atol=1e-5)
+    assert np.array_equal(ts, np.arange(5) * 320.0)
