@@ -85,7 +85,7 @@ ALIASES = {"esc50": "ESC-50", "us8k": "US8K", "urbansound8k": "US8K", "fsd18": "
            "msos": "MSoS", "ravdess": "RAV", "rav": "RAV", "vox1": "Vox1", "voxceleb1": "Vox1", "vl": "VL",
            "voxlingua107": "VL", "fsc": "FSC", "fluentspeechcommands": "FSC", "spcv1": "SPCV1", "scv1": "SPCV1",
            "speechcommandsv1": "SPCV1", "spcv111": "SPCV1", "scv111": "SPCV1", "spcv2": "SPCV2", "scv2": "SPCV2",
-           "speechcommandsv2": "SPCV2", "speechcommands": "SPCV2"}
+           "scv235": "SPCV2", "speechcommandsv2": "SPCV2", "speechcommands": "SPCV2"}
 SPEECH = {"Vox1", "VL", "FSC", "SPCV1", "SPCV2", "keywords", "speaker"}  # bottom half of Table 3
 MODES = ("scratch", "frozen", "finetune")
 # deviation 2: the CPU preset; `--preset paper` = Sec. 4.2.1 / 4.2.2
