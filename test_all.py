@@ -1186,3 +1186,61 @@ def test_at_help_and_embed_cli(tmp_path, capsys):
     scene, frames, ts = (np.load(tmp_path / f"a{s}.npy") for s in ("", "_frames", "_timestamps"))
     assert scene.shape == (1280,) and frames.shape == (5, 1280) and np.allclose(frames.mean(0), scene, atol=1e-5)
     assert np.array_equal(ts, np.arange(5) * 320.0)
+
+
+def _at_argv(tiny_root, tasks, out, *extra):
+    return ["--data-root", str(tiny_root), "--task-root", str(tasks), "--out", str(out), "--workers", "0",
+            "--preset", "cpu", "--up-batch-size", "8", "--batch-size", "8", "--evals-per-epoch", "1",
+            "--bn-batches", "1", *extra]
+
+
+def test_at_smoke_upstream_and_every_mode_resume(tiny_root, tiny_tasks, tmp_path, capsys):
+    """Upstream (2 steps) + one k-fold task in every mode through main(argv): a matrix with 3 cells, the
+    frozen embeddings cached, and a second call reuses every finished cell and the upstream."""
+    out = tmp_path / "run"
+    argv = _at_argv(tiny_root, tiny_tasks, out, "--task", "sound_novel", "--max-steps", "2")
+    AT.main(argv)
+    res = json.loads((out / "results.json").read_text())
+    cells = {c["mode"]: c for c in res["cells"]}
+    assert set(cells) == {"scratch", "frozen", "finetune"} and all(0 <= c["mean"] <= 1 for c in cells.values())
+    assert all(c["splits"] == ["fold1"] and c["metric"] == "accuracy" for c in cells.values())
+    md = (out / "results.md").read_text()
+    assert "sound_novel" in md and "frozen-scratch" in md and "Upstream mbv2" in md
+    ups = list(tmp_path.glob("upstream_mbv2_full_*_cpu/final.pt"))
+    assert len(ups) == 1 and (out / "mbv2" / "sound_novel" / "frozen_embeddings.pt").exists()
+    r = json.loads((out / "mbv2" / "sound_novel" / "finetune" / "trial0_fold1" / "result.json").read_text())
+    assert r["n_test"] == 10 and r["n_valid"] == 10 and r["n_train"] == 30 and r["steps"] == 2
+    n_log = len((out / "log.jsonl").read_text().splitlines())
+    capsys.readouterr()
+    AT.main(argv)  # resume: nothing is trained again
+    assert len((out / "log.jsonl").read_text().splitlines()) == n_log
+    with pytest.raises(C.DataError, match="epochs"):  # other settings in the same folder are refused
+        AT.main(argv + ["--epochs", "5"])
+
+
+def test_at_frozen_leaves_backbone_unchanged_and_cache_is_exact(tiny_tasks, tmp_path):
+    torch.manual_seed(0)
+    up = AT.MobileNetV2(30)
+    for m in up.modules():  # non-trivial BatchNorm statistics, so a change would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+    ckpt = tmp_path / "up.pt"
+    C.save_checkpoint(ckpt, {"model": up.state_dict(), "arch": "mbv2",
+                             "labels": {"mids": [str(i) for i in range(30)], "names": [str(i) for i in range(30)]}})
+    task = C.read_task(tiny_tasks, "keywords")
+    args = AT.resolve(AT.parse_args(["--workers", "0", "--preset", "cpu", "--batch-size", "16", "--max-steps", "3",
+                                     "--bn-batches", "1", "--out", str(tmp_path / "r")]))
+    dev = torch.device("cpu")
+    cache = AT.FrozenCache(task, ckpt, "mbv2", tmp_path / "cache.pt", args, dev)
+    name, tr, va, te = C.task_splits(task)[0]
+    wave = torch.from_numpy(C.load_audio(task.root / te[0][0])).unsqueeze(0)
+    with torch.no_grad():
+        want = AT.build_upstream(C.load_checkpoint(ckpt)).eval().embed(wave)[0]
+    assert torch.allclose(cache.clip[cache.rows(te[:1])[0]].float(), want, atol=2e-2 * want.abs().max())  # float16
+    before = {k: v.clone() for k, v in up.state_dict().items() if not k.startswith("classifier")}
+    res, model = AT.run_split(args, task, "frozen", "mbv2", ckpt, cache, tr, va, te, tmp_path / "f", tmp_path, dev)
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
+    assert res["steps"] == 3 and 0 <= res["test"] <= 1
+    _, tuned = AT.run_split(args, task, "finetune", "mbv2", ckpt, None, tr, va, te, tmp_path / "t", tmp_path, dev)
+    assert not all(torch.equal(before[k], tuned.backbone.state_dict()[k]) for k in before)  # the control
