@@ -1194,11 +1194,22 @@ def _at_argv(tiny_root, tasks, out, *extra):
             "--bn-batches", "1", *extra]
 
 
+def _at_subset(tasks: Path, name: str, keep, out: Path) -> Path:
+    """A smaller copy of a tiny task (rows filtered by keep(index, row)), its audio left where it is."""
+    t = C.read_task(tasks, name)
+    rows = [r for i, r in enumerate(t.rows) if keep(i, r)]
+    classes = [c for c in t.classes if any(r[1] == [c] for r in rows)]
+    C.write_task(out, name, rows, classes, type=t.type, metric=t.metric, kfold=t.kfold, folds=t.folds,
+                 max_seconds=t.max_seconds, audio_root=str(t.root.resolve()))
+    return out
+
+
 def test_at_smoke_upstream_and_every_mode_resume(tiny_root, tiny_tasks, tmp_path, capsys):
-    """Upstream (2 steps) + one k-fold task in every mode through main(argv): a matrix with 3 cells, the
-    frozen embeddings cached, and a second call reuses every finished cell and the upstream."""
+    """Upstream (1 step) + a k-fold task (4 novel classes x 5 folds) in every mode through main(argv): a
+    matrix with 3 cells, the frozen embeddings cached; a second call reuses every cell and the upstream."""
+    tasks = _at_subset(tiny_tasks, "sound_novel", lambda i, r: i < 20, tmp_path / "tasks")
     out = tmp_path / "run"
-    argv = _at_argv(tiny_root, tiny_tasks, out, "--task", "sound_novel", "--max-steps", "2")
+    argv = _at_argv(tiny_root, tasks, out, "--max-steps", "1")
     AT.main(argv)
     res = json.loads((out / "results.json").read_text())
     cells = {c["mode"]: c for c in res["cells"]}
@@ -1206,10 +1217,10 @@ def test_at_smoke_upstream_and_every_mode_resume(tiny_root, tiny_tasks, tmp_path
     assert all(c["splits"] == ["fold1"] and c["metric"] == "accuracy" for c in cells.values())
     md = (out / "results.md").read_text()
     assert "sound_novel" in md and "frozen-scratch" in md and "Upstream mbv2" in md
-    ups = list(tmp_path.glob("upstream_mbv2_full_*_cpu/final.pt"))
-    assert len(ups) == 1 and (out / "mbv2" / "sound_novel" / "frozen_embeddings.pt").exists()
+    assert len(list(tmp_path.glob("upstream_mbv2_full_*_cpu/final.pt"))) == 1
+    assert (out / "mbv2" / "sound_novel" / "frozen_embeddings.pt").exists()
     r = json.loads((out / "mbv2" / "sound_novel" / "finetune" / "trial0_fold1" / "result.json").read_text())
-    assert r["n_test"] == 10 and r["n_valid"] == 10 and r["n_train"] == 30 and r["steps"] == 2
+    assert (r["n_train"], r["n_valid"], r["n_test"], r["steps"]) == (12, 4, 4, 1)  # HEAR: test 1, valid 2
     n_log = len((out / "log.jsonl").read_text().splitlines())
     capsys.readouterr()
     AT.main(argv)  # resume: nothing is trained again
@@ -1227,7 +1238,8 @@ def test_at_frozen_leaves_backbone_unchanged_and_cache_is_exact(tiny_tasks, tmp_
     ckpt = tmp_path / "up.pt"
     C.save_checkpoint(ckpt, {"model": up.state_dict(), "arch": "mbv2",
                              "labels": {"mids": [str(i) for i in range(30)], "names": [str(i) for i in range(30)]}})
-    task = C.read_task(tiny_tasks, "keywords")
+    task = C.read_task(_at_subset(tiny_tasks, "keywords", lambda i, r: i % 20 in (0, 1, 14, 17), tmp_path / "t"),
+                       "keywords")  # 2 training, 1 valid, 1 test clip per class
     args = AT.resolve(AT.parse_args(["--workers", "0", "--preset", "cpu", "--batch-size", "16", "--max-steps", "3",
                                      "--bn-batches", "1", "--out", str(tmp_path / "r")]))
     dev = torch.device("cpu")
