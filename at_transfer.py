@@ -13,7 +13,7 @@ Paper, Table 2 (AudioSet eval): MBv2 3.0 M params, mAP 40.6, mAUC 97.1, d' 2.695
 worse on speech (SPCV2 96.18 -> 49.13), fine-tuning beats scratch on speech by 0.3-0.7 points (VL: scratch wins).
 
     python at_transfer.py                                   # CPU preset: upstream + synthetic suite, 3 modes
-    python at_transfer.py --trials 3 --name direction       # the direction run (README: command and matrix)
+    python at_transfer.py --trials 3                        # the direction run: trials 1-2 added to the default cells
     python at_transfer.py --task-root data/tasks --upstream both --preset paper   # converted public datasets
     python at_transfer.py --upstream-ckpt runs/psl/teacher_full_synth/final.pt    # a psl.py MA as upstream
     python at_transfer.py embed --ckpt runs/at_transfer/upstream_mbv2_full_synth_cpu/final.pt a.wav b.wav
