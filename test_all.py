@@ -1080,3 +1080,179 @@ def test_convert_fsdkaggle2019_class_order_from_sample_submission(tmp_path):
     assert cur.metric == "lwlrap" and cur.rows[1] == ("train_curated/0019ef41.wav", ["Accordion", "Bark"], "train")
     assert noisy.rows == [("train_noisy/00097e21.wav", ["Acoustic_guitar"], "train"), ("test/000ccb97.wav", ["Accordion"], "test")]
     _bad_row(PREP.convert_fsdkaggle2019, src, "train_curated.csv", "0a.wav,Meow\n", 4, tmp_path / "t")
+
+# at_transfer.py: model sizes, psl.py checkpoints as upstream, the HEAR API on a known signal,
+# the wave augmentation, head pooling, frozen mode, and a smoke run of every mode through main()
+# =============================================================================================
+import at_transfer as AT  # noqa: E402
+
+
+def test_at_param_counts_and_psl_names():
+    assert AT.count_parameters(AT.MobileNetV2(527)) == 2_898_383  # paper: 3.0 M
+    assert AT.count_parameters(AT.EfficientNetB0(527)) == 4_682_059  # paper: 4.6 M
+    assert set(AT.MobileNetV2(30).state_dict()) == set(psl.MobileNetV2(30).state_dict())
+
+
+def test_at_psl_checkpoint_loads_as_upstream(tmp_path):
+    """A psl.py machine-annotator checkpoint (written by psl's own save_final) is an upstream: same
+    weights, same clip probabilities, and the HEAR loader accepts it."""
+    torch.manual_seed(0)
+    ma = psl.MobileNetV2(30).eval()
+    labels = C.Labels([f"/m/{i}" for i in range(30)], [f"c{i}" for i in range(30)])
+    fake_corpus = type("Corpus", (), {"labels": labels})()
+    path = tmp_path / "teacher" / "final.pt"
+    psl.save_final(path, ma, fake_corpus, None, psl.parse_args([]), {})
+    up = AT.build_upstream(C.load_checkpoint(path)).eval()
+    x = torch.randn(2, 2 * C.SR)
+    with torch.no_grad():
+        assert torch.allclose(up(x)[0], ma(x)[0], atol=1e-6)
+    model = AT.load_model(str(path))
+    assert model.sample_rate == 16000 and model.scene_embedding_size == model.timestamp_embedding_size == 1280
+    args = AT.resolve(AT.parse_args(["--upstream-ckpt", str(path), "--out", str(tmp_path / "r")]))
+    assert AT.upstream_checkpoint(args, "mbv2", torch.device("cpu")) == path
+
+
+@pytest.mark.parametrize("arch", ["mbv2", "effb0"])
+def test_at_hear_api_shapes_timestamps_and_locality(arch):
+    """(n, T, 1280) float32 embeddings, timestamps j * 320 ms; a 0.2 s tone centred on 1.92 s changes
+    the embedding most at the frame stamped 1920 ms; the scene embedding is the frames' mean."""
+    torch.manual_seed(0)
+    model = AT.ARCHS[arch](10).eval()
+    sr, n = 16000, 4 * 16000
+    x = np.random.default_rng(0).standard_normal((2, n)).astype(np.float32) * 1e-3
+    s = int(1.82 * sr)
+    x[1, s: s + int(0.2 * sr)] += 0.5 * np.sin(2 * np.pi * 1000 * np.arange(int(0.2 * sr)) / sr)
+    emb, ts = AT.get_timestamp_embeddings(x, model)
+    assert emb.shape == (2, 13, 1280) and emb.dtype == torch.float32  # 401 log-mel frames / 32 -> 13
+    assert ts.shape == (2, 13) and torch.equal(ts[0], torch.arange(13) * 320.0) and torch.equal(ts[0], ts[1])
+    diff = (emb[1] - emb[0]).norm(dim=1)
+    assert ts[0, diff.argmax()] == 1920.0
+    scene = AT.get_scene_embeddings(x, model)
+    assert scene.shape == (2, 1280) and torch.allclose(scene, emb.mean(1))
+    with pytest.raises(C.DataError):
+        AT.get_timestamp_embeddings(x[0], model)
+
+
+def test_at_audiomentations_defaults():
+    torch.manual_seed(0)
+    w = torch.randn(4000, 100)
+    assert torch.equal(AT.audiomentations_default(w, p=0.0), w)  # nothing applied
+    out = AT.audiomentations_default(w, (-18.0, 6.0), p=1.0, max_shift=0.5)
+    ratio = out.norm(dim=1) / w.norm(dim=1)  # gain only: a roll keeps the norm
+    assert (ratio >= 10 ** (-18 / 20) - 1e-5).all() and (ratio <= 10 ** (6 / 20) + 1e-5).all()
+    idx = 0  # the polarity is flipped and the clip rolled by at most half its length
+    shifts = [k for k in range(-50, 51) if torch.allclose(-out[idx] / ratio[idx], torch.roll(w[idx], k), atol=1e-5)]
+    assert len(shifts) == 1
+    half = AT.audiomentations_default(w, p=0.5)
+    flipped = ((half * w).sum(1) < 0).float().mean()  # polarity flipped in about half the clips
+    assert 0.4 < flipped < 0.6
+
+
+def test_at_head_pooling_single_and_multi_label():
+    torch.manual_seed(0)
+    for multi in (False, True):
+        ds = AT.Downstream(AT.MobileNetV2(5), 3, multi)
+        emb = torch.randn(2, 4, 1280)
+        frames = ds.head(emb)
+        want = torch.sigmoid(frames).mean(1) if multi else frames.mean(1)  # Sec. 4.2.2
+        assert torch.allclose(ds.pool(emb), want, atol=1e-6)
+        mask = torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1]])
+        got = ds.pool(emb, mask)
+        assert torch.allclose(got[0], ds.pool(emb[:1, :2])[0], atol=1e-6)  # padded frames are ignored
+    assert isinstance(ds.backbone.classifier, torch.nn.Identity)  # the upstream classifier is replaced
+
+
+def test_at_settings_refused_on_resume(tmp_path):
+    AT.check_settings(tmp_path / "r", {"lr": 1e-3, "epochs": 3}, True)
+    with pytest.raises(C.DataError, match="epochs"):
+        AT.check_settings(tmp_path / "r", {"lr": 1e-3, "epochs": 4}, True)
+    AT.check_settings(tmp_path / "r", {"lr": 1e-3, "epochs": 4}, False)  # --no-resume starts over
+
+
+def test_at_help_and_embed_cli(tmp_path, capsys):
+    for argv in (["--help"], ["embed", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            AT.main(argv)
+        assert e.value.code == 0
+    assert "--ckpt" in capsys.readouterr().out
+    torch.manual_seed(0)
+    model = AT.MobileNetV2(4)
+    path = tmp_path / "up.pt"
+    C.save_checkpoint(path, {"model": model.state_dict(), "arch": "mbv2",
+                             "labels": {"mids": list("abcd"), "names": list("abcd")}})
+    wav = tmp_path / "a.wav"
+    sf.write(wav, sine(440, 16000, 1.5), 16000)
+    AT.main(["embed", "--ckpt", str(path), "--timestamps", str(wav)])
+    scene, frames, ts = (np.load(tmp_path / f"a{s}.npy") for s in ("", "_frames", "_timestamps"))
+    assert scene.shape == (1280,) and frames.shape == (5, 1280) and np.allclose(frames.mean(0), scene, atol=1e-5)
+    assert np.array_equal(ts, np.arange(5) * 320.0)
+
+
+def _at_argv(tiny_root, tasks, out, *extra):
+    return ["--data-root", str(tiny_root), "--task-root", str(tasks), "--out", str(out), "--workers", "0",
+            "--preset", "cpu", "--up-batch-size", "8", "--batch-size", "8", "--evals-per-epoch", "1",
+            "--bn-batches", "1", *extra]
+
+
+def _at_subset(tasks: Path, name: str, keep, out: Path) -> Path:
+    """A smaller copy of a tiny task (rows filtered by keep(index, row)), its audio left where it is."""
+    t = C.read_task(tasks, name)
+    rows = [r for i, r in enumerate(t.rows) if keep(i, r)]
+    classes = [c for c in t.classes if any(r[1] == [c] for r in rows)]
+    C.write_task(out, name, rows, classes, type=t.type, metric=t.metric, kfold=t.kfold, folds=t.folds,
+                 max_seconds=t.max_seconds, audio_root=str(t.root.resolve()))
+    return out
+
+
+def test_at_smoke_upstream_and_every_mode_resume(tiny_root, tiny_tasks, tmp_path, capsys):
+    """Upstream (1 step) + a k-fold task (4 novel classes x 5 folds) in every mode through main(argv): a
+    matrix with 3 cells, the frozen embeddings cached; a second call reuses every cell and the upstream."""
+    tasks = _at_subset(tiny_tasks, "sound_novel", lambda i, r: i < 20, tmp_path / "tasks")
+    out = tmp_path / "run"
+    argv = _at_argv(tiny_root, tasks, out, "--max-steps", "1")
+    AT.main(argv)
+    res = json.loads((out / "results.json").read_text())
+    cells = {c["mode"]: c for c in res["cells"]}
+    assert set(cells) == {"scratch", "frozen", "finetune"} and all(0 <= c["mean"] <= 1 for c in cells.values())
+    assert all(c["splits"] == ["fold1"] and c["metric"] == "accuracy" for c in cells.values())
+    md = (out / "results.md").read_text()
+    assert "sound_novel" in md and "frozen-scratch" in md and "Upstream mbv2" in md
+    assert len(list(tmp_path.glob("upstream_mbv2_full_*_cpu/final.pt"))) == 1
+    assert (out / "mbv2" / "sound_novel" / "frozen_embeddings.pt").exists()
+    r = json.loads((out / "mbv2" / "sound_novel" / "finetune" / "trial0_fold1" / "result.json").read_text())
+    assert (r["n_train"], r["n_valid"], r["n_test"], r["steps"]) == (12, 4, 4, 1)  # HEAR: test 1, valid 2
+    n_log = len((out / "log.jsonl").read_text().splitlines())
+    capsys.readouterr()
+    AT.main(argv)  # resume: nothing is trained again
+    assert len((out / "log.jsonl").read_text().splitlines()) == n_log
+    with pytest.raises(C.DataError, match="epochs"):  # other settings in the same folder are refused
+        AT.main(argv + ["--epochs", "5"])
+
+
+def test_at_frozen_leaves_backbone_unchanged_and_cache_is_exact(tiny_tasks, tmp_path):
+    torch.manual_seed(0)
+    up = AT.MobileNetV2(30)
+    for m in up.modules():  # non-trivial BatchNorm statistics, so a change would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+    ckpt = tmp_path / "up.pt"
+    C.save_checkpoint(ckpt, {"model": up.state_dict(), "arch": "mbv2",
+                             "labels": {"mids": [str(i) for i in range(30)], "names": [str(i) for i in range(30)]}})
+    task = C.read_task(_at_subset(tiny_tasks, "keywords", lambda i, r: i % 20 in (0, 1, 14, 17), tmp_path / "t"),
+                       "keywords")  # 2 training, 1 valid, 1 test clip per class
+    args = AT.resolve(AT.parse_args(["--workers", "0", "--preset", "cpu", "--batch-size", "16", "--max-steps", "3",
+                                     "--bn-batches", "1", "--out", str(tmp_path / "r")]))
+    dev = torch.device("cpu")
+    cache = AT.FrozenCache(task, ckpt, "mbv2", tmp_path / "cache.pt", args, dev)
+    name, tr, va, te = C.task_splits(task)[0]
+    wave = torch.from_numpy(C.load_audio(task.root / te[0][0])).unsqueeze(0)
+    with torch.no_grad():
+        want = AT.build_upstream(C.load_checkpoint(ckpt)).eval().embed(wave)[0]
+    assert torch.allclose(cache.clip[cache.rows(te[:1])[0]].float(), want, atol=2e-2 * want.abs().max())  # float16
+    before = {k: v.clone() for k, v in up.state_dict().items() if not k.startswith("classifier")}
+    res, model = AT.run_split(args, task, "frozen", "mbv2", ckpt, cache, tr, va, te, tmp_path / "f", tmp_path, dev)
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
+    assert res["steps"] == 3 and 0 <= res["test"] <= 1
+    _, tuned = AT.run_split(args, task, "finetune", "mbv2", ckpt, None, tr, va, te, tmp_path / "t", tmp_path, dev)
+    assert not all(torch.equal(before[k], tuned.backbone.state_dict()[k]) for k in before)  # the control
