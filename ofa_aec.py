@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("teacher (Sec. 3.2)")
     g.add_argument("--teacher", type=str, default=None, help="use this CNN10 checkpoint instead of training one")
     g.add_argument("--teacher-dir", type=str, default=None,
-                   help="teacher folder shared by runs (default: beside --out, teacher_<preset>_<corpus>)")
+                   help="teacher folder shared by runs (default: beside --out, teacher_<preset>_u<unit>_<corpus>)")
     g.add_argument("--teacher-seed", type=int, default=0, help="the teacher's seed (one teacher for all seeds)")
     g.add_argument("--mixup-alpha", type=float, default=1.0, help="teacher mix-up, lambda ~ Beta(a, a) (Sec. 3.2)")
     g = p.add_argument_group("supernet (Sec. 2.2, 2.3, 4.1)")
@@ -555,7 +555,8 @@ def get_teacher(args, corpus, data: Data, space: SearchSpace, device) -> tuple[C
         ck = common.load_checkpoint(args.teacher)
         teacher, info, folder = build_model(ck).to(device), ck.get("info", {}), Path(args.teacher).parent
     else:
-        folder = Path(args.teacher_dir or Path(args.out).parent / f"teacher_{args.preset}_{corpus.root.name}")
+        folder = Path(args.teacher_dir or Path(args.out).parent / f"teacher_{args.preset}_u{args.unit_steps}_"
+                      f"{corpus.root.name}")
         settings = {k: getattr(args, k) for k in ("width_mult", "unit_steps", "frontend", "data", "batch_size", "lr",
                                                    "mixup_alpha", "time_mask", "freq_mask", "n_masks", "teacher_seed",
                                                    "max_steps", "synth_clip_seconds", "eval_every")}
@@ -690,6 +691,11 @@ def export(supernet: Supernet, space: SearchSpace, arch: tuple, data: Data, args
     """Plain CNN10 checkpoint + TorchScript (waveform -> probabilities) of a searched sub-network,
     verified: the plain module equals the sub-network inside the supernet (same BN statistics), and
     TorchScript equals the plain module (after BN recalibration)."""
+    record = path.with_suffix(".json")
+    if record.exists() and path.exists() and path.with_suffix(".ts").exists():
+        done = json.loads(record.read_text())
+        if done["arch"] == [list(a) for a in arch]:
+            return done
     cfg = space.config(arch)
     supernet.eval().set_active(cfg)
     plain = export_subnet(supernet, cfg).eval()
@@ -710,8 +716,10 @@ def export(supernet: Supernet, space: SearchSpace, arch: tuple, data: Data, args
     ts.save(str(path.with_suffix(".ts.tmp")))  # atomic, as every checkpoint
     path.with_suffix(".ts.tmp").replace(path.with_suffix(".ts"))
     save_model(path, plain, args, corpus, arch=arch, params=count_params(cfg))
-    return {"arch": arch, "params": count_params(cfg), "max_diff_supernet": diff_super, "max_diff_torchscript": diff_ts,
+    done = {"arch": arch, "params": count_params(cfg), "max_diff_supernet": diff_super, "max_diff_torchscript": diff_ts,
             "checkpoint": str(path), "torchscript": str(path.with_suffix(".ts"))}
+    common.write_json(record, done)
+    return done
 
 
 # =============================================================================================
