@@ -74,7 +74,7 @@ PAPER_T2 = {0.8: (0.9, 26.6, 26.7, 26.7, 24.8), 1.8: (1.8, 27.2, 27.6, 27.8, 26.
 PRESETS = {"paper": dict(width_mult=1.0, clip_seconds=10.0, unit_steps=100_000, time_mask=64),
            "cpu": dict(width_mult=0.125, clip_seconds=1.0, unit_steps=100, time_mask=7)}  # deviation 1
 SPACES = {"2,2,X": "EW+ED=[2,2,X]", "X,X,X": "EW+ED=[X,X,X]", "2,X,X": "EW+ED=[2,X,X]", "2,2,2": "EW-only"}
-NOT_RESULT_KEYS = {"resume", "workers", "device", "amp", "baselines", "finetune", "baseline_widths", "fig3",
+NOT_RESULT_KEYS = {"resume", "workers", "device", "amp", "threads", "baselines", "finetune", "baseline_widths", "fig3",
                    "budgets", "name", "out"}  # flags that add rows or rename, never change a stage's result
 
 
@@ -92,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--width-mult", type=float, default=None, help="CNN10 channel multiplier (paper 1.0, cpu 0.125)")
     g.add_argument("--unit-steps", type=int, default=None,
                    help="steps per 100K paper iterations; every stage keeps the paper's ratio (Sec. 3.2, 3.3)")
+    g.add_argument("--threads", type=int, default=1,
+                   help="CPU intra-op threads (0: torch's default); 1 is fastest on a shared machine")
     g.add_argument("--frontend", default="auto", choices=["auto", "panns32k", "panns16k"],
                    help="PANNs log-mel (Sec. 3.1: 32 kHz, 64 mels); auto: panns16k on the synthetic corpus")
     g = p.add_argument_group("teacher (Sec. 3.2)")
@@ -994,7 +996,13 @@ def main(argv: list[str] | None = None):
     if argv[:1] and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     args = parse_args(argv)
-    return run_fig3(args) if args.fig3 else run(args)
+    threads = torch.get_num_threads()
+    if args.threads and common.pick_device(args.device).type == "cpu":
+        torch.set_num_threads(args.threads)
+    try:
+        return run_fig3(args) if args.fig3 else run(args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

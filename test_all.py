@@ -759,7 +759,16 @@ def test_psla_end_to_end_save_reload_resume_enhance_ensemble(tiny_root, tmp_path
 # ofa_aec.py: CNN10 size, sub-network counts vs exported modules, slicing == export ==
 # TorchScript, sampling covers the space, BN recalibration, end-to-end run with predict
 # =============================================================================================
-def test_ofa_cnn10_parameter_count():
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads can be 10x slower for these small nets."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_ofa_cnn10_parameter_count(one_thread):
     for k, expected in ((527, 5_219_279), (10, 4_954_058), (200, 5_051_528)):  # reference A1 (computed)
         m = ofa_aec.CNN10(k)
         assert sum(p.numel() for p in m.parameters()) == ofa_aec.count_params(m.config) == expected
@@ -767,7 +776,7 @@ def test_ofa_cnn10_parameter_count():
     assert ofa_aec.CNN10(30).eval()(x).shape == (2, 30)
 
 
-def test_ofa_subnet_counts_equal_exported_modules():
+def test_ofa_subnet_counts_equal_exported_modules(one_thread):
     for efc in (False, True):
         for depth, widths in (("2,2,X", [0.4, 0.6, 0.8, 1.0]), ("X,X,X", [0.4, 1.0]), ("2,2,2", [0.2, 0.4, 0.6, 0.8, 1.0])):
             space = ofa_aec.SearchSpace(30, 64, 0.125, widths, depth, efc)
@@ -784,7 +793,7 @@ def test_ofa_subnet_counts_equal_exported_modules():
         assert sp.config(((0.6, 2), (0.6, 2), (0.6, 1)))["blocks"][1:] == [[76, 76], [153, 153], [307]]
 
 
-def test_ofa_sliced_subnet_equals_export_and_torchscript():
+def test_ofa_sliced_subnet_equals_export_and_torchscript(one_thread):
     torch.manual_seed(0)
     for efc in (False, True):
         space = ofa_aec.SearchSpace(30, 64, 0.125, [0.4, 0.6, 0.8, 1.0], "X,X,X", efc)
@@ -829,7 +838,7 @@ def test_ofa_sampling_covers_exactly_the_configured_space():
         assert space.largest == ((1.0, 2),) * 3 and space.smallest[0][0] == min(widths)
 
 
-def test_ofa_bn_recalibration_changes_only_running_statistics():
+def test_ofa_bn_recalibration_changes_only_running_statistics(one_thread):
     torch.manual_seed(0)
     x = torch.randn(250, 64, 101) * 3 + 1
     data = type("D", (), {"train_idx": np.arange(250), "batch": lambda self, s, idx, d: x[idx]})()
@@ -862,7 +871,7 @@ def test_ofa_help(capsys):
     assert "--elastic-depth" in out and "--bn-recal" in out and "Sec. 2.4" in out
 
 
-def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys):
+def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys, one_thread):
     out = tmp_path / "run"
     argv = ["--data-root", str(tiny_root), "--out", str(out), "--workers", "0", "--batch-size", "4",
             "--unit-steps", "2", "--eval-every", "100", "--budgets", "0.8,1.8", "--population", "2",
