@@ -936,9 +936,13 @@ def counts_main(argv: list[str]) -> str:
     for label, arch in [(f"r={r:g}, depth 2", ((r, 2),) * 3) for r in (0.4, 0.6, 0.8, 1.0)] + \
                        [("smallest (r=0.4, last block depth 1)", ((0.4, 2), (0.4, 2), (0.4, 1)))]:
         rows.append([label] + [f"{spaces[e].params(arch):,}" for e in (False, True)])
-    for e in (False, True):
-        n = [spaces[e].params(x) for x in spaces[e].all()]
-        rows.append([f"range over {len(n)} sub-networks, elastic FC {e}", f"{min(n) / 1e6:.2f}-{max(n) / 1e6:.2f}M", ""])
+    n = {e: [spaces[e].params(x) for x in spaces[e].all()] for e in (False, True)}
+    rows.append([f"range over the {len(n[False])} sub-networks"] +
+                [f"{min(n[e]):,}-{max(n[e]):,}" for e in (False, True)])
+    for b in (0.8, 1.8, 2.8, 3.8):  # how many sub-networks each search window holds (p = 25)
+        rows.append([f"sub-networks in the {b:g} +- 0.2M window (scaled to this size)"] + [str(sum(
+            budget_window(spaces[e], b, 0.2)[0] <= x <= budget_window(spaces[e], b, 0.2)[1] for x in n[e]))
+            for e in (False, True)])
     md = common.markdown_table(["sub-network ([2,2,X] space)", "FC1 fixed 512", "FC1 floor(r4*512) (--elastic-fc)"], rows)
     print(md + "\n\npaper: baselines 1.0 / 2.1 / 3.5M, sub-networks 0.6M to 5.2M (Sec. 3.3, Table 1)")
     return md

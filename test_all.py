@@ -869,6 +869,9 @@ def test_ofa_help(capsys):
         ofa_aec.main(["--help"])
     out = capsys.readouterr().out
     assert "--elastic-depth" in out and "--bn-recal" in out and "Sec. 2.4" in out
+    md = ofa_aec.main(["counts"])  # the count table both ways, with the windows' sizes at 527 classes
+    assert "| r=0.4, depth 2 | 1,169,618 | 944,162 |" in md and "794,666-5,219,279 | 569,210-5,219,279" in md
+    assert "0.8 +- 0.2M window (scaled to this size) | 4 | 11 |" in md
 
 
 def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys, one_thread):
