@@ -14,8 +14,9 @@ Paper, AudioSet balanced -> eval mAP % (Table 1; teacher CNN10 5.2M params: 29.6
     ~1M params: scratch 21.2, KD 24.8, OFA 26.6    ~2M: 22.6 / 26.4 / 27.2    ~3.5M: 24.8 / 28.3 / 27.9
 
     python ofa_aec.py                                   # cpu preset: teacher -> supernet -> search -> export -> eval
+                                                        # (18.5 min on 2 shared CPU cores, load ~8)
     python ofa_aec.py --baselines --finetune            # + Table 1 baselines and Table 2 fine-tuning
-    python ofa_aec.py --fig3                            # Fig. 3/4: the four search spaces of Sec. 4.1
+    python ofa_aec.py --fig3                            # Fig. 3/4: the four search spaces (sibling runs)
     python ofa_aec.py counts                            # parameter counts at 527 classes, --elastic-fc both ways
     python ofa_aec.py summary runs/ofa_aec/dir_s0 runs/ofa_aec/dir_s1 runs/ofa_aec/dir_s2   # mean +- std
     python ofa_aec.py predict --ckpt runs/ofa_aec/cpu_22X_s0/export/budget_0.8M.pt clip.wav
@@ -900,17 +901,17 @@ def run(args: argparse.Namespace) -> dict:
 
 def run_fig3(args: argparse.Namespace) -> None:
     """Fig. 3 / Fig. 4: one supernet per search space (shared teacher); best and spread per budget."""
-    rows, spaces, name = [], {}, args.name
-    for depth in SPACES:
+    rows, spaces = [], {}
+    for depth in SPACES:  # sibling runs (default names: the 2,2,X one is the default command's run)
         a = copy.copy(args)
-        a.fig3, a.elastic_depth = False, depth
+        a.fig3, a.elastic_depth, a.name = False, depth, None
         a.widths = "0.2,0.4,0.6,0.8,1.0" if depth == "2,2,2" else args.widths  # EW-only adds 0.2 (Sec. 4.1)
-        a.name = f"{name}_{depth.replace(',', '')}" if name else None
+        a.out = f"{args.out}_{depth.replace(',', '')}" if args.out else None
         r = run(a)
         spaces[SPACES[depth]] = r["search"]
         rows.append([SPACES[depth]] + [f"{100 * r['searched'][b]['mAP']:.2f} ({r['searched'][b]['params']:,})"
                                        if b in r["searched"] else "-" for b in r["search"]])
-    out = Path(args.out or "runs/ofa_aec/fig3")
+    out = Path(args.out or f"runs/ofa_aec/fig3_s{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
     budgets = [f"{b:g}M" for b in floats(args.budgets)]
     md = ["# Fig. 3: best searched sub-network per budget (eval mAP %, params)", "",

@@ -912,3 +912,15 @@ def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys, 
     with pytest.raises(C.DataError, match="--lr"):
         ofa_aec.main(argv + ["--lr", "0.01"])
     assert "OFA 0.8M" in (out / "results.md").read_text()
+
+
+def test_ofa_fig3_runs_the_four_search_spaces(tiny_root, tmp_path, one_thread):
+    out = tmp_path / "fig3"
+    ofa_aec.main(["--data-root", str(tiny_root), "--out", str(out), "--workers", "0", "--batch-size", "4",
+                  "--unit-steps", "1", "--eval-every", "100", "--budgets", "0.8", "--population", "1",
+                  "--bn-recal-clips", "4", "--fig3"])
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["spaces"]) == ["EW+ED=[2,2,X]", "EW+ED=[X,X,X]", "EW+ED=[2,X,X]", "EW-only"]
+    assert [r[0] for r in res["rows"]] == list(res["spaces"]) and len(list(tmp_path.glob("teacher_*"))) == 1
+    ew = json.loads((tmp_path / "fig3_222" / "config.json").read_text())
+    assert ew["widths"] == "0.2,0.4,0.6,0.8,1.0" and ew["elastic_depth"] == "2,2,2"
