@@ -76,7 +76,7 @@ PRESETS = {"paper": dict(width_mult=1.0, clip_seconds=10.0, unit_steps=100_000, 
            "cpu": dict(width_mult=0.125, clip_seconds=1.0, unit_steps=100, time_mask=7)}  # deviation 1
 SPACES = {"2,2,X": "EW+ED=[2,2,X]", "X,X,X": "EW+ED=[X,X,X]", "2,X,X": "EW+ED=[2,X,X]", "2,2,2": "EW-only"}
 NOT_RESULT_KEYS = {"resume", "workers", "device", "amp", "threads", "baselines", "finetune", "baseline_widths", "fig3",
-                   "budgets", "name", "out"}  # flags that add rows or rename, never change a stage's result
+                   "kd_equal", "budgets", "name", "out"}  # flags that add rows or rename, never change a result
 
 
 # =============================================================================================
@@ -129,6 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("tables (Sec. 3.4, 4.1-4.3)")
     g.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=False,
                    help="Table 1: scratch, KD and KD with the supernet's number of updates")
+    g.add_argument("--kd-equal", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --baselines: also KD for as many updates as the supernet's shared weights (300K)")
     g.add_argument("--baseline-widths", type=str, default="0.4,0.6,0.8",
                    help="baseline architectures: width r in all dynamic blocks, depth 2 (Sec. 3.2)")
     g.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=False,
@@ -739,8 +741,8 @@ def baselines(args, corpus, data, space, soft, sup_info, device) -> list[dict]:
     for r in floats(args.baseline_widths):
         arch = tuple((r, 2) for _ in space.depths)
         cfg = space.config(arch)
-        for kind, n, targets in (("scratch", steps(args, 100_000), data.y["train"]), ("KD", steps(args, 100_000), soft),
-                                 ("KD, equal updates", sup_info["step"], soft)):
+        kinds = [("scratch", steps(args, 100_000), data.y["train"]), ("KD", steps(args, 100_000), soft)]
+        for kind, n, targets in kinds + ([("KD, equal updates", sup_info["step"], soft)] if args.kd_equal else []):
             folder = Path(args.out) / "baselines" / f"{kind.split(',')[0]}{'_eq' if ',' in kind else ''}_r{r:g}"
             check_stage(folder, {"arch": arch_name(arch), "kind": kind, "steps": n, "seed": args.seed,
                                  "teacher": args.teacher or args.teacher_dir})
