@@ -492,7 +492,8 @@ def train(model: nn.Module, folder: Path, args, data: Data, total: int, step_fn,
         scaler.step(opt)
         scaler.update()
         losses.append(loss)
-        state["step"], state["passes"], state["macs"] = state["step"] + 1, state["passes"] + passes, state["macs"] + macs
+        state["step"] += 1
+        state["passes"], state["macs"] = state["passes"] + passes, state["macs"] + macs
         bar.update(1)
         if state["step"] % args.eval_every == 0 or state["step"] == total:
             record = {"stage": folder.name, "step": state["step"], "train/loss": float(np.mean(losses)),
@@ -772,7 +773,8 @@ def finetune(args, corpus, data, space, soft, searched: dict, device) -> list[di
         init, init_info = train_plain(CNN10(**space.config(arch)).to(device), folder / "init", args, data, n100, soft,
                                       device, args.seed, corpus)
         rows.append({"budget": b, "arch": arch, "params": s["params"], "OFA": s["mAP"],
-                     "+10K": evaluate(snap, data, "eval", args, device), "+100K": evaluate(model, data, "eval", args, device),
+                     "+10K": evaluate(snap, data, "eval", args, device),
+                     "+100K": evaluate(model, data, "eval", args, device),
                      "Init+100K": evaluate(init, data, "eval", args, device), "info": info, "init_info": init_info})
     return rows
 
@@ -830,8 +832,9 @@ def run(args: argparse.Namespace) -> dict:
         old = json.loads((out / "config.json").read_text())
         diff = sorted(k for k, v in vars(args).items() if k not in NOT_RESULT_KEYS and old.get(k, v) != v)
         if diff:
-            raise common.DataError(f"{out}: was run with other settings (--{', --'.join(d.replace('_', '-') for d in diff)}"
-                                   f"); pass --no-resume to start over or use another --name")
+            flags = ", ".join("--" + d.replace("_", "-") for d in diff)
+            raise common.DataError(f"{out}: was run with other settings ({flags}); pass --no-resume to start over "
+                                   "or use another --name")
     common.save_config(out, args)
     data = Data(corpus, args, device)
     space = make_space(args, len(corpus.labels))
@@ -873,7 +876,8 @@ def run(args: argparse.Namespace) -> dict:
             t1.append([f"OFA {b:g}M budget: {arch_name(s['arch'])}", p_m(s["params"]), f"{100 * s['mAP']:.2f}",
                        pct(s["mAP"]), "shared: " + compute(s_info), f"{paper[4]}M: {paper[5]}" if paper else "-"])
     md = [f"# OFA-AEC: {args.name}", "",
-          f"{args.preset} preset: CNN10 width x{args.width_mult:g} ({full:,} parameters, {len(corpus.labels)} classes), "
+          f"{args.preset} preset: CNN10 width x{args.width_mult:g} ({full:,} parameters, "
+          f"{len(corpus.labels)} classes), "
           f"{args.frontend} log-mels, {data.frames} frames, {SPACES[args.elastic_depth]} with widths {args.widths}, "
           f"elastic FC {args.elastic_fc}, BN recalibration {args.bn_recal}; unit = {args.unit_steps} steps per 100K "
           f"paper iterations; data {args.data} ({len(data.train_idx)} clips; skipped unreadable: {data.skipped}); "
@@ -889,8 +893,8 @@ def run(args: argparse.Namespace) -> dict:
     if ft:
         md += ["", "## Table 2: continual fine-tuning (eval mAP %)", "",
                common.markdown_table(["budget", "sub-network", "params", "OFA", "+10K", "+100K", "Init+100K", "paper"],
-                                     [[f"{r['budget']}M", arch_name(r["arch"]), f"{r['params']:,}", f"{100 * r['OFA']:.2f}",
-                                       f"{100 * r['+10K']:.2f}", f"{100 * r['+100K']:.2f}", f"{100 * r['Init+100K']:.2f}",
+                                     [[f"{r['budget']}M", arch_name(r["arch"]), f"{r['params']:,}"]
+                                      + [f"{100 * r[k]:.2f}" for k in ("OFA", "+10K", "+100K", "Init+100K")] + [
                                        " / ".join(map(str, PAPER_T2.get(float(r["budget"]), ())[1:])) or "-"]
                                       for r in ft])]
     results = {"name": args.name, "teacher": {"mAP": t_map, "params": full, "info": t_info}, "supernet": s_info,
@@ -935,7 +939,8 @@ def counts_main(argv: list[str]) -> str:
     p.add_argument("--width-mult", type=float, default=1.0)
     a = p.parse_args(argv)
     rows = []
-    spaces = {efc: SearchSpace(a.classes, 64, a.width_mult, [0.4, 0.6, 0.8, 1.0], "2,2,X", efc) for efc in (False, True)}
+    spaces = {efc: SearchSpace(a.classes, 64, a.width_mult, [0.4, 0.6, 0.8, 1.0], "2,2,X", efc)
+              for efc in (False, True)}
     for label, arch in [(f"r={r:g}, depth 2", ((r, 2),) * 3) for r in (0.4, 0.6, 0.8, 1.0)] + \
                        [("smallest (r=0.4, last block depth 1)", ((0.4, 2), (0.4, 2), (0.4, 1)))]:
         rows.append([label] + [f"{spaces[e].params(arch):,}" for e in (False, True)])
@@ -946,7 +951,8 @@ def counts_main(argv: list[str]) -> str:
         rows.append([f"sub-networks in the {b:g} +- 0.2M window (scaled to this size)"] + [str(sum(
             budget_window(spaces[e], b, 0.2)[0] <= x <= budget_window(spaces[e], b, 0.2)[1] for x in n[e]))
             for e in (False, True)])
-    md = common.markdown_table(["sub-network ([2,2,X] space)", "FC1 fixed 512", "FC1 floor(r4*512) (--elastic-fc)"], rows)
+    md = common.markdown_table(["sub-network ([2,2,X] space)", "FC1 fixed 512",
+                                "FC1 floor(r4*512) (--elastic-fc)"], rows)
     print(md + "\n\npaper: baselines 1.0 / 2.1 / 3.5M, sub-networks 0.6M to 5.2M (Sec. 3.3, Table 1)")
     return md
 
