@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from sklearn.metrics import average_precision_score, label_ranking_average_precision_score, roc_auc_score
 
 import common as C
+import ofa_aec
 import psl
 import psla
 
@@ -1256,3 +1258,174 @@ def test_at_frozen_leaves_backbone_unchanged_and_cache_is_exact(tiny_tasks, tmp_
     assert res["steps"] == 3 and 0 <= res["test"] <= 1
     _, tuned = AT.run_split(args, task, "finetune", "mbv2", ckpt, None, tr, va, te, tmp_path / "t", tmp_path, dev)
     assert not all(torch.equal(before[k], tuned.backbone.state_dict()[k]) for k in before)  # the control
+
+
+# =============================================================================================
+# ofa_aec.py: CNN10 size, sub-network counts vs exported modules, slicing == export ==
+# TorchScript, sampling covers the space, BN recalibration, end-to-end run with predict
+# =============================================================================================
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads can be 10x slower for these small nets."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_ofa_cnn10_parameter_count(one_thread):
+    for k, expected in ((527, 5_219_279), (10, 4_954_058), (200, 5_051_528)):  # reference A1 (computed)
+        m = ofa_aec.CNN10(k)
+        assert sum(p.numel() for p in m.parameters()) == ofa_aec.count_params(m.config) == expected
+    x = torch.randn(2, 64, 101)
+    assert ofa_aec.CNN10(30).eval()(x).shape == (2, 30)
+
+
+def test_ofa_subnet_counts_equal_exported_modules(one_thread):
+    for efc in (False, True):
+        for depth, widths in (("2,2,X", [0.4, 0.6, 0.8, 1.0]), ("X,X,X", [0.4, 1.0]), ("2,2,2", [0.2, 0.4, 0.6, 0.8, 1.0])):
+            space = ofa_aec.SearchSpace(30, 64, 0.125, widths, depth, efc)
+            net = ofa_aec.Supernet(30, 64, space.channels, space.fc)
+            for arch in space.all():
+                plain = ofa_aec.export_subnet(net, space.config(arch))
+                assert space.params(arch) == sum(p.numel() for p in plain.parameters()), (efc, arch)
+    # the paper-scale count table (527 classes, reference A3): FC1 fixed / elastic
+    for efc, r4, r6, r8, smallest in ((False, 1_169_618, 2_150_088, 3_491_612, 794_666),
+                                      (True, 944_162, 1_978_913, 3_395_101, 569_210)):
+        sp = ofa_aec.SearchSpace(527, 64, 1.0, [0.4, 0.6, 0.8, 1.0], "2,2,X", efc)
+        assert [sp.params(((r, 2),) * 3) for r in (0.4, 0.6, 0.8, 1.0)] == [r4, r6, r8, 5_219_279]
+        assert sp.params(sp.smallest) == smallest == min(map(sp.params, sp.all()))
+        assert sp.config(((0.6, 2), (0.6, 2), (0.6, 1)))["blocks"][1:] == [[76, 76], [153, 153], [307]]
+
+
+def test_ofa_sliced_subnet_equals_export_and_torchscript(one_thread):
+    torch.manual_seed(0)
+    for efc in (False, True):
+        space = ofa_aec.SearchSpace(30, 64, 0.125, [0.4, 0.6, 0.8, 1.0], "X,X,X", efc)
+        net = ofa_aec.Supernet(30, 64, space.channels, space.fc).eval()
+        for m in net.modules():  # non-trivial statistics, so that slicing them matters
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(), m.running_var.uniform_(0.5, 2), m.weight.data.normal_()
+        x = torch.randn(3, 64, 101)
+        outs = set()
+        for arch in (space.smallest, space.largest, ((0.6, 1), (1.0, 2), (0.4, 2)), ((0.8, 2), (0.4, 1), (0.6, 1))):
+            cfg = space.config(arch)
+            net.set_active(cfg)
+            plain = ofa_aec.export_subnet(net, cfg).eval()
+            assert not any(isinstance(m, (ofa_aec.DynamicConvBlock, ofa_aec.DynamicLinear)) for m in plain.modules())
+            with torch.no_grad():
+                a, b = net(x), plain(x)
+            assert torch.allclose(a, b, atol=1e-6), arch
+            outs.add(round(float(a.sum()), 3))
+        assert len(outs) == 4  # different sub-networks really compute different functions
+    tagger = ofa_aec.Tagger("panns16k", plain).eval()
+    wave = torch.randn(2, 16000)
+    ts = torch.jit.trace(tagger, wave, check_trace=False)
+    with torch.no_grad():
+        net.set_active(space.config(((0.8, 2), (0.4, 1), (0.6, 1))))
+        ref = torch.sigmoid(net(tagger.frontend(wave)))
+        assert torch.allclose(ts(wave), ref, atol=1e-6) and torch.allclose(tagger(wave), ref, atol=1e-6)
+
+
+def test_ofa_sampling_covers_exactly_the_configured_space():
+    rng = np.random.default_rng(0)
+    for depth, widths, size in (("2,2,X", [0.4, 0.6, 0.8, 1.0], 128), ("X,X,X", [0.4, 0.6, 0.8, 1.0], 512),
+                                ("2,X,X", [0.4, 0.6, 0.8, 1.0], 256), ("2,2,2", [0.2, 0.4, 0.6, 0.8, 1.0], 125)):
+        space = ofa_aec.SearchSpace(30, 64, 0.125, widths, depth, False)
+        assert len(set(space.all())) == len(space.all()) == size
+        draws = [space.sample(rng) for _ in range(40 * size)]
+        counts = {a: 0 for a in space.all()}
+        for a in draws:
+            counts[a] += 1  # KeyError if a draw falls outside the space
+        assert min(counts.values()) > 0 and max(counts.values()) < 90  # uniform: mean 40
+        fixed = [i for i, d in enumerate(depth.split(",")) if d == "2"]
+        assert all(a[i][1] == 2 for a in draws for i in fixed)
+        assert space.largest == ((1.0, 2),) * 3 and space.smallest[0][0] == min(widths)
+
+
+def test_ofa_bn_recalibration_changes_only_running_statistics(one_thread):
+    torch.manual_seed(0)
+    x = torch.randn(250, 64, 101) * 3 + 1
+    data = type("D", (), {"train_idx": np.arange(250), "batch": lambda self, s, idx, d: x[idx]})()
+    args = type("A", (), {"bn_recal_clips": 2000})()
+    model = ofa_aec.CNN10(30, blocks=((8, 8), (6,), (12, 12), (25,)), fc=64).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ofa_aec.recalibrate_bn(model, data, args, torch.device("cpu"))
+    after = model.state_dict()
+    params = {n for n, _ in model.named_parameters()}
+    for k, v in after.items():
+        if k in params:
+            assert torch.equal(v, before[k]), k  # weights untouched
+        elif k.endswith(("running_mean", "running_var")):
+            assert not torch.allclose(v, before[k]), k
+    assert not model.training and all(m.momentum == 0.1 for m in model.modules()
+                                      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    # bn0 sees the raw input: its statistics are the batch-size-weighted mean over the 2 batches (200 + 50)
+    perm = np.random.default_rng(0).permutation(250)
+    b1, b2 = x[perm[:200]], x[perm[200:]]
+    mean = (200 * b1.mean((0, 2)) + 50 * b2.mean((0, 2))) / 250
+    var = (200 * b1.var((0, 2)) + 50 * b2.var((0, 2))) / 250
+    assert torch.allclose(after["bn0.running_mean"], mean, atol=1e-4)
+    assert torch.allclose(after["bn0.running_var"], var, rtol=1e-4)
+
+
+def test_ofa_help(capsys):
+    with pytest.raises(SystemExit):
+        ofa_aec.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--elastic-depth" in out and "--bn-recal" in out and "Sec. 2.4" in out
+    md = ofa_aec.main(["counts"])  # the count table both ways, with the windows' sizes at 527 classes
+    assert "| r=0.4, depth 2 | 1,169,618 | 944,162 |" in md and "794,666-5,219,279 | 569,210-5,219,279" in md
+    assert "0.8 +- 0.2M window (scaled to this size) | 4 | 11 |" in md
+
+
+def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    argv = ["--data-root", str(tiny_root), "--out", str(out), "--workers", "0", "--batch-size", "4",
+            "--unit-steps", "2", "--eval-every", "100", "--budgets", "0.8,1.8", "--population", "2",
+            "--bn-recal-clips", "8", "--baselines", "--baseline-widths", "0.4", "--finetune"]
+    res = ofa_aec.main(argv)
+    teacher = tmp_path / "teacher_cpu_u2_synth"
+    assert (teacher / "final.pt").exists() and np.load(teacher / "soft_balanced.npy").shape == (24, 30)
+    assert res["supernet"]["step"] == 6 and res["supernet"]["passes"] == 2 + 4 * 4  # 2 largest + 4 x K=4
+    assert [b["info"]["step"] for b in res["baselines"]] == [2, 2, 6]  # scratch, KD, KD with 3x updates
+    for b, s in res["search"].items():
+        assert s["evaluated"] == min(2, s["in_window"]) and all(
+            s["window"][0] <= c["params"] <= s["window"][1] for c in s["candidates"])
+    assert set(res["searched"]) == {"0.8", "1.8"} and len(res["finetune"]) == 2
+    # save -> reload -> eval: the exported checkpoint alone rebuilds the sub-network; TorchScript agrees
+    s = res["searched"]["0.8"]
+    ck = C.load_checkpoint(s["checkpoint"])
+    plain = ofa_aec.build_model(ck)
+    assert sum(p.numel() for p in plain.parameters()) == s["params"] == ck["params"]
+    corpus = C.load_corpus(str(tiny_root))
+    cfg = json.loads((out / "config.json").read_text())
+    wave = torch.from_numpy(np.stack([C.load_audio(tiny_root / fn) for fn, _ in corpus.eval]))
+    ts = torch.jit.load(s["torchscript"])
+    with torch.no_grad():
+        p_ts, p_plain = ts(wave), ofa_aec.Tagger(cfg["frontend"], plain.eval())(wave)
+    assert torch.allclose(p_ts, p_plain, atol=1e-6)
+    m = C.tagging_metrics(corpus.true_targets(corpus.eval), p_plain.numpy())["mAP"]
+    assert m == pytest.approx(s["mAP"], abs=2e-3)  # features cached in float16 for the run
+    capsys.readouterr()
+    ofa_aec.main(["predict", "--ckpt", s["torchscript"], str(tiny_root / corpus.eval[0][0])])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(str(tiny_root)) and len(re.findall(r" [01]\.\d\d(?:,|$)", line)) == 5  # top 5 classes
+    # resume: a finished run recomputes nothing and gives the same numbers; other settings are refused
+    again = ofa_aec.main(argv)
+    assert again["searched"]["0.8"]["mAP"] == s["mAP"] and again["baselines"] == res["baselines"]
+    with pytest.raises(C.DataError, match="--lr"):
+        ofa_aec.main(argv + ["--lr", "0.01"])
+    assert "OFA 0.8M" in (out / "results.md").read_text()
+
+
+def test_ofa_fig3_runs_the_four_search_spaces(tiny_root, tmp_path, one_thread):
+    out = tmp_path / "fig3"
+    ofa_aec.main(["--data-root", str(tiny_root), "--out", str(out), "--workers", "0", "--batch-size", "4",
+                  "--unit-steps", "1", "--eval-every", "100", "--budgets", "0.8", "--population", "1",
+                  "--bn-recal-clips", "4", "--fig3"])
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["spaces"]) == ["EW+ED=[2,2,X]", "EW+ED=[X,X,X]", "EW+ED=[2,X,X]", "EW-only"]
+    assert [r[0] for r in res["rows"]] == list(res["spaces"]) and len(list(tmp_path.glob("teacher_*"))) == 1
+    ew = json.loads((tmp_path / "fig3_222" / "config.json").read_text())
+    assert ew["widths"] == "0.2,0.4,0.6,0.8,1.0" and ew["elastic_depth"] == "2,2,2"
