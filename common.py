@@ -1,13 +1,13 @@
-"""Shared infrastructure for the five reproduction scripts.
+"""Shared run-time infrastructure for the five reproduction scripts.
 
-Sections (in order): run helpers; audio I/O and manifests; datasets and loaders; the synthetic
-corpus; synthetic downstream tasks; `prepare` for real AudioSet; front-ends; augmentation;
+Sections (in order): run helpers; audio I/O and manifests; datasets, loaders and the unlabelled
+stream; generated data (data/*.py loaded on demand); downstream tasks; front-ends; augmentation;
 samplers; metrics; checkpoints and weight averaging; command line.
 
-Command line:
-    python common.py synth [--root data/synth] [--scale 1.0] [--seed 0]   # build + summarise
-    python common.py summary [--root data/synth]
-    python common.py prepare --csv-dir CSVS --audio-dir CLIPS --out data/audioset
+Making data lives in data/: data/synthetic.py (the synthetic corpus and downstream tasks) and
+data/prepare.py (real datasets -> our layout). This module loads them only when something must be
+built, so a script + common.py run on real data without data/.
+
     python common.py bench [--root data/synth]      # loader and front-end throughput
 
 This module never imports a script; scripts pass their own classes and functions in.
@@ -19,16 +19,15 @@ import argparse
 import contextlib
 import csv
 import fcntl
+import importlib.util
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,7 @@ SR = 16000
 HERE = Path(__file__).resolve().parent
 SYNTH_ROOT = HERE / "data" / "synth"
 AUDIOSET_META = HERE / "data" / "audioset"
+TASKS_ROOT = HERE / "data" / "synth_tasks"
 
 
 # =============================================================================================
@@ -487,434 +487,297 @@ def make_loader(dataset, batch_size: int, sampler=None, shuffle: bool = False, w
         persistent_workers=workers > 0, drop_last=drop_last, pin_memory=torch.cuda.is_available())
 
 
-# =============================================================================================
-# The synthetic corpus: AudioSet in miniature, with the ground truth AudioSet never has
-# =============================================================================================
-# 6 parents x 4 children. Children of one parent are deliberately confusable (same generator
-# family, overlapping parameters). (name, min duration s, max duration s)
-SYNTH_CLASSES = {
-    "Tone": [("Pure tone, low", .5, 3.), ("Pure tone, high", .5, 3.), ("Harmonic tone", .5, 3.), ("Vibrato tone", .5, 3.)],
-    "Noise": [("Low-band noise", 1., 4.), ("Mid-band noise", 1., 4.), ("High-band noise", 1., 4.), ("Pulsed noise", 1., 4.)],
-    "Impact": [("Click", .2, .4), ("Knock", .2, .6), ("Slow click train", .5, 2.), ("Fast click train", .5, 2.)],
-    "Sweep": [("Up-chirp", .5, 2.5), ("Down-chirp", .5, 2.5), ("Siren", 1., 4.), ("Warble", .5, 3.)],
-    "Voice": [("Vowel a", .3, 2.), ("Vowel i", .3, 2.), ("Vowel u", .3, 2.), ("Vowel e", .3, 2.)],
-    "Music": [("Major chord", .5, 3.), ("Minor chord", .5, 3.), ("Arpeggio", 1., 4.), ("Drum beat", 1., 4.)],
-}
-PARENTS = list(SYNTH_CLASSES)
-CHILDREN = [(p, c) for p in range(len(PARENTS)) for c in range(4)]  # leaf classes (parent, child)
-FORMANTS = [(730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480)]  # a i u e
-
-
-def parent_mid(p: int) -> str:
-    return f"/synth/p{p}"
-
-
-def child_mid(p: int, c: int) -> str:
-    return f"/synth/p{p}c{c}"
-
-
-def _band_noise(rng, n: int, lo: float, hi: float, sr: int) -> np.ndarray:
-    spec = np.fft.rfft(rng.standard_normal(n))
-    f = np.fft.rfftfreq(n, 1 / sr)
-    spec[(f < lo) | (f > hi)] = 0
-    return np.fft.irfft(spec, n)
-
-
-def _harmonics(f0: np.ndarray, sr: int, amps) -> np.ndarray:
-    """Sum of harmonics k*f0(t) (f0 may vary over time), amplitudes amps[k-1]; k*f0 < Nyquist."""
-    phase = 2 * np.pi * np.cumsum(f0) / sr
-    out = np.zeros_like(f0)
-    for k, a in enumerate(amps, 1):
-        if a and k * f0.max() < sr / 2:
-            out += a * np.sin(k * phase)
+def clip_durations(root: str | Path, rows: list, default: float = 10.0) -> list[float]:
+    """Durations in seconds from the file headers; an unreadable file gets `default` (the dataset
+    skips and counts it later)."""
+    out = []
+    for row in rows:
+        try:
+            out.append(sf.info(str(Path(root) / row[0])).duration)
+        except Exception:
+            out.append(default)
     return out
 
 
-def synth_event(p: int, c: int, dur: float, rng: np.random.Generator, sr: int = SR,
-                f0: float | None = None) -> np.ndarray:
-    """One procedurally generated event of leaf class (p, c), unit peak (f0: a voice's pitch)."""
-    n = max(int(dur * sr), 16)
-    t = np.arange(n) / sr
-    name = PARENTS[p]
-    if name == "Tone":
-        f0 = rng.uniform(*[(250, 450), (500, 900), (250, 600), (300, 800)][c])
-        f = np.full(n, f0)
-        if c == 3:
-            f = f0 * (1 + 0.03 * np.sin(2 * np.pi * rng.uniform(5, 7) * t))
-        x = _harmonics(f, sr, [1, .5, .33, .25] if c == 2 else [1])
-    elif name == "Noise":
-        lo, hi = [(100, 800), (800, 2500), (2500, 6000), (100, 800)][c]
-        x = _band_noise(rng, n, lo * rng.uniform(.8, 1.2), hi * rng.uniform(.8, 1.2), sr)
-        if c == 3:
-            x *= 0.5 * (1 + np.sign(np.sin(2 * np.pi * rng.uniform(3, 5) * t)))
-    elif name == "Impact":
-        def hit(freq, decay):
-            m = min(n, int(0.15 * sr))
-            h = np.zeros(n)
-            h[:m] = np.sin(2 * np.pi * freq * t[:m]) * np.exp(-t[:m] / decay)
-            return h
-        if c in (0, 1):
-            x = hit(rng.uniform(2000, 4000), .01) if c == 0 else hit(rng.uniform(150, 400), .03)
-        else:
-            rate = rng.uniform(3, 6) if c == 2 else rng.uniform(12, 25)
-            click = hit(rng.uniform(2000, 4000), .005)[: int(sr / rate)]
-            x = np.zeros(n)
-            for s in range(0, n, int(sr / rate)):
-                seg = click[: n - s]
-                x[s: s + len(seg)] += seg
-    elif name == "Sweep":
-        if c in (0, 1):
-            a, b = rng.uniform(250, 400), rng.uniform(2500, 3500)
-            f = a * (b / a) ** (t / dur) if c == 0 else b * (a / b) ** (t / dur)
-        elif c == 2:
-            f = 1000 + 400 * np.sin(2 * np.pi * rng.uniform(.5, 1.) * t)
-        else:
-            f = rng.uniform(1000, 2000) + 200 * np.sin(2 * np.pi * rng.uniform(8, 15) * t)
-        x = _harmonics(f, sr, [1])
-    elif name == "Voice":
-        f0 = (f0 or rng.uniform(100, 220)) * (1 + 0.02 * np.sin(2 * np.pi * rng.uniform(4, 6) * t))
-        formants = np.array(FORMANTS[c]) * rng.uniform(.95, 1.05)
-        k = np.arange(1, int(4000 / f0.max()) + 1)
-        gain = (1 / (1 + ((k[:, None] * f0.mean() - formants[None]) / 80.0) ** 2)).sum(1)  # formant envelope
-        x = _harmonics(f0, sr, list(gain))
-    else:  # Music
-        root = rng.uniform(200, 400)
-        triad = [1, 5 / 4, 3 / 2] if c != 1 else [1, 6 / 5, 3 / 2]
-        if c in (0, 1):
-            x = sum(_harmonics(np.full(n, root * r), sr, [1, .5, .25]) for r in triad) * np.exp(-t / max(dur, .5))
-        elif c == 2:
-            note = int(0.15 * sr)
-            f = np.array([root * triad[(i // note) % 3] for i in range(n)])
-            x = _harmonics(f, sr, [1, .5, .25]) * (1 - (np.arange(n) % note) / note)
-        else:
-            beat = int(sr / rng.uniform(2, 4))
-            x = np.zeros(n)
-            kick = np.sin(2 * np.pi * rng.uniform(60, 100) * t[:beat]) * np.exp(-t[:beat] / .05)
-            hat = _band_noise(rng, beat, 5000, 7900, sr) * np.exp(-t[:beat] / .01)
-            for s in range(0, n, beat):
-                m = min(beat, n - s)
-                x[s: s + m] += kick[:m] + (hat[:m] if (s // beat) % 2 else 0)
-    fade = min(int(0.01 * sr), n // 2)
-    env = np.ones(n)
-    env[:fade] = np.linspace(0, 1, fade)
-    env[n - fade:] = np.linspace(1, 0, fade)
-    x = x * env
-    return x / (np.abs(x).max() + 1e-9)
+class VarLenDataset(torch.utils.data.Dataset):
+    """Whole clips at their own length (evaluation without padding): (wave (T,), target (K,), index).
+    Use batch_size=1 (pad_collate would pad a larger batch). A bad clip gives None (skipped)."""
+
+    def __init__(self, root: str | Path, rows: list, targets: np.ndarray, sr: int = SR):
+        self.root, self.rows, self.targets, self.sr = Path(root), rows, torch.as_tensor(targets), sr
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        try:
+            x = load_audio(self.root / self.rows[i][0], self.sr)
+        except DataError as e:
+            warnings.warn(f"skipping: {e}")
+            return None
+        return torch.from_numpy(x), self.targets[i], i
 
 
-@dataclass
-class NoiseRates:
-    """Label corruption of the training splits, the way AudioSet's weak labels are wrong."""
-    type1: float = 0.25       # child label missing, parent kept (PSLA Type I)
-    type2: float = 0.25       # parent label missing, child kept (PSLA Type II)
-    missed_short: float = 0.5  # an event shorter than short_s is missed by the annotator
-    short_s: float = 0.6
-    spurious: float = 0.05    # probability of one wrong extra leaf label per clip
+class SyntheticStream(torch.utils.data.IterableDataset):
+    """Unlabelled synthetic clips generated on the fly (see synthetic_stream)."""
+
+    def __init__(self, seed: int = 0, pool_size: int | None = None, clip_seconds: float = 10.0, sr: int = SR,
+                 speech: float = 0.0, limit: int | None = None, rank: int | None = None, world: int | None = None):
+        self.seed, self.pool_size, self.clip_seconds, self.sr = seed, pool_size, clip_seconds, sr
+        self.speech, self.limit, self.rank, self.world = speech, limit, rank, world
+
+    def clip_ids(self):
+        """The clip indices this (rank, worker) draws: global worker g of G takes g, g+G, g+2G, ...
+        (modulo pool_size for a finite pool), so workers and ranks never draw the same clip."""
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        r = rank() if self.rank is None else self.rank
+        w = world_size() if self.world is None else self.world
+        j, step, n = r * nw + wid, w * nw, 0
+        while self.limit is None or n < self.limit:
+            yield j % self.pool_size if self.pool_size else j
+            j, n = j + step, n + 1
+
+    def __iter__(self):
+        gen = load_data_module("synthetic")
+        for j in self.clip_ids():
+            x = gen.stream_clip(self.seed, j, self.clip_seconds, self.speech)
+            yield torch.from_numpy(resample(x, SR, self.sr))
 
 
-# split -> (clips per leaf class for balanced-style splits | total clips for Zipf splits, noisy labels?)
-SYNTH_SPLITS = {"balanced_train": ("floor", 12, True), "unbalanced_train": ("zipf", 900, True),
-                "valid": ("floor", 6, True), "eval": ("floor", 12, False)}
+def synthetic_stream(seed: int = 0, pool_size: int | None = None, clip_seconds: float = 10.0, sr: int = SR,
+                     **kw) -> SyntheticStream:
+    """A seeded IterableDataset of unlabelled float32 waves (clip_seconds*sr,) from the upstream
+    corpus's generators. pool_size=N cycles N distinct clips (clip j is identical whenever it
+    recurs); None is unbounded. Worker- and DDP-aware. Extras: speech (probability of adding a
+    synthetic utterance), limit (clips per (rank, worker) per pass), rank/world (override)."""
+    return SyntheticStream(seed, pool_size, clip_seconds, sr, **kw)
 
 
-def _add_event(x: np.ndarray, leaf: int, rng: np.random.Generator, clip_s: float, min_db: float) -> tuple[float, float]:
-    """Add one event of leaf class `leaf` at a random onset and level (min_db..-6 dB) into x, in
-    place; returns its (onset, offset) in seconds."""
-    p, c = CHILDREN[leaf]
-    lo, hi = SYNTH_CLASSES[PARENTS[p]][c][1:]
-    dur = min(rng.uniform(lo, hi), clip_s)
-    on = rng.uniform(0, clip_s - dur)
-    ev = synth_event(p, c, dur, rng) * 10 ** (rng.uniform(min_db, -6) / 20)
-    s = int(on * SR)
-    x[s: s + len(ev)] += ev[: len(x) - s]
-    return round(on, 3), round(on + dur, 3)
+# =============================================================================================
+# Generated data: data/*.py are loaded (by path) only when something must be built
+# =============================================================================================
+def load_data_module(name: str):
+    """data/<name>.py as a module (not a package import, so `data` need not be importable)."""
+    key = f"_data_{name}"
+    if key not in sys.modules:
+        path = HERE / "data" / f"{name}.py"
+        if not path.exists():
+            raise DataError(f"{path}: not found (it generates the synthetic data; copy data/ along with common.py)")
+        spec = importlib.util.spec_from_file_location(key, path)
+        sys.modules[key] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[key]
 
 
-def _synth_clip(args):
-    """Generate, write and label one clip (a worker job; deterministic in (seed, split, index))."""
-    root, split, idx, anchor, seed, clip_s, zipf_p, noise = args
-    rng = np.random.default_rng([seed, list(SYNTH_SPLITS).index(split), idx])
-    n = int(clip_s * SR)
-    # low pink-ish background: one-pole low-passed white noise at about -50 dBFS
-    bg = rng.standard_normal(n)
-    bg = np.convolve(bg, np.exp(-np.arange(64) / 16.0), mode="same")
-    x = bg / (np.abs(bg).max() + 1e-9) * 10 ** (rng.uniform(-55, -45) / 20)
-    n_events = int(rng.integers(1, 6))
-    leaves = [anchor] + [int(rng.choice(len(CHILDREN), p=zipf_p)) for _ in range(n_events - 1)]
-    events = [(*_add_event(x, leaf, rng, clip_s, -24.0), leaf) for leaf in leaves]
-    x /= max(1.0, np.abs(x).max() / 0.99)
-    fn = f"audio/{split}/{split}_{idx:05d}.wav"
-    sf.write(str(Path(root) / fn), x.astype(np.float32), SR, subtype="PCM_16")
-    true = sorted({child_mid(*CHILDREN[l]) for *_, l in events} | {parent_mid(CHILDREN[l][0]) for *_, l in events})
-    weak, stats = corrupt_labels(events, rng, noise) if noise else (true, {})
-    return fn, true, weak, events, stats
+_MOVED = {"synthetic": ["make_synthetic_corpus", "corpus_summary", "synth_event", "SYNTH_CLASSES", "PARENTS",
+                        "CHILDREN", "parent_mid", "child_mid", "NoiseRates", "make_synthetic_tasks"],
+          "prepare": ["prepare"]}
 
 
-def corrupt_labels(events, rng: np.random.Generator, r: NoiseRates) -> tuple[list[str], dict]:
-    """Weak labels an imperfect annotator gives a clip; the counts say which error happened."""
-    stats = {"missed_short": 0, "type1": 0, "type2": 0, "spurious": 0}
-    longest: dict[int, float] = {}
-    for on, off, leaf in events:
-        longest[leaf] = max(longest.get(leaf, 0.0), off - on)
-    heard = set()
-    for leaf, d in sorted(longest.items()):
-        if d < r.short_s and rng.random() < r.missed_short:
-            stats["missed_short"] += 1
-        else:
-            heard.add(leaf)
-    parents = sorted({CHILDREN[l][0] for l in heard})
-    labels = set()
-    for leaf in sorted(heard):
-        if rng.random() < r.type1:
-            stats["type1"] += 1  # child missing; its parent stays (added below)
-        else:
-            labels.add(child_mid(*CHILDREN[leaf]))
-    for p in parents:
-        has_child = any(child_mid(p, c) in labels for c in range(4))
-        if has_child and rng.random() < r.type2:
-            stats["type2"] += 1  # parent missing while a child is labelled
-        else:
-            labels.add(parent_mid(p))
-    if rng.random() < r.spurious:
-        wrong = [l for l in range(len(CHILDREN)) if l not in longest]
-        labels.add(child_mid(*CHILDREN[int(rng.choice(wrong))]))
-        stats["spurious"] += 1
-    if not labels:  # AudioSet clips always carry at least one label: keep the first event's parent
-        labels.add(parent_mid(CHILDREN[events[0][2]][0]))
-    return sorted(labels), stats
+def __getattr__(name: str):
+    """Names that moved to data/*.py stay reachable as common.<name> (loaded on first access)."""
+    for module, names in _MOVED.items():
+        if name in names:
+            return getattr(load_data_module(module), name)
+    raise AttributeError(f"module 'common' has no attribute {name!r}")
 
 
-def make_synthetic_corpus(root: str | Path = SYNTH_ROOT, scale: float = 1.0, seed: int = 0,
-                          clip_seconds: float = 10.0, noise: NoiseRates | None = None,
-                          workers: int = 2, downstream: bool = True, quiet: bool = False) -> Path:
-    """Write the synthetic corpus in the real layout. Deterministic in (seed, scale, clip_seconds)."""
-    root = Path(root)
-    noise = noise or NoiseRates()
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "audio").mkdir(parents=True)
-    mids = [m for p in range(len(PARENTS)) for m in [parent_mid(p)] + [child_mid(p, c) for c in range(4)]]
-    names = [n for p, pn in enumerate(PARENTS) for n in [pn] + [f"{pn}: {c[0]}" for c in SYNTH_CLASSES[pn]]]
-    write_class_labels(tmp / "class_labels_indices.csv", mids, names)
-    onto = [{"id": parent_mid(p), "name": PARENTS[p], "child_ids": [child_mid(p, c) for c in range(4)],
-             "restrictions": []} for p in range(len(PARENTS))]
-    onto += [{"id": child_mid(p, c), "name": f"{PARENTS[p]}: {SYNTH_CLASSES[PARENTS[p]][c][0]}", "child_ids": [],
-              "restrictions": []} for p, c in CHILDREN]
-    (tmp / "ontology.json").write_text(json.dumps(onto, indent=1))
-    # Zipf prior over leaf classes (a fixed random rank order) for the unbalanced split
-    order = np.random.default_rng(seed).permutation(len(CHILDREN))
-    zipf = np.empty(len(CHILDREN))
-    zipf[order] = 1.0 / np.arange(1, len(CHILDREN) + 1) ** 1.1
-    zipf /= zipf.sum()
-    uniform = np.full(len(CHILDREN), 1.0 / len(CHILDREN))
-    summary = {"seed": seed, "scale": scale, "clip_seconds": clip_seconds, "noise": vars(noise), "splits": {}}
-    for split, (kind, size, noisy) in SYNTH_SPLITS.items():
-        (tmp / "audio" / split).mkdir()
-        if kind == "floor":  # a floor of clips per class: every leaf class anchors `size` clips
-            anchors = [l for _ in range(max(1, round(size * scale))) for l in range(len(CHILDREN))]
-            prior = uniform
-        else:
-            count = max(len(CHILDREN), round(size * scale))
-            anchors = np.random.default_rng([seed, 99]).choice(len(CHILDREN), count, p=zipf).tolist()
-            prior = zipf
-        jobs = [(str(tmp), split, i, a, seed, clip_seconds, prior, noise if noisy else None)
-                for i, a in enumerate(anchors)]
-        if workers > 1:
-            with get_context("fork").Pool(workers) as pool:
-                out = pool.map(_synth_clip, jobs, chunksize=16)
-        else:
-            out = [_synth_clip(j) for j in jobs]
-        write_manifest(tmp / f"{split}.tsv", [(fn, weak) for fn, _, weak, _, _ in out])
-        write_manifest(tmp / f"{split}_true.tsv", [(fn, true) for fn, true, *_ in out])
-        with open(tmp / f"strong_{split}.tsv", "w") as f:
-            f.write("filename\tonset\toffset\tlabel\n")
-            for fn, _, _, events, _ in out:
-                f.writelines(f"{fn}\t{on:.3f}\t{off:.3f}\t{child_mid(*CHILDREN[l])}\n" for on, off, l in events)
-        stats = {k: sum(s.get(k, 0) for *_, s in out) for k in ("missed_short", "type1", "type2", "spurious")}
-        summary["splits"][split] = {"clips": len(out), "noisy_labels": noisy, **stats}
-        if not quiet:
-            print(f"synth: {split}: {len(out)} clips", flush=True)
-    if downstream:
-        make_downstream_tasks(tmp / "downstream", scale=scale, seed=seed, workers=workers)
-    write_json(tmp / "synth.json", summary)
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)  # the corpus appears whole or not at all
-    return root
+@contextlib.contextmanager
+def _build_lock(root: Path):
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent first uses build once
+        yield
 
 
 def ensure_synthetic(root: str | Path | None = None, scale: float = 1.0, seed: int = 0,
                      clip_seconds: float = 10.0) -> Path:
     """The synthetic corpus with these settings, generated on first use. The default lives in
-    data/synth; other settings get their own folder, so they never replace it. A file lock makes
-    concurrent first uses generate it once."""
+    data/synth; other settings get their own folder, so they never replace it."""
     if root is None:
         default = (scale, seed, clip_seconds) == (1.0, 0, 10.0)
         root = SYNTH_ROOT if default else SYNTH_ROOT.with_name(f"synth_scale{scale:g}_clip{clip_seconds:g}_seed{seed}")
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _build_lock(root):
         meta = root / "synth.json"
         if meta.exists():
             m = json.loads(meta.read_text())
             if (m["seed"], m["scale"], m["clip_seconds"]) == (seed, scale, clip_seconds):
                 return root
         print(f"generating the synthetic corpus in {root} (scale {scale}, seed {seed}) ...", flush=True)
-        return make_synthetic_corpus(root, scale=scale, seed=seed, clip_seconds=clip_seconds)
+        return load_data_module("synthetic").make_synthetic_corpus(root, scale=scale, seed=seed, clip_seconds=clip_seconds)
 
 
-def corpus_summary(root: str | Path = SYNTH_ROOT) -> str:
-    """Per-class clip counts per split, and label-noise statistics against the true labels."""
-    root = Path(root)
-    labels = read_class_labels(root / "class_labels_indices.csv")
-    meta = json.loads((root / "synth.json").read_text()) if (root / "synth.json").exists() else None
-    splits = [s for s in ("balanced_train", "unbalanced_train", "valid", "eval") if (root / f"{s}.tsv").exists()]
-    counts = {s: multi_hot(read_manifest(root / f"{s}.tsv"), labels).sum(0).astype(int) for s in splits}
-    lines = [f"corpus {root}: {len(labels)} classes"]
-    lines.append(f"{'class':34s}" + "".join(f"{s[:12]:>14s}" for s in splits))
-    for k, name in enumerate(labels.names):
-        lines.append(f"{name[:34]:34s}" + "".join(f"{counts[s][k]:14d}" for s in splits))
-    for s in splits:
-        rows = read_manifest(root / f"{s}.tsv")
-        line = f"{s}: {len(rows)} clips, {sum(len(m) for _, m in rows) / len(rows):.2f} labels/clip"
-        if (root / f"{s}_true.tsv").exists():
-            weak = multi_hot(rows, labels)
-            true = multi_hot(read_manifest(root / f"{s}_true.tsv"), labels)
-            tp = (weak * true).sum()
-            line += f", label precision {tp / weak.sum():.3f}, recall {tp / true.sum():.3f} vs true labels"
-        if meta and s in meta["splits"]:
-            st = meta["splits"][s]
-            if st["noisy_labels"]:
-                line += (f"; injected: {st['type1']} Type I, {st['type2']} Type II, "
-                         f"{st['missed_short']} missed short events, {st['spurious']} spurious")
-        lines.append(line)
-    return "\n".join(lines)
+def ensure_synthetic_tasks(scale: float = 1.0, seed: int = 0, root: str | Path | None = None) -> Path:
+    """The synthetic downstream task root (data/synth_tasks), generated on first use; rebuilt when
+    its stamp (generator version, seed, scale) differs."""
+    root = Path(root) if root else TASKS_ROOT if (scale, seed) == (1.0, 0) else \
+        TASKS_ROOT.with_name(f"synth_tasks_scale{scale:g}_seed{seed}")
+    with _build_lock(root):
+        gen = load_data_module("synthetic")
+        stamp = root / "synth_tasks.json"
+        if stamp.exists() and json.loads(stamp.read_text()) == {"version": gen.TASKS_VERSION, "seed": seed, "scale": scale,
+                                                                  "tasks": gen.TASK_ORDER}:
+            return root
+        print(f"generating the synthetic downstream tasks in {root} (scale {scale}, seed {seed}) ...", flush=True)
+        return gen.make_synthetic_tasks(root, scale=scale, seed=seed)
 
 
 # =============================================================================================
-# Synthetic downstream tasks (at_transfer.py, conformer_ssl.py): task manifest + metric
+# Downstream tasks: manifest filename<TAB>labels<TAB>fold + an entry in tasks.json
 # =============================================================================================
-def _downstream_clip(args):
-    root, task, idx, spec, seed, clip_s = args
-    rng = np.random.default_rng([seed, 1000 + ["sound", "tagging", "keywords"].index(task), idx])
-    n = int(clip_s * SR)
-    x = rng.standard_normal(n) * 10 ** (rng.uniform(-55, -45) / 20)
-    if task == "keywords":  # a 'word' = two vowels spoken by one 'speaker' (one f0 per clip)
-        f0 = rng.uniform(90, 240)
-        on = rng.uniform(0, 0.15)
-        for v in spec:
-            dur = rng.uniform(0.3, 0.4)
-            ev = synth_event(4, v, dur, rng, f0=f0) * 10 ** (rng.uniform(-12, -6) / 20)
-            s = int(on * SR)
-            x[s: s + len(ev)] += ev[: n - s]
-            on += dur
-    else:
-        for leaf in spec:
-            _add_event(x, leaf, rng, clip_s, -20.0)
-    x /= max(1.0, np.abs(x).max() / 0.99)
-    fn = f"{task}/audio/{task}_{idx:05d}.wav"
-    sf.write(str(Path(root) / fn), x.astype(np.float32), SR, subtype="PCM_16")
-    return fn
+TaskRow = tuple[str, list[str], str]  # (filename relative to Task.root, labels, fold or split name)
 
 
-def make_downstream_tasks(root: str | Path, scale: float = 1.0, seed: int = 0, workers: int = 2) -> dict:
-    """Three tasks in a generic manifest (filename, labels, fold) + tasks.json (metric, folds):
-    sound (ESC-50-like, single label, 5-fold accuracy), tagging (FSD50K-like, multi-label, mAP),
-    keywords (Speech-Commands-like: two-vowel 'words' by random speakers, accuracy)."""
-    root = Path(root)
-    rng = np.random.default_rng([seed, 7])
-    words = [(a, b) for a in range(4) for b in range(4) if a != b][:10]
-    specs: dict[str, list] = {}
-    per = max(2, round(10 * scale))
-    specs["sound"] = [([leaf], f"{i % 5 + 1}") for leaf in range(len(CHILDREN)) for i in range(per)]
-    specs["tagging"] = [(sorted(set(rng.choice(len(CHILDREN), rng.integers(1, 4)).tolist())),
-                         ["train", "train", "train", "valid", "test"][i % 5]) for i in range(max(20, round(300 * scale)))]
-    specs["keywords"] = [(list(words[w]), ["train", "train", "train", "valid", "test"][i % 5])
-                         for i in range(max(4, round(20 * scale))) for w in range(len(words))]
-    tasks = {}
-    for task, items in specs.items():
-        (root / task / "audio").mkdir(parents=True, exist_ok=True)
-        clip_s = {"sound": 5.0, "tagging": 5.0, "keywords": 1.0}[task]
-        jobs = [(str(root), task, i, spec, seed, clip_s) for i, (spec, _) in enumerate(items)]
-        if workers > 1:
-            with get_context("fork").Pool(workers) as pool:
-                files = pool.map(_downstream_clip, jobs, chunksize=16)
-        else:
-            files = [_downstream_clip(j) for j in jobs]
-        name = (lambda l: f"word_{'aiue'[l[0]]}{'aiue'[l[1]]}") if task == "keywords" else (lambda l: [child_mid(*CHILDREN[x]) for x in l])
-        with open(root / task / f"{task}.tsv", "w") as f:
-            f.write("filename\tlabels\tfold\n")
-            for fn, (spec, fold) in zip(files, items):
-                lab = name(spec)
-                f.write(f"{fn}\t{lab if isinstance(lab, str) else ','.join(lab)}\t{fold}\n")
-        tasks[task] = {"manifest": f"{task}/{task}.tsv", "clip_seconds": clip_s,
-                       "type": "multi" if task == "tagging" else "single",
-                       "metric": "mAP" if task == "tagging" else "accuracy",
-                       "folds": ["1", "2", "3", "4", "5"] if task == "sound" else ["train", "valid", "test"]}
-    write_json(root / "tasks.json", tasks)
-    return tasks
+@dataclass
+class Task:
+    name: str
+    root: Path                # filenames in rows are relative to this folder
+    type: str                 # single | multi
+    metric: str               # a key of METRICS
+    classes: list[str]        # fixed order = column order of targets()
+    rows: list[TaskRow]
+    kfold: bool               # True: the third column is a fold name; False: train | valid | test
+    folds: list[str]
+    sample_rate: int
+    max_seconds: float        # longest training segment
+    higher_is_better: bool
+    info: dict = field(default_factory=dict)  # the whole tasks.json entry
+
+    def targets(self, rows: list[TaskRow]) -> np.ndarray:
+        """(N, K) float32: one-hot (single) or multi-hot (multi)."""
+        index = {c: k for k, c in enumerate(self.classes)}
+        y = np.zeros((len(rows), len(self.classes)), dtype=np.float32)
+        for i, (_, labels, _) in enumerate(rows):
+            y[i, [index[c] for c in labels]] = 1.0
+        return y
 
 
-# =============================================================================================
-# prepare: official AudioSet segment CSVs + a folder of clips -> our layout
-# =============================================================================================
-def read_segments_csv(path: str | Path) -> list[tuple[str, float, float, list[str]]]:
-    """Official *_segments.csv: '# ...' header lines, then YTID, start, end, "mid,mid"."""
+def write_task(task_root: str | Path, name: str, rows: list[TaskRow], classes: list[str], *, type: str,
+               metric: str, kfold: bool, folds: list[str], sample_rate: int = SR, max_seconds: float = 10.0,
+               audio_root: str | Path = ".", **extra) -> dict:
+    """Write <task_root>/<name>/<name>.tsv and add/replace the task's entry in <task_root>/tasks.json.
+    audio_root: where the filenames are relative to (relative to task_root, or absolute)."""
+    task_root = Path(task_root)
+    bad = [c for c in classes if "," in c or "\t" in c]
+    if bad or metric not in METRICS or type not in ("single", "multi"):
+        raise DataError(f"task {name}: bad class name {bad[:1]}, metric {metric!r} or type {type!r}")
+    (task_root / name).mkdir(parents=True, exist_ok=True)
+    with open(task_root / name / f"{name}.tsv", "w") as f:
+        f.write("filename\tlabels\tfold\n")
+        f.writelines(f"{fn}\t{','.join(labels)}\t{fold}\n" for fn, labels, fold in rows)
+    entry = {"manifest": f"{name}/{name}.tsv", "audio_root": str(audio_root), "type": type, "metric": metric,
+             "higher_is_better": METRICS[metric][1], "kfold": kfold, "folds": list(folds), "classes": list(classes),
+             "sample_rate": sample_rate, "max_seconds": max_seconds, "clips": len(rows), **extra}
+    index = task_root / "tasks.json"
+    tasks = json.loads(index.read_text()) if index.exists() else {}
+    tasks[name] = entry
+    write_json(index, tasks)
+    return entry
+
+
+def list_tasks(task_root: str | Path) -> list[str]:
+    path = Path(task_root) / "tasks.json"
+    if not path.exists():
+        raise DataError(f"{path}: not found")
+    return list(json.loads(path.read_text()))
+
+
+def read_task(task_root: str | Path, name: str) -> Task:
+    """A task from <task_root>/tasks.json; a bad manifest row is an error naming file and line."""
+    task_root = Path(task_root)
+    tasks = {n: json.loads((task_root / "tasks.json").read_text())[n] for n in list_tasks(task_root)}
+    if name not in tasks:
+        raise DataError(f"{task_root / 'tasks.json'}: no task {name!r} (have {', '.join(tasks)})")
+    e = tasks[name]
+    path, known = task_root / e["manifest"], set(e["classes"])
     rows = []
-    with open(path, newline="") as f:
-        for r in csv.reader((l for l in f if not l.startswith("#")), skipinitialspace=True):
-            if len(r) >= 4:
-                rows.append((r[0], float(r[1]), float(r[2]), [m for m in r[3].split(",") if m]))
-    return rows
-
-
-def index_clips(audio_dir: str | Path) -> dict[str, Path]:
-    """YouTube id -> file. Accepts the usual namings: <id>.wav, Y<id>.wav, <id>_<start>_<end>.flac, ..."""
-    index: dict[str, Path] = {}
-    for path in sorted(Path(audio_dir).rglob("*")):
-        if path.suffix.lower() not in (".wav", ".flac", ".ogg"):
-            continue
-        stem = path.stem
-        for key in (stem, stem[:11], stem[1:12] if stem.startswith("Y") else None):
-            if key:
-                index.setdefault(key, path)
-    return index
-
-
-def prepare(csv_dir: str | Path, audio_dir: str | Path, out: str | Path, meta_dir: str | Path = AUDIOSET_META,
-            seed: int = 0) -> dict:
-    """Write balanced_train/unbalanced_train/eval/300h_train tsvs (paths relative to `out`) and copy
-    class_labels_indices.csv + ontology.json; report the rows that have no audio."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in ("class_labels_indices.csv", "ontology.json"):
-        shutil.copy(Path(meta_dir) / f, out / f)
-    labels = read_class_labels(out / "class_labels_indices.csv")
-    clips = index_clips(audio_dir)
-    report = {}
-    manifests = {}
-    for split in ("balanced_train", "unbalanced_train", "eval"):
-        path = Path(csv_dir) / f"{split}_segments.csv"
-        if not path.exists():
-            continue
-        rows, missing = [], 0
-        for ytid, *_, mids in read_segments_csv(path):
-            clip = clips.get(ytid) or clips.get("Y" + ytid)
-            if clip is None:
-                missing += 1
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.rstrip("\n").split("\t")
+            if lineno == 1 and parts[0] == "filename":
                 continue
-            rows.append((os.path.relpath(clip.resolve(), out.resolve()), mids))
-        multi_hot(rows, labels, str(path))
-        write_manifest(out / f"{split}.tsv", rows)
-        manifests[split] = rows
-        report[split] = {"rows": len(rows) + missing, "with_audio": len(rows), "missing_audio": missing}
-        print(f"prepare: {split}: {len(rows)} clips, {missing} rows without audio", flush=True)
-    if "balanced_train" in manifests and "unbalanced_train" in manifests:
-        rows = sample_300h(manifests["balanced_train"], manifests["unbalanced_train"], labels, seed=seed)
-        write_manifest(out / "300h_train.tsv", rows)
-        report["300h_train"] = {"with_audio": len(rows)}
-    write_json(out / "prepare_report.json", report)
-    return report
+            labels = [c for c in parts[1].split(",") if c] if len(parts) == 3 else []
+            if len(parts) != 3 or not labels or set(labels) - known or parts[2] not in e["folds"] \
+                    or (e["type"] == "single" and len(labels) != 1):
+                raise DataError(f"{path}:{lineno}: expected 'filename<TAB>labels<TAB>fold' with labels from the "
+                                f"vocabulary ({e['type']}-label) and fold in {e['folds']}, got {line.rstrip()!r}")
+            rows.append((parts[0], labels, parts[2]))
+    return Task(name, task_root / e.get("audio_root", "."), e["type"], e["metric"], e["classes"], rows,
+                e["kfold"], e["folds"], e["sample_rate"], e["max_seconds"], METRICS[e["metric"]][1], e)
+
+
+def task_splits(task: Task, protocol: str = "hear", valid_fraction: float = 0.1,
+                seed: int = 0) -> list[tuple[str, list, list, list]]:
+    """[(split name, train rows, valid rows, test rows)]. k-fold, protocol "hear": split i tests on
+    fold i and validates on fold i+1 (mod k), trains on the rest; "paper": validates on the test
+    fold itself. Split tasks: one split "test"; no valid rows -> a seeded stratified 90/10 of train."""
+    if protocol not in ("hear", "paper"):
+        raise DataError(f"protocol {protocol!r}: expected hear or paper")
+    by = {f: [r for r in task.rows if r[2] == f] for f in task.folds}
+    if task.kfold:
+        k, out = len(task.folds), []
+        for i, f in enumerate(task.folds):
+            v = f if protocol == "paper" else task.folds[(i + 1) % k]
+            train = [r for r in task.rows if r[2] not in (f, v)]
+            out.append((f"fold{f}", train, by[v], by[f]))
+        return out
+    train, valid = by.get("train", []), by.get("valid", [])
+    if not valid:
+        train, valid = stratified_split(train, task.targets(train), valid_fraction, seed)
+    return [("test", train, valid, by.get("test", []))]
+
+
+def _rarest_label(targets: np.ndarray) -> np.ndarray:
+    """Each row's stratification key: its rarest label (-1 for a row without labels)."""
+    t = np.asarray(targets) > 0
+    return np.where(t.any(1), np.argmin(np.where(t, t.sum(0), np.inf), axis=1), -1)
+
+
+def _stratified_order(targets: np.ndarray, seed: int, first=()) -> np.ndarray:
+    """A row order whose every prefix is (near) stratified: rows of each key, shuffled (rows in
+    `first` at the front of their key), are interleaved by their relative position within their key."""
+    rng = np.random.default_rng(seed)
+    key = _rarest_label(targets)
+    pos, first = np.empty(len(key)), set(first)
+    for k in np.unique(key):
+        idx = rng.permutation(np.flatnonzero(key == k))
+        idx = np.array(sorted(idx, key=lambda i: i not in first), dtype=np.int64)
+        pos[idx] = (np.arange(len(idx)) + rng.random()) / len(idx)
+    return np.lexsort((rng.random(len(key)), pos))
+
+
+def stratified_split(rows: list, targets: np.ndarray, fraction: float, seed: int = 0) -> tuple[list, list]:
+    """(rest, held_out): a seeded held-out part of round(fraction * N) rows, each (rarest) label
+    contributing its share (largest remainders get the rounding)."""
+    rng = np.random.default_rng(seed)
+    key = _rarest_label(targets)
+    keys, sizes = np.unique(key, return_counts=True)
+    quota = fraction * sizes
+    take = np.floor(quota).astype(int)
+    extra = int(round(fraction * len(rows))) - take.sum()
+    take[np.lexsort((rng.random(len(keys)), -(quota - take)))[:extra]] += 1
+    held = np.zeros(len(rows), bool)
+    for k, m in zip(keys, take):
+        held[rng.permutation(np.flatnonzero(key == k))[:m]] = True
+    return [r for r, h in zip(rows, held) if not h], [r for r, h in zip(rows, held) if h]
+
+
+def label_fractions(targets: np.ndarray, fractions=(0.01, 0.03, 0.1, 0.3, 1.0),
+                    seed: int = 0) -> dict[float, np.ndarray]:
+    """Sorted row indices per fraction: nested (each a superset of the smaller), stratified, and
+    every class with a positive present at the smallest fraction (which may then exceed it)."""
+    t = np.asarray(targets) > 0
+    rng = np.random.default_rng([seed, 1])
+    cover: list[int] = []
+    for k in np.argsort(t.sum(0), kind="stable"):  # rarest class first: one random positive each
+        if t[:, k].any() and not t[cover, k].any():
+            cover.append(int(rng.choice(np.flatnonzero(t[:, k]))))
+    rest = [i for i in _stratified_order(t, seed, cover).tolist() if i not in set(cover)]
+    order = cover + rest
+    return {f: np.sort(np.array(order[: max(len(cover), int(round(f * len(t))))], dtype=np.int64))
+            for f in sorted(fractions)}
 
 
 # =============================================================================================
@@ -1227,6 +1090,22 @@ def lwlrap(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return float(prec.sum() / y_true.sum())
 
 
+def _per_class_mean(fn):
+    return lambda y, s: float(np.nanmean(fn(y, s)))
+
+
+METRICS = {  # name -> (fn(y_true (N, K), y_score (N, K)) -> float, higher is better)
+    "accuracy": (accuracy, True), "error_rate": (error_rate, False), "mAP": (_per_class_mean(average_precision), True),
+    "mAUC": (_per_class_mean(roc_auc), True), "dprime": (lambda y, s: float(d_prime(np.nanmean(roc_auc(y, s)))), True),
+    "mAP@3": (map_at_k, True), "lwlrap": (lwlrap, True)}
+
+
+def task_score(metric: str, y_true: np.ndarray, y_score: np.ndarray) -> float:
+    if metric not in METRICS:
+        raise DataError(f"metric {metric!r}: expected one of {', '.join(METRICS)}")
+    return METRICS[metric][0](np.asarray(y_true), np.asarray(y_score))
+
+
 # =============================================================================================
 # Checkpoints, weight averaging, ensembles
 # =============================================================================================
@@ -1323,37 +1202,14 @@ def bench(root: str | Path, batch: int = 32, n_batches: int = 10, workers: int =
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("synth", help="generate the synthetic corpus and print its summary")
-    s.add_argument("--root", default=str(SYNTH_ROOT))
-    s.add_argument("--scale", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--clip-seconds", type=float, default=10.0)
-    s.add_argument("--workers", type=int, default=2)
-    s = sub.add_parser("summary", help="print a corpus's per-class counts and label-noise statistics")
-    s.add_argument("--root", default=str(SYNTH_ROOT))
-    s = sub.add_parser("prepare", help="official AudioSet CSVs + downloaded clips -> our layout")
-    s.add_argument("--csv-dir", required=True, help="folder with balanced_train_segments.csv etc.")
-    s.add_argument("--audio-dir", required=True, help="folder (searched recursively) with the clips")
-    s.add_argument("--out", default="data/audioset")
-    s = sub.add_parser("bench", help="loader and front-end throughput on this machine")
-    s.add_argument("--root", default=str(SYNTH_ROOT))
-    s.add_argument("--workers", type=int, default=2)
+    p.add_argument("cmd", choices=["bench"], help="bench: loader and front-end throughput on this machine")
+    p.add_argument("--root", default=str(SYNTH_ROOT), help="data root (default: the synthetic corpus)")
+    p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
-    if a.cmd == "synth":
-        t = time.time()
-        make_synthetic_corpus(a.root, scale=a.scale, seed=a.seed, clip_seconds=a.clip_seconds, workers=a.workers)
-        print(f"generated in {time.time() - t:.1f} s")
-        print(corpus_summary(a.root))
-    elif a.cmd == "summary":
-        print(corpus_summary(a.root))
-    elif a.cmd == "prepare":
-        print(json.dumps(prepare(a.csv_dir, a.audio_dir, a.out), indent=1))
-    elif a.cmd == "bench":
-        if not Path(a.root, "synth.json").exists() and Path(a.root) == SYNTH_ROOT:
-            ensure_synthetic()
-        torch.set_num_threads(os.cpu_count() or 1)
-        print(json.dumps(bench(a.root, workers=a.workers), indent=1))
+    if Path(a.root) == SYNTH_ROOT:
+        ensure_synthetic()
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(json.dumps(bench(a.root, workers=a.workers), indent=1))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -122,7 +121,7 @@ def resolve(a: argparse.Namespace, corpus: common.Corpus) -> argparse.Namespace:
     corpus_tag = "synth" if corpus.synthetic else corpus.root.name
     a.teacher_dir = a.teacher_dir or str(Path(a.out).parent / f"teacher_{a.ma_data}_{corpus_tag}")
     a.clip_seconds = (json.loads((corpus.root / "synth.json").read_text())["clip_seconds"]
-                      if corpus.synthetic else 10.0)  # nominal; real clips are measured (clip_durations)
+                      if corpus.synthetic else 10.0)  # nominal; real clips are measured (common.clip_durations)
     if a.teacher_epochs is None:
         a.teacher_epochs = SYNTH_SCHEDULE["teacher_epochs"] if corpus.synthetic else 30
     if a.epochs is None:
@@ -205,24 +204,11 @@ def build_model(ckpt: dict) -> MobileNetV2:
 # =============================================================================================
 # Data: n-second chunks of clips (Sec. 2); the last partial chunk is kept shorter (official code)
 # =============================================================================================
-def clip_durations(corpus: common.Corpus, rows: list, clip_seconds: float) -> list[float]:
-    """Durations in seconds (read from the headers for real data; an unreadable file keeps the
-    nominal length and is skipped and counted by the dataset later)."""
-    if corpus.synthetic:
-        return [clip_seconds] * len(rows)
-    out = []
-    for fn, _ in rows:
-        try:
-            out.append(sf.info(str(corpus.root / fn)).duration)
-        except Exception:
-            out.append(clip_seconds)
-    return out
-
-
 def chunk_dataset(corpus: common.Corpus, rows: list, targets: np.ndarray, segment: float | None,
                   clip_seconds: float) -> common.SegmentDataset:
     """One item per non-overlapping `segment`-second chunk; segment None = one item per whole clip."""
-    durations = clip_durations(corpus, rows, clip_seconds)
+    durations = ([clip_seconds] * len(rows) if corpus.synthetic  # synthetic clips: all the nominal length
+                 else common.clip_durations(corpus.root, rows, clip_seconds))
     return common.SegmentDataset(corpus.root, rows, targets, segment or max(durations) + 1.0,
                                  clip_seconds, durations=durations)
 

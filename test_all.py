@@ -5,8 +5,10 @@ against hand-computed cases and an end-to-end run of every stage on a tiny synth
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -134,14 +136,12 @@ def test_datasets_and_collate(tiny_root, tmp_path):
 # The synthetic corpus
 # =============================================================================================
 def test_synthetic_corpus_is_deterministic(tiny_root, tmp_path):
-    again = C.make_synthetic_corpus(tmp_path / "s2", scale=0.1, seed=0, clip_seconds=4.0, workers=2,
-                                    downstream=False, quiet=True)
+    again = C.make_synthetic_corpus(tmp_path / "s2", scale=0.1, seed=0, clip_seconds=4.0, workers=2, quiet=True)
     for f in ("balanced_train.tsv", "unbalanced_train.tsv", "eval.tsv", "strong_eval.tsv", "class_labels_indices.csv"):
         assert (again / f).read_bytes() == (tiny_root / f).read_bytes(), f
     fn = C.read_manifest(again / "eval.tsv")[3][0]
     assert (again / fn).read_bytes() == (tiny_root / fn).read_bytes()
-    other = C.make_synthetic_corpus(tmp_path / "s3", scale=0.1, seed=1, clip_seconds=4.0, workers=1,
-                                    downstream=False, quiet=True)
+    other = C.make_synthetic_corpus(tmp_path / "s3", scale=0.1, seed=1, clip_seconds=4.0, workers=1, quiet=True)
     assert (other / "eval.tsv").read_bytes() != (tiny_root / "eval.tsv").read_bytes() or \
         (other / fn).read_bytes() != (tiny_root / fn).read_bytes()
 
@@ -185,14 +185,13 @@ def test_synthetic_events_have_their_energy_where_designed():
     assert abs(centroid(C.synth_event(0, 0, 1.0, np.random.default_rng(1))) - 350) < 120  # low pure tone
 
 
-def test_downstream_tasks(tiny_root):
-    tasks = json.loads((tiny_root / "downstream" / "tasks.json").read_text())
-    assert {t["metric"] for t in tasks.values()} == {"accuracy", "mAP"} and tasks["sound"]["folds"][0] == "1"
-    for name, t in tasks.items():
-        lines = (tiny_root / "downstream" / t["manifest"]).read_text().splitlines()
-        assert lines[0] == "filename\tlabels\tfold" and len(lines) > 10
-        fn, lab, fold = lines[1].split("\t")
-        assert fold in t["folds"] and sf.info(str(tiny_root / "downstream" / fn)).duration == t["clip_seconds"]
+def test_synthetic_corpus_is_byte_identical_to_before_the_move(tiny_root):
+    """md5 over every tsv/csv/json/wav of the tiny corpus, recorded with the pre-issue-8 common.py."""
+    h = hashlib.md5()
+    for p in sorted(p for p in tiny_root.rglob("*") if p.suffix in (".tsv", ".wav", ".csv", ".json")):
+        h.update(str(p.relative_to(tiny_root)).encode())
+        h.update(hashlib.md5(p.read_bytes()).digest())
+    assert h.hexdigest() == "11d579ad94140402e63d428b10d30f70"
 
 
 # =============================================================================================
@@ -209,12 +208,17 @@ def test_prepare_from_official_csvs(tmp_path):
     for name in ("Y--4gqARaEJE.wav", "Yabc_def123_30.000.flac", "sub/zzzzzzzzzzz.wav", "evalclip001.ogg"):
         (clips / name).parent.mkdir(exist_ok=True)
         sf.write(clips / name, np.zeros(1600, np.float32), 16000)
-    report = C.prepare(csvs, clips, tmp_path / "out")
+    report = C.load_data_module("prepare").prepare(csvs, clips, tmp_path / "out")
     assert report["balanced_train"] == {"rows": 3, "with_audio": 2, "missing_audio": 1}
     corpus = C.load_corpus(str(tmp_path / "out"), "300h")
     assert len(corpus.labels) == 527 and len(corpus.train) == 3 and not corpus.synthetic
     assert corpus.train[0][1] == ["/m/068hy", "/m/07q6cd_"]
     assert len(C.load_audio(corpus.root / corpus.eval[0][0])) == 1600
+    in_place = tmp_path / "audioset"  # --out data/audioset: the metadata is already there (no SameFileError)
+    in_place.mkdir()
+    for f in ("class_labels_indices.csv", "ontology.json"):
+        shutil.copy(C.AUDIOSET_META / f, in_place / f)
+    assert C.load_data_module("prepare").prepare(csvs, clips, in_place, meta_dir=in_place)["eval"]["with_audio"] == 1
 
 
 # =============================================================================================
@@ -488,8 +492,7 @@ def test_run_helpers(tmp_path, capsys):
 def psl_tiny(tmp_path_factory):
     """24 balanced / 45 unbalanced / 24 valid / 24 eval clips of 4 s (30 classes)."""
     root = tmp_path_factory.mktemp("psl") / "synth"
-    return C.make_synthetic_corpus(root, scale=0.05, seed=0, clip_seconds=4.0, workers=1,
-                                   downstream=False, quiet=True)
+    return C.make_synthetic_corpus(root, scale=0.05, seed=0, clip_seconds=4.0, workers=1, quiet=True)
 
 
 def _argv(root, out, *extra):
@@ -751,6 +754,332 @@ def test_psla_end_to_end_save_reload_resume_enhance_ensemble(tiny_root, tmp_path
     row = psla.main(["ensemble", str(run), str(le), "--out", str(tmp_path / "ens")])
     assert row["models"] == 2 and row["best_mAP"] >= row["avg_mAP"]
     assert (tmp_path / "ens" / "results.md").exists()
+
+
+# =============================================================================================
+# Data (issue 8): synthetic downstream tasks, task reading, splits and label fractions, the
+# variable-length dataset, the metric dispatch, the unlabelled stream, dataset converters
+# =============================================================================================
+SYN = C.load_data_module("synthetic")
+PREP = C.load_data_module("prepare")
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks(tmp_path_factory) -> Path:
+    """The four synthetic tasks at scale 0.1 (50 + 60 + 220 + 200 clips)."""
+    return SYN.make_synthetic_tasks(tmp_path_factory.mktemp("tasks") / "synth_tasks", scale=0.1, workers=1)
+
+
+def test_synthetic_tasks_layout_and_counts(tiny_tasks):
+    assert C.list_tasks(tiny_tasks) == ["sound_novel", "tagging", "keywords", "speaker"]
+    novel = C.read_task(tiny_tasks, "sound_novel")
+    assert novel.kfold and novel.folds == ["1", "2", "3", "4", "5"] and novel.metric == "accuracy"
+    assert novel.classes == [k for k, _ in SYN.NOVEL] and len(novel.rows) == 50
+    assert all(sum(r[1] == [c] and r[2] == f for r in novel.rows) == 1 for c in novel.classes for f in novel.folds)
+    assert sf.info(str(novel.root / novel.rows[0][0])).duration == 5.0
+    tag = C.read_task(tiny_tasks, "tagging")
+    assert tag.type == "multi" and tag.metric == "mAP" and len(tag.classes) == 34 and tag.higher_is_better
+    y = tag.targets(tag.rows)
+    assert y.sum(1).min() >= 1 and y.sum(1).max() > 1
+    classes, items = SYN.task_items("tagging", 1.0, 0)  # at scale 1 every class has test clips
+    assert len(items) == 600 and {c for _, labels, f in items if f == "test" for c in labels} == set(classes)
+    kw = C.read_task(tiny_tasks, "keywords")
+    assert kw.classes == SYN.KEYWORDS + ["_unknown_"] and len(kw.rows) == 220 and kw.max_seconds == 1.0
+    assert sf.info(str(kw.root / kw.rows[0][0])).frames == C.SR
+    spk = C.read_task(tiny_tasks, "speaker")
+    assert len(spk.classes) == 40 and {r[2] for r in spk.rows} == {"train", "valid", "test"}
+    assert all(any(r[1] == [c] and r[2] == "test" for r in spk.rows) for c in spk.classes)
+
+
+def test_keywords_are_phone_sequences_with_unseen_test_speakers():
+    words = [SYN.split_phones(w) for w in SYN.KEYWORDS]
+    assert len(words) >= 10 and all(w[::-1] not in words for w in words)
+    assert all(sorted(a) == sorted(b) and a != b for a, b in zip(words[::2], words[1::2]))  # same phones, other order
+    assert set(SYN.unknown_words(0)).isdisjoint(SYN.KEYWORDS)
+    _, items = SYN.task_items("keywords", 1.0, 0)
+    assert len(items) >= 2000
+    speakers = {s: {tuple(spec[1]) for spec, _, f in items if f == s} for s in ("train", "valid", "test")}
+    assert len(speakers["train"]) >= 50 and not speakers["test"] & speakers["train"] and not speakers["valid"] & speakers["train"]
+
+
+def test_novel_families_are_outside_the_upstream_ranges():
+    def peak(x):
+        return np.fft.rfftfreq(len(x), 1 / C.SR)[np.argmax(np.abs(np.fft.rfft(x)))]
+    rng = np.random.default_rng(0)
+    names = [k for k, _ in SYN.NOVEL]
+    assert peak(SYN.novel_event(names.index("whistle"), 1.0, rng)) > 4000  # upstream tones/sweeps stay < 3.6 kHz
+    assert peak(SYN.novel_event(names.index("engine"), 1.0, rng)) < 50     # upstream fundamentals >= 60 Hz
+    assert not set(names) & {c[0] for cs in SYN.SYNTH_CLASSES.values() for c in cs}
+
+
+def test_synthetic_tasks_are_deterministic(tiny_tasks, tmp_path):
+    again = SYN.make_synthetic_tasks(tmp_path / "t", scale=0.1, workers=2, tasks=["keywords"])
+    assert (again / "keywords/keywords.tsv").read_bytes() == (tiny_tasks / "keywords/keywords.tsv").read_bytes()
+    fn = "keywords/audio/keywords_00007.wav"
+    assert (again / fn).read_bytes() == (tiny_tasks / fn).read_bytes()
+
+
+def test_ensure_synthetic_tasks_builds_once_and_rebuilds_on_a_stale_stamp(tmp_path, monkeypatch):
+    built = []
+
+    def fake_build(root, scale, seed):  # stands in for the real build: writes only the stamp
+        built.append(root)
+        Path(root).mkdir(parents=True, exist_ok=True)
+        C.write_json(Path(root) / "synth_tasks.json", {"version": SYN.TASKS_VERSION, "seed": seed, "scale": scale,
+                                                        "tasks": SYN.TASK_ORDER})
+        return Path(root)
+    monkeypatch.setattr(SYN, "make_synthetic_tasks", fake_build)
+    root = tmp_path / "synth_tasks"
+    assert C.ensure_synthetic_tasks(root=root) == root and C.ensure_synthetic_tasks(root=root) == root
+    assert len(built) == 1
+    C.write_json(root / "synth_tasks.json", {"version": SYN.TASKS_VERSION - 1, "seed": 0, "scale": 1.0,
+                                             "tasks": SYN.TASK_ORDER})  # an older generator's tasks
+    C.ensure_synthetic_tasks(root=root)
+    assert len(built) == 2
+    assert C.TASKS_ROOT.name == "synth_tasks" and C.TASKS_ROOT.parent == C.SYNTH_ROOT.parent
+
+
+def test_read_task_bad_row_names_file_and_line(tmp_path):
+    C.write_task(tmp_path, "t", [("a.wav", ["x"], "train"), ("b.wav", ["y"], "test")], ["x", "y"],
+                 type="single", metric="accuracy", kfold=False, folds=["train", "valid", "test"])
+    assert C.read_task(tmp_path, "t").rows[1] == ("b.wav", ["y"], "test")
+    with open(tmp_path / "t/t.tsv", "a") as f:
+        f.write("c.wav\tzz\ttrain\n")
+    with pytest.raises(C.DataError, match=r"t\.tsv:4: expected"):
+        C.read_task(tmp_path, "t")
+    with pytest.raises(C.DataError, match="no task 'nope'"):
+        C.read_task(tmp_path, "nope")
+
+
+def _toy_task(tmp_path, n_per_class=(40, 20, 10, 4), kfold=False, folds=None):
+    rows = []
+    for c, n in enumerate(n_per_class):
+        for i in range(n):
+            rows.append((f"{c}_{i}.wav", [f"c{c}"], (folds or ["train"])[i % len(folds or ["train"])]))
+    C.write_task(tmp_path, "toy", rows, [f"c{c}" for c in range(len(n_per_class))], type="single",
+                 metric="accuracy", kfold=kfold, folds=folds or ["train", "valid", "test"])
+    return C.read_task(tmp_path, "toy")
+
+
+def test_task_splits_hear_rotation_and_paper_literal(tmp_path):
+    task = _toy_task(tmp_path, (10, 10, 10), kfold=True, folds=["1", "2", "3", "4", "5"])
+    splits = C.task_splits(task)
+    assert [s[0] for s in splits] == ["fold1", "fold2", "fold3", "fold4", "fold5"]
+    for i, (_, train, valid, test) in enumerate(splits):
+        assert {r[2] for r in test} == {str(i + 1)} and {r[2] for r in valid} == {str((i + 1) % 5 + 1)}
+        assert {r[2] for r in train} == set(task.folds) - {str(i + 1), str((i + 1) % 5 + 1)}
+        assert len(train) + len(valid) + len(test) == len(task.rows)
+    for _, train, valid, test in C.task_splits(task, protocol="paper"):
+        assert valid == test and len(train) + len(test) == len(task.rows)
+
+
+def test_ninety_ten_split_is_stratified_and_seeded(tmp_path):
+    task = _toy_task(tmp_path, (40, 20, 10, 30))
+    (_, train, valid, test), = C.task_splits(task)
+    assert len(valid) == 10 and len(train) == 90 and not test and not {r[0] for r in train} & {r[0] for r in valid}
+    assert task.targets(valid).sum(0).tolist() == [4, 2, 1, 3]  # 10 % of every class
+    assert C.task_splits(task)[0][2] == valid and C.task_splits(task, seed=1)[0][2] != valid
+
+
+def test_label_fractions_nested_stratified_every_class_at_one_percent():
+    rng = np.random.default_rng(0)
+    counts = [500, 300, 100, 50, 30, 10, 5, 3, 1, 1]
+    y = np.zeros((sum(counts), 10), np.float32)
+    y[np.arange(len(y)), np.repeat(np.arange(10), counts)] = 1
+    y = y[rng.permutation(len(y))]
+    fr = C.label_fractions(y, seed=0)
+    assert list(fr) == [0.01, 0.03, 0.1, 0.3, 1.0] and len(fr[1.0]) == len(y) and len(fr[0.1]) == 100
+    assert y[fr[0.01]].sum(0).min() >= 1                           # every class at 1 %
+    sets = [set(fr[f].tolist()) for f in fr]
+    assert all(a <= b for a, b in zip(sets, sets[1:]))              # nested
+    assert np.abs(y[fr[0.3]].sum(0)[:3] - 0.3 * np.array(counts[:3])).max() <= 2  # stratified
+    assert np.array_equal(C.label_fractions(y, seed=0)[0.03], fr[0.03]) and \
+        not np.array_equal(C.label_fractions(y, seed=1)[0.3], fr[0.3])
+    multi = (rng.random((200, 6)) < 0.2).astype(np.float32)
+    assert multi[C.label_fractions(multi)[0.01]].sum(0).min() >= 1
+
+
+def test_varlen_dataset_and_clip_durations(tiny_tasks):
+    task = C.read_task(tiny_tasks, "speaker")
+    rows = task.rows[:4] + [("missing.wav", ["spk00"], "train")]
+    ds = C.VarLenDataset(task.root, rows, task.targets(rows))
+    lengths = [sf.info(str(task.root / r[0])).frames for r in rows[:4]]
+    assert len(set(lengths)) > 1 and [len(ds[i][0]) for i in range(4)] == lengths
+    with pytest.warns(UserWarning, match="skipping"):
+        assert ds[4] is None
+    assert C.clip_durations(task.root, rows, default=7.0) == [n / C.SR for n in lengths] + [7.0]
+    loader = C.make_loader(ds, 1, workers=0)
+    with pytest.warns(UserWarning):
+        assert [b[0].shape[1] for b in loader if b is not None] == lengths
+
+
+def test_metric_dispatch_against_hand_computed_values():
+    y = np.array([[1, 0, 1], [0, 1, 0]], np.float32)
+    s = np.array([[0.9, 0.8, 0.1], [0.3, 0.2, 0.5]])
+    # lwlrap: clip 1: class 0 rank 1 -> 1/1, class 2 rank 3 -> 2/3; clip 2: class 1 rank 3 -> 1/3
+    assert C.task_score("lwlrap", y, s) == pytest.approx((1 + 2 / 3 + 1 / 3) / 3)
+    y1 = np.eye(3)[[0, 1, 2, 2]]
+    s1 = np.array([[.5, .3, .2], [.5, .3, .2], [.5, .3, .2], [.1, .2, .7]])
+    assert C.task_score("mAP@3", y1, s1) == pytest.approx((1 + 1 / 2 + 1 / 3 + 1) / 4)
+    assert C.task_score("accuracy", y1, s1) == 0.5 and C.task_score("error_rate", y1, s1) == 0.5
+    assert C.task_score("mAP", y, s) == pytest.approx(np.mean([1, 1 / 2, 1 / 2]))  # positive ranked 1st, 2nd, 2nd
+    assert C.METRICS["error_rate"][1] is False and all(C.METRICS[m][1] for m in C.METRICS if m != "error_rate")
+    assert C.task_score("dprime", y, s) == pytest.approx(C.d_prime(C.task_score("mAUC", y, s)))
+    with pytest.raises(C.DataError, match="metric 'f1'"):
+        C.task_score("f1", y, s)
+
+
+def _stream_ids(**kw):
+    return list(C.SyntheticStream(**kw).clip_ids())
+
+
+def test_stream_distinct_across_ranks_and_workers_same_for_same_seed():
+    a = _stream_ids(limit=4, rank=0, world=2)
+    b = _stream_ids(limit=4, rank=1, world=2)
+    assert a == [0, 2, 4, 6] and b == [1, 3, 5, 7]
+    assert _stream_ids(limit=5, pool_size=3) == [0, 1, 2, 0, 1]      # a finite pool cycles
+    ds = C.synthetic_stream(seed=0, clip_seconds=1.0, limit=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    clips = [c for c in loader]
+    assert len(clips) == 4 and clips[0].shape == (C.SR,) and clips[0].dtype == torch.float32
+    assert len({c.numpy().tobytes() for c in clips}) == 4          # two workers draw distinct clips
+    again = list(C.synthetic_stream(seed=0, clip_seconds=1.0, limit=2, rank=0, world=1))
+    # the loader interleaves worker 0 (clips 0, 2) and worker 1 (clips 1, 3): clips j = 0, 1, 2, 3 in order
+    assert torch.equal(again[0], clips[0]) and torch.equal(again[1], clips[1])
+    other = next(iter(C.synthetic_stream(seed=1, clip_seconds=1.0, limit=1)))
+    assert not torch.equal(other, clips[0])
+    pool = list(C.synthetic_stream(seed=0, pool_size=2, clip_seconds=1.0, limit=3))
+    assert torch.equal(pool[0], pool[2]) and not torch.equal(pool[0], pool[1])
+    assert len(next(iter(C.synthetic_stream(clip_seconds=1.0, sr=8000, limit=1)))) == 8000
+
+
+def _mini(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def _bad_row(convert, src: Path, rel: str, row: str, line: int, out: Path):
+    """Append a malformed row to the dataset's metadata: the converter must name file and line."""
+    with open(src / rel, "a") as f:
+        f.write(row)
+    with pytest.raises(C.DataError, match=rf"{Path(rel).name}:{line}: ") as e:
+        convert(src, out)
+    assert "\n" not in str(e.value)
+
+
+def test_convert_esc50(tmp_path):
+    src = _mini(tmp_path / "ESC-50-master", {"meta/esc50.csv": "filename,fold,target,category,esc10,src_file,take\n"
+                                             "1-100032-A-0.wav,1,0,dog,True,100032,A\n5-9032-A-2.wav,5,2,pigs,False,9032,A\n"
+                                             "2-1-B-1.wav,2,1,rooster,True,1,B\n"})
+    PREP.convert_esc50(src, tmp_path / "tasks")
+    task = C.read_task(tmp_path / "tasks", "esc50")
+    assert task.classes == ["dog", "rooster", "pigs"] and task.kfold and task.folds == ["1", "2", "3", "4", "5"]
+    assert task.rows[1] == ("audio/5-9032-A-2.wav", ["pigs"], "5") and task.root == src.resolve()
+    assert len(C.task_splits(task)) == 5 and task.metric == "accuracy"
+    _bad_row(PREP.convert_esc50, src, "meta/esc50.csv", "3-1-A-1.wav,7,1,rooster,True,1,A\n", 5, tmp_path / "tasks")
+
+
+def test_convert_urbansound8k(tmp_path):
+    src = _mini(tmp_path / "UrbanSound8K", {"metadata/UrbanSound8K.csv":
+        "slice_file_name,fsID,start,end,salience,fold,classID,class\n100032-3-0-0.wav,100032,0.0,0.317,1,5,3,dog_bark\n"
+        "100263-2-0-117.wav,100263,58.5,62.5,1,10,2,children_playing\n"})
+    PREP.convert_urbansound8k(src, tmp_path / "t")
+    task = C.read_task(tmp_path / "t", "urbansound8k")
+    assert task.classes == ["children_playing", "dog_bark"] and len(task.folds) == 10
+    assert task.rows[0] == ("audio/fold5/100032-3-0-0.wav", ["dog_bark"], "5") and task.max_seconds == 4.0
+    _bad_row(PREP.convert_urbansound8k, src, "metadata/UrbanSound8K.csv", "x.wav,1,0,1,1,3\n", 4, tmp_path / "t")
+
+
+def _speech_commands(root: Path, words: list[str]) -> Path:
+    files = {f"{w}/{i:08x}_nohash_0.wav": "" for w in words for i in range(3)}
+    files["_background_noise_/white_noise.wav"] = ""
+    files["validation_list.txt"] = f"{words[0]}/00000001_nohash_0.wav\n"
+    files["testing_list.txt"] = f"{words[0]}/00000002_nohash_0.wav\n{words[-1]}/00000002_nohash_0.wav\n"
+    return _mini(root, files)
+
+
+def test_convert_speech_commands_v1_11_and_v2_35(tmp_path):
+    src = _speech_commands(tmp_path / "sc1", PREP.SC_WORDS_V1_11 + ["bed", "cat"])
+    PREP.convert_speechcommands(src, tmp_path / "t", 1)
+    task = C.read_task(tmp_path / "t", "scv1_11")
+    assert task.classes == ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "_unknown_"]
+    assert len(task.rows) == 36 and sum(r[1] == ["_unknown_"] for r in task.rows) == 6  # bed, cat; no silence
+    assert [r[2] for r in task.rows].count("valid") == 1 and [r[2] for r in task.rows].count("test") == 2
+    assert ("yes/00000001_nohash_0.wav", ["yes"], "valid") in task.rows
+    words35 = [f"w{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(35)]
+    src2 = _speech_commands(tmp_path / "sc2", words35)
+    PREP.convert_speechcommands(src2, tmp_path / "t", 2)
+    task2 = C.read_task(tmp_path / "t", "scv2_35")
+    assert task2.classes == sorted(words35) and len(task2.rows) == 105 and C.list_tasks(tmp_path / "t") == ["scv1_11", "scv2_35"]
+    _bad_row(lambda s, o: PREP.convert_speechcommands(s, o, 1), src, "testing_list.txt", "yes/missing.wav\n", 3, tmp_path / "t")
+
+
+def test_convert_fsd50k(tmp_path):
+    src = _mini(tmp_path / "FSD50K", {
+        "FSD50K.ground_truth/vocabulary.csv": "0,Accordion,/m/0mkg\n1,Bark,/m/05tny_\n2,Bass_drum,/m/0bm02\n",
+        "FSD50K.ground_truth/dev.csv": 'fname,labels,mids,split\n64760,"Bark,Accordion","/m/05tny_,/m/0mkg",train\n'
+                                       "16399,Bass_drum,/m/0bm02,val\n",
+        "FSD50K.ground_truth/eval.csv": "fname,labels,mids\n37199,Bark,/m/05tny_\n"})
+    PREP.convert_fsd50k(src, tmp_path / "t")
+    task = C.read_task(tmp_path / "t", "fsd50k")
+    assert task.classes == ["Accordion", "Bark", "Bass_drum"] and task.type == "multi" and task.metric == "mAP"
+    assert task.rows == [("FSD50K.dev_audio/64760.wav", ["Bark", "Accordion"], "train"),
+                         ("FSD50K.dev_audio/16399.wav", ["Bass_drum"], "valid"), ("FSD50K.eval_audio/37199.wav", ["Bark"], "test")]
+    assert task.targets(task.rows[:1]).tolist() == [[1, 1, 0]]
+    _bad_row(PREP.convert_fsd50k, src, "FSD50K.ground_truth/dev.csv", "1,Meow,/m/x,train\n", 4, tmp_path / "t")
+
+
+def test_convert_nsynth(tmp_path):
+    ex = lambda key, fam: {key: {"note_str": key, "instrument_family_str": fam, "pitch": 60}}  # noqa: E731
+    src = _mini(tmp_path / "nsynth", {
+        "nsynth-train/examples.json": json.dumps({**ex("bass_synthetic_033-022-050", "bass"),
+                                                  **ex("vocal_acoustic_000-060-127", "vocal")}, indent=4),
+        "nsynth-valid/examples.json": json.dumps(ex("flute_acoustic_002-077-100", "flute"), indent=4),
+        "nsynth-test/examples.json": json.dumps(ex("guitar_acoustic_010-050-025", "guitar"), indent=4)})
+    PREP.convert_nsynth(src, tmp_path / "t")
+    task = C.read_task(tmp_path / "t", "nsynth")
+    assert len(task.classes) == 11 and task.classes[0] == "bass" and task.classes[-1] == "vocal"
+    assert task.rows[2] == ("nsynth-valid/audio/flute_acoustic_002-077-100.wav", ["flute"], "valid") and len(task.rows) == 4
+    (src / "nsynth-test/examples.json").write_text(json.dumps({**ex("a", "guitar"), **ex("b", "kazoo")}, indent=4))
+    with pytest.raises(C.DataError, match=r"examples.json:7: example 'b'"):
+        PREP.convert_nsynth(src, tmp_path / "t")
+
+
+def test_convert_fsdkaggle2018(tmp_path):
+    src = _mini(tmp_path / "FSDKaggle2018", {
+        "FSDKaggle2018.meta/train_post_competition.csv": "fname,label,manually_verified,freesound_id,license\n"
+        "00044347.wav,Hi-hat,0,28739,Attribution\n001ca53d.wav,Saxophone,1,358827,Attribution\n002d256b.wav,Trumpet,0,10897,Creative Commons 0\n",
+        "FSDKaggle2018.meta/test_post_competition_scoring_clips.csv": "fname,label,usage,freesound_id,license\n"
+        "00326aa9.wav,Oboe,Private,355125,Attribution\n"})
+    with pytest.raises(C.DataError, match=r"test_post_competition_scoring_clips.csv:2: "):  # Oboe: not a training class
+        PREP.convert_fsdkaggle2018(src, tmp_path / "t")
+    (src / "FSDKaggle2018.meta/test_post_competition_scoring_clips.csv").write_text(
+        "fname,label,usage,freesound_id,license\n00326aa9.wav,Trumpet,Private,355125,Attribution\n")
+    PREP.convert_fsdkaggle2018(src, tmp_path / "t")
+    task = C.read_task(tmp_path / "t", "fsdkaggle2018")
+    assert task.classes == ["Hi-hat", "Saxophone", "Trumpet"] and task.metric == "mAP@3"
+    assert task.rows[0] == ("FSDKaggle2018.audio_train/00044347.wav", ["Hi-hat"], "train")
+    assert task.rows[-1] == ("FSDKaggle2018.audio_test/00326aa9.wav", ["Trumpet"], "test")
+    (_, train, valid, test), = C.task_splits(task)
+    assert len(train) == 3 - len(valid) and len(test) == 1
+    _bad_row(PREP.convert_fsdkaggle2018, src, "FSDKaggle2018.meta/train_post_competition.csv", "x.wav\n", 5, tmp_path / "t")
+
+
+def test_convert_fsdkaggle2019_class_order_from_sample_submission(tmp_path):
+    src = _mini(tmp_path / "fsdk19", {
+        "sample_submission.csv": "fname,Accelerating_and_revving_and_vroom,Accordion,Acoustic_guitar,Bark\n",
+        "train_curated.csv": 'fname,labels\n0006ae4e.wav,Bark\n0019ef41.wav,"Accordion,Bark"\n',
+        "train_noisy.csv": "fname,labels\n00097e21.wav,Acoustic_guitar\n",
+        "test_post_competition.csv": "fname,labels,usage,freesound_id,license\n000ccb97.wav,Accordion,Public,1,CC0\n",
+        "train_curated/.keep": "", "train_noisy/.keep": "", "test/.keep": ""})  # Kaggle's audio folder names
+    PREP.convert_fsdkaggle2019(src, tmp_path / "t")
+    cur, noisy = C.read_task(tmp_path / "t", "fsdkaggle2019_curated"), C.read_task(tmp_path / "t", "fsdkaggle2019_noisy")
+    assert cur.classes == ["Accelerating_and_revving_and_vroom", "Accordion", "Acoustic_guitar", "Bark"] == noisy.classes
+    assert cur.metric == "lwlrap" and cur.rows[1] == ("train_curated/0019ef41.wav", ["Accordion", "Bark"], "train")
+    assert noisy.rows == [("train_noisy/00097e21.wav", ["Acoustic_guitar"], "train"), ("test/000ccb97.wav", ["Accordion"], "test")]
+    _bad_row(PREP.convert_fsdkaggle2019, src, "train_curated.csv", "0a.wav,Meow\n", 4, tmp_path / "t")
 
 
 # =============================================================================================
