@@ -479,6 +479,8 @@ def pretrain(args, folder: Path, pool: int | None, device) -> Path:
     model = PretrainModel(**model_config(args)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.pt_lr, betas=(0.9, 0.98), eps=1e-6,
                             weight_decay=args.weight_decay)  # Sec. 2.3
+    dtype = common.amp_dtype(device, args.amp)
+    scaler = common.grad_scaler(device, dtype)
     state = {"step": 0, "curve": [], "seconds": 0.0}
     if (folder / "last.pt").exists():
         ck = common.load_checkpoint(folder / "last.pt", device)
@@ -496,14 +498,20 @@ def pretrain(args, folder: Path, pool: int | None, device) -> Path:
     model.train()
     while state["step"] < total:
         for wave in unlabelled_loader(args, pool):  # a resumed run restarts the stream (see README)
+            if isinstance(wave, (tuple, list)):  # a manifest's (wave, target, index); None: all clips unreadable
+                wave = wave[0]
+            if wave is None:
+                continue
             lr = pretrain_lr(state["step"], total, args.pt_warmup, args.pt_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
-            c, y, mask = model(torch.as_tensor(wave).to(device), mask_fn)
+            with common.autocast(device, dtype):
+                c, y, mask = model(torch.as_tensor(wave).to(device), mask_fn)
             loss, acc, _ = contrastive_loss(c, y, mask, args.num_negatives, args.temperature, gen)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             run["loss"].append(loss.item()), run["acc"].append(acc.item()), run["masked"].append(mask.float().mean().item())
             state["step"] += 1
             bar.update(1)
@@ -622,10 +630,12 @@ def finetune(args, data: FTData, pretrained: Path | None, folder: Path, seed: in
         ds = common.ClipDataset(data.root, data.train_rows, data.train_y, data.segment)
     if data.balance:  # Sec. 4.1: classes seen at about equal frequency
         weights = common.generate_sampling_weights(ds.targets.numpy().astype(np.float64))  # float64: p sums to 1
-        order = common.WeightedSampler(weights, total * bs, seed=seed)._global()
+        order = np.fromiter(common.WeightedSampler(weights, total * bs, seed=seed), np.int64)
     else:
         rng = np.random.default_rng(seed)
         order = np.concatenate([rng.permutation(len(ds)) for _ in range(-(-total * bs // len(ds)))])
+    dtype = common.amp_dtype(device, args.amp)
+    scaler = common.grad_scaler(device, dtype)
     state = {"step": 0, "curve": []}
     if (folder / "last.pt").exists():
         ck = common.load_checkpoint(folder / "last.pt", device)
@@ -646,14 +656,16 @@ def finetune(args, data: FTData, pretrained: Path | None, folder: Path, seed: in
             model.encoder.eval()
         if batch is not None:
             wave, y = batch[0].to(device), batch[1].to(device)
-            outs = [model.forward_mel(augment(model, wave, args)) for _ in range(2 if args.consistency > 0 else 1)]
+            with common.autocast(device, dtype):  # two augmented views (Sec. 4.2)
+                outs = [model.forward_mel(augment(model, wave, args)) for _ in range(2 if args.consistency > 0 else 1)]
             loss = sum(task_loss(o, y, data.pooling, data.multi) for o in outs) / len(outs)
             if len(outs) == 2:  # Sec. 4.2: 2 x symmetric KL between the two views' probabilities
                 loss = loss + args.consistency * symmetric_kl(to_probs(outs[0], data.pooling, data.multi),
                                                               to_probs(outs[1], data.pooling, data.multi), data.multi)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             running.append(loss.item())
         state["step"] += 1
         bar.update(1)
@@ -848,8 +860,7 @@ PAPER_TABLE3 = {"esc50": ("accuracy", 80.7, 88.0), "fsdkaggle2019_curated": ("lw
 def run_task(args, device) -> dict:
     """Table 3 style: a downstream task through the task reader, mean pooling + linear, fine-tuned
     from scratch and from the pre-trained encoder on every split (k-fold: mean over folds)."""
-    root = Path(args.task_root) if args.task_root else common.ensure_synthetic_tasks()
-    task = common.read_task(root, args.task)
+    task = common.read_task(args.task_root, args.task)
     splits = common.task_splits(task)[: args.folds]
     pt = encoder_for(args, None, device)
     res = {"task": task.name, "metric": task.metric, "splits": [s[0] for s in splits]}
@@ -872,7 +883,8 @@ def run_task(args, device) -> dict:
 def run(args: argparse.Namespace) -> dict:
     device = common.pick_device(args.device)
     if args.task:
-        args = resolve(args, args.task_root is None)
+        args.task_root = str(args.task_root or common.ensure_synthetic_tasks())
+        args = resolve(args, (Path(args.task_root) / "synth_tasks.json").exists())
         corpus = None
     else:
         corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)

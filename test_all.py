@@ -1092,6 +1092,15 @@ from types import SimpleNamespace  # noqa: E402
 import conformer_ssl  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """These models are tiny: on a shared 2-core machine intra-op threads cost ~10x (measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _ssl_argv(root, out, *extra):
     return ["--data-root", str(root), "--out", str(out), "--workers", "0", "--pt-steps", "3", "--ft-steps", "2",
             "--pt-batch-size", "2", "--pt-seconds", "2", "--batch-size", "4", "--log-every", "1", *extra]
@@ -1190,7 +1199,7 @@ def test_ssl_learning_rate_schedules_by_hand():
     assert pt(155) == pytest.approx(1.5e-4) and pt(300) == 0.0
 
 
-def test_ssl_augment_one_time_mask_and_mixup_weight():
+def test_ssl_augment_one_time_mask_and_mixup_weight(one_thread):
     torch.manual_seed(0)
     model = conformer_ssl.Classifier(3, "linsoft", **conformer_ssl.SIZES["cpu"])
     wave = torch.randn(8, 4 * C.SR)
@@ -1213,7 +1222,7 @@ def test_ssl_augment_one_time_mask_and_mixup_weight():
         assert lam >= 0.5 - 1e-4 or torch.allclose(out[0], m2[0])
 
 
-def test_ssl_end_to_end_save_reload_resume(tiny_root, tmp_path, capsys):
+def test_ssl_end_to_end_save_reload_resume(tiny_root, tmp_path, capsys, one_thread):
     out = tmp_path / "run"
     conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1"))
     res = json.loads((out / "results.json").read_text())
@@ -1246,7 +1255,7 @@ def test_ssl_end_to_end_save_reload_resume(tiny_root, tmp_path, capsys):
         conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1", "--ft-lr", "0.1"))
 
 
-def test_ssl_pretraining_resumes_mid_run(tiny_root, tmp_path, capsys, monkeypatch):
+def test_ssl_pretraining_resumes_mid_run(tiny_root, tmp_path, capsys, monkeypatch, one_thread):
     """Killed after 2 of 4 updates (checkpoint every update), pre-training continues at step 3."""
     args = conformer_ssl.resolve(conformer_ssl.parse_args(_ssl_argv(tiny_root, tmp_path / "r", "--pt-steps", "4")),
                                  True, 4.0)
@@ -1266,3 +1275,15 @@ def test_ssl_pretraining_resumes_mid_run(tiny_root, tmp_path, capsys, monkeypatc
     assert "resumed at step 2/4" in capsys.readouterr().out
     assert [r["step"] for r in C.load_checkpoint(path)["curve"]] == [1, 2, 3, 4]
     assert not (path.parent / "last.pt").exists()
+
+
+def test_ssl_downstream_task_through_the_task_reader(tiny_tasks, tmp_path, one_thread):
+    """Table 3 style: a single-label k-fold task, mean pooling + linear, one fold, both inits."""
+    out = tmp_path / "task"
+    conformer_ssl.main(_ssl_argv(tiny_tasks, out, "--task", "sound_novel", "--task-root", str(tiny_tasks),
+                                 "--folds", "1")[2:])
+    res = json.loads((out / "results.json").read_text())
+    assert res["task"] == "sound_novel" and res["metric"] == "accuracy" and len(res["splits"]) == 1
+    assert all(0 <= s <= 1 for s in res["scratch"] + res["pretrained"]) and res["size"] == "cpu"
+    ck = C.load_checkpoint(next(tmp_path.glob("finetune_cpu_synth/pretrained_sound_novel_*/final.pt")))
+    assert ck["pooling"] == "mean" and ck["multi"] is False
