@@ -67,7 +67,7 @@ PAPER_PARAMS = {"S": 18.4e6, "L": 88.1e6}
 SIZES = {"S": dict(blocks=12, dim=256, heads=8, ffn=1024), "L": dict(blocks=12, dim=768, heads=12, ffn=1024),
          "cpu": dict(blocks=4, dim=64, heads=4, ffn=256)}  # deviation 1
 # CPU schedule for the synthetic corpus (deviation 1, 5); the paper's values apply with --size S / L
-SYNTH_SCHEDULE = {"pt_steps": 250, "pt_batch_size": 16, "ft_steps": 100, "batch_size": 8, "ft_lr": 1e-3}
+SYNTH_SCHEDULE = {"pt_steps": 250, "pt_batch_size": 16, "ft_steps": 300, "batch_size": 8, "ft_lr": 1e-3}
 FRACTIONS = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
@@ -117,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--pooling", type=str, default="auto", choices=["auto", "linsoft", "mean"],
                    help="linsoft: frame sigmoid + linear-softmax pooling (AudioSet); mean: mean pool + linear "
                         "(other tasks, Sec. 4); auto picks by task")
-    g.add_argument("--ft-steps", type=int, default=None, help="fine-tuning updates (not given; synthetic: 100)")
+    g.add_argument("--ft-steps", type=int, default=None, help="fine-tuning updates (not given; synthetic: 300)")
     g.add_argument("--ft-lr", type=float, default=None, help="peak fine-tuning LR (swept in Sec. 4.3; synthetic: 1e-3)")
     g.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch: 640 full / 64 small tasks "
                    "(Sec. 4.3); synthetic: 8")
