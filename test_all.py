@@ -1119,6 +1119,14 @@ def test_ssl_param_counts_match_the_paper(size, paper, exact):
     assert abs(counts[1] - paper) / paper < 0.01 and counts[1] == exact + d * d + d
 
 
+def test_ssl_param_counts_of_fig2b_depths():
+    """cf_L with 8 and 20 blocks: the paper's 58.9 M and 146.6 M (Sec. 5.1.2)."""
+    with torch.device("meta"):
+        n = [conformer_ssl.count_params(conformer_ssl.PretrainModel(blocks=b, dim=768, heads=12, ffn=1024,
+                                                                    final_proj=False)) for b in (8, 20)]
+    assert n == [58_913_280, 146_572_800]
+
+
 def test_ssl_help(capsys):
     with pytest.raises(SystemExit) as e:
         conformer_ssl.main(["--help"])
