@@ -1429,3 +1429,209 @@ def test_ofa_fig3_runs_the_four_search_spaces(tiny_root, tmp_path, one_thread):
     assert [r[0] for r in res["rows"]] == list(res["spaces"]) and len(list(tmp_path.glob("teacher_*"))) == 1
     ew = json.loads((tmp_path / "fig3_222" / "config.json").read_text())
     assert ew["widths"] == "0.2,0.4,0.6,0.8,1.0" and ew["elastic_depth"] == "2,2,2"
+
+
+# =============================================================================================
+# conformer_ssl.py: encoder sizes, span masking, distractors, the contrastive loss, pooling, LR
+# schedules, augmentation, and end-to-end pre-train -> fine-tune -> save -> reload runs
+# =============================================================================================
+import math  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import conformer_ssl  # noqa: E402
+
+
+def _ssl_argv(root, out, *extra):
+    return ["--data-root", str(root), "--out", str(out), "--workers", "0", "--pt-steps", "3", "--ft-steps", "2",
+            "--pt-batch-size", "2", "--pt-seconds", "2", "--batch-size", "4", "--log-every", "1", *extra]
+
+
+@pytest.mark.parametrize("size,paper,exact", [("S", 18.4e6, 18_428_416), ("L", 88.1e6, 88_133_120)])
+def test_ssl_param_counts_match_the_paper(size, paper, exact):
+    """Per block 7d^2 + 4df + dk + 2f + 22d; without the final linear the torchaudio layout is exact."""
+    cfg = conformer_ssl.SIZES[size]
+    with torch.device("meta"):
+        counts = {fp: conformer_ssl.count_params(conformer_ssl.PretrainModel(**cfg, final_proj=fp)) for fp in (0, 1)}
+        block = conformer_ssl.ConformerBlock(cfg["dim"], cfg["ffn"], cfg["heads"], 15, 0.1)
+    d, f = cfg["dim"], cfg["ffn"]
+    assert conformer_ssl.count_params(block) == 7 * d * d + 4 * d * f + d * 15 + 2 * f + 22 * d
+    assert counts[0] == exact
+    assert abs(counts[1] - paper) / paper < 0.01 and counts[1] == exact + d * d + d
+
+
+def test_ssl_param_counts_of_fig2b_depths():
+    """cf_L with 8 and 20 blocks: the paper's 58.9 M and 146.6 M (Sec. 5.1.2)."""
+    with torch.device("meta"):
+        n = [conformer_ssl.count_params(conformer_ssl.PretrainModel(blocks=b, dim=768, heads=12, ffn=1024,
+                                                                    final_proj=False)) for b in (8, 20)]
+    assert n == [58_913_280, 146_572_800]
+
+
+def test_ssl_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        conformer_ssl.main(["--help"])
+    assert e.value.code == 0 and "--temperature" in capsys.readouterr().out
+
+
+def test_ssl_mask_sampler_fraction_and_spans():
+    rng = np.random.default_rng(0)
+    p, L = 0.3, 3
+    m = conformer_ssl.compute_mask_indices((64, 2000), p, L, rng)
+    assert abs(m.mean() - (1 - (1 - p / L) ** L)) < 0.005  # 27.1 %, not 30 %
+    assert not m[:, -1].any()  # starts are drawn from [0, T - L)
+    sparse = conformer_ssl.compute_mask_indices((64, 2000), 0.03, L, rng)
+    for mask in (m, sparse):
+        edges = np.diff(np.pad(mask.astype(int), ((0, 0), (1, 1))), axis=1)
+        runs = np.flatnonzero(edges.ravel() == -1) - np.flatnonzero(edges.ravel() == 1)
+        assert runs.min() >= L  # every masked run is one span of L or overlapping spans
+    edges = np.diff(np.pad(sparse.astype(int), ((0, 0), (1, 1))), axis=1)
+    runs = np.flatnonzero(edges.ravel() == -1) - np.flatnonzero(edges.ravel() == 1)
+    assert (runs == L).mean() > 0.9  # sparse masks: almost all runs are single spans of exactly L
+    short = conformer_ssl.compute_mask_indices((100, 10), p, L, rng)  # min_masks = 2 spans even on short clips
+    assert (short.sum(1) >= L).all()
+
+
+def test_ssl_distractors_only_other_masked_steps_of_the_same_clip():
+    counts = torch.tensor([5, 1, 2, 40])
+    neg = conformer_ssl.sample_negatives(counts, 100, torch.Generator().manual_seed(0))
+    offsets = np.cumsum([0, 5, 1, 2])
+    assert neg.shape == (48, 100)
+    for b, (o, m) in enumerate(zip(offsets, counts.tolist())):
+        for j in range(m):
+            row = neg[o + j].numpy()
+            if m == 1:
+                assert (row == o).all()  # no other step: the caller drops this row
+                continue
+            assert ((row >= o) & (row < o + m)).all() and (row != o + j).all()
+            if m <= 5:
+                assert set(row) == set(range(o, o + m)) - {o + j}  # uniform: all others drawn (100 draws)
+
+
+def test_ssl_contrastive_loss_known_answer():
+    """Two masked steps: each one's only distractor (drawn K = 3 times) is the other step."""
+    y = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # targets (1, 2, 2)
+    c = torch.tensor([[[2.0, 0.0], [0.5, 1.0]]])  # context: cos = (1, 0) and (0.447, 0.894)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    a, b = 1 / math.sqrt(1.25), 0.5 / math.sqrt(1.25)
+    for temp in (0.1, 1.0):
+        loss, acc, n = conformer_ssl.contrastive_loss(c, y, mask, 3, temp)
+        l0 = -math.log(math.exp(1 / temp) / (math.exp(1 / temp) + 3))
+        l1 = -math.log(math.exp(a / temp) / (math.exp(a / temp) + 3 * math.exp(b / temp)))
+        assert loss.item() == pytest.approx((l0 + l1) / 2, rel=1e-5) and acc.item() == 1.0 and n == 2
+    y2 = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])  # a distractor equal to the positive gets -inf
+    loss, _, _ = conformer_ssl.contrastive_loss(c, y2, mask, 3, 0.1)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ssl_linear_softmax_pooling_and_symmetric_kl_by_hand():
+    p = torch.tensor([[[0.2, 0.0], [0.8, 0.0], [0.5, 1.0]]])  # (B=1, T=3, K=2)
+    clip = conformer_ssl.linear_softmax_pool(p)
+    assert clip[0, 0].item() == pytest.approx((0.04 + 0.64 + 0.25) / 1.5, rel=1e-6)
+    assert clip[0, 1].item() == pytest.approx(1.0, abs=1e-6)  # clamped zeros do not dilute the one frame
+    kl = lambda a, b: a * math.log(a / b) + (1 - a) * math.log((1 - a) / (1 - b))
+    got = conformer_ssl.symmetric_kl(torch.tensor([[0.5, 0.9]]), torch.tensor([[0.25, 0.9]]), multi=True)
+    assert got.item() == pytest.approx((kl(0.5, 0.25) + kl(0.25, 0.5)) / 2, rel=1e-5)  # mean over classes
+    got = conformer_ssl.symmetric_kl(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.25, 0.75]]), multi=False)
+    ref = sum(a * math.log(a / b) + b * math.log(b / a) for a, b in ((0.5, 0.25), (0.5, 0.75)))
+    assert got.item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_ssl_learning_rate_schedules_by_hand():
+    tri = lambda s: conformer_ssl.tri_stage_lr(s, 100, 2.0, (0.3, 0.3, 0.4), 0.01, 0.01)
+    assert tri(0) == pytest.approx(0.02) and tri(15) == pytest.approx(2 * (0.01 + 0.99 * 0.5))
+    assert tri(30) == tri(59) == 2.0
+    assert tri(60) == pytest.approx(2.0) and tri(80) == pytest.approx(0.2) and tri(100) == pytest.approx(0.02)
+    assert tri(150) == pytest.approx(0.02)
+    pt = lambda s: conformer_ssl.pretrain_lr(s, 300, 10 / 300, 3e-4)  # warm-up 10 of 300 (10k of 300k)
+    assert pt(0) == pytest.approx(3e-5) and pt(9) == pytest.approx(3e-4) and pt(10) == pytest.approx(3e-4)
+    assert pt(155) == pytest.approx(1.5e-4) and pt(300) == 0.0
+
+
+def test_ssl_augment_one_time_mask_and_mixup_weight(one_thread):
+    torch.manual_seed(0)
+    model = conformer_ssl.Classifier(3, "linsoft", **conformer_ssl.SIZES["cpu"])
+    wave = torch.randn(8, 4 * C.SR)
+    a = SimpleNamespace(jitter=0, time_mask=0.2, mixup_alpha=0.0)
+    mel, aug = model.encoder.frontend(wave), conformer_ssl.augment(model, wave, a)
+    changed = (mel != aug).any(1)  # (B, T) frames touched
+    for row, m, x in zip(changed, mel, aug):
+        idx = torch.nonzero(row).flatten()
+        if len(idx):
+            assert idx[-1] - idx[0] + 1 == len(idx) <= 0.2 * mel.shape[-1] + 1  # one contiguous mask <= 20 %
+            assert torch.allclose(x[:, idx], m.mean().expand(64, len(idx)))  # filled with the clip mean
+    same = torch.randn(1, 4 * C.SR).repeat(4, 1)  # mix-up of identical clips is the identity
+    out = conformer_ssl.augment(model, same, SimpleNamespace(jitter=0, time_mask=0.0, mixup_alpha=0.5))
+    assert torch.allclose(out, model.encoder.frontend(same), atol=1e-5)
+    two = torch.stack([torch.zeros(4 * C.SR) + 1e-3, torch.randn(4 * C.SR)])  # the first clip keeps >= half
+    m2 = model.encoder.frontend(two)
+    for _ in range(5):
+        out = conformer_ssl.augment(model, two, SimpleNamespace(jitter=0, time_mask=0.0, mixup_alpha=0.5))
+        lam = ((out[0] - m2[1]) / (m2[0] - m2[1])).median()
+        assert lam >= 0.5 - 1e-4 or torch.allclose(out[0], m2[0])
+
+
+def test_ssl_end_to_end_save_reload_resume(tiny_root, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1"))
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["fractions"]) == {"1.0"} and res["size"] == "cpu"
+    for f in res["fractions"].values():
+        assert all(0 < s <= 1 for s in f["scratch"] + f["pretrained"]) and len(f["pretrained"]) == 1
+    assert res["pretrain"]["steps"] == 3 and 0.15 < res["pretrain"]["masked_share"] < 0.45
+    md = (out / "results.md").read_text()
+    assert "0.415" in md and "accuracy of the positive" in md
+    pt = list(tmp_path.glob("pretrain_cpu_synth_stream_all_s0_*/pretrain.pt"))
+    assert len(pt) == 1
+    ck = C.load_checkpoint(pt[0])
+    assert [r["step"] for r in ck["curve"]] == [1, 2, 3] and all(np.isfinite(r["train/loss"]) for r in ck["curve"])
+    # reload a fine-tuned model from its checkpoint alone: the same test score
+    finals = sorted(tmp_path.glob("finetune_cpu_synth/pretrained_corpus_f1_s0_*/final.pt"))
+    assert len(finals) == 1
+    fck = C.load_checkpoint(finals[0])
+    model = conformer_ssl.build_classifier(fck)
+    corpus = C.load_corpus(str(tiny_root), "full")
+    args = conformer_ssl.resolve(conformer_ssl.parse_args(_ssl_argv(tiny_root, out)), True, 4.0)
+    data = conformer_ssl.corpus_data(args, corpus, 1.0)
+    score = conformer_ssl.score(data, conformer_ssl.predict(model, data, args, torch.device("cpu")))
+    assert score == pytest.approx(res["fractions"]["1.0"]["pretrained"][0], abs=1e-6)
+    # a second run with the same settings reuses every stage; other settings in the same folder are refused
+    n_logs = len(list(tmp_path.rglob("log.jsonl")))
+    capsys.readouterr()
+    conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1"))
+    assert "pretrain:" not in capsys.readouterr().err and len(list(tmp_path.rglob("log.jsonl"))) == n_logs
+    with pytest.raises(C.DataError, match="ft_lr"):
+        conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1", "--ft-lr", "0.1"))
+
+
+def test_ssl_pretraining_resumes_mid_run(tiny_root, tmp_path, capsys, monkeypatch, one_thread):
+    """Killed after 2 of 4 updates (checkpoint every update), pre-training continues at step 3."""
+    args = conformer_ssl.resolve(conformer_ssl.parse_args(_ssl_argv(tiny_root, tmp_path / "r", "--pt-steps", "4")),
+                                 True, 4.0)
+    real, calls = conformer_ssl.contrastive_loss, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(conformer_ssl, "contrastive_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        conformer_ssl.encoder_for(args, None, torch.device("cpu"))
+    monkeypatch.setattr(conformer_ssl, "contrastive_loss", real)
+    capsys.readouterr()
+    path = conformer_ssl.encoder_for(args, None, torch.device("cpu"))
+    assert "resumed at step 2/4" in capsys.readouterr().out
+    assert [r["step"] for r in C.load_checkpoint(path)["curve"]] == [1, 2, 3, 4]
+    assert not (path.parent / "last.pt").exists()
+
+
+def test_ssl_downstream_task_through_the_task_reader(tiny_tasks, tmp_path, one_thread):
+    """Table 3 style: a single-label k-fold task, mean pooling + linear, one fold, both inits."""
+    out = tmp_path / "task"
+    conformer_ssl.main(_ssl_argv(tiny_tasks, out, "--task", "sound_novel", "--task-root", str(tiny_tasks),
+                                 "--folds", "1")[2:])
+    res = json.loads((out / "results.json").read_text())
+    assert res["task"] == "sound_novel" and res["metric"] == "accuracy" and len(res["splits"]) == 1
+    assert all(0 <= s <= 1 for s in res["scratch"] + res["pretrained"]) and res["size"] == "cpu"
+    ck = C.load_checkpoint(next(tmp_path.glob("finetune_cpu_synth/pretrained_sound_novel_*/final.pt")))
+    assert ck["pooling"] == "mean" and ck["multi"] is False
