@@ -980,7 +980,8 @@ class WeightedSampler(_EpochSampler):
 
     def __init__(self, weights: np.ndarray, num_samples: int | None = None, seed: int = 0):
         super().__init__(num_samples or len(weights), seed)
-        self.p = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        w = np.asarray(weights, dtype=np.float64)  # float32 sums made p.sum() != 1 for numpy
+        self.p = w / w.sum()
 
     def _global(self) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch])

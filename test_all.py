@@ -369,6 +369,13 @@ def test_weighted_sampler_frequencies():
     assert list(s) != first
 
 
+def test_weighted_sampler_accepts_float32_weights():
+    """Regression: float32 weights summed in float32 gave p.sum() != 1 and numpy refused to draw."""
+    w = np.random.default_rng(0).random(10007).astype(np.float32) * 1e-3
+    s = C.WeightedSampler(w, num_samples=100, seed=0)
+    assert abs(s.p.sum() - 1.0) < 1e-12 and len(list(s)) == 100
+
+
 def test_pseudo_balanced_sampler_rotates_over_classes():
     rng = np.random.default_rng(0)
     y = np.zeros((200, 5))
