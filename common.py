@@ -212,6 +212,8 @@ def load_audio(path: str | Path, sr: int = SR, start_s: float = 0.0, end_s: floa
         x, file_sr = sf.read(path, start=start, stop=stop, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types; report them all the same way
         raise DataError(f"{path}: cannot read audio ({e})") from None
+    if not np.isfinite(x).all():  # a float file holding NaN/Inf would poison statistics and losses
+        raise DataError(f"{path}: {int((~np.isfinite(x)).sum())} non-finite samples (NaN/Inf)")
     x = x.mean(axis=1)  # (samples,) mono
     return resample(x, file_sr, sr)
 
@@ -431,11 +433,15 @@ class ClipDataset(torch.utils.data.Dataset):
         return torch.from_numpy(crop_or_pad(x, self.n)), self.targets[i], i
 
 
-def segment_bounds(duration: float, segment: float) -> list[tuple[float, float]]:
+def segment_bounds(duration: float, segment: float, min_last: float = 0.0) -> list[tuple[float, float]]:
     """Non-overlapping n-second chunks of a clip; the last one keeps the shorter remainder
-    (as the official PSL code: no padding per chunk; a batch is padded to its longest item)."""
+    (as the official PSL code: no padding per chunk; a batch is padded to its longest item).
+    A remainder shorter than `min_last` seconds is merged into the chunk before it."""
     starts = np.arange(0.0, duration - 1e-6, segment)
-    return [(float(s), float(min(s + segment, duration))) for s in starts]
+    bounds = [(float(s), float(min(s + segment, duration))) for s in starts]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last - 1e-9:
+        bounds[-2:] = [(bounds[-2][0], bounds[-1][1])]
+    return bounds
 
 
 class SegmentDataset(torch.utils.data.Dataset):
@@ -443,10 +449,12 @@ class SegmentDataset(torch.utils.data.Dataset):
     `targets` is (N_clips, K) (each chunk inherits its clip's row) or (N_chunks, K)."""
 
     def __init__(self, root: str | Path, rows: list[Row], targets: np.ndarray, segment_seconds: float,
-                 clip_seconds: float = 10.0, sr: int = SR, durations: list[float] | None = None):
+                 clip_seconds: float = 10.0, sr: int = SR, durations: list[float] | None = None,
+                 min_last: float = 0.0):
         self.root, self.rows, self.sr = Path(root), rows, sr
         durations = durations or [clip_seconds] * len(rows)
-        self.chunks = [(ci, s, e) for ci, d in enumerate(durations) for s, e in segment_bounds(d, segment_seconds)]
+        self.chunks = [(ci, s, e) for ci, d in enumerate(durations)
+                       for s, e in segment_bounds(d, segment_seconds, min_last)]
         self.clip_index = np.array([c[0] for c in self.chunks], dtype=np.int64)
         t = torch.as_tensor(targets)
         self.targets = t[self.clip_index] if len(t) == len(rows) and len(t) != len(self.chunks) else t

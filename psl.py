@@ -204,13 +204,18 @@ def build_model(ckpt: dict) -> MobileNetV2:
 # =============================================================================================
 # Data: n-second chunks of clips (Sec. 2); the last partial chunk is kept shorter (official code)
 # =============================================================================================
+MIN_CHUNK_S = 0.5  # a remainder shorter than this is merged into the chunk before it (deviation 7)
+
+
 def chunk_dataset(corpus: common.Corpus, rows: list, targets: np.ndarray, segment: float | None,
                   clip_seconds: float) -> common.SegmentDataset:
-    """One item per non-overlapping `segment`-second chunk; segment None = one item per whole clip."""
+    """One item per non-overlapping `segment`-second chunk; segment None = one item per whole clip.
+    Real durations are rounded to 0.1 s (at least 0.1 s) as the official code does, so a 160,001-sample
+    clip is 10.0 s, and a remainder under MIN_CHUNK_S joins the previous chunk (deviation 7)."""
     durations = ([clip_seconds] * len(rows) if corpus.synthetic  # synthetic clips: all the nominal length
-                 else common.clip_durations(corpus.root, rows, clip_seconds))
+                 else [max(0.1, round(d, 1)) for d in common.clip_durations(corpus.root, rows, clip_seconds)])
     return common.SegmentDataset(corpus.root, rows, targets, segment or max(durations) + 1.0,
-                                 clip_seconds, durations=durations)
+                                 clip_seconds, durations=durations, min_last=MIN_CHUNK_S)
 
 
 def average_chunks(chunk_scores: np.ndarray, clip_index: np.ndarray, n_clips: int) -> np.ndarray:
@@ -248,8 +253,11 @@ def evaluate(model: nn.Module, corpus: common.Corpus, rows: list, y_true: np.nda
              args) -> dict:
     """mAP / mAUC / d' of chunk-averaged clip scores (segment None: whole clips)."""
     ds = chunk_dataset(corpus, rows, np.zeros((len(rows), 1), np.float32), segment, args.clip_seconds)
-    scores = average_chunks(predict_chunks(model, ds, args, "eval"), ds.clip_index, len(rows))
-    return common.tagging_metrics(y_true, scores)
+    chunk_scores = predict_chunks(model, ds, args, "eval")
+    scores = average_chunks(chunk_scores, ds.clip_index, len(rows))
+    ok = np.bincount(ds.clip_index[~np.isnan(chunk_scores).any(1)], minlength=len(rows)) > 0
+    # a clip none of whose chunks could be read is excluded, not scored as all-zero
+    return common.tagging_metrics(y_true[ok], scores[ok]) | {"skipped_clips": int((~ok).sum())}
 
 
 def bce(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -275,24 +283,24 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     topk, logger = common.TopKCheckpoints(folder, args.top_k), common.RunLogger(log_dir)
-    state = {"step": 0, "best": -1.0, "bad_evals": 0}
+    state = {"step": 0, "best": -1.0, "bad_evals": 0, "skipped": 0}
     if args.resume and (folder / "last.pt").exists():
         ck = common.load_checkpoint(folder / "last.pt", device)
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
-        state = ck["state"]
+        state = {"skipped": 0, **ck["state"]}
         print(f"{folder.name}: resumed at step {state['step']}/{total}")
     K = n_classes
     spec_augment = lambda x: common.mask_along(common.mask_along(x, args.freq_mask, 1, args.n_masks),
                                                args.time_mask, 2, args.n_masks)  # (B, mel, T)
     bar = tqdm(total=total, initial=state["step"], desc=folder.name, disable=not common.is_main())
-    running, skipped = [], 0
+    running = []
     while state["step"] < total and state["bad_evals"] < args.patience:
         epoch, skip = divmod(state["step"], steps_per_epoch)
         indices = sample(epoch)[skip * args.batch_size:]  # this rank's share; resume mid-epoch
         loader = common.make_loader(dataset, args.batch_size, sampler=indices, workers=args.workers, seed=args.seed)
         for j, batch in enumerate(loader):
             planned = len(indices[j * args.batch_size:(j + 1) * args.batch_size])
-            skipped += planned - (0 if batch is None else len(batch[2]))  # unreadable clips: skipped, counted
+            state["skipped"] += planned - (0 if batch is None else len(batch[2]))  # unreadable: skipped, counted
             lr = args.lr * (1 - state["step"] / total) ** args.poly_power if poly_decay else args.lr
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -321,7 +329,7 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
                 logger.log({"stage": folder.name, "step": state["step"],
                             "epoch": round(state["step"] / steps_per_epoch, 2),
                             "train/loss": float(np.mean(running)) if running else float("nan"),
-                            "val/mAP": metric, "lr": lr, "skipped": skipped})
+                            "val/mAP": metric, "lr": lr, "skipped": state["skipped"]})
                 running = []
                 # last.pt first: a kill between the two writes loses one top-k candidate, never corrupts the list
                 common.save_checkpoint(folder / "last.pt", {"model": model.state_dict(), "state": state,
@@ -332,7 +340,7 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
                 break
     bar.close()
     model.load_state_dict(common.average_state_dicts(topk.paths))  # top-k weight averaging (Sec. 3.2)
-    return {"best_val_mAP": state["best"], "steps": state["step"], "skipped_clips": skipped,
+    return {"best_val_mAP": state["best"], "steps": state["step"], "skipped_clips": state["skipped"],
             "averaged": [p.name for p in topk.paths]}
 
 
@@ -345,9 +353,14 @@ def save_final(path: Path, model: nn.Module, corpus: common.Corpus, segment: flo
 # Paper procedures: MA training, relabeling, student training, analysis
 # =============================================================================================
 def validation_split(corpus: common.Corpus, args) -> list:
-    if args.valid_on == "valid" and corpus.valid is None:
-        print("no valid.tsv: validating on the training set (the paper's 'balanced subset')")
-    return corpus.valid if args.valid_on == "valid" and corpus.valid is not None else corpus.train
+    """valid.tsv; without one, the balanced subset (Sec. 3.2: 'we validate the model on the balanced
+    subset'), whatever the stage trains on; --valid-on train: the stage's own training set (official)."""
+    if args.valid_on == "train":
+        return corpus.train
+    if corpus.valid is not None:
+        return corpus.valid
+    print(f"{corpus.root}: no valid.tsv: validating on balanced_train.tsv (the paper's 'balanced subset')")
+    return common.read_manifest(corpus.root / "balanced_train.tsv")
 
 
 def train_teacher(args, device) -> Path:
@@ -382,7 +395,7 @@ def train_teacher(args, device) -> Path:
     table = common.markdown_table(["model", "mAP %", "mAUC", "d'", "paper mAP % (AudioSet)", "paper d'"],
                                   [[f"MA ({args.ma_data})", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
                                     f"{m['dprime']:.3f}", "40.53", "2.695"]])
-    common.write_results(folder, {k: m[k] for k in ("mAP", "mAUC", "dprime", "AP")}, table)
+    common.write_results(folder, {k: m[k] for k in ("mAP", "mAUC", "dprime", "AP", "skipped_clips")}, table)
     print(table)
     return final
 
@@ -527,7 +540,9 @@ def run(args: argparse.Namespace) -> dict:
     kind = "weak" if args.alpha == 0 else "psl" if args.alpha == 1 else "ts"
     results = {"method": kind, "segment": args.segment, "alpha": args.alpha, "data": args.data,
                "mAP": m["mAP"], "mAUC": m["mAUC"], "dprime": m["dprime"], "AP": m["AP"], "params": n_params,
-               "student": info, "analysis": analysis, "corpus": "synthetic" if corpus.synthetic else str(corpus.root)}
+               "student": info, "analysis": analysis, "corpus": "synthetic" if corpus.synthetic else str(corpus.root),
+               "skipped_clips": {"relabel_clips": len(np.unique(np.delete(ds.clip_index, usable))),
+                                 "student_train": info["skipped_clips"], "eval": m["skipped_clips"]}}
     paper = PAPER.get((kind, int(args.segment))) if args.data == "balanced" else None
     title = f"## PSL: {kind} labels, {args.segment:g} s chunks, alpha {args.alpha:g}, trained on {args.data}"
     table = common.markdown_table(["method", "mAP %", "mAUC", "d'", "paper mAP % (AudioSet)", "paper d'"],
@@ -581,8 +596,9 @@ def predict(argv: list[str]) -> None:
     segment = a.segment or ckpt["segment"] or 2.0
     for path in a.files:
         wave = torch.from_numpy(common.load_audio(path))
-        bounds = common.segment_bounds(len(wave) / common.SR, segment)
-        chunks = [wave[round(s * common.SR): round(e * common.SR)] for s, e in bounds]
+        bounds = common.segment_bounds(max(0.1, round(len(wave) / common.SR, 1)), segment, MIN_CHUNK_S)
+        chunks = [F.pad(c, (0, max(0, round((e - s) * common.SR) - len(c))))  # a 1-sample file: 0.1 s
+                  for s, e in bounds for c in [wave[round(s * common.SR): round(e * common.SR)]]]
         batch = common.pad_collate([(c, torch.zeros(1), i) for i, c in enumerate(chunks)])[0]
         with torch.no_grad():
             probs = model(batch.to(device))[0].cpu().numpy()  # (n_chunks, K)

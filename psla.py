@@ -382,11 +382,14 @@ def learning_rate(args, epoch: int, step: int) -> float:
     return args.lr * 0.5 ** decays * min(1.0, (step + 1) / max(1, args.warmup_steps))
 
 
-def train_epoch(model, loader, optimizer, args, epoch: int, step: int, device, amp) -> tuple[int, float]:
+def train_epoch(model, loader, optimizer, args, epoch: int, step: int, device, amp) -> tuple[int, float, int]:
+    """One pass over the loader; returns (global step, mean loss, unreadable clips skipped)."""
     model.train()
-    losses = []
+    losses, skipped, n = [], 0, len(loader.sampler)
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not common.is_main())
-    for batch in bar:
+    for j, batch in enumerate(bar):
+        planned = min(loader.batch_size, n - j * loader.batch_size)
+        skipped += planned - (0 if batch is None else len(batch[2]))  # unreadable clips: skipped, counted
         if batch is None:  # a whole batch of unreadable clips
             continue
         wave, target = batch[0].to(device), batch[1].to(device)
@@ -404,7 +407,7 @@ def train_epoch(model, loader, optimizer, args, epoch: int, step: int, device, a
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         if args.max_steps and step >= args.max_steps:
             break
-    return step, float(np.mean(losses)) if losses else float("nan")
+    return step, float(np.mean(losses)) if losses else float("nan"), skipped
 
 
 @torch.no_grad()
@@ -442,21 +445,24 @@ def ontology_matrices(labels: common.Labels, ontology: common.Ontology) -> tuple
 
 
 def enhance_labels(scores: np.ndarray, targets: np.ndarray, labels: common.Labels, ontology: common.Ontology,
-                   kind: str = "type12") -> tuple[np.ndarray, np.ndarray]:
+                   kind: str = "type12", ok: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Algorithm 2. Procedure 1: t_k = mean teacher score of the clips labelled k. Procedure 2: a
     clip gains a direct child (Type I) and/or an ancestor (Type II) of one of its labels when the
     teacher scores it above that class's threshold. Labels are only added. Returns the enhanced
-    (N, K) targets and the thresholds (nan for a class without any clip: it is never added)."""
+    (N, K) targets and the thresholds (nan for a class without any clip: it is never added).
+    `ok` marks the clips the teacher could read: thresholds use only those, the others gain nothing."""
+    ok = np.ones(len(targets), bool) if ok is None else np.asarray(ok, bool)
     pos = targets > 0
+    scores = np.where(ok[:, None], scores, 0.0)  # unreadable clips: no score enters any sum
     with np.errstate(invalid="ignore", divide="ignore"):
-        thresholds = (scores * pos).sum(0) / pos.sum(0)
+        thresholds = (scores * (pos & ok[:, None])).sum(0) / (pos & ok[:, None]).sum(0)
     children, ancestors = ontology_matrices(labels, ontology)
     candidates, y = np.zeros_like(pos), pos.astype(np.float32)
     if kind in ("type1", "type12"):
         candidates |= (y @ children) > 0  # a child of one of the clip's labels
     if kind in ("type2", "type12"):
         candidates |= (y @ ancestors) > 0  # an ancestor of one of the clip's labels
-    added = candidates & ~pos & (scores > thresholds)  # nan thresholds compare False
+    added = candidates & ~pos & (scores > thresholds) & ok[:, None]  # nan thresholds compare False
     return (pos | added).astype(np.float32), thresholds
 
 
@@ -476,11 +482,11 @@ def label_enhancement(args, corpus: common.Corpus, out: Path, device, amp) -> li
     ds = common.ClipDataset(corpus.root, corpus.train, targets)
     scores, ok = predict(teacher, common.make_loader(ds, 2 * args.batch_size, workers=args.workers),
                          len(ds), len(corpus.labels), device, amp)
-    scores[~ok] = -np.inf  # an unreadable clip gains nothing
-    true = corpus.true_targets(corpus.train) if corpus.synthetic else None
+    # the truth files (*_true.tsv), synthetic or not, tell whether the added labels were right
+    true = corpus.true_targets(corpus.train) if all(fn in corpus.true for fn, _ in corpus.train) else None
     stats = {}
     for kind in ("type1", "type2", "type12"):  # Table VIII columns
-        enhanced, _ = enhance_labels(scores, targets, corpus.labels, corpus.ontology, kind)
+        enhanced, _ = enhance_labels(scores, targets, corpus.labels, corpus.ontology, kind, ok)
         added = (enhanced > 0) & (targets == 0)
         s = {"impacted_classes": int(added.any(0).sum()), "labels_added": int(added.sum()),
              "labels_added_pct": 100.0 * added.sum() / targets.sum()}
@@ -494,7 +500,8 @@ def label_enhancement(args, corpus: common.Corpus, out: Path, device, amp) -> li
     print(f"label enhancement with teacher {ckpt} (Table VIII):")
     for kind, s in stats.items():
         print(f"  {kind:7s} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
-    common.write_json(out / "label_enhancement.json", {"teacher": str(ckpt), "chosen": args.label_enhance, **stats})
+    common.write_json(out / "label_enhancement.json", {"teacher": str(ckpt), "chosen": args.label_enhance,
+                                                        "skipped_clips": int((~ok).sum()), **stats})
     common.write_manifest(path, rows)
     return rows
 
@@ -616,12 +623,13 @@ def main(argv=None) -> dict:
         if sampler is not None:
             sampler.set_epoch(epoch)
         lr = learning_rate(args, epoch, step)
-        step, loss = train_epoch(model, train_loader, optimizer, args, epoch, step, device, amp)
-        record = {"epoch": epoch, "step": step, "lr": lr, "train/loss": loss}
+        step, loss, skipped = train_epoch(model, train_loader, optimizer, args, epoch, step, device, amp)
+        record = {"epoch": epoch, "step": step, "lr": lr, "train/loss": loss, "train/skipped": skipped}
         for split, (loader, targets) in eval_sets.items():
             scores, ok = predict(model, loader, len(targets), len(corpus.labels), device, amp)
             m = metrics(targets, scores, ok)
-            record |= {f"{split}/mAP": m["mAP"], f"{split}/mAUC": m["mAUC"], f"{split}/dprime": m["dprime"]}
+            record |= {f"{split}/mAP": m["mAP"], f"{split}/mAUC": m["mAUC"], f"{split}/dprime": m["dprime"],
+                       f"{split}/skipped": int((~ok).sum())}
             if split == "eval":
                 np.save(out / "preds" / f"eval_e{epoch:03d}.npy", scores)
         history.append(record)
@@ -663,7 +671,8 @@ def main(argv=None) -> dict:
     results["checkpoint_ensemble"] = ensemble(preds, targets)
     results["last_AP"] = metrics(targets, preds[-1])["AP"]
     results |= {"epochs": epochs_done, "best_epoch": best["epoch"], "steps": step, "parameters": count_parameters(model),
-                "classes": corpus.labels.names, "minutes": (time.time() - t0) / 60, "config": vars(args)}
+                "classes": corpus.labels.names, "minutes": (time.time() - t0) / 60, "config": vars(args),
+                "skipped_clips": {k.split("/")[0]: v for k, v in history[-1].items() if k.endswith("/skipped")}}
     if args.label_enhance != "none":
         results["label_enhancement"] = json.loads((out / "label_enhancement.json").read_text())
     name, paper = paper_row(args)

@@ -1080,3 +1080,117 @@ def test_convert_fsdkaggle2019_class_order_from_sample_submission(tmp_path):
     assert cur.metric == "lwlrap" and cur.rows[1] == ("train_curated/0019ef41.wav", ["Accordion", "Bark"], "train")
     assert noisy.rows == [("train_noisy/00097e21.wav", ["Acoustic_guitar"], "train"), ("test/000ccb97.wav", ["Accordion"], "test")]
     _bad_row(PREP.convert_fsdkaggle2019, src, "train_curated.csv", "0a.wav,Meow\n", 4, tmp_path / "t")
+
+
+# =============================================================================================
+# issue 13: psl.py / psla.py on real data (damaged clips, tail chunks, validation fallback,
+# patience, precision, truth files, strong-label formats, run identity, bad input, resume)
+# =============================================================================================
+def _damage(root: Path, rows: list) -> dict:
+    """Damage 10 training clips as the issue's root: 6 unreadable, 4 readable but odd (2 short)."""
+    p = lambda i: root / rows[i][0]
+    p(0).write_bytes(b"")  # zero-length
+    p(1).write_bytes(p(1).read_bytes()[:20])  # truncated header
+    p(2).write_bytes(np.random.default_rng(0).bytes(5000))  # random bytes
+    p(3).unlink()  # missing
+    nan = np.random.default_rng(1).standard_normal(4 * C.SR).astype(np.float32) * 0.1
+    nan[100] = np.nan
+    sf.write(p(4), nan, C.SR, subtype="FLOAT")  # float wav with a NaN sample
+    inf = nan.copy()
+    inf[100] = np.inf
+    sf.write(p(5), inf, C.SR, subtype="FLOAT")
+    sf.write(p(6), np.zeros(1, np.float32), C.SR)  # 1 sample
+    sf.write(p(7), np.random.default_rng(2).standard_normal((44100 * 4, 2)) * 0.1, 44100)  # stereo 44.1 kHz
+    sf.write(p(8), np.random.default_rng(3).standard_normal(int(0.3 * C.SR)) * 0.1, C.SR)  # 0.3 s
+    sf.write(p(9), np.clip(np.random.default_rng(4).standard_normal(4 * C.SR), -1, 1), C.SR)  # clipped
+    return {"unreadable": 6}
+
+
+@pytest.fixture(scope="session")
+def damaged_root(psl_tiny, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("damaged") / "corpus"
+    shutil.copytree(psl_tiny, root)
+    (root / "synth.json").unlink()  # a real-layout corpus (truth files stay)
+    _damage(root, C.read_manifest(root / "balanced_train.tsv"))
+    return root
+
+
+def test_load_audio_rejects_non_finite_samples(tmp_path):
+    x = np.zeros(1000, np.float32)
+    x[5] = np.nan
+    sf.write(tmp_path / "nan.wav", x, C.SR, subtype="FLOAT")
+    with pytest.raises(C.DataError, match="non-finite"):
+        C.load_audio(tmp_path / "nan.wav")
+
+
+def test_damaged_clips_are_skipped_counted_and_reported(damaged_root, tmp_path):
+    """Item 0: 6 unreadable (incl. NaN / Inf) of 10 damaged training clips: both scripts complete,
+    never see a non-finite value, and report the skipped clips in log and results.json."""
+    out = tmp_path / "psl"
+    psl.main(_argv(damaged_root, out, "--segment", "2", "--max-steps", "1", "--teacher-epochs", "1",
+                   "--epochs", "1", "--batch-size", "32"))
+    res = json.loads((out / "results.json").read_text())
+    assert np.isfinite(res["mAP"]) and res["skipped_clips"]["relabel_clips"] == 6
+    teacher = json.loads((tmp_path / "teacher_full_corpus").joinpath("results.json").read_text())
+    assert np.isfinite(teacher["mAP"])
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert all("skipped" in r for r in log)
+    run = tmp_path / "psla"
+    r = psla.main(["--data-root", str(damaged_root), "--out", str(run), "--effnet", "0", "--target-length", "128",
+                   "--epochs", "1", "--batch-size", "24", "--workers", "0"])  # one step: every clip
+    assert r["skipped_clips"]["train"] == 6 and np.isfinite(r["last_n"]["mAP"])
+    cfg = json.loads((run / "config.json").read_text())
+    assert all(np.isfinite(cfg["norm"]))
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["train/skipped"] == 6
+
+
+def test_psl_tail_chunks_rounded_and_merged(tmp_path):
+    """Item 2: a 160,001-sample clip is 10.0 s (no few-sample chunk at any segment length); a 3.3 s
+    clip keeps its 1.3 s remainder; a remainder under MIN_CHUNK_S joins the previous chunk."""
+    root = tmp_path / "root"
+    root.mkdir()
+    sf.write(root / "a.wav", np.zeros(160_001, np.float32), C.SR)
+    sf.write(root / "b.wav", np.zeros(int(3.3 * C.SR), np.float32), C.SR)
+    sf.write(root / "c.wav", np.zeros(int(4.3 * C.SR), np.float32), C.SR)
+    corpus = C.Corpus(root, C.Labels(["x"], ["x"]), C.Ontology({}, {}, {}), [], None, [], synthetic=False)
+    rows = [("a.wav", ["x"]), ("b.wav", ["x"]), ("c.wav", ["x"])]
+    y = np.ones((3, 1), np.float32)
+    for seg, n_a in ((10.0, 1), (5.0, 2), (2.0, 5)):
+        ds = psl.chunk_dataset(corpus, rows, y, seg, 10.0)
+        a = [c for c in ds.chunks if c[0] == 0]
+        assert len(a) == n_a and a[-1][2] == 10.0
+    ds = psl.chunk_dataset(corpus, rows, y, 2.0, 10.0)
+    assert [c[1:] for c in ds.chunks if c[0] == 1] == [(0.0, 2.0), (2.0, 3.3)]
+    assert [c[1:] for c in ds.chunks if c[0] == 2] == [(0.0, 2.0), (2.0, 4.3)]  # 0.3 s tail merged
+    assert min(len(ds[i][0]) for i in range(len(ds))) >= 0.5 * C.SR
+
+
+def test_psla_enhance_labels_ignores_unreadable_clips():
+    """Item 1: an unreadable clip (ok False) neither moves any threshold nor gains labels."""
+    mids = ["P", "C1", "C2"]
+    labels = C.Labels(mids, mids)
+    onto = C.Ontology({m: m for m in mids}, {"P": ["C1", "C2"], "C1": [], "C2": []}, {"C1": ["P"], "C2": ["P"]})
+    y = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0]], np.float32)
+    s = np.array([[.9, .8, .1], [.7, .6, .2], [.3, .3, .9], [0, 0, 0]], np.float32)
+    ok = np.array([True, True, True, False])
+    e, t = psla.enhance_labels(s, y, labels, onto, "type12", ok)
+    e_ref, t_ref = psla.enhance_labels(s[:3], y[:3], labels, onto, "type12")
+    np.testing.assert_allclose(t, t_ref)
+    assert np.isfinite(t).all() and np.array_equal(e[:3], e_ref) and np.array_equal(e[3], y[3])
+    s_bad = s.copy()
+    s_bad[3] = -np.inf  # what the old code put there: thresholds unchanged all the same
+    np.testing.assert_allclose(psla.enhance_labels(s_bad, y, labels, onto, "type12", ok)[1], t_ref)
+
+
+def test_psl_validation_falls_back_to_the_balanced_subset(psl_tiny, tmp_path, capsys):
+    """Item 3: without valid.tsv the MA trained on full validates on balanced_train, not on itself."""
+    root = tmp_path / "novalid"
+    shutil.copytree(psl_tiny, root)
+    (root / "valid.tsv").unlink()
+    corpus = C.load_corpus(str(root), "full")
+    args = psl.parse_args(_argv(root, tmp_path / "o"))
+    rows = psl.validation_split(corpus, args)
+    assert rows == C.read_manifest(root / "balanced_train.tsv") and len(rows) < len(corpus.train)
+    assert "balanced_train.tsv" in capsys.readouterr().out
+    args.valid_on = "train"
+    assert psl.validation_split(corpus, args) == corpus.train
