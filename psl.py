@@ -96,8 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "synthetic corpus: 1e-3")
     g.add_argument("--epochs", type=int, default=None, help="max student epochs (300; synthetic: 6)")
     g.add_argument("--eval-every", type=int, default=None,
-                   help="validate every N batches (10,000; synthetic: half an epoch)")
-    g.add_argument("--patience", type=int, default=15, help="early stop after N validations without gain (Sec. 3.3)")
+                   help="student: validate every N batches (10,000, Sec. 3.2, or once per epoch when an epoch is "
+                        "shorter; synthetic: half an epoch)")
+    g.add_argument("--ma-eval-every", type=int, default=None,
+                   help="machine annotator: validate every N batches (same default as --eval-every)")
+    g.add_argument("--patience", type=float, default=15,
+                   help="early stop after N epochs without a validation gain (student, Sec. 3.3; MA alike)")
     g.add_argument("--top-k", type=int, default=4, help="average the top-k checkpoints by validation mAP (Sec. 3.2)")
     g.add_argument("--valid-on", type=str, default="valid", choices=["valid", "train"],
                    help="validation split; official code: the training file (deviation 1)")
@@ -128,8 +132,7 @@ def resolve(a: argparse.Namespace, corpus: common.Corpus) -> argparse.Namespace:
         a.epochs = SYNTH_SCHEDULE["epochs"] if corpus.synthetic else 300
     if a.lr is None:
         a.lr = SYNTH_SCHEDULE["lr"] if corpus.synthetic else 1e-4
-    if a.eval_every is None and not corpus.synthetic:
-        a.eval_every = 10_000  # synthetic: derived per stage in train() (half an epoch)
+    a.synthetic = corpus.synthetic  # validation intervals are derived per stage in train() (eval_interval)
     return a
 
 
@@ -260,16 +263,25 @@ def evaluate(model: nn.Module, corpus: common.Corpus, rows: list, y_true: np.nda
     return common.tagging_metrics(y_true[ok], scores[ok]) | {"skipped_clips": int((~ok).sum())}
 
 
+def eval_interval(steps_per_epoch: int, synthetic: bool) -> int:
+    """Batches between validations: every 10,000 batches (Sec. 3.2, ~1/6 of a full-AudioSet epoch) but at
+    least once per epoch, so a small corpus still validates, early-stops and keeps top-k (deviation 8);
+    the synthetic corpus: every half epoch (deviation 4)."""
+    if synthetic:
+        return max(1, steps_per_epoch // SYNTH_SCHEDULE["evals_per_epoch"])
+    return max(1, min(10_000, steps_per_epoch))
+
+
 def bce(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy(p.float().clamp(1e-7, 1 - 1e-7), y.float())
 
 
 def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_dir: Path, args, *, epochs: int,
-          alpha: float, augment: bool, poly_decay: bool, validate) -> dict:
+          alpha: float, augment: bool, poly_decay: bool, validate, eval_every: int | None = None) -> dict:
     """One visible loop for MA and student. `dataset` targets are [soft | weak] (2K columns); loss =
     alpha*BCE(soft) + (1-alpha)*BCE(weak) (Sec. 4.2). `sample(epoch)` gives one epoch's indices.
-    Validation every args.eval_every batches, early stop after args.patience validations without
-    gain, top-k checkpoints weight-averaged into the returned model (Sec. 3.2). Resumable from last.pt.
+    Validation every `eval_every` batches (None: eval_interval), early stop after args.patience epochs
+    without a gain, top-k checkpoints weight-averaged into the returned model (Sec. 3.2). Resumable from last.pt.
     `sample(epoch)` returns this rank's share of the epoch's indices."""
     device = next(model.parameters()).device
     dtype = common.amp_dtype(device, args.amp)
@@ -278,23 +290,25 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
     scaler = common.grad_scaler(device, dtype)
     steps_per_epoch = math.ceil(len(sample(0)) / args.batch_size)
     total = epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, epochs * steps_per_epoch)
-    eval_every = args.eval_every or max(1, steps_per_epoch // SYNTH_SCHEDULE["evals_per_epoch"])
+    eval_every = eval_every or eval_interval(steps_per_epoch, args.synthetic)
+    patience_steps = math.ceil(args.patience * steps_per_epoch)  # patience counts epochs (Sec. 3.3)
     if not args.resume:
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     topk, logger = common.TopKCheckpoints(folder, args.top_k), common.RunLogger(log_dir)
-    state = {"step": 0, "best": -1.0, "bad_evals": 0, "skipped": 0}
+    state = {"step": 0, "best": -1.0, "best_step": 0, "skipped": 0}
     if args.resume and (folder / "last.pt").exists():
         ck = common.load_checkpoint(folder / "last.pt", device)
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
-        state = {"skipped": 0, **ck["state"]}
+        state = {"skipped": 0, "best_step": 0, **ck["state"]}
         print(f"{folder.name}: resumed at step {state['step']}/{total}")
     K = n_classes
     spec_augment = lambda x: common.mask_along(common.mask_along(x, args.freq_mask, 1, args.n_masks),
                                                args.time_mask, 2, args.n_masks)  # (B, mel, T)
     bar = tqdm(total=total, initial=state["step"], desc=folder.name, disable=not common.is_main())
     running = []
-    while state["step"] < total and state["bad_evals"] < args.patience:
+    stop = lambda: state["step"] >= total or state["step"] - state["best_step"] >= patience_steps
+    while not stop():
         epoch, skip = divmod(state["step"], steps_per_epoch)
         indices = sample(epoch)[skip * args.batch_size:]  # this rank's share; resume mid-epoch
         loader = common.make_loader(dataset, args.batch_size, sampler=indices, workers=args.workers, seed=args.seed)
@@ -325,7 +339,8 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
             if state["step"] % eval_every == 0 or state["step"] == total:
                 metric = validate(model)
                 gain = metric > state["best"]
-                state["best"], state["bad_evals"] = max(metric, state["best"]), 0 if gain else state["bad_evals"] + 1
+                if gain:
+                    state["best"], state["best_step"] = metric, state["step"]
                 logger.log({"stage": folder.name, "step": state["step"],
                             "epoch": round(state["step"] / steps_per_epoch, 2),
                             "train/loss": float(np.mean(running)) if running else float("nan"),
@@ -336,7 +351,7 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
                                                             "optimizer": opt.state_dict(),
                                                             "scaler": scaler.state_dict()})
                 topk.update(metric, {"model": model.state_dict()}, state["step"])
-            if state["step"] >= total or state["bad_evals"] >= args.patience:
+            if stop():
                 break
     bar.close()
     model.load_state_dict(common.average_state_dicts(topk.paths))  # top-k weight averaging (Sec. 3.2)
@@ -386,7 +401,7 @@ def train_teacher(args, device) -> Path:
         print(f"machine annotator: MobileNetV2, {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{len(ds)} clips of {args.ma_data}")
         info = train(model, ds, len(corpus.labels), sample, folder, folder, args, epochs=args.teacher_epochs,
-                     alpha=0.0, augment=True, poly_decay=True,
+                     alpha=0.0, augment=True, poly_decay=True, eval_every=args.ma_eval_every,
                      validate=lambda m: evaluate(m, corpus, vrows, vtrue, None, args)["mAP"])
         save_final(final, model, corpus, None, args, info)
     # the MA's own eval numbers on whole clips (paper, full AudioSet: 40.53 mAP, d' 2.695)
@@ -531,7 +546,7 @@ def run(args: argparse.Namespace) -> dict:
         sample = lambda epoch: np.random.default_rng([args.seed, epoch]).permutation(usable)[
             common.rank()::common.world_size()]  # random sampling (Sec. 3.3), this rank's share
         info = train(model, ds, K, sample, out / "student", out, args, epochs=args.epochs, alpha=args.alpha,
-                     augment=False, poly_decay=False,
+                     augment=False, poly_decay=False, eval_every=args.eval_every,
                      validate=lambda m: evaluate(m, corpus, vrows, vtrue, vseg, args)["mAP"])
         save_final(final, model, corpus, args.segment, args, info)
     # stage 4: eval clips split into n-second chunks, chunk scores averaged per clip (Sec. 3.3)

@@ -1194,3 +1194,36 @@ def test_psl_validation_falls_back_to_the_balanced_subset(psl_tiny, tmp_path, ca
     assert "balanced_train.tsv" in capsys.readouterr().out
     args.valid_on = "train"
     assert psl.validation_split(corpus, args) == corpus.train
+
+
+class _ToyChunks(torch.utils.data.Dataset):
+    def __init__(self, n=8, k=2):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, C.SR // 2, generator=g) * 0.1, torch.rand(n, 2 * k, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], i
+
+
+def _toy_train_args(tmp_path, *extra):
+    a = psl.parse_args(["--workers", "0", "--batch-size", "2", "--top-k", "1", "--out", str(tmp_path), *extra])
+    a.lr, a.synthetic, a.device = 1e-3, False, "cpu"
+    return a
+
+
+def test_psl_patience_counts_epochs_and_stages_validate_separately(tmp_path):
+    """Item 4: with a metric that never improves after the first validation, --patience 1 stops one
+    epoch (4 steps) after the best step, not after one validation. Item 14: one interval per stage,
+    10,000 batches or once per epoch when shorter."""
+    a = _toy_train_args(tmp_path, "--patience", "1")
+    torch.manual_seed(0)
+    info = psl.train(psl.MobileNetV2(2), _ToyChunks(), 2, lambda e: np.arange(8), tmp_path / "s", tmp_path, a,
+                     epochs=10, alpha=1.0, augment=False, poly_decay=False, validate=lambda m: 0.5, eval_every=1)
+    assert info["steps"] == 5
+    assert psl.eval_interval(60_000, False) == 10_000 and psl.eval_interval(3, False) == 3
+    assert psl.eval_interval(10, True) == 5
+    p = psl.parse_args(["--eval-every", "7", "--ma-eval-every", "9"])
+    assert (p.eval_every, p.ma_eval_every) == (7, 9)
