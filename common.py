@@ -102,8 +102,9 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    """One precision switch: a real autocast on an accelerator, a no-op otherwise."""
-    if dtype is None or device.type == "cpu":
+    """One precision switch: a real autocast on an accelerator, and on CPU for an explicit bf16
+    (`--amp bf16`; `auto` is none on CPU); a no-op otherwise."""
+    if dtype is None or (device.type == "cpu" and dtype != torch.bfloat16):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 

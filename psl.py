@@ -193,7 +193,8 @@ class MobileNetV2(nn.Module):
             x = mel_augment(x)
         x = self.features(x.unsqueeze(1))  # (B, 1280, 2, T/32)
         x = x.mean(2).transpose(1, 2)  # (B, T', 1280): average over frequency only
-        frames = torch.sigmoid(self.classifier(x))  # (B, T', K) per-frame probabilities
+        with torch.autocast(x.device.type, enabled=False):  # scores are saved and ranked: fp32 (deviation 9)
+            frames = torch.sigmoid(self.classifier(x.float()))  # (B, T', K) per-frame probabilities
         return frames.mean(1), frames  # decision-level mean pooling over time
 
 

@@ -257,6 +257,10 @@ class MultiHeadAttentionPooling(nn.Module):
         self.head_weight = nn.Parameter(torch.full((heads,), 1.0 / heads))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, T)
+        with torch.autocast(x.device.type, enabled=False):  # pooled scores in fp32 (deviation 7)
+            return self._pool(x.float())
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
         b, _, t = x.shape
         att = torch.sigmoid(self.att(x)).clamp(1e-7, 1 - 1e-7).view(b, self.heads, self.n_classes, t)
         att = att / att.sum(-1, keepdim=True)  # normalised over time (not a softmax)
@@ -382,7 +386,8 @@ def learning_rate(args, epoch: int, step: int) -> float:
     return args.lr * 0.5 ** decays * min(1.0, (step + 1) / max(1, args.warmup_steps))
 
 
-def train_epoch(model, loader, optimizer, args, epoch: int, step: int, device, amp) -> tuple[int, float, int]:
+def train_epoch(model, loader, optimizer, args, epoch: int, step: int, device, amp,
+                scaler=None) -> tuple[int, float, int]:
     """One pass over the loader; returns (global step, mean loss, unreadable clips skipped)."""
     model.train()
     losses, skipped, n = [], 0, len(loader.sampler)
@@ -400,8 +405,10 @@ def train_epoch(model, loader, optimizer, args, epoch: int, step: int, device, a
         # BCE on the clamped attention output: the head weights are unconstrained (official code)
         loss = F.binary_cross_entropy(out.float().clamp(1e-7, 1 - 1e-7), target)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler = scaler or common.grad_scaler(device, amp)  # loss scaling for fp16 only
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         losses.append(loss.item())
         step += 1
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
@@ -599,6 +606,7 @@ def main(argv=None) -> dict:
     print(f"EfficientNet-B{args.effnet} + {args.heads}-head attention, {len(corpus.labels)} classes: "
           f"{count_parameters(model):,} parameters; fbank mean/std {config['norm'][0]:.4f}/{config['norm'][1]:.4f}")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    scaler = common.grad_scaler(device, amp)  # fp16 loss scaling (a no-op otherwise)
 
     # ---- data: Algorithm 1 (balanced sampling, mix-up) + valid/eval loaders
     clips = common.ClipDataset(corpus.root, train_rows, train_targets)
@@ -617,13 +625,15 @@ def main(argv=None) -> dict:
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         epoch0, step, history = state["epoch"], state["step"], state["history"]
         print(f"resumed from {last} at epoch {epoch0}")
     for epoch in range(epoch0 + 1, args.epochs + 1):
         if sampler is not None:
             sampler.set_epoch(epoch)
         lr = learning_rate(args, epoch, step)
-        step, loss, skipped = train_epoch(model, train_loader, optimizer, args, epoch, step, device, amp)
+        step, loss, skipped = train_epoch(model, train_loader, optimizer, args, epoch, step, device, amp, scaler)
         record = {"epoch": epoch, "step": step, "lr": lr, "train/loss": loss, "train/skipped": skipped}
         for split, (loader, targets) in eval_sets.items():
             scores, ok = predict(model, loader, len(targets), len(corpus.labels), device, amp)
@@ -634,7 +644,8 @@ def main(argv=None) -> dict:
                 np.save(out / "preds" / f"eval_e{epoch:03d}.npy", scores)
         history.append(record)
         log.log(record)
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "step": step,
                 "history": history, "config": config, "args": vars(args)}
         if epoch >= args.wa_start:
             common.save_checkpoint(out / "weights" / f"e{epoch:03d}.pt", {"model": model.state_dict()})

@@ -1128,7 +1128,7 @@ def test_damaged_clips_are_skipped_counted_and_reported(damaged_root, tmp_path):
     never see a non-finite value, and report the skipped clips in log and results.json."""
     out = tmp_path / "psl"
     psl.main(_argv(damaged_root, out, "--segment", "2", "--max-steps", "1", "--teacher-epochs", "1",
-                   "--epochs", "1", "--batch-size", "32"))
+                   "--epochs", "1", "--batch-size", "32", "--amp", "bf16"))  # + item 6: the CPU bf16 path
     res = json.loads((out / "results.json").read_text())
     assert np.isfinite(res["mAP"]) and res["skipped_clips"]["relabel_clips"] == 6
     teacher = json.loads((tmp_path / "teacher_full_corpus").joinpath("results.json").read_text())
@@ -1137,7 +1137,7 @@ def test_damaged_clips_are_skipped_counted_and_reported(damaged_root, tmp_path):
     assert all("skipped" in r for r in log)
     run = tmp_path / "psla"
     r = psla.main(["--data-root", str(damaged_root), "--out", str(run), "--effnet", "0", "--target-length", "128",
-                   "--epochs", "1", "--batch-size", "24", "--workers", "0"])  # one step: every clip
+                   "--epochs", "1", "--batch-size", "24", "--workers", "0", "--amp", "bf16"])  # one step: every clip
     assert r["skipped_clips"]["train"] == 6 and np.isfinite(r["last_n"]["mAP"])
     cfg = json.loads((run / "config.json").read_text())
     assert all(np.isfinite(cfg["norm"]))
@@ -1227,3 +1227,14 @@ def test_psl_patience_counts_epochs_and_stages_validate_separately(tmp_path):
     assert psl.eval_interval(10, True) == 5
     p = psl.parse_args(["--eval-every", "7", "--ma-eval-every", "9"])
     assert (p.eval_every, p.ma_eval_every) == (7, 9)
+
+
+def test_scores_are_fp32_under_bf16_autocast():
+    """Item 6: the backbone runs under autocast, the pooled scores (saved, ranked, averaged) in fp32;
+    common.autocast is a real autocast for an explicit bf16 on CPU."""
+    with torch.no_grad(), C.autocast(torch.device("cpu"), torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+        clip, frames = psl.MobileNetV2(5).eval()(torch.randn(2, C.SR))
+        out = psla.PSLANet(5, effnet=0, target_length=64).eval()(torch.randn(2, C.SR))
+    assert clip.dtype == frames.dtype == out.dtype == torch.float32
+    assert not isinstance(C.autocast(torch.device("cpu"), None), torch.autocast)
