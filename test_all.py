@@ -1238,3 +1238,18 @@ def test_scores_are_fp32_under_bf16_autocast():
         out = psla.PSLANet(5, effnet=0, target_length=64).eval()(torch.randn(2, C.SR))
     assert clip.dtype == frames.dtype == out.dtype == torch.float32
     assert not isinstance(C.autocast(torch.device("cpu"), None), torch.autocast)
+
+
+def test_psl_unreadable_eval_clips_are_excluded(psl_tiny, tmp_path):
+    """Item 5: an eval clip none of whose chunks can be read is left out of the metrics, not scored 0."""
+    root = tmp_path / "c"
+    shutil.copytree(psl_tiny, root)
+    corpus = C.load_corpus(str(root), "balanced")
+    (root / corpus.eval[0][0]).unlink()
+    args = psl.resolve(psl.parse_args(_argv(root, tmp_path / "o")), corpus)
+    torch.manual_seed(0)
+    model = psl.MobileNetV2(len(corpus.labels))
+    y = corpus.targets(corpus.eval)
+    m = psl.evaluate(model, corpus, corpus.eval, y, 2.0, args)
+    ref = psl.evaluate(model, corpus, corpus.eval[1:], y[1:], 2.0, args)
+    assert m["skipped_clips"] == 1 and m["mAP"] == pytest.approx(ref["mAP"], abs=1e-7)
