@@ -179,6 +179,13 @@ def write_results(out: str | Path, results: dict, markdown: str) -> None:
         (Path(out) / "results.md").write_text(markdown.rstrip() + "\n")
 
 
+def paper_heading(corpus, what: str = "paper") -> str:
+    """Column heading for the paper's AudioSet numbers: plain on an AudioSet-like corpus (real, 527
+    classes), flagged on any other corpus, where they are a reference, not a comparison."""
+    audioset = not corpus.synthetic and len(corpus.labels) == 527
+    return f"{what} (AudioSet)" if audioset else f"{what} (AudioSet, not comparable)"
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -262,15 +269,18 @@ class Ontology:
     names: dict[str, str]
     children: dict[str, list[str]]
     parents: dict[str, list[str]]
+    abstract: set[str] = field(default_factory=set)  # nodes whose restrictions are exactly ['abstract']
 
-    def ancestors(self, mid: str) -> set[str]:
-        """All ancestors through any chain of parents (transitive, multiple parents)."""
-        seen, stack = set(), list(self.parents.get(mid, []))
+    def ancestors(self, mid: str, through_abstract: bool = True) -> set[str]:
+        """All ancestors through any chain of parents (transitive, multiple parents). With
+        through_abstract False, abstract nodes are neither returned nor crossed (PSLA's official code)."""
+        ok = lambda p: through_abstract or p not in self.abstract
+        seen, stack = set(), [p for p in self.parents.get(mid, []) if ok(p)]
         while stack:
             p = stack.pop()
             if p not in seen:
                 seen.add(p)
-                stack.extend(self.parents.get(p, []))
+                stack.extend(q for q in self.parents.get(p, []) if ok(q))
         return seen
 
 
@@ -282,7 +292,7 @@ def read_ontology(path: str | Path) -> Ontology:
     for p, cs in children.items():
         for c in cs:
             parents.setdefault(c, []).append(p)
-    return Ontology(names, children, parents)
+    return Ontology(names, children, parents, {n["id"] for n in nodes if n.get("restrictions") == ["abstract"]})
 
 
 Row = tuple[str, list[str]]  # (filename relative to the data root, [mids])
@@ -327,14 +337,47 @@ def multi_hot(rows: list[Row], labels: Labels, where: str = "manifest") -> np.nd
 
 
 def read_strong(path: str | Path) -> dict[str, list[tuple[float, float, str]]]:
-    """strong_<split>.tsv: filename, onset, offset, label -> {filename: [(onset, offset, mid)]}."""
+    """strong_<split>.tsv: id, onset, offset, label -> {id: [(onset, offset, mid)]}. The id is our
+    filename or AudioSet's own segment_id (<YouTube id>_<start ms>); tab- or comma-separated; a header
+    line is recognised by its non-numeric onset (a header-less file keeps its first event)."""
     events: dict[str, list[tuple[float, float, str]]] = {}
     with open(path) as f:
-        next(f)
-        for line in f:
-            fn, on, off, mid = line.rstrip("\n").split("\t")
-            events.setdefault(fn, []).append((float(on), float(off), mid))
+        for lineno, line in enumerate(f, 1):
+            parts = [p.strip() for p in line.rstrip("\n").split("\t" if "\t" in line else ",")]
+            if not line.strip():
+                continue
+            try:
+                fn, on, off, mid = parts[0], float(parts[1]), float(parts[2]), parts[3]
+            except (ValueError, IndexError):
+                if lineno == 1:
+                    continue  # header
+                raise DataError(f"{path}:{lineno}: expected 'id, onset, offset, label', got {line.strip()!r}") from None
+            events.setdefault(fn, []).append((on, off, mid))
     return events
+
+
+def _clip_keys(name: str) -> list[str]:
+    """Ways a clip is named: the path, its file name and stem, and the YouTube id in it (prepare's rule:
+    <id>..., Y<id>...; AudioSet segment ids are <id>_<start ms>)."""
+    stem = Path(name).stem
+    return [name, Path(name).name, stem, stem[:11], stem[1:12] if stem.startswith("Y") else ""]
+
+
+def match_strong(strong: dict[str, list], rows: list[Row]) -> dict[str, list]:
+    """Re-key strong labels by the manifest filenames of `rows`: exact names first, then the YouTube
+    id (only where it names one clip). Ids that match no row are dropped."""
+    exact = {fn: fn for fn, _ in rows}
+    loose: dict[str, str | None] = {}
+    for fn, _ in rows:
+        for k in _clip_keys(fn)[1:]:
+            if k:
+                loose[k] = fn if loose.get(k, fn) == fn else None  # None: ambiguous
+    out: dict[str, list] = {}
+    for key, events in strong.items():
+        fn = exact.get(key) or next((loose[k] for k in _clip_keys(key) if k and loose.get(k)), None)
+        if fn is not None:
+            out.setdefault(fn, []).extend(events)
+    return out
 
 
 def sample_300h(balanced: list[Row], unbalanced: list[Row], labels: Labels, per_label: int = 200,
@@ -406,6 +449,8 @@ def load_corpus(data_root: str | None, data: str = "balanced", synth_scale: floa
             corpus.true.update(dict(read_manifest(root / f"{split}_true.tsv")))
         if (root / f"strong_{split}.tsv").exists():
             corpus.strong.update(read_strong(root / f"strong_{split}.tsv"))
+    if corpus.strong:  # AudioSet's own strong files name clips by segment id: match them as prepare does
+        corpus.strong = match_strong(corpus.strong, balanced + corpus.train + (corpus.valid or []) + corpus.eval)
     for name, rows in (("train", corpus.train), ("eval", corpus.eval), ("valid", corpus.valid or [])):
         multi_hot(rows, labels, f"{root}/{name}")  # fail early, naming the row, on an unknown id
     return corpus

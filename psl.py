@@ -368,6 +368,12 @@ def save_final(path: Path, model: nn.Module, corpus: common.Corpus, segment: flo
 # =============================================================================================
 # Paper procedures: MA training, relabeling, student training, analysis
 # =============================================================================================
+def eval_targets(corpus: common.Corpus) -> np.ndarray:
+    """The eval clips' true labels where the corpus has them (eval_true.tsv), else their manifest labels."""
+    rows = corpus.eval
+    return corpus.true_targets(rows) if all(fn in corpus.true for fn, _ in rows) else corpus.targets(rows)
+
+
 def validation_split(corpus: common.Corpus, args) -> list:
     """valid.tsv; without one, the balanced subset (Sec. 3.2: 'we validate the model on the balanced
     subset'), whatever the stage trains on; --valid-on train: the stage's own training set (official)."""
@@ -406,9 +412,9 @@ def train_teacher(args, device) -> Path:
                      validate=lambda m: evaluate(m, corpus, vrows, vtrue, None, args)["mAP"])
         save_final(final, model, corpus, None, args, info)
     # the MA's own eval numbers on whole clips (paper, full AudioSet: 40.53 mAP, d' 2.695)
-    m = evaluate(model, corpus, corpus.eval, corpus.true_targets(corpus.eval) if corpus.true
-                 else corpus.targets(corpus.eval), None, args)
-    table = common.markdown_table(["model", "mAP %", "mAUC", "d'", "paper mAP % (AudioSet)", "paper d'"],
+    m = evaluate(model, corpus, corpus.eval, eval_targets(corpus), None, args)
+    table = common.markdown_table(["model", "mAP %", "mAUC", "d'", common.paper_heading(corpus, "paper mAP %"),
+                                   "paper d'"],
                                   [[f"MA ({args.ma_data})", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
                                     f"{m['dprime']:.3f}", "40.53", "2.695"]])
     common.write_results(folder, {k: m[k] for k in ("mAP", "mAUC", "dprime", "AP", "skipped_clips")}, table)
@@ -434,18 +440,21 @@ def relabel_segments(teacher: nn.Module, corpus: common.Corpus, rows: list, segm
 
 
 def chunk_truth(corpus: common.Corpus, rows: list, ds: common.SegmentDataset) -> np.ndarray:
-    """True labels of every chunk (synthetic corpus): classes of the events overlapping it, plus their
-    ancestors. Loops over events (a one-off), not over samples of a hot path."""
+    """True labels of every chunk (corpora with strong_*.tsv): classes of the events overlapping it,
+    plus those of their ancestors that are classes and, where the clip has true labels (*_true.tsv),
+    among them. Loops over events (a one-off), not over samples of a hot path."""
     y = np.zeros((len(ds), len(corpus.labels)), np.float32)
     first = np.searchsorted(ds.clip_index, np.arange(len(rows)))
     starts = np.array([c[1] for c in ds.chunks])
     ends = np.array([c[2] for c in ds.chunks])
     for ci, (fn, _) in enumerate(rows):
         lo, hi = first[ci], first[ci + 1] if ci + 1 < len(rows) else len(ds)
+        true = set(corpus.true[fn]) if fn in corpus.true else None
         for on, off, mid in corpus.strong.get(fn, []):
             hit = lo + np.flatnonzero((starts[lo:hi] < off) & (ends[lo:hi] > on))
-            for m in {mid} | corpus.ontology.ancestors(mid):
-                y[hit, corpus.labels.index[m]] = 1.0
+            for m in {mid} | {a for a in corpus.ontology.ancestors(mid) if true is None or a in true}:
+                if m in corpus.labels.index:  # ancestors that are not classes (abstract nodes) are skipped
+                    y[hit, corpus.labels.index[m]] = 1.0
     return y
 
 
@@ -470,9 +479,10 @@ def analyse_labels(corpus: common.Corpus, rows: list, soft: np.ndarray, ds: comm
            "weak_labels_per_clip": {str(k): int(v) for k, v in enumerate(np.bincount(weak.sum(1).astype(int)))},
            "no_label_fraction": float((n_labels == 0).mean()), "mean_coverage": float(coverage.mean()),
            "coverage_0": float((coverage == 0).mean()), "coverage_1": float((coverage == 1).mean())}
-    if corpus.synthetic and corpus.true:
+    if all(fn in corpus.true for fn, _ in rows):  # gated on the truth files, not on synth.json
         true = corpus.true_targets(rows)
         res["clip_vs_true"] = {"pseudo": precision_recall(per_clip, true), "weak": precision_recall(weak, true)}
+    if any(fn in corpus.strong for fn, _ in rows):
         ctrue = chunk_truth(corpus, rows, ds)
         res["chunk_vs_true_strong"] = {"pseudo": precision_recall(hard, ctrue),
                                        "weak": precision_recall(weak[ds.clip_index], ctrue)}
@@ -551,7 +561,7 @@ def run(args: argparse.Namespace) -> dict:
                      validate=lambda m: evaluate(m, corpus, vrows, vtrue, vseg, args)["mAP"])
         save_final(final, model, corpus, args.segment, args, info)
     # stage 4: eval clips split into n-second chunks, chunk scores averaged per clip (Sec. 3.3)
-    eval_true = corpus.true_targets(corpus.eval) if corpus.true else corpus.targets(corpus.eval)
+    eval_true = eval_targets(corpus)
     m = evaluate(model, corpus, corpus.eval, eval_true, args.segment if args.eval_mode == "chunks" else None, args)
     kind = "weak" if args.alpha == 0 else "psl" if args.alpha == 1 else "ts"
     results = {"method": kind, "segment": args.segment, "alpha": args.alpha, "data": args.data,
@@ -561,7 +571,8 @@ def run(args: argparse.Namespace) -> dict:
                                  "student_train": info["skipped_clips"], "eval": m["skipped_clips"]}}
     paper = PAPER.get((kind, int(args.segment))) if args.data == "balanced" else None
     title = f"## PSL: {kind} labels, {args.segment:g} s chunks, alpha {args.alpha:g}, trained on {args.data}"
-    table = common.markdown_table(["method", "mAP %", "mAUC", "d'", "paper mAP % (AudioSet)", "paper d'"],
+    table = common.markdown_table(["method", "mAP %", "mAUC", "d'", common.paper_heading(corpus, "paper mAP %"),
+                                   "paper d'"],
                                   [[f"{kind}-{args.segment:g}s", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
                                     f"{m['dprime']:.3f}", *(map(str, paper) if paper else ("-", "-"))]])
     common.write_results(out, results, "\n\n".join([title, table, analysis_markdown(analysis, args.segment)
@@ -588,7 +599,8 @@ def run_table(args: argparse.Namespace) -> None:
                      f"{100 * r['mAP']:.2f}", f"{r['dprime']:.3f}", f"{r['mAUC']:.4f}", str(paper[0]), str(paper[1])])
     md = "\n".join([f"## PSL Table {args.table} on {'the synthetic corpus' if corpus.synthetic else corpus.root}, "
                     f"trained on {args.data}", "",
-                    common.markdown_table(["method", "alpha", "mAP %", "d'", "mAUC", "paper mAP % (AudioSet)",
+                    common.markdown_table(["method", "alpha", "mAP %", "d'", "mAUC",
+                                           common.paper_heading(corpus, "paper mAP %"),
                                            "paper d'"], rows)])
     out.mkdir(parents=True, exist_ok=True)
     common.write_results(out, {"table": args.table, "rows": rows}, md)

@@ -257,7 +257,7 @@ class MultiHeadAttentionPooling(nn.Module):
         self.head_weight = nn.Parameter(torch.full((heads,), 1.0 / heads))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, T)
-        with torch.autocast(x.device.type, enabled=False):  # pooled scores in fp32 (deviation 7)
+        with torch.autocast(x.device.type, enabled=False):  # pooled scores in fp32 (deviation 8)
             return self._pool(x.float())
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -442,12 +442,14 @@ def metrics(targets: np.ndarray, scores: np.ndarray, ok: np.ndarray | None = Non
 # =============================================================================================
 def ontology_matrices(labels: common.Labels, ontology: common.Ontology) -> tuple[np.ndarray, np.ndarray]:
     """(K, K) 0/1 matrices among the K classes: children[k, j] = j is a direct child of k (Type I
-    candidates); ancestors[k, j] = j is an ancestor of k through any chain of parents (Type II)."""
+    candidates); ancestors[k, j] = j is an ancestor of k through any chain of parents (Type II) that
+    crosses no abstract node (official code; deviation 7)."""
     k = len(labels)
     children, ancestors = np.zeros((k, k), np.float32), np.zeros((k, k), np.float32)
     for i, mid in enumerate(labels.mids):
         children[i, [labels.index[c] for c in ontology.children.get(mid, []) if c in labels.index]] = 1
-        ancestors[i, [labels.index[a] for a in ontology.ancestors(mid) if a in labels.index]] = 1
+        ancestors[i, [labels.index[a] for a in ontology.ancestors(mid, through_abstract=False)  # deviation 7
+                      if a in labels.index]] = 1
     return children, ancestors
 
 
@@ -703,7 +705,7 @@ def main(argv=None) -> dict:
           f"{args.mixup}, alpha {args.mixup_alpha}; labels {args.label_enhance}; {epochs_done} epochs, {step} steps, "
           f"{results['minutes']:.1f} min.\n\nEval set. Paper column: {args.data} AudioSet, EfficientNet-B2, the paper's row "
           f"with the same techniques: {name}; WA and checkpoint ensemble with all techniques (Tables IX, X).\n\n"
-          + common.markdown_table(["model", "mAP", "mAUC", "d'", "paper mAP"], rows)
+          + common.markdown_table(["model", "mAP", "mAUC", "d'", common.paper_heading(corpus, "paper mAP")], rows)
           + f"\n\nCheckpoint ensemble (Table X): {ce['models']} models, avg mAP {ce['avg_mAP']:.4f}, "
             f"best mAP {ce['best_mAP']:.4f}, ensemble mAP {ce['ensemble_mAP']:.4f}\n")
     if args.label_enhance != "none":

@@ -602,7 +602,7 @@ def test_psl_table_shares_teacher_and_writes_rows(psl_tiny, tmp_path):
     out = tmp_path / "table"
     psl.main(_argv(psl_tiny, out, "--table", "2", "--max-steps", "1"))
     md = (out / "results.md").read_text()
-    assert all(r in md for r in ("weak-10s", "PSL-10s", "PSL-5s", "PSL-2s", "35.48"))
+    assert all(r in md for r in ("weak-10s", "PSL-10s", "PSL-5s", "PSL-2s", "35.48", "not comparable"))
     assert len(list((out / "teacher_full_synth").glob("final.pt"))) == 1
     assert len(list((out / "teacher_full_synth" / "relabel").glob("*.npy"))) == 3
 
@@ -1131,6 +1131,8 @@ def test_damaged_clips_are_skipped_counted_and_reported(damaged_root, tmp_path):
                    "--epochs", "1", "--batch-size", "32", "--amp", "bf16"))  # + item 6: the CPU bf16 path
     res = json.loads((out / "results.json").read_text())
     assert np.isfinite(res["mAP"]) and res["skipped_clips"]["relabel_clips"] == 6
+    # item 11: no synth.json, but *_true.tsv and strong_*.tsv are there: the truth checks run
+    assert {"clip_vs_true", "chunk_vs_true_strong"} <= set(res["analysis"])
     teacher = json.loads((tmp_path / "teacher_full_corpus").joinpath("results.json").read_text())
     assert np.isfinite(teacher["mAP"])
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
@@ -1253,3 +1255,59 @@ def test_psl_unreadable_eval_clips_are_excluded(psl_tiny, tmp_path):
     m = psl.evaluate(model, corpus, corpus.eval, y, 2.0, args)
     ref = psl.evaluate(model, corpus, corpus.eval[1:], y[1:], 2.0, args)
     assert m["skipped_clips"] == 1 and m["mAP"] == pytest.approx(ref["mAP"], abs=1e-7)
+
+
+def test_read_strong_audioset_format_and_match_by_youtube_id(tmp_path):
+    """Item 12: AudioSet's own strong file (segment ids, comma or tab, with or without a header)
+    matches manifest rows by YouTube id, as prepare matches clips; no event is lost."""
+    rows = [("audio/eval/Yb0RFKhbpFJA_30.000_40.000.wav", ["/m/09x0r"]), ("audio/eval/abcdefghijk.flac", [])]
+    (tmp_path / "as.tsv").write_text("segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
+                                     "b0RFKhbpFJA_30000\t0.000\t1.500\t/m/09x0r\n"
+                                     "abcdefghijk_10000\t2.0\t3.0\t/m/05zppz\n")
+    (tmp_path / "nohead.csv").write_text("b0RFKhbpFJA_30000,0.5,1.0,/m/09x0r\nunknownid12_0,0,1,/m/09x0r\n")
+    got = C.match_strong(C.read_strong(tmp_path / "as.tsv"), rows)
+    assert got == {rows[0][0]: [(0.0, 1.5, "/m/09x0r")], rows[1][0]: [(2.0, 3.0, "/m/05zppz")]}
+    nohead = C.read_strong(tmp_path / "nohead.csv")
+    assert len(nohead) == 2 and C.match_strong(nohead, rows) == {rows[0][0]: [(0.5, 1.0, "/m/09x0r")]}
+    ours = {"audio/x/balanced_train_00001.wav": [(0.0, 1.0, "m")]}  # our own ids: exact match only
+    assert C.match_strong(ours, [("audio/x/balanced_train_00001.wav", []), ("audio/x/balanced_train_00002.wav", [])]) == ours
+    (tmp_path / "bad.tsv").write_text("a\t0\t1\tm\nb\tzero\t1\tm\n")
+    with pytest.raises(C.DataError, match="bad.tsv:2"):
+        C.read_strong(tmp_path / "bad.tsv")
+
+
+def test_psl_chunk_truth_on_the_real_ontology(tmp_path):
+    """Item 13: ancestors that are not classes (Human voice, Human sounds) are skipped, no KeyError;
+    with true clip labels, only the ancestors among them are added."""
+    labels = C.read_class_labels(C.AUDIOSET_META / "class_labels_indices.csv")
+    onto = C.read_ontology(C.AUDIOSET_META / "ontology.json")
+    rows = [("a.wav", ["/m/05zppz"]), ("b.wav", ["/m/05zppz"])]
+    strong = {"a.wav": [(0.0, 1.0, "/m/05zppz")], "b.wav": [(0.0, 1.0, "/m/05zppz")]}
+    corpus = C.Corpus(tmp_path, labels, onto, rows, None, [], synthetic=False, strong=strong,
+                      true={"b.wav": ["/m/05zppz"]})  # b: truth without its parent Speech
+    ds = C.SegmentDataset(tmp_path, rows, np.zeros((2, 1), np.float32), 2.0, durations=[4.0, 4.0])
+    y = psl.chunk_truth(corpus, rows, ds)
+    names = lambda r: sorted(labels.names[j] for j in np.flatnonzero(r))
+    assert names(y[0]) == ["Male speech, man speaking", "Speech"] and names(y[1]) == []
+    assert names(y[2]) == ["Male speech, man speaking"]
+
+
+def test_psla_type2_ancestors_stop_at_abstract_nodes():
+    """Item 7: on the real ontology, Type II candidates do not cross abstract nodes (official code):
+    Music is a candidate parent of 81 classes, not 149 (68 were reached through abstract nodes)."""
+    labels = C.read_class_labels(C.AUDIOSET_META / "class_labels_indices.csv")
+    onto = C.read_ontology(C.AUDIOSET_META / "ontology.json")
+    assert len(onto.abstract) == 22
+    _, anc = psla.ontology_matrices(labels, onto)
+    music = labels.mids.index("/m/04rlf")
+    assert int(anc[:, music].sum()) == 81 and int(anc.sum()) == 767
+    assert sum(music_mid == "/m/04rlf" for m in labels.mids for music_mid in onto.ancestors(m)) == 149
+
+
+def test_paper_column_is_flagged_off_audioset(tiny_root):
+    """Item 17: the paper's AudioSet numbers are headed 'not comparable' on any other corpus."""
+    corpus = C.load_corpus(str(tiny_root))
+    assert C.paper_heading(corpus, "paper mAP") == "paper mAP (AudioSet, not comparable)"
+    real = C.Corpus(tiny_root, C.Labels([str(i) for i in range(527)], [""] * 527), C.Ontology({}, {}, {}),
+                    [], None, [], synthetic=False)
+    assert C.paper_heading(real, "paper mAP") == "paper mAP (AudioSet)"
