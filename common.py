@@ -19,11 +19,13 @@ import argparse
 import contextlib
 import csv
 import fcntl
+import hashlib
 import importlib.util
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -50,6 +52,29 @@ TASKS_ROOT = HERE / "data" / "synth_tasks"
 # =============================================================================================
 # Run helpers: arguments, seeding, device, AMP, DDP, logging, results
 # =============================================================================================
+def number(kind=float, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+           hi_open: bool = False):
+    """argparse type: a finite int/float within [lo, hi] (open ends with lo_open/hi_open); a bad value
+    is a one-line usage error at parse time, before anything is written."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or \
+                (hi is not None and (v >= hi if hi_open else v > hi)):
+            rng = (("(" if lo_open or lo is None else "[") + ("-inf" if lo is None else f"{lo:g}") + ", "
+                   + ("inf" if hi is None else f"{hi:g}") + (")" if hi_open or hi is None else "]"))
+            raise argparse.ArgumentTypeError(f"{text} is outside {rng}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT, NONNEG_INT = number(int, 1), number(int, 0)
+POSITIVE, NONNEG, FRACTION = number(float, 0, lo_open=True), number(float, 0), number(float, 0, 1)
+
+
 def add_common_args(p: argparse.ArgumentParser, script: str) -> None:
     """The flags every script shares (DESIGN.md, 'common flags'). Paper values are set by scripts."""
     g = p.add_argument_group("common")
@@ -63,18 +88,35 @@ def add_common_args(p: argparse.ArgumentParser, script: str) -> None:
     g.add_argument("--amp", type=str, default="auto", choices=["auto", "none", "bf16", "fp16"],
                    help="autocast precision; auto = bf16 on CUDA, none elsewhere")
     g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    g.add_argument("--max-steps", type=int, default=None, help="stop each training stage after this many steps (smoke runs)")
+    g.add_argument("--workers", type=NONNEG_INT, default=2, help="DataLoader worker processes")
+    g.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="stop each training stage after this many steps (smoke runs)")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the run folder's checkpoints (stages whose output exists are skipped)")
-    g.add_argument("--synth-scale", type=float, default=1.0, help="size of the synthetic corpus (1.0 ~ 1,600 clips)")
-    g.add_argument("--synth-clip-seconds", type=float, default=10.0, help="clip length of the synthetic corpus")
+    g.add_argument("--synth-scale", type=POSITIVE, default=1.0, help="size of the synthetic corpus (1.0 ~ 1,600 clips)")
+    g.add_argument("--synth-clip-seconds", type=POSITIVE, default=10.0, help="clip length of the synthetic corpus")
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global RNG state a run draws from (torch CPU and CUDA, numpy, Python), for checkpoints:
+    restoring it makes a resumed run continue exactly as an uninterrupted one."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded with map_location may have moved it
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def seed_worker(worker_id: int) -> None:
@@ -142,6 +184,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def barrier() -> None:
+    """Wait for every rank (after a rank-0 write that the others read next); a no-op without DDP."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 class RunLogger:
     """One compact stdout line and one JSON line in out/log.jsonl per call (rank 0 only)."""
 
@@ -157,11 +205,99 @@ class RunLogger:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in record.items() if k != "time"), flush=True)
 
+    def log_once(self, record: dict, keys: tuple[str, ...]) -> None:
+        """Log `record` unless a line with the same values of `keys` is there already (a resumed run
+        writes the line of its last checkpoint that a kill kept from the log; never twice)."""
+        if not is_main():
+            return
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        if not any(all(json.loads(l).get(k) == record.get(k) for k in keys) for l in lines if l.strip()):
+            self.log(record)
+
 
 def save_config(out: str | Path, args: argparse.Namespace) -> None:
     if is_main():
         Path(out).mkdir(parents=True, exist_ok=True)
         write_json(Path(out) / "config.json", vars(args))
+
+
+# Run identity: a run folder (and a shared stage) is keyed by every setting that changes its results.
+IDENTITY_IGNORED = {"out", "name", "device", "workers", "resume", "max_steps", "table", "teacher_dir"}
+
+
+def run_settings(args: argparse.Namespace | dict, ignore=()) -> dict:
+    """The result-affecting settings of a run: every flag but where it runs and how it is called
+    (IDENTITY_IGNORED, plus `ignore`), JSON-normalised so that a saved copy compares equal."""
+    d = vars(args) if isinstance(args, argparse.Namespace) else args
+    keep = {k: v for k, v in sorted(d.items()) if k not in IDENTITY_IGNORED | set(ignore)}
+    return json.loads(json.dumps(keep, default=str))
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _flag_diff(old: dict, new: dict) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(f"--{k.replace('_', '-')} {old.get(k, '(unset)')} (now {new.get(k, '(unset)')})" for k in keys)
+
+
+def claim_run_folder(out: str | Path, settings: dict, resume: bool, what: str = "run") -> None:
+    """Before a run writes anything: refuse to resume a folder made with other settings (one line
+    naming the differing flags); with resume off, start afresh by removing a folder this program
+    made (it has our config.json with an identity), never anything else."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
+    cfg = out / "config.json"
+    old = json.loads(cfg.read_text()).get("identity") if cfg.exists() else None
+    if old is not None and old != settings and resume:
+        raise DataError(f"{out}: this {what} was made with other settings: {_flag_diff(old, settings)}; "
+                        f"use another --out, or --no-resume to start it afresh")
+    if not resume and old is not None and is_main():
+        for p in out.iterdir():  # our own outputs; the lock file is kept (held by this run)
+            if p.name != ".lock":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def save_run_config(out: str | Path, args: argparse.Namespace, settings: dict) -> None:
+    """config.json = every flag + the identity (settings and their hash) that claim_run_folder checks."""
+    if is_main():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(out) / "config.json", {**vars(args), "identity": settings,
+                                               "identity_hash": settings_hash(settings)})
+
+
+class RunLock:
+    """An exclusive lock on a run folder (out/.lock, flock): a second run on the same folder is
+    refused with one line while the first holds it; released when the process ends."""
+
+    def __init__(self, out: str | Path):
+        self.path = Path(out) / ".lock"
+        self.file = None
+
+    def __enter__(self):
+        if not is_main():
+            return self
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise DataError(f"{self.path.parent}: cannot write the run folder ({e.strerror})") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            self.file = None
+            raise DataError(f"{self.path.parent}: in use by another run (lock {self.path}); wait for it "
+                            f"or use another --out") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -532,13 +668,16 @@ def pad_collate(batch):
 
 
 def make_loader(dataset, batch_size: int, sampler=None, shuffle: bool = False, workers: int = 2,
-                seed: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
+                seed: int = 0, drop_last: bool = False, persistent: bool | None = None) -> torch.utils.data.DataLoader:
+    """persistent False: fresh workers every epoch, so that re-seeding `loader.generator` per epoch
+    fixes the epoch's order and worker seeds (exact resume)."""
     g = torch.Generator()
     g.manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
         num_workers=workers, collate_fn=pad_collate, worker_init_fn=seed_worker, generator=g,
-        persistent_workers=workers > 0, drop_last=drop_last, pin_memory=torch.cuda.is_available())
+        persistent_workers=workers > 0 if persistent is None else persistent and workers > 0,
+        drop_last=drop_last, pin_memory=torch.cuda.is_available())
 
 
 def clip_durations(root: str | Path, rows: list, default: float = 10.0) -> list[float]:
@@ -1189,6 +1328,9 @@ class TopKCheckpoints:
         self.folder, self.k, self.sign, self.prefix = Path(folder), k, 1 if mode == "max" else -1, prefix
         self.index = self.folder / f"{prefix}k.json"
         self.entries: list[tuple[float, str]] = json.loads(self.index.read_text()) if self.index.exists() else []
+        if is_main():  # a kill during a write leaves a temp file: never part of the list, removed
+            for tmp in self.folder.glob(f"{prefix}_step*.pt.tmp"):
+                tmp.unlink(missing_ok=True)
 
     @property
     def paths(self) -> list[Path]:
@@ -1203,7 +1345,8 @@ class TopKCheckpoints:
         kept = [e for e in self.entries if e[1] != name]  # a resumed run may re-evaluate the same step
         self.entries = sorted(kept + [(float(metric), name)], key=lambda e: -self.sign * e[0])
         for _, old in self.entries[self.k:]:
-            (self.folder / old).unlink(missing_ok=True)
+            if is_main():  # only the rank that writes checkpoints deletes them
+                (self.folder / old).unlink(missing_ok=True)
         self.entries = self.entries[: self.k]
         if is_main():
             write_json(self.index, self.entries)

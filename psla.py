@@ -38,6 +38,12 @@ Deviations from the paper and the official code (numbered as in the README):
     normalisation); the official code fills with 0 before normalisation (= +1.02 after it).
  6. Fbank mean/std: AudioSet's (-4.6476 / 4.5699) for 527-class corpora, otherwise computed on
     the training clips and stored in the run (and in every checkpoint).
+ 7. Mix-up partners are drawn uniformly from the training set in the loader (Algorithm 1).
+ 8. Type II label enhancement adds ancestors reached without crossing an abstract ontology node
+    (the official code; the paper says "ancestors"): on the real ontology "Music" is a candidate
+    parent of 81 classes, not 149.
+ 9. Precision: with autocast (bf16 by default on CUDA) the backbone runs in reduced precision, the
+    attention pooling and every saved or ranked score in fp32; fp16 uses loss scaling.
 """
 from __future__ import annotations
 
@@ -99,49 +105,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_common_args(p, "psla")
     g = p.add_argument_group("model (Sec. II-C)")
     g.add_argument("--effnet", type=int, default=2, choices=range(8), help="EfficientNet-B<n> backbone (paper: B2)")
-    g.add_argument("--heads", type=int, default=4, help="attention pooling heads (paper: 4)")
-    g.add_argument("--drop-connect", type=float, default=0.2, help="stochastic depth rate of the MBConv blocks")
+    g.add_argument("--heads", type=common.POSITIVE_INT, default=4, help="attention pooling heads (paper: 4)")
+    g.add_argument("--drop-connect", type=common.number(float, 0, 1, hi_open=True), default=0.2, help="stochastic depth rate of the MBConv blocks")
     g.add_argument("--imagenet", type=str, default=None,
                    help="Sec. III: torchvision EfficientNet ImageNet state dict (a path, or 'url' to download); "
                         "every layer but the 1-channel stem and the head is loaded. Default: from scratch")
     g = p.add_argument_group("front-end (Sec. II-C)")
-    g.add_argument("--n-mels", type=int, default=128, help="fbank bins (25 ms Hanning window, 10 ms hop)")
-    g.add_argument("--target-length", type=int, default=1056, help="frames per clip (pad / cut)")
-    g.add_argument("--norm", type=float, nargs=2, default=None, metavar=("MEAN", "STD"),
+    g.add_argument("--n-mels", type=common.POSITIVE_INT, default=128, help="fbank bins (25 ms Hanning window, 10 ms hop)")
+    g.add_argument("--target-length", type=common.POSITIVE_INT, default=1056, help="frames per clip (pad / cut)")
+    g.add_argument("--norm", type=common.number(float), nargs=2, default=None, metavar=("MEAN", "STD"),
                    help="fbank normalisation; default AudioSet's for 527 classes, else computed on the training set")
     g = p.add_argument_group("sampling and augmentation (Sec. IV, Algorithm 1)")
     g.add_argument("--balanced-sampling", action=argparse.BooleanOptionalAction, default=None,
                    help="Algorithm 1 weighted sampling with replacement (default: on for full/300h, off for balanced)")
-    g.add_argument("--freqm", type=int, default=48, help="max frequency mask width F (IV-B); 0 = off")
-    g.add_argument("--timem", type=int, default=192, help="max time mask width T (IV-B); 0 = off")
-    g.add_argument("--mixup", type=float, default=0.5, help="mix-up rate M (IV-C, Table V); 0 = off")
+    g.add_argument("--freqm", type=common.NONNEG_INT, default=48, help="max frequency mask width F (IV-B); 0 = off")
+    g.add_argument("--timem", type=common.NONNEG_INT, default=192, help="max time mask width T (IV-B); 0 = off")
+    g.add_argument("--mixup", type=common.FRACTION, default=0.5, help="mix-up rate M (IV-C, Table V); 0 = off")
     g.add_argument("--no-mixup", dest="mixup", action="store_const", const=0.0, help="same as --mixup 0")
-    g.add_argument("--mixup-alpha", type=float, default=10.0, help="lambda ~ Beta(alpha, alpha) (Table VI)")
+    g.add_argument("--mixup-alpha", type=common.POSITIVE, default=10.0, help="lambda ~ Beta(alpha, alpha) (Table VI)")
     g = p.add_argument_group("label enhancement (Sec. V, Algorithm 2)")
     g.add_argument("--label-enhance", type=str, default="none", choices=["none", "type1", "type2", "type12"],
                    help="add direct children (Type I), ancestors (Type II) or both, where the teacher scores "
                         "above the class threshold")
     g.add_argument("--teacher", type=str, default=None, help="run folder of the teacher model (its wa.pt or last.pt)")
     g = p.add_argument_group("optimisation (Sec. II-B); unset = the paper's values, scaled on the synthetic corpus")
-    g.add_argument("--epochs", type=int, default=None, help="60 balanced / 30 full")
-    g.add_argument("--batch-size", type=int, default=None, help="100")
-    g.add_argument("--lr", type=float, default=None, help="1e-3 balanced / 1e-4 full")
-    g.add_argument("--lr-decay-start", type=int, default=None, help="halve the LR after this epoch (35 / 10)")
-    g.add_argument("--lr-decay-every", type=int, default=None, help="... and every this many epochs (5)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear LR warm-up iterations (1000)")
-    g.add_argument("--weight-decay", type=float, default=5e-7, help="Adam weight decay")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.95, 0.999), help="Adam betas")
+    g.add_argument("--epochs", type=common.POSITIVE_INT, default=None, help="60 balanced / 30 full")
+    g.add_argument("--batch-size", type=common.POSITIVE_INT, default=None, help="100")
+    g.add_argument("--lr", type=common.POSITIVE, default=None, help="1e-3 balanced / 1e-4 full")
+    g.add_argument("--lr-decay-start", type=common.NONNEG_INT, default=None, help="halve the LR after this epoch (35 / 10)")
+    g.add_argument("--lr-decay-every", type=common.POSITIVE_INT, default=None, help="... and every this many epochs (5)")
+    g.add_argument("--warmup-steps", type=common.NONNEG_INT, default=None, help="linear LR warm-up iterations (1000)")
+    g.add_argument("--weight-decay", type=common.NONNEG, default=5e-7, help="Adam weight decay")
+    g.add_argument("--betas", type=common.number(float, 0, 1, hi_open=True), nargs=2, default=(0.95, 0.999), help="Adam betas")
     g = p.add_argument_group("aggregation (Sec. VI)")
-    g.add_argument("--wa-start", type=int, default=None,
+    g.add_argument("--wa-start", type=common.POSITIVE_INT, default=None,
                    help="weight averaging from this epoch to the last (default: the first epoch at 1/4 LR)")
-    g.add_argument("--last-n", type=int, default=None, help="report the mean eval metrics of the last n epochs (5)")
+    g.add_argument("--last-n", type=common.POSITIVE_INT, default=None, help="report the mean eval metrics of the last n epochs (5)")
     args = p.parse_args(argv)
     if args.label_enhance != "none" and args.teacher is None:
         p.error("--label-enhance needs --teacher RUN_DIR")
+    if args.norm is not None and args.norm[1] <= 0:
+        p.error(f"--norm: the std must be positive, got {args.norm[1]}")
     return args
 
 
-def resolve_schedule(args: argparse.Namespace, synthetic: bool) -> None:
+def resolve_schedule(args: argparse.Namespace, synthetic: bool, root: Path | None = None) -> None:
     """Derived values, computed once: unset optimisation flags take the paper's (or scaled) values."""
     preset = SYNTH_SCHEDULE if synthetic else PAPER_SCHEDULE[args.data]
     for k, v in preset.items():
@@ -152,7 +160,8 @@ def resolve_schedule(args: argparse.Namespace, synthetic: bool) -> None:
     if args.wa_start is None:  # first epoch whose LR is 1/4 of the initial one (41 / 16 in the paper)
         args.wa_start = min(args.lr_decay_start + args.lr_decay_every + 1, args.epochs)
     if args.name is None:
-        args.name = f"b{args.effnet}_{args.data}" + ("" if args.label_enhance == "none" else f"_{args.label_enhance}")
+        corpus = "" if args.data_root is None or root is None else f"{Path(root).name}_"  # item 15
+        args.name = f"{corpus}b{args.effnet}_{args.data}" + ("" if args.label_enhance == "none" else f"_{args.label_enhance}")
     if args.out is None:
         args.out = f"runs/psla/{args.name}"
 
@@ -257,7 +266,7 @@ class MultiHeadAttentionPooling(nn.Module):
         self.head_weight = nn.Parameter(torch.full((heads,), 1.0 / heads))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, T)
-        with torch.autocast(x.device.type, enabled=False):  # pooled scores in fp32 (deviation 8)
+        with torch.autocast(x.device.type, enabled=False):  # pooled scores in fp32 (deviation 9)
             return self._pool(x.float())
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -443,12 +452,12 @@ def metrics(targets: np.ndarray, scores: np.ndarray, ok: np.ndarray | None = Non
 def ontology_matrices(labels: common.Labels, ontology: common.Ontology) -> tuple[np.ndarray, np.ndarray]:
     """(K, K) 0/1 matrices among the K classes: children[k, j] = j is a direct child of k (Type I
     candidates); ancestors[k, j] = j is an ancestor of k through any chain of parents (Type II) that
-    crosses no abstract node (official code; deviation 7)."""
+    crosses no abstract node (official code; deviation 8)."""
     k = len(labels)
     children, ancestors = np.zeros((k, k), np.float32), np.zeros((k, k), np.float32)
     for i, mid in enumerate(labels.mids):
         children[i, [labels.index[c] for c in ontology.children.get(mid, []) if c in labels.index]] = 1
-        ancestors[i, [labels.index[a] for a in ontology.ancestors(mid, through_abstract=False)  # deviation 7
+        ancestors[i, [labels.index[a] for a in ontology.ancestors(mid, through_abstract=False)  # deviation 8
                       if a in labels.index]] = 1
     return children, ancestors
 
@@ -475,16 +484,25 @@ def enhance_labels(scores: np.ndarray, targets: np.ndarray, labels: common.Label
     return (pos | added).astype(np.float32), thresholds
 
 
+def teacher_checkpoint(args) -> tuple[Path, dict]:
+    """The teacher run's wa.pt (else last.pt), checked to be a psla.py checkpoint."""
+    ckpt = next((Path(args.teacher) / f for f in ("wa.pt", "last.pt") if (Path(args.teacher) / f).exists()), None)
+    if ckpt is None:
+        raise common.DataError(f"--teacher {args.teacher}: no wa.pt or last.pt (not a psla.py run, or unfinished)")
+    saved = common.load_checkpoint(ckpt)
+    if not isinstance(saved, dict) or "config" not in saved or "model" not in saved:
+        raise common.DataError(f"--teacher {args.teacher}: {ckpt.name} is not a psla.py checkpoint"
+                               + (" (a psl.py one)" if isinstance(saved, dict) and "state" in saved else ""))
+    return ckpt, saved
+
+
 def label_enhancement(args, corpus: common.Corpus, out: Path, device, amp) -> list:
     """Sec. V: score the training clips with the teacher, enhance their labels (Types I, II and
     both, for Table VIII), write the chosen set as a manifest and return its rows."""
     path = out / f"train_{args.label_enhance}.tsv"
     if path.exists() and args.resume:
         return common.read_manifest(path)
-    ckpt = next((Path(args.teacher) / f for f in ("wa.pt", "last.pt") if (Path(args.teacher) / f).exists()), None)
-    if ckpt is None:
-        raise common.DataError(f"{args.teacher}: no wa.pt or last.pt (train the teacher first)")
-    saved = common.load_checkpoint(ckpt)
+    ckpt, saved = teacher_checkpoint(args)
     teacher = build_model(saved["config"]).to(device)
     teacher.load_state_dict(saved["model"])
     targets = corpus.targets(corpus.train)
@@ -539,6 +557,8 @@ def ensemble_main(argv: list[str]) -> dict:
     a = p.parse_args(argv)
     preds, targets = [], None
     for run in map(Path, a.runs):
+        if not (run / "preds" / "eval_targets.npy").exists() or not (run / "results.json").exists():
+            raise common.DataError(f"{run}: not a finished psla.py run (no results.json and preds/)")
         res = json.loads((run / "results.json").read_text())
         t = np.load(run / "preds" / "eval_targets.npy")
         if targets is not None and t.shape != targets.shape:
@@ -576,10 +596,32 @@ def main(argv=None) -> dict:
         return ensemble_main(argv[1:])
     args = parse_args(argv)
     common.seed_everything(args.seed)
+    corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
+    resolve_schedule(args, corpus.synthetic, corpus.root)
+    settings = run_identity(args, corpus)
+    if args.teacher:
+        teacher_checkpoint(args)  # a bad --teacher fails before anything is written
+    with common.RunLock(args.out):  # a second run on this folder is refused while this one runs
+        common.claim_run_folder(args.out, settings, args.resume)
+        return train_and_evaluate(args, corpus, settings)
+
+
+def run_identity(args, corpus: common.Corpus) -> dict:
+    """Every result-affecting setting of this run, the corpus as a resolved path, and the teacher
+    (its own identity, or its checkpoint file's size and time) for label enhancement."""
+    settings = common.run_settings(args) | {"data_root": str(corpus.root.resolve())}
+    if args.teacher:
+        t = Path(args.teacher)
+        cfg = t / "config.json"
+        settings["teacher"] = str(t.resolve())
+        settings["teacher_identity"] = (json.loads(cfg.read_text()).get("identity_hash") if cfg.exists() else None) \
+            or [(f, (t / f).stat().st_size, (t / f).stat().st_mtime_ns) for f in ("wa.pt", "last.pt") if (t / f).exists()]
+    return settings
+
+
+def train_and_evaluate(args, corpus: common.Corpus, settings: dict) -> dict:
     device = common.pick_device(args.device)
     amp = common.amp_dtype(device, args.amp)
-    corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
-    resolve_schedule(args, corpus.synthetic)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "preds").mkdir(exist_ok=True)
@@ -601,7 +643,7 @@ def main(argv=None) -> dict:
                       target_length=args.target_length, norm=tuple(norm), freqm=args.freqm, timem=args.timem,
                       drop_connect=args.drop_connect)
     args.norm = list(config["norm"])
-    common.save_config(out, args)
+    common.save_run_config(out, args, settings)
     model = build_model(config).to(device)
     if state is None and args.imagenet:
         load_imagenet(model, args.imagenet)
@@ -616,24 +658,29 @@ def main(argv=None) -> dict:
     sampler = common.WeightedSampler(common.generate_sampling_weights(train_targets), seed=args.seed) \
         if args.balanced_sampling else None
     train_loader = common.make_loader(train_set, args.batch_size, sampler=sampler, shuffle=sampler is None,
-                                      workers=args.workers, seed=args.seed)
+                                      workers=args.workers, seed=args.seed, persistent=False)
     splits = {"eval": corpus.eval} | ({"valid": corpus.valid} if corpus.valid else {})
     eval_sets = {k: (common.make_loader(common.ClipDataset(corpus.root, rows, corpus.targets(rows)), 2 * args.batch_size,
                                         workers=args.workers), corpus.targets(rows)) for k, rows in splits.items()}
     np.save(out / "preds" / "eval_targets.npy", eval_sets["eval"][1])
 
     # ---- training (Sec. II-B), resumable per epoch
-    epoch0, step, history = 0, 0, []
+    epoch0, step, history, minutes0 = 0, 0, [], 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         epoch0, step, history = state["epoch"], state["step"], state["history"]
+        minutes0 = state.get("minutes", 0.0)  # time of the earlier attempts
+        common.set_rng_state(state.get("rng"))  # masking, mix-up, drop-connect continue exactly
+        if history:  # the line of this checkpoint, if a kill came between last.pt and the log
+            log.log_once(history[-1], ("epoch",))
         print(f"resumed from {last} at epoch {epoch0}")
     for epoch in range(epoch0 + 1, args.epochs + 1):
         if sampler is not None:
             sampler.set_epoch(epoch)
+        train_loader.generator.manual_seed(args.seed * 100_003 + epoch)  # the epoch's order, resume-safe
         lr = learning_rate(args, epoch, step)
         step, loss, skipped = train_epoch(model, train_loader, optimizer, args, epoch, step, device, amp, scaler)
         record = {"epoch": epoch, "step": step, "lr": lr, "train/loss": loss, "train/skipped": skipped}
@@ -645,7 +692,6 @@ def main(argv=None) -> dict:
             if split == "eval":
                 np.save(out / "preds" / f"eval_e{epoch:03d}.npy", scores)
         history.append(record)
-        log.log(record)
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "step": step,
                 "history": history, "config": config, "args": vars(args)}
@@ -655,7 +701,8 @@ def main(argv=None) -> dict:
         best = max(history, key=lambda r: r[select] if select != "train/loss" else -r[select])
         if best["epoch"] == epoch:
             common.save_checkpoint(out / "best.pt", {**ckpt, "optimizer": None})
-        common.save_checkpoint(last, ckpt)
+        common.save_checkpoint(last, {**ckpt, "rng": common.rng_state(), "minutes": minutes0 + (time.time() - t0) / 60})
+        log.log(record)  # after last.pt: a kill in between loses this line, never doubles it
         if args.max_steps and step >= args.max_steps:
             break
     epochs_done = history[-1]["epoch"]
@@ -684,7 +731,7 @@ def main(argv=None) -> dict:
     results["checkpoint_ensemble"] = ensemble(preds, targets)
     results["last_AP"] = metrics(targets, preds[-1])["AP"]
     results |= {"epochs": epochs_done, "best_epoch": best["epoch"], "steps": step, "parameters": count_parameters(model),
-                "classes": corpus.labels.names, "minutes": (time.time() - t0) / 60, "config": vars(args),
+                "classes": corpus.labels.names, "minutes": minutes0 + (time.time() - t0) / 60, "config": vars(args),
                 "skipped_clips": {k.split("/")[0]: v for k, v in history[-1].items() if k.endswith("/skipped")}}
     if args.label_enhance != "none":
         results["label_enhancement"] = json.loads((out / "label_enhancement.json").read_text())
@@ -722,5 +769,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except common.DataError as e:
+    except common.DataError as e:  # bad input: one line, non-zero exit
         sys.exit(f"error: {e}")

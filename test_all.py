@@ -560,9 +560,9 @@ def test_psl_all_stages_save_reload_predict(psl_tiny, tmp_path, capsys):
     a = res["analysis"]
     assert sum(a["labels_per_clip"].values()) == 24 and 0 <= a["mean_coverage"] <= 1
     assert set(a["chunk_vs_true_strong"]["pseudo"]) == {"precision", "recall"}
-    teacher = tmp_path / "teacher_full_synth"
-    assert (teacher / "final.pt").exists() and (teacher / "relabel" / "final_balanced_2s.npy").exists()
-    assert np.load(teacher / "relabel" / "final_balanced_2s.npy").shape == (48, 30)  # 24 clips x 2 chunks
+    (teacher,) = tmp_path.glob("teacher_full_synth_*")  # named by the hash of the MA's settings
+    (cache,) = (teacher / "relabel").glob("final_balanced_2s_*.npy")
+    assert (teacher / "final.pt").exists() and np.load(cache).shape == (48, 30)  # 24 clips x 2 chunks
     # reload the averaged student from its checkpoint alone and evaluate it again: same numbers
     ck = C.load_checkpoint(out / "student" / "final.pt")
     model = psl.build_model(ck)
@@ -581,7 +581,7 @@ def test_psl_weak_baseline_needs_no_teacher(psl_tiny, tmp_path):
     psl.main(_argv(psl_tiny, out, "--labels", "weak", "--segment", "4", "--max-steps", "1"))
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == "weak" and res["alpha"] == 0 and res["analysis"] is None
-    assert not (tmp_path / "teacher_full_synth").exists()
+    assert not list(tmp_path.glob("teacher_*"))
 
 
 def test_psl_student_resumes_mid_training(psl_tiny, tmp_path, capsys):
@@ -603,8 +603,8 @@ def test_psl_table_shares_teacher_and_writes_rows(psl_tiny, tmp_path):
     psl.main(_argv(psl_tiny, out, "--table", "2", "--max-steps", "1"))
     md = (out / "results.md").read_text()
     assert all(r in md for r in ("weak-10s", "PSL-10s", "PSL-5s", "PSL-2s", "35.48", "not comparable"))
-    assert len(list((out / "teacher_full_synth").glob("final.pt"))) == 1
-    assert len(list((out / "teacher_full_synth" / "relabel").glob("*.npy"))) == 3
+    (teacher,) = out.glob("teacher_full_synth_*")  # one MA shared by the rows
+    assert len(list((teacher / "relabel").glob("*.npy"))) == 3
 
 
 # =============================================================================================
@@ -1133,7 +1133,7 @@ def test_damaged_clips_are_skipped_counted_and_reported(damaged_root, tmp_path):
     assert np.isfinite(res["mAP"]) and res["skipped_clips"]["relabel_clips"] == 6
     # item 11: no synth.json, but *_true.tsv and strong_*.tsv are there: the truth checks run
     assert {"clip_vs_true", "chunk_vs_true_strong"} <= set(res["analysis"])
-    teacher = json.loads((tmp_path / "teacher_full_corpus").joinpath("results.json").read_text())
+    teacher = json.loads(next(tmp_path.glob("teacher_full_corpus_*")).joinpath("results.json").read_text())
     assert np.isfinite(teacher["mAP"])
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert all("skipped" in r for r in log)
@@ -1311,3 +1311,171 @@ def test_paper_column_is_flagged_off_audioset(tiny_root):
     real = C.Corpus(tiny_root, C.Labels([str(i) for i in range(527)], [""] * 527), C.Ontology({}, {}, {}),
                     [], None, [], synthetic=False)
     assert C.paper_heading(real, "paper mAP") == "paper mAP (AudioSet)"
+
+
+def _psla_identity(root, argv):
+    a = psla.parse_args(argv)
+    corpus = C.load_corpus(str(root))
+    psla.resolve_schedule(a, corpus.synthetic, corpus.root)
+    return a, psla.run_identity(a, corpus)
+
+
+def test_run_identity_refuses_other_settings_and_no_resume_is_fresh(tiny_root, tmp_path):
+    """Run identity: a run folder made with other settings is refused with one line naming the flags
+    (psla --no-mixup after psla); --no-resume removes what an earlier run wrote there (and only a
+    folder this program made); the psl MA folder and relabel cache are keyed by their settings."""
+    out = tmp_path / "run"
+    base = ["--data-root", str(tiny_root), "--out", str(out), "--effnet", "0", "--workers", "0"]
+    a, settings = _psla_identity(tiny_root, base)
+    assert a.name == "synth_b0_balanced"  # item 15: the corpus is in the run name
+    C.save_run_config(out, a, settings)
+    (out / "log.jsonl").write_text("stale\n")
+    with pytest.raises(C.DataError, match=r"--mixup 0.5 \(now 0.0\)") as e:
+        psla.main(base + ["--no-mixup"])
+    assert "\n" not in str(e.value) and (out / "log.jsonl").read_text() == "stale\n"  # nothing written
+    with pytest.raises(C.DataError, match="--lr"):
+        psla.main(base + ["--lr", "0.5"])
+    C.claim_run_folder(out, settings, resume=True)  # same settings: resumes
+    C.claim_run_folder(out, {"other": 1}, resume=False)  # --no-resume: fresh
+    assert not (out / "log.jsonl").exists() and not (out / "config.json").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    C.claim_run_folder(mine, settings, resume=False)
+    assert (mine / "notes.txt").read_text() == "keep"  # never deletes what it did not make
+    # psl: the MA folder is named by the hash of its settings
+    corpus = C.load_corpus(str(tiny_root))
+    r = lambda *x: psl.resolve(psl.parse_args(["--data-root", str(tiny_root), "--out", str(out), *x]), corpus)
+    assert r().teacher_dir == r("--lr", "1e-3").teacher_dir  # lr 1e-3 is the synthetic default
+    assert len({r().teacher_dir, r("--teacher-epochs", "2").teacher_dir, r("--lr", "1e-4").teacher_dir,
+                r("--gain-db", "3").teacher_dir, r("--synth-scale", "0.5").teacher_dir}) == 5
+    assert r().teacher_dir == r("--alpha", "0.5", "--segment", "5").teacher_dir  # student flags: same MA
+
+
+def test_run_folder_lock_refuses_a_second_run(tiny_root, tmp_path):
+    out = tmp_path / "locked"
+    with C.RunLock(out):
+        with pytest.raises(C.DataError, match="in use by another run"):
+            psla.main(["--data-root", str(tiny_root), "--out", str(out), "--effnet", "0", "--workers", "0"])
+        with pytest.raises(C.DataError, match="in use by another run"):
+            psl.main(["--data-root", str(tiny_root), "--out", str(out), "--workers", "0"])
+    with C.RunLock(out):  # released
+        pass
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("psl", ["--segment", "-1"]), ("psl", ["--segment", "0"]), ("psl", ["--epochs", "-1"]),
+    ("psl", ["--batch-size", "0"]), ("psl", ["--lr", "nan"]), ("psl", ["--alpha", "2"]), ("psl", ["--top-k", "0"]),
+    ("psla", ["--batch-size", "0"]), ("psla", ["--epochs", "-1"]), ("psla", ["--lr", "nan"]),
+    ("psla", ["--mixup", "1.5"]), ("psla", ["--norm", "0", "0"]), ("psla", ["--workers", "-1"])])
+def test_bad_flags_are_one_line_usage_errors(script, argv, tmp_path, capsys):
+    """Bad input: every numeric flag is range-checked at parse time: exit 2, one error line, nothing written."""
+    with pytest.raises(SystemExit) as e:
+        {"psl": psl, "psla": psla}[script].main(argv + ["--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and ": error: argument --" in err[-1]
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "o").exists()
+
+
+def test_bad_inputs_are_one_line_errors_and_write_nothing(tiny_root, tmp_path):
+    """Bad input: the other script's checkpoints and runs are recognised; --out a file or under one."""
+    psla_ckpt = tmp_path / "wa.pt"
+    torch.save({"model": {}, "config": {}}, psla_ckpt)
+    with pytest.raises(C.DataError, match="psla.py one"):
+        psl.main(["predict", "--ckpt", str(psla_ckpt), "x.wav"])
+    psl_run = tmp_path / "pslrun"
+    psl_run.mkdir()
+    torch.save({"model": {}, "state": {}, "optimizer": {}}, psl_run / "last.pt")
+    base = ["--data-root", str(tiny_root), "--effnet", "0", "--workers", "0"]
+    with pytest.raises(C.DataError, match="a psl.py one"):
+        psla.main(base + ["--out", str(tmp_path / "le"), "--label-enhance", "type1", "--teacher", str(psl_run)])
+    assert not (tmp_path / "le").exists()
+    with pytest.raises(C.DataError, match="not a finished psla.py run"):
+        psla.main(["ensemble", str(psl_run), "--out", str(tmp_path / "ens")])
+    assert not (tmp_path / "ens").exists()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    for out in (a_file, a_file / "sub"):
+        for main in (psl.main, psla.main):
+            with pytest.raises(C.DataError) as e:
+                main(base[:2] + ["--workers", "0", "--out", str(out)])
+            assert "\n" not in str(e.value)
+    assert a_file.read_text() == "mine"
+
+
+def test_synth_root_never_deletes_a_users_files(tmp_path):
+    """Data safety: generating into a non-empty folder that is not a generated corpus/task set is
+    refused (one line) and its files stay."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    with pytest.raises(C.DataError, match="refusing to replace"):
+        C.make_synthetic_corpus(mine, scale=0.05, clip_seconds=1.0, workers=1, quiet=True)
+    synthetic = C.load_data_module("synthetic")
+    with pytest.raises(C.DataError, match="refusing to replace"):
+        synthetic.make_synthetic_tasks(mine, scale=0.05, workers=1, tasks=["sound_novel"])
+    assert (mine / "thesis.tex").read_text() == "keep" and len(list(mine.iterdir())) == 1
+
+
+def _kill_at(monkeypatch, obj, name, when):
+    """Make obj.name raise KeyboardInterrupt (as a SIGKILL would stop the run) when when(*args) is true."""
+    orig = getattr(obj, name)
+
+    def wrapped(*a, **k):
+        if when(*a, **k):
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+    monkeypatch.setattr(obj, name, wrapped)
+
+
+def test_psl_killed_mid_epoch_resumes_bit_identical(psl_tiny, tmp_path, monkeypatch):
+    """Exact resume: a student killed right after its step-2 checkpoint (mid-epoch: 6 steps per epoch)
+    and resumed ends with the same weights and mAP as the uninterrupted run, each log line once."""
+    argv = lambda out: _argv(psl_tiny, out, "--labels", "weak", "--segment", "2", "--max-steps", "4",
+                             "--eval-every", "2", "--top-k", "2")
+    torch.manual_seed(123)  # the global RNG state before a run must not matter either
+    ref = psl.main(argv(tmp_path / "ref"))
+    calls = []
+    _kill_at(monkeypatch, C.RunLogger, "log", lambda self, rec: calls.append(1) or len(calls) == 1)
+    with pytest.raises(KeyboardInterrupt):
+        psl.main(argv(tmp_path / "run"))
+    monkeypatch.undo()
+    torch.manual_seed(7)
+    psl.main(argv(tmp_path / "run"))
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert res["mAP"] == ref["mAP"] and res["student"] == ref["student"]
+    a, b = (C.load_checkpoint(tmp_path / r / "student" / "final.pt")["model"] for r in ("ref", "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]  # the step-2 line, kept from the log by the kill, is written on resume
+
+
+def test_psla_killed_mid_epoch_resumes_bit_identical(tiny_root, tmp_path, monkeypatch):
+    """Exact resume: killed in the middle of epoch 2 (mix-up, masking, drop-connect all draw random
+    numbers), the resumed run gives the uninterrupted run's history, WA weights and minutes add up."""
+    argv = lambda out: ["--data-root", str(tiny_root), "--out", str(out), "--effnet", "0", "--target-length", "64",
+                        "--epochs", "2", "--batch-size", "12", "--workers", "0", "--wa-start", "1"]
+    ref = psla.main(argv(tmp_path / "ref"))
+    _kill_at(monkeypatch, psla, "learning_rate", lambda args, epoch, step: epoch == 2 and step == ref["steps"] - 1)
+    with pytest.raises(KeyboardInterrupt):
+        psla.main(argv(tmp_path / "run"))
+    monkeypatch.undo()
+    res = psla.main(argv(tmp_path / "run"))
+    assert res["last_n"] == ref["last_n"] and res["wa"]["mAP"] == ref["wa"]["mAP"]
+    a, b = (C.load_checkpoint(tmp_path / r / "wa.pt")["model"] for r in ("ref", "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(l)["epoch"] for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_prepare_keeps_symlinked_clips_as_given(tmp_path):
+    """Item 16: a clip that is a symlink is written as the path given, not as its resolved target."""
+    csvs, clips, store = tmp_path / "csv", tmp_path / "clips", tmp_path / "store"
+    for d in (csvs, clips, store):
+        d.mkdir()
+    (csvs / "eval_segments.csv").write_text('# h\nevalclip001, 0.000, 10.000, "/m/09x0r"\n')
+    sf.write(store / "blob_1.wav", np.zeros(1600, np.float32), 16000)
+    (clips / "evalclip001.wav").symlink_to(store / "blob_1.wav")
+    C.load_data_module("prepare").prepare(csvs, clips, tmp_path / "out")
+    (row,) = C.read_manifest(tmp_path / "out" / "eval.tsv")
+    assert row[0] == "../clips/evalclip001.wav"
