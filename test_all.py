@@ -474,8 +474,10 @@ def test_topk_checkpoints_keep_best_and_survive_restart(tmp_path):
 def test_run_helpers(tmp_path, capsys):
     assert C.pick_device("auto").type in ("cpu", "cuda", "mps")
     assert C.amp_dtype(torch.device("cpu"), "auto") is None and C.amp_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
-    with C.autocast(torch.device("cpu"), torch.bfloat16):
-        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32  # a no-op on CPU
+    with C.autocast(torch.device("cpu"), None):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32  # --amp none / auto: a no-op on CPU
+    with C.autocast(torch.device("cpu"), torch.bfloat16):  # an explicit --amp bf16 is honoured on CPU (issue 13 item 6)
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
     log = C.RunLogger(tmp_path)
     log.log({"step": 1, "val/mAP": 0.25})
     assert json.loads((tmp_path / "log.jsonl").read_text())["val/mAP"] == 0.25
