@@ -19,11 +19,13 @@ import argparse
 import contextlib
 import csv
 import fcntl
+import hashlib
 import importlib.util
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -50,6 +52,29 @@ TASKS_ROOT = HERE / "data" / "synth_tasks"
 # =============================================================================================
 # Run helpers: arguments, seeding, device, AMP, DDP, logging, results
 # =============================================================================================
+def number(kind=float, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+           hi_open: bool = False):
+    """argparse type: a finite int/float within [lo, hi] (open ends with lo_open/hi_open); a bad value
+    is a one-line usage error at parse time, before anything is written."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or \
+                (hi is not None and (v >= hi if hi_open else v > hi)):
+            rng = (("(" if lo_open or lo is None else "[") + ("-inf" if lo is None else f"{lo:g}") + ", "
+                   + ("inf" if hi is None else f"{hi:g}") + (")" if hi_open or hi is None else "]"))
+            raise argparse.ArgumentTypeError(f"{text} is outside {rng}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT, NONNEG_INT = number(int, 1), number(int, 0)
+POSITIVE, NONNEG, FRACTION = number(float, 0, lo_open=True), number(float, 0), number(float, 0, 1)
+
+
 def add_common_args(p: argparse.ArgumentParser, script: str) -> None:
     """The flags every script shares (DESIGN.md, 'common flags'). Paper values are set by scripts."""
     g = p.add_argument_group("common")
@@ -63,18 +88,35 @@ def add_common_args(p: argparse.ArgumentParser, script: str) -> None:
     g.add_argument("--amp", type=str, default="auto", choices=["auto", "none", "bf16", "fp16"],
                    help="autocast precision; auto = bf16 on CUDA, none elsewhere")
     g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    g.add_argument("--max-steps", type=int, default=None, help="stop each training stage after this many steps (smoke runs)")
+    g.add_argument("--workers", type=NONNEG_INT, default=2, help="DataLoader worker processes")
+    g.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="stop each training stage after this many steps (smoke runs)")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the run folder's checkpoints (stages whose output exists are skipped)")
-    g.add_argument("--synth-scale", type=float, default=1.0, help="size of the synthetic corpus (1.0 ~ 1,600 clips)")
-    g.add_argument("--synth-clip-seconds", type=float, default=10.0, help="clip length of the synthetic corpus")
+    g.add_argument("--synth-scale", type=POSITIVE, default=1.0, help="size of the synthetic corpus (1.0 ~ 1,600 clips)")
+    g.add_argument("--synth-clip-seconds", type=POSITIVE, default=10.0, help="clip length of the synthetic corpus")
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global RNG state a run draws from (torch CPU and CUDA, numpy, Python), for checkpoints:
+    restoring it makes a resumed run continue exactly as an uninterrupted one."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded with map_location may have moved it
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def seed_worker(worker_id: int) -> None:
@@ -102,8 +144,9 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    """One precision switch: a real autocast on an accelerator, a no-op otherwise."""
-    if dtype is None or device.type == "cpu":
+    """One precision switch: a real autocast on an accelerator, and on CPU for an explicit bf16
+    (`--amp bf16`; `auto` is none on CPU); a no-op otherwise."""
+    if dtype is None or (device.type == "cpu" and dtype != torch.bfloat16):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -141,6 +184,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def barrier() -> None:
+    """Wait for every rank (after a rank-0 write that the others read next); a no-op without DDP."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 class RunLogger:
     """One compact stdout line and one JSON line in out/log.jsonl per call (rank 0 only)."""
 
@@ -156,11 +205,99 @@ class RunLogger:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in record.items() if k != "time"), flush=True)
 
+    def log_once(self, record: dict, keys: tuple[str, ...]) -> None:
+        """Log `record` unless a line with the same values of `keys` is there already (a resumed run
+        writes the line of its last checkpoint that a kill kept from the log; never twice)."""
+        if not is_main():
+            return
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        if not any(all(json.loads(l).get(k) == record.get(k) for k in keys) for l in lines if l.strip()):
+            self.log(record)
+
 
 def save_config(out: str | Path, args: argparse.Namespace) -> None:
     if is_main():
         Path(out).mkdir(parents=True, exist_ok=True)
         write_json(Path(out) / "config.json", vars(args))
+
+
+# Run identity: a run folder (and a shared stage) is keyed by every setting that changes its results.
+IDENTITY_IGNORED = {"out", "name", "device", "workers", "resume", "max_steps", "table", "teacher_dir"}
+
+
+def run_settings(args: argparse.Namespace | dict, ignore=()) -> dict:
+    """The result-affecting settings of a run: every flag but where it runs and how it is called
+    (IDENTITY_IGNORED, plus `ignore`), JSON-normalised so that a saved copy compares equal."""
+    d = vars(args) if isinstance(args, argparse.Namespace) else args
+    keep = {k: v for k, v in sorted(d.items()) if k not in IDENTITY_IGNORED | set(ignore)}
+    return json.loads(json.dumps(keep, default=str))
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _flag_diff(old: dict, new: dict) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(f"--{k.replace('_', '-')} {old.get(k, '(unset)')} (now {new.get(k, '(unset)')})" for k in keys)
+
+
+def claim_run_folder(out: str | Path, settings: dict, resume: bool, what: str = "run") -> None:
+    """Before a run writes anything: refuse to resume a folder made with other settings (one line
+    naming the differing flags); with resume off, start afresh by removing a folder this program
+    made (it has our config.json with an identity), never anything else."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
+    cfg = out / "config.json"
+    old = json.loads(cfg.read_text()).get("identity") if cfg.exists() else None
+    if old is not None and old != settings and resume:
+        raise DataError(f"{out}: this {what} was made with other settings: {_flag_diff(old, settings)}; "
+                        f"use another --out, or --no-resume to start it afresh")
+    if not resume and old is not None and is_main():
+        for p in out.iterdir():  # our own outputs; the lock file is kept (held by this run)
+            if p.name != ".lock":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def save_run_config(out: str | Path, args: argparse.Namespace, settings: dict) -> None:
+    """config.json = every flag + the identity (settings and their hash) that claim_run_folder checks."""
+    if is_main():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(out) / "config.json", {**vars(args), "identity": settings,
+                                               "identity_hash": settings_hash(settings)})
+
+
+class RunLock:
+    """An exclusive lock on a run folder (out/.lock, flock): a second run on the same folder is
+    refused with one line while the first holds it; released when the process ends."""
+
+    def __init__(self, out: str | Path):
+        self.path = Path(out) / ".lock"
+        self.file = None
+
+    def __enter__(self):
+        if not is_main():
+            return self
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise DataError(f"{self.path.parent}: cannot write the run folder ({e.strerror})") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            self.file = None
+            raise DataError(f"{self.path.parent}: in use by another run (lock {self.path}); wait for it "
+                            f"or use another --out") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -176,6 +313,13 @@ def write_results(out: str | Path, results: dict, markdown: str) -> None:
     if is_main():
         write_json(Path(out) / "results.json", results)
         (Path(out) / "results.md").write_text(markdown.rstrip() + "\n")
+
+
+def paper_heading(corpus, what: str = "paper") -> str:
+    """Column heading for the paper's AudioSet numbers: plain on an AudioSet-like corpus (real, 527
+    classes), flagged on any other corpus, where they are a reference, not a comparison."""
+    audioset = not corpus.synthetic and len(corpus.labels) == 527
+    return f"{what} (AudioSet)" if audioset else f"{what} (AudioSet, not comparable)"
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -212,6 +356,8 @@ def load_audio(path: str | Path, sr: int = SR, start_s: float = 0.0, end_s: floa
         x, file_sr = sf.read(path, start=start, stop=stop, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types; report them all the same way
         raise DataError(f"{path}: cannot read audio ({e})") from None
+    if not np.isfinite(x).all():  # a float file holding NaN/Inf would poison statistics and losses
+        raise DataError(f"{path}: {int((~np.isfinite(x)).sum())} non-finite samples (NaN/Inf)")
     x = x.mean(axis=1)  # (samples,) mono
     return resample(x, file_sr, sr)
 
@@ -259,15 +405,18 @@ class Ontology:
     names: dict[str, str]
     children: dict[str, list[str]]
     parents: dict[str, list[str]]
+    abstract: set[str] = field(default_factory=set)  # nodes whose restrictions are exactly ['abstract']
 
-    def ancestors(self, mid: str) -> set[str]:
-        """All ancestors through any chain of parents (transitive, multiple parents)."""
-        seen, stack = set(), list(self.parents.get(mid, []))
+    def ancestors(self, mid: str, through_abstract: bool = True) -> set[str]:
+        """All ancestors through any chain of parents (transitive, multiple parents). With
+        through_abstract False, abstract nodes are neither returned nor crossed (PSLA's official code)."""
+        ok = lambda p: through_abstract or p not in self.abstract
+        seen, stack = set(), [p for p in self.parents.get(mid, []) if ok(p)]
         while stack:
             p = stack.pop()
             if p not in seen:
                 seen.add(p)
-                stack.extend(self.parents.get(p, []))
+                stack.extend(q for q in self.parents.get(p, []) if ok(q))
         return seen
 
 
@@ -279,7 +428,7 @@ def read_ontology(path: str | Path) -> Ontology:
     for p, cs in children.items():
         for c in cs:
             parents.setdefault(c, []).append(p)
-    return Ontology(names, children, parents)
+    return Ontology(names, children, parents, {n["id"] for n in nodes if n.get("restrictions") == ["abstract"]})
 
 
 Row = tuple[str, list[str]]  # (filename relative to the data root, [mids])
@@ -324,14 +473,47 @@ def multi_hot(rows: list[Row], labels: Labels, where: str = "manifest") -> np.nd
 
 
 def read_strong(path: str | Path) -> dict[str, list[tuple[float, float, str]]]:
-    """strong_<split>.tsv: filename, onset, offset, label -> {filename: [(onset, offset, mid)]}."""
+    """strong_<split>.tsv: id, onset, offset, label -> {id: [(onset, offset, mid)]}. The id is our
+    filename or AudioSet's own segment_id (<YouTube id>_<start ms>); tab- or comma-separated; a header
+    line is recognised by its non-numeric onset (a header-less file keeps its first event)."""
     events: dict[str, list[tuple[float, float, str]]] = {}
     with open(path) as f:
-        next(f)
-        for line in f:
-            fn, on, off, mid = line.rstrip("\n").split("\t")
-            events.setdefault(fn, []).append((float(on), float(off), mid))
+        for lineno, line in enumerate(f, 1):
+            parts = [p.strip() for p in line.rstrip("\n").split("\t" if "\t" in line else ",")]
+            if not line.strip():
+                continue
+            try:
+                fn, on, off, mid = parts[0], float(parts[1]), float(parts[2]), parts[3]
+            except (ValueError, IndexError):
+                if lineno == 1:
+                    continue  # header
+                raise DataError(f"{path}:{lineno}: expected 'id, onset, offset, label', got {line.strip()!r}") from None
+            events.setdefault(fn, []).append((on, off, mid))
     return events
+
+
+def _clip_keys(name: str) -> list[str]:
+    """Ways a clip is named: the path, its file name and stem, and the YouTube id in it (prepare's rule:
+    <id>..., Y<id>...; AudioSet segment ids are <id>_<start ms>)."""
+    stem = Path(name).stem
+    return [name, Path(name).name, stem, stem[:11], stem[1:12] if stem.startswith("Y") else ""]
+
+
+def match_strong(strong: dict[str, list], rows: list[Row]) -> dict[str, list]:
+    """Re-key strong labels by the manifest filenames of `rows`: exact names first, then the YouTube
+    id (only where it names one clip). Ids that match no row are dropped."""
+    exact = {fn: fn for fn, _ in rows}
+    loose: dict[str, str | None] = {}
+    for fn, _ in rows:
+        for k in _clip_keys(fn)[1:]:
+            if k:
+                loose[k] = fn if loose.get(k, fn) == fn else None  # None: ambiguous
+    out: dict[str, list] = {}
+    for key, events in strong.items():
+        fn = exact.get(key) or next((loose[k] for k in _clip_keys(key) if k and loose.get(k)), None)
+        if fn is not None:
+            out.setdefault(fn, []).extend(events)
+    return out
 
 
 def sample_300h(balanced: list[Row], unbalanced: list[Row], labels: Labels, per_label: int = 200,
@@ -403,6 +585,8 @@ def load_corpus(data_root: str | None, data: str = "balanced", synth_scale: floa
             corpus.true.update(dict(read_manifest(root / f"{split}_true.tsv")))
         if (root / f"strong_{split}.tsv").exists():
             corpus.strong.update(read_strong(root / f"strong_{split}.tsv"))
+    if corpus.strong:  # AudioSet's own strong files name clips by segment id: match them as prepare does
+        corpus.strong = match_strong(corpus.strong, balanced + corpus.train + (corpus.valid or []) + corpus.eval)
     for name, rows in (("train", corpus.train), ("eval", corpus.eval), ("valid", corpus.valid or [])):
         multi_hot(rows, labels, f"{root}/{name}")  # fail early, naming the row, on an unknown id
     return corpus
@@ -431,11 +615,15 @@ class ClipDataset(torch.utils.data.Dataset):
         return torch.from_numpy(crop_or_pad(x, self.n)), self.targets[i], i
 
 
-def segment_bounds(duration: float, segment: float) -> list[tuple[float, float]]:
+def segment_bounds(duration: float, segment: float, min_last: float = 0.0) -> list[tuple[float, float]]:
     """Non-overlapping n-second chunks of a clip; the last one keeps the shorter remainder
-    (as the official PSL code: no padding per chunk; a batch is padded to its longest item)."""
+    (as the official PSL code: no padding per chunk; a batch is padded to its longest item).
+    A remainder shorter than `min_last` seconds is merged into the chunk before it."""
     starts = np.arange(0.0, duration - 1e-6, segment)
-    return [(float(s), float(min(s + segment, duration))) for s in starts]
+    bounds = [(float(s), float(min(s + segment, duration))) for s in starts]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last - 1e-9:
+        bounds[-2:] = [(bounds[-2][0], bounds[-1][1])]
+    return bounds
 
 
 class SegmentDataset(torch.utils.data.Dataset):
@@ -443,10 +631,12 @@ class SegmentDataset(torch.utils.data.Dataset):
     `targets` is (N_clips, K) (each chunk inherits its clip's row) or (N_chunks, K)."""
 
     def __init__(self, root: str | Path, rows: list[Row], targets: np.ndarray, segment_seconds: float,
-                 clip_seconds: float = 10.0, sr: int = SR, durations: list[float] | None = None):
+                 clip_seconds: float = 10.0, sr: int = SR, durations: list[float] | None = None,
+                 min_last: float = 0.0):
         self.root, self.rows, self.sr = Path(root), rows, sr
         durations = durations or [clip_seconds] * len(rows)
-        self.chunks = [(ci, s, e) for ci, d in enumerate(durations) for s, e in segment_bounds(d, segment_seconds)]
+        self.chunks = [(ci, s, e) for ci, d in enumerate(durations)
+                       for s, e in segment_bounds(d, segment_seconds, min_last)]
         self.clip_index = np.array([c[0] for c in self.chunks], dtype=np.int64)
         t = torch.as_tensor(targets)
         self.targets = t[self.clip_index] if len(t) == len(rows) and len(t) != len(self.chunks) else t
@@ -478,13 +668,16 @@ def pad_collate(batch):
 
 
 def make_loader(dataset, batch_size: int, sampler=None, shuffle: bool = False, workers: int = 2,
-                seed: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
+                seed: int = 0, drop_last: bool = False, persistent: bool | None = None) -> torch.utils.data.DataLoader:
+    """persistent False: fresh workers every epoch, so that re-seeding `loader.generator` per epoch
+    fixes the epoch's order and worker seeds (exact resume)."""
     g = torch.Generator()
     g.manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
         num_workers=workers, collate_fn=pad_collate, worker_init_fn=seed_worker, generator=g,
-        persistent_workers=workers > 0, drop_last=drop_last, pin_memory=torch.cuda.is_available())
+        persistent_workers=workers > 0 if persistent is None else persistent and workers > 0,
+        drop_last=drop_last, pin_memory=torch.cuda.is_available())
 
 
 def clip_durations(root: str | Path, rows: list, default: float = 10.0) -> list[float]:
@@ -1136,6 +1329,9 @@ class TopKCheckpoints:
         self.folder, self.k, self.sign, self.prefix = Path(folder), k, 1 if mode == "max" else -1, prefix
         self.index = self.folder / f"{prefix}k.json"
         self.entries: list[tuple[float, str]] = json.loads(self.index.read_text()) if self.index.exists() else []
+        if is_main():  # a kill during a write leaves a temp file: never part of the list, removed
+            for tmp in self.folder.glob(f"{prefix}_step*.pt.tmp"):
+                tmp.unlink(missing_ok=True)
 
     @property
     def paths(self) -> list[Path]:
@@ -1150,7 +1346,8 @@ class TopKCheckpoints:
         kept = [e for e in self.entries if e[1] != name]  # a resumed run may re-evaluate the same step
         self.entries = sorted(kept + [(float(metric), name)], key=lambda e: -self.sign * e[0])
         for _, old in self.entries[self.k:]:
-            (self.folder / old).unlink(missing_ok=True)
+            if is_main():  # only the rank that writes checkpoints deletes them
+                (self.folder / old).unlink(missing_ok=True)
         self.entries = self.entries[: self.k]
         if is_main():
             write_json(self.index, self.entries)

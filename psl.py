@@ -19,7 +19,8 @@ Paper, AudioSet balanced subset, eval mAP (%) / d' (Table 2):
 Deviations from the paper (numbered as in the README):
  1. Validation uses the held-out valid split (valid.tsv) by mAP over n-second chunk averages; the
     paper's text says "the balanced subset", which for Table 2 is the training set and the official
-    code's cv file is the training file (`--valid-on train`).
+    code's cv file is the training file (`--valid-on train`). Without a valid.tsv every stage
+    validates on balanced_train.tsv (the paper's "balanced subset"), also the MA trained on full.
  2. Evaluation splits every clip into n-second chunks and averages the chunk scores (Sec. 3.3);
     the official code scores whole clips (`--eval-mode clip`).
  3. Adam lr 1e-4 as in Sec. 3.2; the official configs use 1e-3 (`--lr 1e-3`).
@@ -31,6 +32,14 @@ Deviations from the paper (numbered as in the README):
     polynomial power 1; mix-up is applied to waveforms. Soft labels are precomputed once per
     (teacher, data, segment) instead of online (equivalent: the teacher is deterministic in eval mode).
  6. The dB floor (top_db 120) is taken per clip, not per batch as in torchaudio.
+ 7. Chunks of real clips: durations rounded to 0.1 s (as the official code; at least 0.1 s), and a
+    remainder shorter than 0.5 s joins the chunk before it (a 160,001-sample clip is 10.0 s; a 4.3 s
+    clip at 2 s is 2 + 2.3 s), so no chunk is almost pure padding.
+ 8. Validation every 10,000 batches (Sec. 3.2) or once per epoch when an epoch is shorter, set per
+    stage (--ma-eval-every, --eval-every); early-stop patience counts epochs (15, Sec. 3.3), not
+    validations (15 validations of 10,000 batches = ~227 epochs of 10 s chunks on balanced AudioSet).
+ 9. Precision: with autocast (bf16 by default on CUDA) the backbone runs in reduced precision, the
+    classifier and every saved or ranked score (eval, top-k averaging, soft labels) in fp32.
 """
 from __future__ import annotations
 
@@ -67,38 +76,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, "psl")
     g = p.add_argument_group("pseudo strong labels (Sec. 2, 3, 4.2)")
-    g.add_argument("--segment", type=float, default=2.0, help="chunk length n in seconds: 2, 5 or 10 (Sec. 3)")
+    g.add_argument("--segment", type=common.POSITIVE, default=2.0, help="chunk length n in seconds: 2, 5 or 10 (Sec. 3)")
     g.add_argument("--labels", type=str, default="psl", choices=["psl", "weak"],
                    help="psl: MA soft labels per chunk; weak: clip labels propagated to chunks (Table 2 baseline)")
-    g.add_argument("--alpha", type=float, default=1.0,
+    g.add_argument("--alpha", type=common.FRACTION, default=1.0,
                    help="loss = alpha*BCE(soft) + (1-alpha)*BCE(weak); 1 = PSL, 0.5 = teacher-student (Sec. 4.2)")
     g.add_argument("--table", type=int, default=None, choices=[2, 3],
                    help="run the rows of Table 2 (weak, PSL-10/5/2s) or Table 3 (alpha 0 / 0.5) and write the table")
-    g.add_argument("--threshold", type=float, default=0.5, help="hard labels for the analysis (Sec. 4.3)")
+    g.add_argument("--threshold", type=common.FRACTION, default=0.5, help="hard labels for the analysis (Sec. 4.3)")
     g = p.add_argument_group("machine annotator (Sec. 3.3)")
     g.add_argument("--ma-data", type=str, default="full", choices=["balanced", "full", "300h"],
                    help="MA training set (full AudioSet in the paper)")
     g.add_argument("--teacher", type=str, default=None, help="use this MA checkpoint instead of training one")
     g.add_argument("--teacher-dir", type=str, default=None,
                    help="MA run folder, shared by runs (default: beside --out, teacher_<ma-data>_<corpus>)")
-    g.add_argument("--teacher-epochs", type=int, default=None,
+    g.add_argument("--teacher-epochs", type=common.POSITIVE_INT, default=None,
                    help="MA epochs with polynomial decay (30; synthetic: 5)")
-    g.add_argument("--poly-power", type=float, default=1.0, help="polynomial lr decay power (not given; ours)")
-    g.add_argument("--mixup-alpha", type=float, default=1.0, help="mix-up lambda ~ Beta(a, a) (Sec. 3.3, [17])")
-    g.add_argument("--gain-db", type=float, default=6.0, help="random gain in +-dB (not given; ours)")
-    g.add_argument("--max-shift-s", type=float, default=1.0, help="circular time shift up to +-s (not given; ours)")
-    g.add_argument("--freq-mask", type=int, default=10, help="SpecAugment: max mel bins per mask (ours)")
-    g.add_argument("--time-mask", type=int, default=50, help="SpecAugment: max frames per mask (ours)")
-    g.add_argument("--n-masks", type=int, default=2, help="SpecAugment: masks per axis (ours)")
+    g.add_argument("--poly-power", type=common.NONNEG, default=1.0, help="polynomial lr decay power (not given; ours)")
+    g.add_argument("--mixup-alpha", type=common.POSITIVE, default=1.0, help="mix-up lambda ~ Beta(a, a) (Sec. 3.3, [17])")
+    g.add_argument("--gain-db", type=common.NONNEG, default=6.0, help="random gain in +-dB (not given; ours)")
+    g.add_argument("--max-shift-s", type=common.NONNEG, default=1.0, help="circular time shift up to +-s (not given; ours)")
+    g.add_argument("--freq-mask", type=common.NONNEG_INT, default=10, help="SpecAugment: max mel bins per mask (ours)")
+    g.add_argument("--time-mask", type=common.NONNEG_INT, default=50, help="SpecAugment: max frames per mask (ours)")
+    g.add_argument("--n-masks", type=common.NONNEG_INT, default=2, help="SpecAugment: masks per axis (ours)")
     g = p.add_argument_group("training (Sec. 3.2, 3.3)")
-    g.add_argument("--batch-size", type=int, default=32, help="batch size (Sec. 3.2)")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate: 1e-4 (Sec. 3.2); official code and "
+    g.add_argument("--batch-size", type=common.POSITIVE_INT, default=32, help="batch size (Sec. 3.2)")
+    g.add_argument("--lr", type=common.POSITIVE, default=None, help="Adam learning rate: 1e-4 (Sec. 3.2); official code and "
                    "synthetic corpus: 1e-3")
-    g.add_argument("--epochs", type=int, default=None, help="max student epochs (300; synthetic: 6)")
-    g.add_argument("--eval-every", type=int, default=None,
-                   help="validate every N batches (10,000; synthetic: half an epoch)")
-    g.add_argument("--patience", type=int, default=15, help="early stop after N validations without gain (Sec. 3.3)")
-    g.add_argument("--top-k", type=int, default=4, help="average the top-k checkpoints by validation mAP (Sec. 3.2)")
+    g.add_argument("--epochs", type=common.POSITIVE_INT, default=None, help="max student epochs (300; synthetic: 6)")
+    g.add_argument("--eval-every", type=common.POSITIVE_INT, default=None,
+                   help="student: validate every N batches (10,000, Sec. 3.2, or once per epoch when an epoch is "
+                        "shorter; synthetic: half an epoch)")
+    g.add_argument("--ma-eval-every", type=common.POSITIVE_INT, default=None,
+                   help="machine annotator: validate every N batches (same default as --eval-every)")
+    g.add_argument("--patience", type=common.POSITIVE, default=15,
+                   help="early stop after N epochs without a validation gain (student, Sec. 3.3; MA alike)")
+    g.add_argument("--top-k", type=common.POSITIVE_INT, default=4, help="average the top-k checkpoints by validation mAP (Sec. 3.2)")
     g.add_argument("--valid-on", type=str, default="valid", choices=["valid", "train"],
                    help="validation split; official code: the training file (deviation 1)")
     g.add_argument("--eval-mode", type=str, default="chunks", choices=["chunks", "clip"],
@@ -118,8 +131,6 @@ def resolve(a: argparse.Namespace, corpus: common.Corpus) -> argparse.Namespace:
     if a.labels == "weak":
         a.alpha = 0.0
     a.out = a.out or str(Path("runs/psl") / (a.name or run_name(a)))
-    corpus_tag = "synth" if corpus.synthetic else corpus.root.name
-    a.teacher_dir = a.teacher_dir or str(Path(a.out).parent / f"teacher_{a.ma_data}_{corpus_tag}")
     a.clip_seconds = (json.loads((corpus.root / "synth.json").read_text())["clip_seconds"]
                       if corpus.synthetic else 10.0)  # nominal; real clips are measured (common.clip_durations)
     if a.teacher_epochs is None:
@@ -128,9 +139,23 @@ def resolve(a: argparse.Namespace, corpus: common.Corpus) -> argparse.Namespace:
         a.epochs = SYNTH_SCHEDULE["epochs"] if corpus.synthetic else 300
     if a.lr is None:
         a.lr = SYNTH_SCHEDULE["lr"] if corpus.synthetic else 1e-4
-    if a.eval_every is None and not corpus.synthetic:
-        a.eval_every = 10_000  # synthetic: derived per stage in train() (half an epoch)
+    a.synthetic = corpus.synthetic  # validation intervals are derived per stage in train() (eval_interval)
+    corpus_tag = "synth" if corpus.synthetic else corpus.root.name
+    a.teacher_dir = a.teacher_dir or str(Path(a.out).parent / f"teacher_{a.ma_data}_{corpus_tag}_"
+                                                             f"{common.settings_hash(ma_settings(a, corpus))}")
     return a
+
+
+# Every setting that changes the machine annotator: its folder is named by their hash, so runs with the
+# same MA share it and a changed setting trains a new one (run identity).
+MA_KEYS = ("ma_data", "synth_scale", "synth_clip_seconds", "seed", "teacher_epochs", "poly_power", "mixup_alpha",
+           "gain_db", "max_shift_s", "freq_mask", "time_mask", "n_masks", "batch_size", "lr", "ma_eval_every",
+           "patience", "top_k", "valid_on", "amp", "max_steps")
+
+
+def ma_settings(a: argparse.Namespace, corpus: common.Corpus) -> dict:
+    return common.run_settings({k: getattr(a, k) for k in MA_KEYS}, ignore=("max_steps",)) | \
+        {"data_root": str(corpus.root.resolve()), "max_steps": a.max_steps}
 
 
 # =============================================================================================
@@ -190,12 +215,16 @@ class MobileNetV2(nn.Module):
             x = mel_augment(x)
         x = self.features(x.unsqueeze(1))  # (B, 1280, 2, T/32)
         x = x.mean(2).transpose(1, 2)  # (B, T', 1280): average over frequency only
-        frames = torch.sigmoid(self.classifier(x))  # (B, T', K) per-frame probabilities
+        with torch.autocast(x.device.type, enabled=False):  # scores are saved and ranked: fp32 (deviation 9)
+            frames = torch.sigmoid(self.classifier(x.float()))  # (B, T', K) per-frame probabilities
         return frames.mean(1), frames  # decision-level mean pooling over time
 
 
-def build_model(ckpt: dict) -> MobileNetV2:
+def build_model(ckpt: dict, path="checkpoint") -> MobileNetV2:
     """Rebuild a model from a self-describing checkpoint alone."""
+    if not isinstance(ckpt, dict) or "labels" not in ckpt or "model" not in ckpt:
+        raise common.DataError(f"{path}: not a psl.py model checkpoint (a student's or MA's final.pt)"
+                               + (" but a psla.py one" if isinstance(ckpt, dict) and "config" in ckpt else ""))
     model = MobileNetV2(len(ckpt["labels"]["mids"]))
     model.load_state_dict(ckpt["model"])
     return model
@@ -204,13 +233,18 @@ def build_model(ckpt: dict) -> MobileNetV2:
 # =============================================================================================
 # Data: n-second chunks of clips (Sec. 2); the last partial chunk is kept shorter (official code)
 # =============================================================================================
+MIN_CHUNK_S = 0.5  # a remainder shorter than this is merged into the chunk before it (deviation 7)
+
+
 def chunk_dataset(corpus: common.Corpus, rows: list, targets: np.ndarray, segment: float | None,
                   clip_seconds: float) -> common.SegmentDataset:
-    """One item per non-overlapping `segment`-second chunk; segment None = one item per whole clip."""
+    """One item per non-overlapping `segment`-second chunk; segment None = one item per whole clip.
+    Real durations are rounded to 0.1 s (at least 0.1 s) as the official code does, so a 160,001-sample
+    clip is 10.0 s, and a remainder under MIN_CHUNK_S joins the previous chunk (deviation 7)."""
     durations = ([clip_seconds] * len(rows) if corpus.synthetic  # synthetic clips: all the nominal length
-                 else common.clip_durations(corpus.root, rows, clip_seconds))
+                 else [max(0.1, round(d, 1)) for d in common.clip_durations(corpus.root, rows, clip_seconds)])
     return common.SegmentDataset(corpus.root, rows, targets, segment or max(durations) + 1.0,
-                                 clip_seconds, durations=durations)
+                                 clip_seconds, durations=durations, min_last=MIN_CHUNK_S)
 
 
 def average_chunks(chunk_scores: np.ndarray, clip_index: np.ndarray, n_clips: int) -> np.ndarray:
@@ -248,8 +282,20 @@ def evaluate(model: nn.Module, corpus: common.Corpus, rows: list, y_true: np.nda
              args) -> dict:
     """mAP / mAUC / d' of chunk-averaged clip scores (segment None: whole clips)."""
     ds = chunk_dataset(corpus, rows, np.zeros((len(rows), 1), np.float32), segment, args.clip_seconds)
-    scores = average_chunks(predict_chunks(model, ds, args, "eval"), ds.clip_index, len(rows))
-    return common.tagging_metrics(y_true, scores)
+    chunk_scores = predict_chunks(model, ds, args, "eval")
+    scores = average_chunks(chunk_scores, ds.clip_index, len(rows))
+    ok = np.bincount(ds.clip_index[~np.isnan(chunk_scores).any(1)], minlength=len(rows)) > 0
+    # a clip none of whose chunks could be read is excluded, not scored as all-zero
+    return common.tagging_metrics(y_true[ok], scores[ok]) | {"skipped_clips": int((~ok).sum())}
+
+
+def eval_interval(steps_per_epoch: int, synthetic: bool) -> int:
+    """Batches between validations: every 10,000 batches (Sec. 3.2, ~1/6 of a full-AudioSet epoch) but at
+    least once per epoch, so a small corpus still validates, early-stops and keeps top-k (deviation 8);
+    the synthetic corpus: every half epoch (deviation 4)."""
+    if synthetic:
+        return max(1, steps_per_epoch // SYNTH_SCHEDULE["evals_per_epoch"])
+    return max(1, min(10_000, steps_per_epoch))
 
 
 def bce(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -257,11 +303,11 @@ def bce(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_dir: Path, args, *, epochs: int,
-          alpha: float, augment: bool, poly_decay: bool, validate) -> dict:
+          alpha: float, augment: bool, poly_decay: bool, validate, eval_every: int | None = None) -> dict:
     """One visible loop for MA and student. `dataset` targets are [soft | weak] (2K columns); loss =
     alpha*BCE(soft) + (1-alpha)*BCE(weak) (Sec. 4.2). `sample(epoch)` gives one epoch's indices.
-    Validation every args.eval_every batches, early stop after args.patience validations without
-    gain, top-k checkpoints weight-averaged into the returned model (Sec. 3.2). Resumable from last.pt.
+    Validation every `eval_every` batches (None: eval_interval), early stop after args.patience epochs
+    without a gain, top-k checkpoints weight-averaged into the returned model (Sec. 3.2). Resumable from last.pt.
     `sample(epoch)` returns this rank's share of the epoch's indices."""
     device = next(model.parameters()).device
     dtype = common.amp_dtype(device, args.amp)
@@ -270,29 +316,34 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
     scaler = common.grad_scaler(device, dtype)
     steps_per_epoch = math.ceil(len(sample(0)) / args.batch_size)
     total = epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, epochs * steps_per_epoch)
-    eval_every = args.eval_every or max(1, steps_per_epoch // SYNTH_SCHEDULE["evals_per_epoch"])
+    eval_every = eval_every or eval_interval(steps_per_epoch, args.synthetic)
+    patience_steps = math.ceil(args.patience * steps_per_epoch)  # patience counts epochs (Sec. 3.3)
     if not args.resume:
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     topk, logger = common.TopKCheckpoints(folder, args.top_k), common.RunLogger(log_dir)
-    state = {"step": 0, "best": -1.0, "bad_evals": 0}
+    state = {"step": 0, "best": -1.0, "best_step": 0, "skipped": 0}
     if args.resume and (folder / "last.pt").exists():
         ck = common.load_checkpoint(folder / "last.pt", device)
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
-        state = ck["state"]
+        state = {"skipped": 0, "best_step": 0, **ck["state"]}
+        common.set_rng_state(ck.get("rng"))  # dropout, augmentation, mix-up continue as if never stopped
+        if ck.get("record"):  # the line of this checkpoint, if a kill came between last.pt and the log
+            logger.log_once(ck["record"], ("stage", "step"))
         print(f"{folder.name}: resumed at step {state['step']}/{total}")
     K = n_classes
     spec_augment = lambda x: common.mask_along(common.mask_along(x, args.freq_mask, 1, args.n_masks),
                                                args.time_mask, 2, args.n_masks)  # (B, mel, T)
     bar = tqdm(total=total, initial=state["step"], desc=folder.name, disable=not common.is_main())
-    running, skipped = [], 0
-    while state["step"] < total and state["bad_evals"] < args.patience:
+    running = []
+    stop = lambda: state["step"] >= total or state["step"] - state["best_step"] >= patience_steps
+    while not stop():
         epoch, skip = divmod(state["step"], steps_per_epoch)
         indices = sample(epoch)[skip * args.batch_size:]  # this rank's share; resume mid-epoch
         loader = common.make_loader(dataset, args.batch_size, sampler=indices, workers=args.workers, seed=args.seed)
         for j, batch in enumerate(loader):
             planned = len(indices[j * args.batch_size:(j + 1) * args.batch_size])
-            skipped += planned - (0 if batch is None else len(batch[2]))  # unreadable clips: skipped, counted
+            state["skipped"] += planned - (0 if batch is None else len(batch[2]))  # unreadable: skipped, counted
             lr = args.lr * (1 - state["step"] / total) ** args.poly_power if poly_decay else args.lr
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -317,22 +368,27 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
             if state["step"] % eval_every == 0 or state["step"] == total:
                 metric = validate(model)
                 gain = metric > state["best"]
-                state["best"], state["bad_evals"] = max(metric, state["best"]), 0 if gain else state["bad_evals"] + 1
-                logger.log({"stage": folder.name, "step": state["step"],
-                            "epoch": round(state["step"] / steps_per_epoch, 2),
-                            "train/loss": float(np.mean(running)) if running else float("nan"),
-                            "val/mAP": metric, "lr": lr, "skipped": skipped})
+                if gain:
+                    state["best"], state["best_step"] = metric, state["step"]
+                record = {"stage": folder.name, "step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 2),
+                          "train/loss": float(np.mean(running)) if running else float("nan"),
+                          "val/mAP": metric, "lr": lr, "skipped": state["skipped"]}
                 running = []
-                # last.pt first: a kill between the two writes loses one top-k candidate, never corrupts the list
+                # top-k first, then last.pt, then the log line: a kill between them redoes this
+                # validation (top-k replaces its entry of the same step) and never logs a line twice
+                topk.update(metric, {"model": model.state_dict()}, state["step"])
                 common.save_checkpoint(folder / "last.pt", {"model": model.state_dict(), "state": state,
                                                             "optimizer": opt.state_dict(),
-                                                            "scaler": scaler.state_dict()})
-                topk.update(metric, {"model": model.state_dict()}, state["step"])
-            if state["step"] >= total or state["bad_evals"] >= args.patience:
+                                                            "scaler": scaler.state_dict(), "rng": common.rng_state(),
+                                                            "record": record})
+                common.barrier()
+                logger.log(record)
+            if stop():
                 break
     bar.close()
+    common.barrier()  # every top-k file is written before any rank reads them
     model.load_state_dict(common.average_state_dicts(topk.paths))  # top-k weight averaging (Sec. 3.2)
-    return {"best_val_mAP": state["best"], "steps": state["step"], "skipped_clips": skipped,
+    return {"best_val_mAP": state["best"], "steps": state["step"], "skipped_clips": state["skipped"],
             "averaged": [p.name for p in topk.paths]}
 
 
@@ -344,10 +400,21 @@ def save_final(path: Path, model: nn.Module, corpus: common.Corpus, segment: flo
 # =============================================================================================
 # Paper procedures: MA training, relabeling, student training, analysis
 # =============================================================================================
+def eval_targets(corpus: common.Corpus) -> np.ndarray:
+    """The eval clips' true labels where the corpus has them (eval_true.tsv), else their manifest labels."""
+    rows = corpus.eval
+    return corpus.true_targets(rows) if all(fn in corpus.true for fn, _ in rows) else corpus.targets(rows)
+
+
 def validation_split(corpus: common.Corpus, args) -> list:
-    if args.valid_on == "valid" and corpus.valid is None:
-        print("no valid.tsv: validating on the training set (the paper's 'balanced subset')")
-    return corpus.valid if args.valid_on == "valid" and corpus.valid is not None else corpus.train
+    """valid.tsv; without one, the balanced subset (Sec. 3.2: 'we validate the model on the balanced
+    subset'), whatever the stage trains on; --valid-on train: the stage's own training set (official)."""
+    if args.valid_on == "train":
+        return corpus.train
+    if corpus.valid is not None:
+        return corpus.valid
+    print(f"{corpus.root}: no valid.tsv: validating on balanced_train.tsv (the paper's 'balanced subset')")
+    return common.read_manifest(corpus.root / "balanced_train.tsv")
 
 
 def train_teacher(args, device) -> Path:
@@ -355,15 +422,17 @@ def train_teacher(args, device) -> Path:
     wave augmentation, mix-up, SpecAugment and polynomial lr decay; whole 10 s clips."""
     folder = Path(args.teacher_dir)
     final = folder / "final.pt"
+    corpus = common.load_corpus(args.data_root, args.ma_data, args.synth_scale, args.synth_clip_seconds, args.seed)
+    settings = ma_settings(args, corpus)
+    common.claim_run_folder(folder, settings, True, "machine annotator")  # an explicit --teacher-dir may differ
     if final.exists() and (folder / "results.json").exists():
         return final
-    corpus = common.load_corpus(args.data_root, args.ma_data, args.synth_scale, args.synth_clip_seconds, args.seed)
     model = MobileNetV2(len(corpus.labels)).to(device)
     if final.exists():
         model.load_state_dict(common.load_checkpoint(final)["model"])
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        common.save_config(folder, args)
+        common.save_run_config(folder, args, settings)
         weak = corpus.targets(corpus.train)
         ds = chunk_dataset(corpus, corpus.train, np.hstack([np.zeros_like(weak), weak]), None, args.clip_seconds)
         sampler = common.PseudoBalancedSampler(weak, seed=args.seed)
@@ -373,16 +442,17 @@ def train_teacher(args, device) -> Path:
         print(f"machine annotator: MobileNetV2, {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{len(ds)} clips of {args.ma_data}")
         info = train(model, ds, len(corpus.labels), sample, folder, folder, args, epochs=args.teacher_epochs,
-                     alpha=0.0, augment=True, poly_decay=True,
+                     alpha=0.0, augment=True, poly_decay=True, eval_every=args.ma_eval_every,
                      validate=lambda m: evaluate(m, corpus, vrows, vtrue, None, args)["mAP"])
         save_final(final, model, corpus, None, args, info)
+        common.barrier()  # rank 0 wrote final.pt; the others read it next
     # the MA's own eval numbers on whole clips (paper, full AudioSet: 40.53 mAP, d' 2.695)
-    m = evaluate(model, corpus, corpus.eval, corpus.true_targets(corpus.eval) if corpus.true
-                 else corpus.targets(corpus.eval), None, args)
-    table = common.markdown_table(["model", "mAP %", "mAUC", "d'", "paper mAP % (AudioSet)", "paper d'"],
+    m = evaluate(model, corpus, corpus.eval, eval_targets(corpus), None, args)
+    table = common.markdown_table(["model", "mAP %", "mAUC", "d'", common.paper_heading(corpus, "paper mAP %"),
+                                   "paper d'"],
                                   [[f"MA ({args.ma_data})", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
                                     f"{m['dprime']:.3f}", "40.53", "2.695"]])
-    common.write_results(folder, {k: m[k] for k in ("mAP", "mAUC", "dprime", "AP")}, table)
+    common.write_results(folder, {k: m[k] for k in ("mAP", "mAUC", "dprime", "AP", "skipped_clips")}, table)
     print(table)
     return final
 
@@ -395,28 +465,33 @@ def relabel_segments(teacher: nn.Module, corpus: common.Corpus, rows: list, segm
     if cache.exists():
         soft = np.load(cache)
         if len(soft) == len(ds):
+            common.barrier()  # once per call on every path, so ranks never wait on each other forever
             return soft
     soft = predict_chunks(teacher, ds, args, f"relabel {segment:g}s")
     if common.is_main():
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache.with_suffix(".tmp.npy"), soft)
         cache.with_suffix(".tmp.npy").replace(cache)
+    common.barrier()
     return soft
 
 
 def chunk_truth(corpus: common.Corpus, rows: list, ds: common.SegmentDataset) -> np.ndarray:
-    """True labels of every chunk (synthetic corpus): classes of the events overlapping it, plus their
-    ancestors. Loops over events (a one-off), not over samples of a hot path."""
+    """True labels of every chunk (corpora with strong_*.tsv): classes of the events overlapping it,
+    plus those of their ancestors that are classes and, where the clip has true labels (*_true.tsv),
+    among them. Loops over events (a one-off), not over samples of a hot path."""
     y = np.zeros((len(ds), len(corpus.labels)), np.float32)
     first = np.searchsorted(ds.clip_index, np.arange(len(rows)))
     starts = np.array([c[1] for c in ds.chunks])
     ends = np.array([c[2] for c in ds.chunks])
     for ci, (fn, _) in enumerate(rows):
         lo, hi = first[ci], first[ci + 1] if ci + 1 < len(rows) else len(ds)
+        true = set(corpus.true[fn]) if fn in corpus.true else None
         for on, off, mid in corpus.strong.get(fn, []):
             hit = lo + np.flatnonzero((starts[lo:hi] < off) & (ends[lo:hi] > on))
-            for m in {mid} | corpus.ontology.ancestors(mid):
-                y[hit, corpus.labels.index[m]] = 1.0
+            for m in {mid} | {a for a in corpus.ontology.ancestors(mid) if true is None or a in true}:
+                if m in corpus.labels.index:  # ancestors that are not classes (abstract nodes) are skipped
+                    y[hit, corpus.labels.index[m]] = 1.0
     return y
 
 
@@ -441,9 +516,10 @@ def analyse_labels(corpus: common.Corpus, rows: list, soft: np.ndarray, ds: comm
            "weak_labels_per_clip": {str(k): int(v) for k, v in enumerate(np.bincount(weak.sum(1).astype(int)))},
            "no_label_fraction": float((n_labels == 0).mean()), "mean_coverage": float(coverage.mean()),
            "coverage_0": float((coverage == 0).mean()), "coverage_1": float((coverage == 1).mean())}
-    if corpus.synthetic and corpus.true:
+    if all(fn in corpus.true for fn, _ in rows):  # gated on the truth files, not on synth.json
         true = corpus.true_targets(rows)
         res["clip_vs_true"] = {"pseudo": precision_recall(per_clip, true), "weak": precision_recall(weak, true)}
+    if any(fn in corpus.strong for fn, _ in rows):
         ctrue = chunk_truth(corpus, rows, ds)
         res["chunk_vs_true_strong"] = {"pseudo": precision_recall(hard, ctrue),
                                        "weak": precision_recall(weak[ds.clip_index], ctrue)}
@@ -474,8 +550,13 @@ def student_data(args, corpus: common.Corpus, device) -> tuple[common.SegmentDat
         ds.targets = torch.as_tensor(np.hstack([np.zeros_like(weak), weak]))
         return ds, np.arange(len(ds)), None
     ckpt_path = Path(args.teacher) if args.teacher else train_teacher(args, device)
-    cache = ckpt_path.parent / "relabel" / f"{ckpt_path.stem}_{args.data}_{args.segment:g}s.npy"
-    teacher = build_model(common.load_checkpoint(ckpt_path)).to(device)
+    if not ckpt_path.is_file():
+        raise common.DataError(f"--teacher {ckpt_path}: not a checkpoint file (give an MA's final.pt)")
+    key = common.settings_hash({"teacher": str(ckpt_path.resolve()), "size": ckpt_path.stat().st_size,
+                                "mtime": ckpt_path.stat().st_mtime_ns, "data_root": str(corpus.root.resolve()),
+                                "data": args.data, "segment": args.segment, "amp": args.amp})
+    cache = ckpt_path.parent / "relabel" / f"{ckpt_path.stem}_{args.data}_{args.segment:g}s_{key}.npy"
+    teacher = build_model(common.load_checkpoint(ckpt_path), ckpt_path).to(device)
     soft = relabel_segments(teacher, corpus, corpus.train, args.segment, args, cache)
     usable = np.flatnonzero(~np.isnan(soft).any(1))  # chunks the MA could read
     analysis = analyse_labels(corpus, corpus.train, soft, ds, args.threshold)
@@ -492,10 +573,17 @@ def run(args: argparse.Namespace) -> dict:
     corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
     args = resolve(args, corpus)
     out = Path(args.out)
-    if (out / "results.json").exists() and args.resume:
-        print(f"{out}: done (results.json exists)")
-        return json.loads((out / "results.json").read_text())
-    common.save_config(out, args)
+    settings = common.run_settings(args) | {"data_root": str(corpus.root.resolve())}
+    with common.RunLock(out):  # a second run on this folder is refused while this one runs
+        common.claim_run_folder(out, settings, args.resume)  # other settings: refused; --no-resume: fresh
+        if (out / "results.json").exists() and args.resume:
+            print(f"{out}: done (results.json exists)")
+            return json.loads((out / "results.json").read_text())
+        common.save_run_config(out, args, settings)
+        return run_stages(args, corpus, device, out)
+
+
+def run_stages(args: argparse.Namespace, corpus: common.Corpus, device, out: Path) -> dict:
     # stages 1 + 2: MA and pseudo strong labels (skipped for alpha = 0)
     ds, usable, analysis = student_data(args, corpus, device)
     if analysis is not None:
@@ -518,19 +606,22 @@ def run(args: argparse.Namespace) -> dict:
         sample = lambda epoch: np.random.default_rng([args.seed, epoch]).permutation(usable)[
             common.rank()::common.world_size()]  # random sampling (Sec. 3.3), this rank's share
         info = train(model, ds, K, sample, out / "student", out, args, epochs=args.epochs, alpha=args.alpha,
-                     augment=False, poly_decay=False,
+                     augment=False, poly_decay=False, eval_every=args.eval_every,
                      validate=lambda m: evaluate(m, corpus, vrows, vtrue, vseg, args)["mAP"])
         save_final(final, model, corpus, args.segment, args, info)
     # stage 4: eval clips split into n-second chunks, chunk scores averaged per clip (Sec. 3.3)
-    eval_true = corpus.true_targets(corpus.eval) if corpus.true else corpus.targets(corpus.eval)
+    eval_true = eval_targets(corpus)
     m = evaluate(model, corpus, corpus.eval, eval_true, args.segment if args.eval_mode == "chunks" else None, args)
     kind = "weak" if args.alpha == 0 else "psl" if args.alpha == 1 else "ts"
     results = {"method": kind, "segment": args.segment, "alpha": args.alpha, "data": args.data,
                "mAP": m["mAP"], "mAUC": m["mAUC"], "dprime": m["dprime"], "AP": m["AP"], "params": n_params,
-               "student": info, "analysis": analysis, "corpus": "synthetic" if corpus.synthetic else str(corpus.root)}
+               "student": info, "analysis": analysis, "corpus": "synthetic" if corpus.synthetic else str(corpus.root),
+               "skipped_clips": {"relabel_clips": len(np.unique(np.delete(ds.clip_index, usable))),
+                                 "student_train": info["skipped_clips"], "eval": m["skipped_clips"]}}
     paper = PAPER.get((kind, int(args.segment))) if args.data == "balanced" else None
     title = f"## PSL: {kind} labels, {args.segment:g} s chunks, alpha {args.alpha:g}, trained on {args.data}"
-    table = common.markdown_table(["method", "mAP %", "mAUC", "d'", "paper mAP % (AudioSet)", "paper d'"],
+    table = common.markdown_table(["method", "mAP %", "mAUC", "d'", common.paper_heading(corpus, "paper mAP %"),
+                                   "paper d'"],
                                   [[f"{kind}-{args.segment:g}s", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
                                     f"{m['dprime']:.3f}", *(map(str, paper) if paper else ("-", "-"))]])
     common.write_results(out, results, "\n\n".join([title, table, analysis_markdown(analysis, args.segment)
@@ -557,7 +648,8 @@ def run_table(args: argparse.Namespace) -> None:
                      f"{100 * r['mAP']:.2f}", f"{r['dprime']:.3f}", f"{r['mAUC']:.4f}", str(paper[0]), str(paper[1])])
     md = "\n".join([f"## PSL Table {args.table} on {'the synthetic corpus' if corpus.synthetic else corpus.root}, "
                     f"trained on {args.data}", "",
-                    common.markdown_table(["method", "alpha", "mAP %", "d'", "mAUC", "paper mAP % (AudioSet)",
+                    common.markdown_table(["method", "alpha", "mAP %", "d'", "mAUC",
+                                           common.paper_heading(corpus, "paper mAP %"),
                                            "paper d'"], rows)])
     out.mkdir(parents=True, exist_ok=True)
     common.write_results(out, {"table": args.table, "rows": rows}, md)
@@ -568,21 +660,22 @@ def predict(argv: list[str]) -> None:
     """Tag audio files with a checkpoint: top classes per clip and a per-segment timeline."""
     p = argparse.ArgumentParser(prog="psl.py predict", description="tag audio files with a PSL/MA checkpoint")
     p.add_argument("--ckpt", required=True, help="final.pt of a student or teacher")
-    p.add_argument("--segment", type=float, default=None,
+    p.add_argument("--segment", type=common.POSITIVE, default=None,
                    help="timeline resolution (default: the model's chunk length)")
-    p.add_argument("--top", type=int, default=5, help="classes shown per clip (3 per segment)")
+    p.add_argument("--top", type=common.POSITIVE_INT, default=5, help="classes shown per clip (3 per segment)")
     p.add_argument("--device", default="auto")
     p.add_argument("files", nargs="+")
     a = p.parse_args(argv)
     ckpt = common.load_checkpoint(a.ckpt)
     device = common.pick_device(a.device)
-    model = build_model(ckpt).to(device).eval()
+    model = build_model(ckpt, a.ckpt).to(device).eval()
     names = ckpt["labels"]["names"]
     segment = a.segment or ckpt["segment"] or 2.0
     for path in a.files:
         wave = torch.from_numpy(common.load_audio(path))
-        bounds = common.segment_bounds(len(wave) / common.SR, segment)
-        chunks = [wave[round(s * common.SR): round(e * common.SR)] for s, e in bounds]
+        bounds = common.segment_bounds(max(0.1, round(len(wave) / common.SR, 1)), segment, MIN_CHUNK_S)
+        chunks = [F.pad(c, (0, max(0, round((e - s) * common.SR) - len(c))))  # a 1-sample file: 0.1 s
+                  for s, e in bounds for c in [wave[round(s * common.SR): round(e * common.SR)]]]
         batch = common.pad_collate([(c, torch.zeros(1), i) for i, c in enumerate(chunks)])[0]
         with torch.no_grad():
             probs = model(batch.to(device))[0].cpu().numpy()  # (n_chunks, K)

@@ -38,6 +38,12 @@ Deviations from the paper and the official code (numbered as in the README):
     normalisation); the official code fills with 0 before normalisation (= +1.02 after it).
  6. Fbank mean/std: AudioSet's (-4.6476 / 4.5699) for 527-class corpora, otherwise computed on
     the training clips and stored in the run (and in every checkpoint).
+ 7. Mix-up partners are drawn uniformly from the training set in the loader (Algorithm 1).
+ 8. Type II label enhancement adds ancestors reached without crossing an abstract ontology node
+    (the official code; the paper says "ancestors"): on the real ontology "Music" is a candidate
+    parent of 81 classes, not 149.
+ 9. Precision: with autocast (bf16 by default on CUDA) the backbone runs in reduced precision, the
+    attention pooling and every saved or ranked score in fp32; fp16 uses loss scaling.
 """
 from __future__ import annotations
 
@@ -99,49 +105,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_common_args(p, "psla")
     g = p.add_argument_group("model (Sec. II-C)")
     g.add_argument("--effnet", type=int, default=2, choices=range(8), help="EfficientNet-B<n> backbone (paper: B2)")
-    g.add_argument("--heads", type=int, default=4, help="attention pooling heads (paper: 4)")
-    g.add_argument("--drop-connect", type=float, default=0.2, help="stochastic depth rate of the MBConv blocks")
+    g.add_argument("--heads", type=common.POSITIVE_INT, default=4, help="attention pooling heads (paper: 4)")
+    g.add_argument("--drop-connect", type=common.number(float, 0, 1, hi_open=True), default=0.2, help="stochastic depth rate of the MBConv blocks")
     g.add_argument("--imagenet", type=str, default=None,
                    help="Sec. III: torchvision EfficientNet ImageNet state dict (a path, or 'url' to download); "
                         "every layer but the 1-channel stem and the head is loaded. Default: from scratch")
     g = p.add_argument_group("front-end (Sec. II-C)")
-    g.add_argument("--n-mels", type=int, default=128, help="fbank bins (25 ms Hanning window, 10 ms hop)")
-    g.add_argument("--target-length", type=int, default=1056, help="frames per clip (pad / cut)")
-    g.add_argument("--norm", type=float, nargs=2, default=None, metavar=("MEAN", "STD"),
+    g.add_argument("--n-mels", type=common.POSITIVE_INT, default=128, help="fbank bins (25 ms Hanning window, 10 ms hop)")
+    g.add_argument("--target-length", type=common.POSITIVE_INT, default=1056, help="frames per clip (pad / cut)")
+    g.add_argument("--norm", type=common.number(float), nargs=2, default=None, metavar=("MEAN", "STD"),
                    help="fbank normalisation; default AudioSet's for 527 classes, else computed on the training set")
     g = p.add_argument_group("sampling and augmentation (Sec. IV, Algorithm 1)")
     g.add_argument("--balanced-sampling", action=argparse.BooleanOptionalAction, default=None,
                    help="Algorithm 1 weighted sampling with replacement (default: on for full/300h, off for balanced)")
-    g.add_argument("--freqm", type=int, default=48, help="max frequency mask width F (IV-B); 0 = off")
-    g.add_argument("--timem", type=int, default=192, help="max time mask width T (IV-B); 0 = off")
-    g.add_argument("--mixup", type=float, default=0.5, help="mix-up rate M (IV-C, Table V); 0 = off")
+    g.add_argument("--freqm", type=common.NONNEG_INT, default=48, help="max frequency mask width F (IV-B); 0 = off")
+    g.add_argument("--timem", type=common.NONNEG_INT, default=192, help="max time mask width T (IV-B); 0 = off")
+    g.add_argument("--mixup", type=common.FRACTION, default=0.5, help="mix-up rate M (IV-C, Table V); 0 = off")
     g.add_argument("--no-mixup", dest="mixup", action="store_const", const=0.0, help="same as --mixup 0")
-    g.add_argument("--mixup-alpha", type=float, default=10.0, help="lambda ~ Beta(alpha, alpha) (Table VI)")
+    g.add_argument("--mixup-alpha", type=common.POSITIVE, default=10.0, help="lambda ~ Beta(alpha, alpha) (Table VI)")
     g = p.add_argument_group("label enhancement (Sec. V, Algorithm 2)")
     g.add_argument("--label-enhance", type=str, default="none", choices=["none", "type1", "type2", "type12"],
                    help="add direct children (Type I), ancestors (Type II) or both, where the teacher scores "
                         "above the class threshold")
     g.add_argument("--teacher", type=str, default=None, help="run folder of the teacher model (its wa.pt or last.pt)")
     g = p.add_argument_group("optimisation (Sec. II-B); unset = the paper's values, scaled on the synthetic corpus")
-    g.add_argument("--epochs", type=int, default=None, help="60 balanced / 30 full")
-    g.add_argument("--batch-size", type=int, default=None, help="100")
-    g.add_argument("--lr", type=float, default=None, help="1e-3 balanced / 1e-4 full")
-    g.add_argument("--lr-decay-start", type=int, default=None, help="halve the LR after this epoch (35 / 10)")
-    g.add_argument("--lr-decay-every", type=int, default=None, help="... and every this many epochs (5)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear LR warm-up iterations (1000)")
-    g.add_argument("--weight-decay", type=float, default=5e-7, help="Adam weight decay")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.95, 0.999), help="Adam betas")
+    g.add_argument("--epochs", type=common.POSITIVE_INT, default=None, help="60 balanced / 30 full")
+    g.add_argument("--batch-size", type=common.POSITIVE_INT, default=None, help="100")
+    g.add_argument("--lr", type=common.POSITIVE, default=None, help="1e-3 balanced / 1e-4 full")
+    g.add_argument("--lr-decay-start", type=common.NONNEG_INT, default=None, help="halve the LR after this epoch (35 / 10)")
+    g.add_argument("--lr-decay-every", type=common.POSITIVE_INT, default=None, help="... and every this many epochs (5)")
+    g.add_argument("--warmup-steps", type=common.NONNEG_INT, default=None, help="linear LR warm-up iterations (1000)")
+    g.add_argument("--weight-decay", type=common.NONNEG, default=5e-7, help="Adam weight decay")
+    g.add_argument("--betas", type=common.number(float, 0, 1, hi_open=True), nargs=2, default=(0.95, 0.999), help="Adam betas")
     g = p.add_argument_group("aggregation (Sec. VI)")
-    g.add_argument("--wa-start", type=int, default=None,
+    g.add_argument("--wa-start", type=common.POSITIVE_INT, default=None,
                    help="weight averaging from this epoch to the last (default: the first epoch at 1/4 LR)")
-    g.add_argument("--last-n", type=int, default=None, help="report the mean eval metrics of the last n epochs (5)")
+    g.add_argument("--last-n", type=common.POSITIVE_INT, default=None, help="report the mean eval metrics of the last n epochs (5)")
     args = p.parse_args(argv)
     if args.label_enhance != "none" and args.teacher is None:
         p.error("--label-enhance needs --teacher RUN_DIR")
+    if args.norm is not None and args.norm[1] <= 0:
+        p.error(f"--norm: the std must be positive, got {args.norm[1]}")
     return args
 
 
-def resolve_schedule(args: argparse.Namespace, synthetic: bool) -> None:
+def resolve_schedule(args: argparse.Namespace, synthetic: bool, root: Path | None = None) -> None:
     """Derived values, computed once: unset optimisation flags take the paper's (or scaled) values."""
     preset = SYNTH_SCHEDULE if synthetic else PAPER_SCHEDULE[args.data]
     for k, v in preset.items():
@@ -152,7 +160,8 @@ def resolve_schedule(args: argparse.Namespace, synthetic: bool) -> None:
     if args.wa_start is None:  # first epoch whose LR is 1/4 of the initial one (41 / 16 in the paper)
         args.wa_start = min(args.lr_decay_start + args.lr_decay_every + 1, args.epochs)
     if args.name is None:
-        args.name = f"b{args.effnet}_{args.data}" + ("" if args.label_enhance == "none" else f"_{args.label_enhance}")
+        corpus = "" if args.data_root is None or root is None else f"{Path(root).name}_"  # item 15
+        args.name = f"{corpus}b{args.effnet}_{args.data}" + ("" if args.label_enhance == "none" else f"_{args.label_enhance}")
     if args.out is None:
         args.out = f"runs/psla/{args.name}"
 
@@ -257,6 +266,10 @@ class MultiHeadAttentionPooling(nn.Module):
         self.head_weight = nn.Parameter(torch.full((heads,), 1.0 / heads))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, T)
+        with torch.autocast(x.device.type, enabled=False):  # pooled scores in fp32 (deviation 9)
+            return self._pool(x.float())
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
         b, _, t = x.shape
         att = torch.sigmoid(self.att(x)).clamp(1e-7, 1 - 1e-7).view(b, self.heads, self.n_classes, t)
         att = att / att.sum(-1, keepdim=True)  # normalised over time (not a softmax)
@@ -382,11 +395,15 @@ def learning_rate(args, epoch: int, step: int) -> float:
     return args.lr * 0.5 ** decays * min(1.0, (step + 1) / max(1, args.warmup_steps))
 
 
-def train_epoch(model, loader, optimizer, args, epoch: int, step: int, device, amp) -> tuple[int, float]:
+def train_epoch(model, loader, optimizer, args, epoch: int, step: int, device, amp,
+                scaler=None) -> tuple[int, float, int]:
+    """One pass over the loader; returns (global step, mean loss, unreadable clips skipped)."""
     model.train()
-    losses = []
+    losses, skipped, n = [], 0, len(loader.sampler)
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not common.is_main())
-    for batch in bar:
+    for j, batch in enumerate(bar):
+        planned = min(loader.batch_size, n - j * loader.batch_size)
+        skipped += planned - (0 if batch is None else len(batch[2]))  # unreadable clips: skipped, counted
         if batch is None:  # a whole batch of unreadable clips
             continue
         wave, target = batch[0].to(device), batch[1].to(device)
@@ -397,14 +414,16 @@ def train_epoch(model, loader, optimizer, args, epoch: int, step: int, device, a
         # BCE on the clamped attention output: the head weights are unconstrained (official code)
         loss = F.binary_cross_entropy(out.float().clamp(1e-7, 1 - 1e-7), target)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler = scaler or common.grad_scaler(device, amp)  # loss scaling for fp16 only
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         losses.append(loss.item())
         step += 1
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         if args.max_steps and step >= args.max_steps:
             break
-    return step, float(np.mean(losses)) if losses else float("nan")
+    return step, float(np.mean(losses)) if losses else float("nan"), skipped
 
 
 @torch.no_grad()
@@ -432,32 +451,49 @@ def metrics(targets: np.ndarray, scores: np.ndarray, ok: np.ndarray | None = Non
 # =============================================================================================
 def ontology_matrices(labels: common.Labels, ontology: common.Ontology) -> tuple[np.ndarray, np.ndarray]:
     """(K, K) 0/1 matrices among the K classes: children[k, j] = j is a direct child of k (Type I
-    candidates); ancestors[k, j] = j is an ancestor of k through any chain of parents (Type II)."""
+    candidates); ancestors[k, j] = j is an ancestor of k through any chain of parents (Type II) that
+    crosses no abstract node (official code; deviation 8)."""
     k = len(labels)
     children, ancestors = np.zeros((k, k), np.float32), np.zeros((k, k), np.float32)
     for i, mid in enumerate(labels.mids):
         children[i, [labels.index[c] for c in ontology.children.get(mid, []) if c in labels.index]] = 1
-        ancestors[i, [labels.index[a] for a in ontology.ancestors(mid) if a in labels.index]] = 1
+        ancestors[i, [labels.index[a] for a in ontology.ancestors(mid, through_abstract=False)  # deviation 8
+                      if a in labels.index]] = 1
     return children, ancestors
 
 
 def enhance_labels(scores: np.ndarray, targets: np.ndarray, labels: common.Labels, ontology: common.Ontology,
-                   kind: str = "type12") -> tuple[np.ndarray, np.ndarray]:
+                   kind: str = "type12", ok: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Algorithm 2. Procedure 1: t_k = mean teacher score of the clips labelled k. Procedure 2: a
     clip gains a direct child (Type I) and/or an ancestor (Type II) of one of its labels when the
     teacher scores it above that class's threshold. Labels are only added. Returns the enhanced
-    (N, K) targets and the thresholds (nan for a class without any clip: it is never added)."""
+    (N, K) targets and the thresholds (nan for a class without any clip: it is never added).
+    `ok` marks the clips the teacher could read: thresholds use only those, the others gain nothing."""
+    ok = np.ones(len(targets), bool) if ok is None else np.asarray(ok, bool)
     pos = targets > 0
+    scores = np.where(ok[:, None], scores, 0.0)  # unreadable clips: no score enters any sum
     with np.errstate(invalid="ignore", divide="ignore"):
-        thresholds = (scores * pos).sum(0) / pos.sum(0)
+        thresholds = (scores * (pos & ok[:, None])).sum(0) / (pos & ok[:, None]).sum(0)
     children, ancestors = ontology_matrices(labels, ontology)
     candidates, y = np.zeros_like(pos), pos.astype(np.float32)
     if kind in ("type1", "type12"):
         candidates |= (y @ children) > 0  # a child of one of the clip's labels
     if kind in ("type2", "type12"):
         candidates |= (y @ ancestors) > 0  # an ancestor of one of the clip's labels
-    added = candidates & ~pos & (scores > thresholds)  # nan thresholds compare False
+    added = candidates & ~pos & (scores > thresholds) & ok[:, None]  # nan thresholds compare False
     return (pos | added).astype(np.float32), thresholds
+
+
+def teacher_checkpoint(args) -> tuple[Path, dict]:
+    """The teacher run's wa.pt (else last.pt), checked to be a psla.py checkpoint."""
+    ckpt = next((Path(args.teacher) / f for f in ("wa.pt", "last.pt") if (Path(args.teacher) / f).exists()), None)
+    if ckpt is None:
+        raise common.DataError(f"--teacher {args.teacher}: no wa.pt or last.pt (not a psla.py run, or unfinished)")
+    saved = common.load_checkpoint(ckpt)
+    if not isinstance(saved, dict) or "config" not in saved or "model" not in saved:
+        raise common.DataError(f"--teacher {args.teacher}: {ckpt.name} is not a psla.py checkpoint"
+                               + (" (a psl.py one)" if isinstance(saved, dict) and "state" in saved else ""))
+    return ckpt, saved
 
 
 def label_enhancement(args, corpus: common.Corpus, out: Path, device, amp) -> list:
@@ -466,21 +502,18 @@ def label_enhancement(args, corpus: common.Corpus, out: Path, device, amp) -> li
     path = out / f"train_{args.label_enhance}.tsv"
     if path.exists() and args.resume:
         return common.read_manifest(path)
-    ckpt = next((Path(args.teacher) / f for f in ("wa.pt", "last.pt") if (Path(args.teacher) / f).exists()), None)
-    if ckpt is None:
-        raise common.DataError(f"{args.teacher}: no wa.pt or last.pt (train the teacher first)")
-    saved = common.load_checkpoint(ckpt)
+    ckpt, saved = teacher_checkpoint(args)
     teacher = build_model(saved["config"]).to(device)
     teacher.load_state_dict(saved["model"])
     targets = corpus.targets(corpus.train)
     ds = common.ClipDataset(corpus.root, corpus.train, targets)
     scores, ok = predict(teacher, common.make_loader(ds, 2 * args.batch_size, workers=args.workers),
                          len(ds), len(corpus.labels), device, amp)
-    scores[~ok] = -np.inf  # an unreadable clip gains nothing
-    true = corpus.true_targets(corpus.train) if corpus.synthetic else None
+    # the truth files (*_true.tsv), synthetic or not, tell whether the added labels were right
+    true = corpus.true_targets(corpus.train) if all(fn in corpus.true for fn, _ in corpus.train) else None
     stats = {}
     for kind in ("type1", "type2", "type12"):  # Table VIII columns
-        enhanced, _ = enhance_labels(scores, targets, corpus.labels, corpus.ontology, kind)
+        enhanced, _ = enhance_labels(scores, targets, corpus.labels, corpus.ontology, kind, ok)
         added = (enhanced > 0) & (targets == 0)
         s = {"impacted_classes": int(added.any(0).sum()), "labels_added": int(added.sum()),
              "labels_added_pct": 100.0 * added.sum() / targets.sum()}
@@ -494,7 +527,8 @@ def label_enhancement(args, corpus: common.Corpus, out: Path, device, amp) -> li
     print(f"label enhancement with teacher {ckpt} (Table VIII):")
     for kind, s in stats.items():
         print(f"  {kind:7s} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
-    common.write_json(out / "label_enhancement.json", {"teacher": str(ckpt), "chosen": args.label_enhance, **stats})
+    common.write_json(out / "label_enhancement.json", {"teacher": str(ckpt), "chosen": args.label_enhance,
+                                                        "skipped_clips": int((~ok).sum()), **stats})
     common.write_manifest(path, rows)
     return rows
 
@@ -523,6 +557,8 @@ def ensemble_main(argv: list[str]) -> dict:
     a = p.parse_args(argv)
     preds, targets = [], None
     for run in map(Path, a.runs):
+        if not (run / "preds" / "eval_targets.npy").exists() or not (run / "results.json").exists():
+            raise common.DataError(f"{run}: not a finished psla.py run (no results.json and preds/)")
         res = json.loads((run / "results.json").read_text())
         t = np.load(run / "preds" / "eval_targets.npy")
         if targets is not None and t.shape != targets.shape:
@@ -560,10 +596,32 @@ def main(argv=None) -> dict:
         return ensemble_main(argv[1:])
     args = parse_args(argv)
     common.seed_everything(args.seed)
+    corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
+    resolve_schedule(args, corpus.synthetic, corpus.root)
+    settings = run_identity(args, corpus)
+    if args.teacher:
+        teacher_checkpoint(args)  # a bad --teacher fails before anything is written
+    with common.RunLock(args.out):  # a second run on this folder is refused while this one runs
+        common.claim_run_folder(args.out, settings, args.resume)
+        return train_and_evaluate(args, corpus, settings)
+
+
+def run_identity(args, corpus: common.Corpus) -> dict:
+    """Every result-affecting setting of this run, the corpus as a resolved path, and the teacher
+    (its own identity, or its checkpoint file's size and time) for label enhancement."""
+    settings = common.run_settings(args) | {"data_root": str(corpus.root.resolve())}
+    if args.teacher:
+        t = Path(args.teacher)
+        cfg = t / "config.json"
+        settings["teacher"] = str(t.resolve())
+        settings["teacher_identity"] = (json.loads(cfg.read_text()).get("identity_hash") if cfg.exists() else None) \
+            or [(f, (t / f).stat().st_size, (t / f).stat().st_mtime_ns) for f in ("wa.pt", "last.pt") if (t / f).exists()]
+    return settings
+
+
+def train_and_evaluate(args, corpus: common.Corpus, settings: dict) -> dict:
     device = common.pick_device(args.device)
     amp = common.amp_dtype(device, args.amp)
-    corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
-    resolve_schedule(args, corpus.synthetic)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "preds").mkdir(exist_ok=True)
@@ -585,13 +643,14 @@ def main(argv=None) -> dict:
                       target_length=args.target_length, norm=tuple(norm), freqm=args.freqm, timem=args.timem,
                       drop_connect=args.drop_connect)
     args.norm = list(config["norm"])
-    common.save_config(out, args)
+    common.save_run_config(out, args, settings)
     model = build_model(config).to(device)
     if state is None and args.imagenet:
         load_imagenet(model, args.imagenet)
     print(f"EfficientNet-B{args.effnet} + {args.heads}-head attention, {len(corpus.labels)} classes: "
           f"{count_parameters(model):,} parameters; fbank mean/std {config['norm'][0]:.4f}/{config['norm'][1]:.4f}")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    scaler = common.grad_scaler(device, amp)  # fp16 loss scaling (a no-op otherwise)
 
     # ---- data: Algorithm 1 (balanced sampling, mix-up) + valid/eval loaders
     clips = common.ClipDataset(corpus.root, train_rows, train_targets)
@@ -599,34 +658,42 @@ def main(argv=None) -> dict:
     sampler = common.WeightedSampler(common.generate_sampling_weights(train_targets), seed=args.seed) \
         if args.balanced_sampling else None
     train_loader = common.make_loader(train_set, args.batch_size, sampler=sampler, shuffle=sampler is None,
-                                      workers=args.workers, seed=args.seed)
+                                      workers=args.workers, seed=args.seed, persistent=False)
     splits = {"eval": corpus.eval} | ({"valid": corpus.valid} if corpus.valid else {})
     eval_sets = {k: (common.make_loader(common.ClipDataset(corpus.root, rows, corpus.targets(rows)), 2 * args.batch_size,
                                         workers=args.workers), corpus.targets(rows)) for k, rows in splits.items()}
     np.save(out / "preds" / "eval_targets.npy", eval_sets["eval"][1])
 
     # ---- training (Sec. II-B), resumable per epoch
-    epoch0, step, history = 0, 0, []
+    epoch0, step, history, minutes0 = 0, 0, [], 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         epoch0, step, history = state["epoch"], state["step"], state["history"]
+        minutes0 = state.get("minutes", 0.0)  # time of the earlier attempts
+        common.set_rng_state(state.get("rng"))  # masking, mix-up, drop-connect continue exactly
+        if history:  # the line of this checkpoint, if a kill came between last.pt and the log
+            log.log_once(history[-1], ("epoch",))
         print(f"resumed from {last} at epoch {epoch0}")
     for epoch in range(epoch0 + 1, args.epochs + 1):
         if sampler is not None:
             sampler.set_epoch(epoch)
+        train_loader.generator.manual_seed(args.seed * 100_003 + epoch)  # the epoch's order, resume-safe
         lr = learning_rate(args, epoch, step)
-        step, loss = train_epoch(model, train_loader, optimizer, args, epoch, step, device, amp)
-        record = {"epoch": epoch, "step": step, "lr": lr, "train/loss": loss}
+        step, loss, skipped = train_epoch(model, train_loader, optimizer, args, epoch, step, device, amp, scaler)
+        record = {"epoch": epoch, "step": step, "lr": lr, "train/loss": loss, "train/skipped": skipped}
         for split, (loader, targets) in eval_sets.items():
             scores, ok = predict(model, loader, len(targets), len(corpus.labels), device, amp)
             m = metrics(targets, scores, ok)
-            record |= {f"{split}/mAP": m["mAP"], f"{split}/mAUC": m["mAUC"], f"{split}/dprime": m["dprime"]}
+            record |= {f"{split}/mAP": m["mAP"], f"{split}/mAUC": m["mAUC"], f"{split}/dprime": m["dprime"],
+                       f"{split}/skipped": int((~ok).sum())}
             if split == "eval":
                 np.save(out / "preds" / f"eval_e{epoch:03d}.npy", scores)
         history.append(record)
-        log.log(record)
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "step": step,
                 "history": history, "config": config, "args": vars(args)}
         if epoch >= args.wa_start:
             common.save_checkpoint(out / "weights" / f"e{epoch:03d}.pt", {"model": model.state_dict()})
@@ -634,7 +701,8 @@ def main(argv=None) -> dict:
         best = max(history, key=lambda r: r[select] if select != "train/loss" else -r[select])
         if best["epoch"] == epoch:
             common.save_checkpoint(out / "best.pt", {**ckpt, "optimizer": None})
-        common.save_checkpoint(last, ckpt)
+        common.save_checkpoint(last, {**ckpt, "rng": common.rng_state(), "minutes": minutes0 + (time.time() - t0) / 60})
+        log.log(record)  # after last.pt: a kill in between loses this line, never doubles it
         if args.max_steps and step >= args.max_steps:
             break
     epochs_done = history[-1]["epoch"]
@@ -663,7 +731,8 @@ def main(argv=None) -> dict:
     results["checkpoint_ensemble"] = ensemble(preds, targets)
     results["last_AP"] = metrics(targets, preds[-1])["AP"]
     results |= {"epochs": epochs_done, "best_epoch": best["epoch"], "steps": step, "parameters": count_parameters(model),
-                "classes": corpus.labels.names, "minutes": (time.time() - t0) / 60, "config": vars(args)}
+                "classes": corpus.labels.names, "minutes": minutes0 + (time.time() - t0) / 60, "config": vars(args),
+                "skipped_clips": {k.split("/")[0]: v for k, v in history[-1].items() if k.endswith("/skipped")}}
     if args.label_enhance != "none":
         results["label_enhancement"] = json.loads((out / "label_enhancement.json").read_text())
     name, paper = paper_row(args)
@@ -683,7 +752,7 @@ def main(argv=None) -> dict:
           f"{args.mixup}, alpha {args.mixup_alpha}; labels {args.label_enhance}; {epochs_done} epochs, {step} steps, "
           f"{results['minutes']:.1f} min.\n\nEval set. Paper column: {args.data} AudioSet, EfficientNet-B2, the paper's row "
           f"with the same techniques: {name}; WA and checkpoint ensemble with all techniques (Tables IX, X).\n\n"
-          + common.markdown_table(["model", "mAP", "mAUC", "d'", "paper mAP"], rows)
+          + common.markdown_table(["model", "mAP", "mAUC", "d'", common.paper_heading(corpus, "paper mAP")], rows)
           + f"\n\nCheckpoint ensemble (Table X): {ce['models']} models, avg mAP {ce['avg_mAP']:.4f}, "
             f"best mAP {ce['best_mAP']:.4f}, ensemble mAP {ce['ensemble_mAP']:.4f}\n")
     if args.label_enhance != "none":
@@ -700,5 +769,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except common.DataError as e:
+    except common.DataError as e:  # bad input: one line, non-zero exit
         sys.exit(f"error: {e}")

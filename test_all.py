@@ -483,8 +483,10 @@ def test_topk_checkpoints_keep_best_and_survive_restart(tmp_path):
 def test_run_helpers(tmp_path, capsys):
     assert C.pick_device("auto").type in ("cpu", "cuda", "mps")
     assert C.amp_dtype(torch.device("cpu"), "auto") is None and C.amp_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
-    with C.autocast(torch.device("cpu"), torch.bfloat16):
-        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32  # a no-op on CPU
+    with C.autocast(torch.device("cpu"), None):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32  # --amp none / auto: a no-op on CPU
+    with C.autocast(torch.device("cpu"), torch.bfloat16):  # an explicit --amp bf16 is honoured on CPU (issue 13 item 6)
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
     log = C.RunLogger(tmp_path)
     log.log({"step": 1, "val/mAP": 0.25})
     assert json.loads((tmp_path / "log.jsonl").read_text())["val/mAP"] == 0.25
@@ -569,9 +571,9 @@ def test_psl_all_stages_save_reload_predict(psl_tiny, tmp_path, capsys):
     a = res["analysis"]
     assert sum(a["labels_per_clip"].values()) == 24 and 0 <= a["mean_coverage"] <= 1
     assert set(a["chunk_vs_true_strong"]["pseudo"]) == {"precision", "recall"}
-    teacher = tmp_path / "teacher_full_synth"
-    assert (teacher / "final.pt").exists() and (teacher / "relabel" / "final_balanced_2s.npy").exists()
-    assert np.load(teacher / "relabel" / "final_balanced_2s.npy").shape == (48, 30)  # 24 clips x 2 chunks
+    (teacher,) = tmp_path.glob("teacher_full_synth_*")  # named by the hash of the MA's settings
+    (cache,) = (teacher / "relabel").glob("final_balanced_2s_*.npy")
+    assert (teacher / "final.pt").exists() and np.load(cache).shape == (48, 30)  # 24 clips x 2 chunks
     # reload the averaged student from its checkpoint alone and evaluate it again: same numbers
     ck = C.load_checkpoint(out / "student" / "final.pt")
     model = psl.build_model(ck)
@@ -590,7 +592,7 @@ def test_psl_weak_baseline_needs_no_teacher(psl_tiny, tmp_path):
     psl.main(_argv(psl_tiny, out, "--labels", "weak", "--segment", "4", "--max-steps", "1"))
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == "weak" and res["alpha"] == 0 and res["analysis"] is None
-    assert not (tmp_path / "teacher_full_synth").exists()
+    assert not list(tmp_path.glob("teacher_*"))
 
 
 def test_psl_student_resumes_mid_training(psl_tiny, tmp_path, capsys):
@@ -611,9 +613,9 @@ def test_psl_table_shares_teacher_and_writes_rows(psl_tiny, tmp_path):
     out = tmp_path / "table"
     psl.main(_argv(psl_tiny, out, "--table", "2", "--max-steps", "1"))
     md = (out / "results.md").read_text()
-    assert all(r in md for r in ("weak-10s", "PSL-10s", "PSL-5s", "PSL-2s", "35.48"))
-    assert len(list((out / "teacher_full_synth").glob("final.pt"))) == 1
-    assert len(list((out / "teacher_full_synth" / "relabel").glob("*.npy"))) == 3
+    assert all(r in md for r in ("weak-10s", "PSL-10s", "PSL-5s", "PSL-2s", "35.48", "not comparable"))
+    (teacher,) = out.glob("teacher_full_synth_*")  # one MA shared by the rows
+    assert len(list((teacher / "relabel").glob("*.npy"))) == 3
 
 
 # =============================================================================================
@@ -1642,3 +1644,402 @@ def test_ssl_downstream_task_through_the_task_reader(tiny_tasks, tmp_path, one_t
     assert all(0 <= s <= 1 for s in res["scratch"] + res["pretrained"]) and res["size"] == "cpu"
     ck = C.load_checkpoint(next(tmp_path.glob("finetune_cpu_synth/pretrained_sound_novel_*/final.pt")))
     assert ck["pooling"] == "mean" and ck["multi"] is False
+
+
+# =============================================================================================
+# issue 13: psl.py / psla.py on real data (damaged clips, tail chunks, validation fallback,
+# patience, precision, truth files, strong-label formats, run identity, bad input, resume)
+# =============================================================================================
+def _damage(root: Path, rows: list) -> dict:
+    """Damage 10 training clips as the issue's root: 6 unreadable, 4 readable but odd (2 short)."""
+    p = lambda i: root / rows[i][0]
+    p(0).write_bytes(b"")  # zero-length
+    p(1).write_bytes(p(1).read_bytes()[:20])  # truncated header
+    p(2).write_bytes(np.random.default_rng(0).bytes(5000))  # random bytes
+    p(3).unlink()  # missing
+    nan = np.random.default_rng(1).standard_normal(4 * C.SR).astype(np.float32) * 0.1
+    nan[100] = np.nan
+    sf.write(p(4), nan, C.SR, subtype="FLOAT")  # float wav with a NaN sample
+    inf = nan.copy()
+    inf[100] = np.inf
+    sf.write(p(5), inf, C.SR, subtype="FLOAT")
+    sf.write(p(6), np.zeros(1, np.float32), C.SR)  # 1 sample
+    sf.write(p(7), np.random.default_rng(2).standard_normal((44100 * 4, 2)) * 0.1, 44100)  # stereo 44.1 kHz
+    sf.write(p(8), np.random.default_rng(3).standard_normal(int(0.3 * C.SR)) * 0.1, C.SR)  # 0.3 s
+    sf.write(p(9), np.clip(np.random.default_rng(4).standard_normal(4 * C.SR), -1, 1), C.SR)  # clipped
+    return {"unreadable": 6}
+
+
+@pytest.fixture(scope="session")
+def damaged_root(psl_tiny, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("damaged") / "corpus"
+    shutil.copytree(psl_tiny, root)
+    (root / "synth.json").unlink()  # a real-layout corpus (truth files stay)
+    _damage(root, C.read_manifest(root / "balanced_train.tsv"))
+    return root
+
+
+def test_load_audio_rejects_non_finite_samples(tmp_path):
+    x = np.zeros(1000, np.float32)
+    x[5] = np.nan
+    sf.write(tmp_path / "nan.wav", x, C.SR, subtype="FLOAT")
+    with pytest.raises(C.DataError, match="non-finite"):
+        C.load_audio(tmp_path / "nan.wav")
+
+
+def test_damaged_clips_are_skipped_counted_and_reported(damaged_root, tmp_path):
+    """Item 0: 6 unreadable (incl. NaN / Inf) of 10 damaged training clips: both scripts complete,
+    never see a non-finite value, and report the skipped clips in log and results.json."""
+    out = tmp_path / "psl"
+    psl.main(_argv(damaged_root, out, "--segment", "2", "--max-steps", "1", "--teacher-epochs", "1",
+                   "--epochs", "1", "--batch-size", "32", "--amp", "bf16"))  # + item 6: the CPU bf16 path
+    res = json.loads((out / "results.json").read_text())
+    assert np.isfinite(res["mAP"]) and res["skipped_clips"]["relabel_clips"] == 6
+    # item 11: no synth.json, but *_true.tsv and strong_*.tsv are there: the truth checks run
+    assert {"clip_vs_true", "chunk_vs_true_strong"} <= set(res["analysis"])
+    teacher = json.loads(next(tmp_path.glob("teacher_full_corpus_*")).joinpath("results.json").read_text())
+    assert np.isfinite(teacher["mAP"])
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert all("skipped" in r for r in log)
+    run = tmp_path / "psla"
+    r = psla.main(["--data-root", str(damaged_root), "--out", str(run), "--effnet", "0", "--target-length", "128",
+                   "--epochs", "1", "--batch-size", "24", "--workers", "0", "--amp", "bf16"])  # one step: every clip
+    assert r["skipped_clips"]["train"] == 6 and np.isfinite(r["last_n"]["mAP"])
+    cfg = json.loads((run / "config.json").read_text())
+    assert all(np.isfinite(cfg["norm"]))
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["train/skipped"] == 6
+
+
+def test_psl_tail_chunks_rounded_and_merged(tmp_path):
+    """Item 2: a 160,001-sample clip is 10.0 s (no few-sample chunk at any segment length); a 3.3 s
+    clip keeps its 1.3 s remainder; a remainder under MIN_CHUNK_S joins the previous chunk."""
+    root = tmp_path / "root"
+    root.mkdir()
+    sf.write(root / "a.wav", np.zeros(160_001, np.float32), C.SR)
+    sf.write(root / "b.wav", np.zeros(int(3.3 * C.SR), np.float32), C.SR)
+    sf.write(root / "c.wav", np.zeros(int(4.3 * C.SR), np.float32), C.SR)
+    corpus = C.Corpus(root, C.Labels(["x"], ["x"]), C.Ontology({}, {}, {}), [], None, [], synthetic=False)
+    rows = [("a.wav", ["x"]), ("b.wav", ["x"]), ("c.wav", ["x"])]
+    y = np.ones((3, 1), np.float32)
+    for seg, n_a in ((10.0, 1), (5.0, 2), (2.0, 5)):
+        ds = psl.chunk_dataset(corpus, rows, y, seg, 10.0)
+        a = [c for c in ds.chunks if c[0] == 0]
+        assert len(a) == n_a and a[-1][2] == 10.0
+    ds = psl.chunk_dataset(corpus, rows, y, 2.0, 10.0)
+    assert [c[1:] for c in ds.chunks if c[0] == 1] == [(0.0, 2.0), (2.0, 3.3)]
+    assert [c[1:] for c in ds.chunks if c[0] == 2] == [(0.0, 2.0), (2.0, 4.3)]  # 0.3 s tail merged
+    assert min(len(ds[i][0]) for i in range(len(ds))) >= 0.5 * C.SR
+
+
+def test_psla_enhance_labels_ignores_unreadable_clips():
+    """Item 1: an unreadable clip (ok False) neither moves any threshold nor gains labels."""
+    mids = ["P", "C1", "C2"]
+    labels = C.Labels(mids, mids)
+    onto = C.Ontology({m: m for m in mids}, {"P": ["C1", "C2"], "C1": [], "C2": []}, {"C1": ["P"], "C2": ["P"]})
+    y = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0]], np.float32)
+    s = np.array([[.9, .8, .1], [.7, .6, .2], [.3, .3, .9], [0, 0, 0]], np.float32)
+    ok = np.array([True, True, True, False])
+    e, t = psla.enhance_labels(s, y, labels, onto, "type12", ok)
+    e_ref, t_ref = psla.enhance_labels(s[:3], y[:3], labels, onto, "type12")
+    np.testing.assert_allclose(t, t_ref)
+    assert np.isfinite(t).all() and np.array_equal(e[:3], e_ref) and np.array_equal(e[3], y[3])
+    s_bad = s.copy()
+    s_bad[3] = -np.inf  # what the old code put there: thresholds unchanged all the same
+    np.testing.assert_allclose(psla.enhance_labels(s_bad, y, labels, onto, "type12", ok)[1], t_ref)
+
+
+def test_psl_validation_falls_back_to_the_balanced_subset(psl_tiny, tmp_path, capsys):
+    """Item 3: without valid.tsv the MA trained on full validates on balanced_train, not on itself."""
+    root = tmp_path / "novalid"
+    shutil.copytree(psl_tiny, root)
+    (root / "valid.tsv").unlink()
+    corpus = C.load_corpus(str(root), "full")
+    args = psl.parse_args(_argv(root, tmp_path / "o"))
+    rows = psl.validation_split(corpus, args)
+    assert rows == C.read_manifest(root / "balanced_train.tsv") and len(rows) < len(corpus.train)
+    assert "balanced_train.tsv" in capsys.readouterr().out
+    args.valid_on = "train"
+    assert psl.validation_split(corpus, args) == corpus.train
+
+
+class _ToyChunks(torch.utils.data.Dataset):
+    def __init__(self, n=8, k=2):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, C.SR // 2, generator=g) * 0.1, torch.rand(n, 2 * k, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], i
+
+
+def _toy_train_args(tmp_path, *extra):
+    a = psl.parse_args(["--workers", "0", "--batch-size", "2", "--top-k", "1", "--out", str(tmp_path), *extra])
+    a.lr, a.synthetic, a.device = 1e-3, False, "cpu"
+    return a
+
+
+def test_psl_patience_counts_epochs_and_stages_validate_separately(tmp_path):
+    """Item 4: with a metric that never improves after the first validation, --patience 1 stops one
+    epoch (4 steps) after the best step, not after one validation. Item 14: one interval per stage,
+    10,000 batches or once per epoch when shorter."""
+    a = _toy_train_args(tmp_path, "--patience", "1")
+    torch.manual_seed(0)
+    info = psl.train(psl.MobileNetV2(2), _ToyChunks(), 2, lambda e: np.arange(8), tmp_path / "s", tmp_path, a,
+                     epochs=10, alpha=1.0, augment=False, poly_decay=False, validate=lambda m: 0.5, eval_every=1)
+    assert info["steps"] == 5
+    assert psl.eval_interval(60_000, False) == 10_000 and psl.eval_interval(3, False) == 3
+    assert psl.eval_interval(10, True) == 5
+    p = psl.parse_args(["--eval-every", "7", "--ma-eval-every", "9"])
+    assert (p.eval_every, p.ma_eval_every) == (7, 9)
+
+
+def test_scores_are_fp32_under_bf16_autocast():
+    """Item 6: the backbone runs under autocast, the pooled scores (saved, ranked, averaged) in fp32;
+    common.autocast is a real autocast for an explicit bf16 on CPU."""
+    with torch.no_grad(), C.autocast(torch.device("cpu"), torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+        clip, frames = psl.MobileNetV2(5).eval()(torch.randn(2, C.SR))
+        out = psla.PSLANet(5, effnet=0, target_length=64).eval()(torch.randn(2, C.SR))
+    assert clip.dtype == frames.dtype == out.dtype == torch.float32
+    assert not isinstance(C.autocast(torch.device("cpu"), None), torch.autocast)
+
+
+def test_psl_unreadable_eval_clips_are_excluded(psl_tiny, tmp_path):
+    """Item 5: an eval clip none of whose chunks can be read is left out of the metrics, not scored 0."""
+    root = tmp_path / "c"
+    shutil.copytree(psl_tiny, root)
+    corpus = C.load_corpus(str(root), "balanced")
+    (root / corpus.eval[0][0]).unlink()
+    args = psl.resolve(psl.parse_args(_argv(root, tmp_path / "o")), corpus)
+    torch.manual_seed(0)
+    model = psl.MobileNetV2(len(corpus.labels))
+    y = corpus.targets(corpus.eval)
+    m = psl.evaluate(model, corpus, corpus.eval, y, 2.0, args)
+    ref = psl.evaluate(model, corpus, corpus.eval[1:], y[1:], 2.0, args)
+    assert m["skipped_clips"] == 1 and m["mAP"] == pytest.approx(ref["mAP"], abs=1e-7)
+
+
+def test_read_strong_audioset_format_and_match_by_youtube_id(tmp_path):
+    """Item 12: AudioSet's own strong file (segment ids, comma or tab, with or without a header)
+    matches manifest rows by YouTube id, as prepare matches clips; no event is lost."""
+    rows = [("audio/eval/Yb0RFKhbpFJA_30.000_40.000.wav", ["/m/09x0r"]), ("audio/eval/abcdefghijk.flac", [])]
+    (tmp_path / "as.tsv").write_text("segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
+                                     "b0RFKhbpFJA_30000\t0.000\t1.500\t/m/09x0r\n"
+                                     "abcdefghijk_10000\t2.0\t3.0\t/m/05zppz\n")
+    (tmp_path / "nohead.csv").write_text("b0RFKhbpFJA_30000,0.5,1.0,/m/09x0r\nunknownid12_0,0,1,/m/09x0r\n")
+    got = C.match_strong(C.read_strong(tmp_path / "as.tsv"), rows)
+    assert got == {rows[0][0]: [(0.0, 1.5, "/m/09x0r")], rows[1][0]: [(2.0, 3.0, "/m/05zppz")]}
+    nohead = C.read_strong(tmp_path / "nohead.csv")
+    assert len(nohead) == 2 and C.match_strong(nohead, rows) == {rows[0][0]: [(0.5, 1.0, "/m/09x0r")]}
+    ours = {"audio/x/balanced_train_00001.wav": [(0.0, 1.0, "m")]}  # our own ids: exact match only
+    assert C.match_strong(ours, [("audio/x/balanced_train_00001.wav", []), ("audio/x/balanced_train_00002.wav", [])]) == ours
+    (tmp_path / "bad.tsv").write_text("a\t0\t1\tm\nb\tzero\t1\tm\n")
+    with pytest.raises(C.DataError, match="bad.tsv:2"):
+        C.read_strong(tmp_path / "bad.tsv")
+
+
+def test_psl_chunk_truth_on_the_real_ontology(tmp_path):
+    """Item 13: ancestors that are not classes (Human voice, Human sounds) are skipped, no KeyError;
+    with true clip labels, only the ancestors among them are added."""
+    labels = C.read_class_labels(C.AUDIOSET_META / "class_labels_indices.csv")
+    onto = C.read_ontology(C.AUDIOSET_META / "ontology.json")
+    rows = [("a.wav", ["/m/05zppz"]), ("b.wav", ["/m/05zppz"])]
+    strong = {"a.wav": [(0.0, 1.0, "/m/05zppz")], "b.wav": [(0.0, 1.0, "/m/05zppz")]}
+    corpus = C.Corpus(tmp_path, labels, onto, rows, None, [], synthetic=False, strong=strong,
+                      true={"b.wav": ["/m/05zppz"]})  # b: truth without its parent Speech
+    ds = C.SegmentDataset(tmp_path, rows, np.zeros((2, 1), np.float32), 2.0, durations=[4.0, 4.0])
+    y = psl.chunk_truth(corpus, rows, ds)
+    names = lambda r: sorted(labels.names[j] for j in np.flatnonzero(r))
+    assert names(y[0]) == ["Male speech, man speaking", "Speech"] and names(y[1]) == []
+    assert names(y[2]) == ["Male speech, man speaking"]
+
+
+def test_psla_type2_ancestors_stop_at_abstract_nodes():
+    """Item 7: on the real ontology, Type II candidates do not cross abstract nodes (official code):
+    Music is a candidate parent of 81 classes, not 149 (68 were reached through abstract nodes)."""
+    labels = C.read_class_labels(C.AUDIOSET_META / "class_labels_indices.csv")
+    onto = C.read_ontology(C.AUDIOSET_META / "ontology.json")
+    assert len(onto.abstract) == 22
+    _, anc = psla.ontology_matrices(labels, onto)
+    music = labels.mids.index("/m/04rlf")
+    assert int(anc[:, music].sum()) == 81 and int(anc.sum()) == 767
+    assert sum(music_mid == "/m/04rlf" for m in labels.mids for music_mid in onto.ancestors(m)) == 149
+
+
+def test_paper_column_is_flagged_off_audioset(tiny_root):
+    """Item 17: the paper's AudioSet numbers are headed 'not comparable' on any other corpus."""
+    corpus = C.load_corpus(str(tiny_root))
+    assert C.paper_heading(corpus, "paper mAP") == "paper mAP (AudioSet, not comparable)"
+    real = C.Corpus(tiny_root, C.Labels([str(i) for i in range(527)], [""] * 527), C.Ontology({}, {}, {}),
+                    [], None, [], synthetic=False)
+    assert C.paper_heading(real, "paper mAP") == "paper mAP (AudioSet)"
+
+
+def _psla_identity(root, argv):
+    a = psla.parse_args(argv)
+    corpus = C.load_corpus(str(root))
+    psla.resolve_schedule(a, corpus.synthetic, corpus.root)
+    return a, psla.run_identity(a, corpus)
+
+
+def test_run_identity_refuses_other_settings_and_no_resume_is_fresh(tiny_root, tmp_path):
+    """Run identity: a run folder made with other settings is refused with one line naming the flags
+    (psla --no-mixup after psla); --no-resume removes what an earlier run wrote there (and only a
+    folder this program made); the psl MA folder and relabel cache are keyed by their settings."""
+    out = tmp_path / "run"
+    base = ["--data-root", str(tiny_root), "--out", str(out), "--effnet", "0", "--workers", "0"]
+    a, settings = _psla_identity(tiny_root, base)
+    assert a.name == "synth_b0_balanced"  # item 15: the corpus is in the run name
+    C.save_run_config(out, a, settings)
+    (out / "log.jsonl").write_text("stale\n")
+    with pytest.raises(C.DataError, match=r"--mixup 0.5 \(now 0.0\)") as e:
+        psla.main(base + ["--no-mixup"])
+    assert "\n" not in str(e.value) and (out / "log.jsonl").read_text() == "stale\n"  # nothing written
+    with pytest.raises(C.DataError, match="--lr"):
+        psla.main(base + ["--lr", "0.5"])
+    C.claim_run_folder(out, settings, resume=True)  # same settings: resumes
+    C.claim_run_folder(out, {"other": 1}, resume=False)  # --no-resume: fresh
+    assert not (out / "log.jsonl").exists() and not (out / "config.json").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    C.claim_run_folder(mine, settings, resume=False)
+    assert (mine / "notes.txt").read_text() == "keep"  # never deletes what it did not make
+    # psl: the MA folder is named by the hash of its settings
+    corpus = C.load_corpus(str(tiny_root))
+    r = lambda *x: psl.resolve(psl.parse_args(["--data-root", str(tiny_root), "--out", str(out), *x]), corpus)
+    assert r().teacher_dir == r("--lr", "1e-3").teacher_dir  # lr 1e-3 is the synthetic default
+    assert len({r().teacher_dir, r("--teacher-epochs", "2").teacher_dir, r("--lr", "1e-4").teacher_dir,
+                r("--gain-db", "3").teacher_dir, r("--synth-scale", "0.5").teacher_dir}) == 5
+    assert r().teacher_dir == r("--alpha", "0.5", "--segment", "5").teacher_dir  # student flags: same MA
+
+
+def test_run_folder_lock_refuses_a_second_run(tiny_root, tmp_path):
+    out = tmp_path / "locked"
+    with C.RunLock(out):
+        with pytest.raises(C.DataError, match="in use by another run"):
+            psla.main(["--data-root", str(tiny_root), "--out", str(out), "--effnet", "0", "--workers", "0"])
+        with pytest.raises(C.DataError, match="in use by another run"):
+            psl.main(["--data-root", str(tiny_root), "--out", str(out), "--workers", "0"])
+    with C.RunLock(out):  # released
+        pass
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("psl", ["--segment", "-1"]), ("psl", ["--segment", "0"]), ("psl", ["--epochs", "-1"]),
+    ("psl", ["--batch-size", "0"]), ("psl", ["--lr", "nan"]), ("psl", ["--alpha", "2"]), ("psl", ["--top-k", "0"]),
+    ("psla", ["--batch-size", "0"]), ("psla", ["--epochs", "-1"]), ("psla", ["--lr", "nan"]),
+    ("psla", ["--mixup", "1.5"]), ("psla", ["--norm", "0", "0"]), ("psla", ["--workers", "-1"])])
+def test_bad_flags_are_one_line_usage_errors(script, argv, tmp_path, capsys):
+    """Bad input: every numeric flag is range-checked at parse time: exit 2, one error line, nothing written."""
+    with pytest.raises(SystemExit) as e:
+        {"psl": psl, "psla": psla}[script].main(argv + ["--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and ": error: " in err[-1] and argv[0] in err[-1]  # names the flag
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "o").exists()
+
+
+def test_bad_inputs_are_one_line_errors_and_write_nothing(tiny_root, tmp_path):
+    """Bad input: the other script's checkpoints and runs are recognised; --out a file or under one."""
+    psla_ckpt = tmp_path / "wa.pt"
+    torch.save({"model": {}, "config": {}}, psla_ckpt)
+    with pytest.raises(C.DataError, match="psla.py one"):
+        psl.main(["predict", "--ckpt", str(psla_ckpt), "x.wav"])
+    psl_run = tmp_path / "pslrun"
+    psl_run.mkdir()
+    torch.save({"model": {}, "state": {}, "optimizer": {}}, psl_run / "last.pt")
+    base = ["--data-root", str(tiny_root), "--effnet", "0", "--workers", "0"]
+    with pytest.raises(C.DataError, match="a psl.py one"):
+        psla.main(base + ["--out", str(tmp_path / "le"), "--label-enhance", "type1", "--teacher", str(psl_run)])
+    assert not (tmp_path / "le").exists()
+    with pytest.raises(C.DataError, match="not a finished psla.py run"):
+        psla.main(["ensemble", str(psl_run), "--out", str(tmp_path / "ens")])
+    assert not (tmp_path / "ens").exists()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    for out in (a_file, a_file / "sub"):
+        for main in (psl.main, psla.main):
+            with pytest.raises(C.DataError) as e:
+                main(base[:2] + ["--workers", "0", "--out", str(out)])
+            assert "\n" not in str(e.value)
+    assert a_file.read_text() == "mine"
+
+
+def test_synth_root_never_deletes_a_users_files(tmp_path):
+    """Data safety: generating into a non-empty folder that is not a generated corpus/task set is
+    refused (one line) and its files stay."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    with pytest.raises(C.DataError, match="refusing to replace"):
+        C.make_synthetic_corpus(mine, scale=0.05, clip_seconds=1.0, workers=1, quiet=True)
+    synthetic = C.load_data_module("synthetic")
+    with pytest.raises(C.DataError, match="refusing to replace"):
+        synthetic.make_synthetic_tasks(mine, scale=0.05, workers=1, tasks=["sound_novel"])
+    assert (mine / "thesis.tex").read_text() == "keep" and len(list(mine.iterdir())) == 1
+
+
+def _kill_at(monkeypatch, obj, name, when):
+    """Make obj.name raise KeyboardInterrupt (as a SIGKILL would stop the run) when when(*args) is true."""
+    orig = getattr(obj, name)
+
+    def wrapped(*a, **k):
+        if when(*a, **k):
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+    monkeypatch.setattr(obj, name, wrapped)
+
+
+def test_psl_killed_mid_epoch_resumes_bit_identical(psl_tiny, tmp_path, monkeypatch):
+    """Exact resume: a student killed right after its step-2 checkpoint (mid-epoch: 6 steps per epoch)
+    and resumed ends with the same weights and mAP as the uninterrupted run, each log line once."""
+    argv = lambda out: _argv(psl_tiny, out, "--labels", "weak", "--segment", "2", "--max-steps", "4",
+                             "--eval-every", "2", "--top-k", "2")
+    torch.manual_seed(123)  # the global RNG state before a run must not matter either
+    ref = psl.main(argv(tmp_path / "ref"))
+    calls = []
+    _kill_at(monkeypatch, C.RunLogger, "log", lambda self, rec: calls.append(1) or len(calls) == 1)
+    with pytest.raises(KeyboardInterrupt):
+        psl.main(argv(tmp_path / "run"))
+    monkeypatch.undo()
+    torch.manual_seed(7)
+    psl.main(argv(tmp_path / "run"))
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert res["mAP"] == ref["mAP"] and res["student"] == ref["student"]
+    a, b = (C.load_checkpoint(tmp_path / r / "student" / "final.pt")["model"] for r in ("ref", "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]  # the step-2 line, kept from the log by the kill, is written on resume
+
+
+def test_psla_killed_mid_epoch_resumes_bit_identical(tiny_root, tmp_path, monkeypatch):
+    """Exact resume: killed in the middle of epoch 2 (mix-up, masking, drop-connect all draw random
+    numbers), the resumed run gives the uninterrupted run's history, WA weights and minutes add up."""
+    argv = lambda out: ["--data-root", str(tiny_root), "--out", str(out), "--effnet", "0", "--target-length", "64",
+                        "--epochs", "2", "--batch-size", "12", "--workers", "0", "--wa-start", "1"]
+    ref = psla.main(argv(tmp_path / "ref"))
+    _kill_at(monkeypatch, psla, "learning_rate", lambda args, epoch, step: epoch == 2 and step == ref["steps"] - 1)
+    with pytest.raises(KeyboardInterrupt):
+        psla.main(argv(tmp_path / "run"))
+    monkeypatch.undo()
+    res = psla.main(argv(tmp_path / "run"))
+    assert res["last_n"] == ref["last_n"] and res["wa"]["mAP"] == ref["wa"]["mAP"]
+    a, b = (C.load_checkpoint(tmp_path / r / "wa.pt")["model"] for r in ("ref", "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(l)["epoch"] for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_prepare_keeps_symlinked_clips_as_given(tmp_path):
+    """Item 16: a clip that is a symlink is written as the path given, not as its resolved target."""
+    csvs, clips, store = tmp_path / "csv", tmp_path / "clips", tmp_path / "store"
+    for d in (csvs, clips, store):
+        d.mkdir()
+    (csvs / "eval_segments.csv").write_text('# h\nevalclip001, 0.000, 10.000, "/m/09x0r"\n')
+    sf.write(store / "blob_1.wav", np.zeros(1600, np.float32), 16000)
+    (clips / "evalclip001.wav").symlink_to(store / "blob_1.wav")
+    C.load_data_module("prepare").prepare(csvs, clips, tmp_path / "out")
+    (row,) = C.read_manifest(tmp_path / "out" / "eval.tsv")
+    assert row[0] == "../clips/evalclip001.wav"

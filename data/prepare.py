@@ -74,7 +74,7 @@ def prepare(csv_dir: str | Path, audio_dir: str | Path, out: str | Path, meta_di
             if clip is None:
                 missing += 1
                 continue
-            rows.append((os.path.relpath(clip.resolve(), out.resolve()), mids))
+            rows.append((os.path.relpath(os.path.abspath(clip), os.path.abspath(out)), mids))  # links kept as given
         multi_hot(rows, labels, str(path))
         write_manifest(out / f"{split}.tsv", rows)
         manifests[split] = rows

@@ -229,11 +229,20 @@ def corrupt_labels(events, rng: np.random.Generator, r: NoiseRates) -> tuple[lis
     return sorted(labels), stats
 
 
+def refuse_foreign_folder(root: Path, stamp: str) -> None:
+    """Never delete what this program did not make: a non-empty folder without our stamp file is refused."""
+    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / stamp).exists())):
+        raise DataError(f"{root}: exists and is not a generated {'corpus' if stamp == 'synth.json' else 'task set'} "
+                        f"(no {stamp}); refusing to replace it: choose an empty or new --root")
+
+
 def make_synthetic_corpus(root: str | Path = SYNTH_ROOT, scale: float = 1.0, seed: int = 0,
                           clip_seconds: float = 10.0, noise: NoiseRates | None = None,
                           workers: int = 2, quiet: bool = False) -> Path:
-    """Write the synthetic corpus in the real layout. Deterministic in (seed, scale, clip_seconds)."""
+    """Write the synthetic corpus in the real layout. Deterministic in (seed, scale, clip_seconds).
+    An existing `root` is replaced only if it is a corpus made here (synth.json) or empty."""
     root = Path(root)
+    refuse_foreign_folder(root, "synth.json")
     noise = noise or NoiseRates()
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -622,8 +631,10 @@ def make_task(root: str | Path, task: str, scale: float = 1.0, seed: int = 0, wo
 
 def make_synthetic_tasks(root: str | Path = TASKS_ROOT, scale: float = 1.0, seed: int = 0, workers: int = 2,
                          tasks: list[str] | None = None) -> Path:
-    """All synthetic tasks in a fresh folder, swapped in whole; a stamp records (version, seed, scale)."""
+    """All synthetic tasks in a fresh folder, swapped in whole; a stamp records (version, seed, scale).
+    An existing `root` is replaced only if it holds tasks made here (synth_tasks.json) or is empty."""
     root = Path(root)
+    refuse_foreign_folder(root, "synth_tasks.json")
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
