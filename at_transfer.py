@@ -15,7 +15,7 @@ worse on speech (SPCV2 96.18 -> 49.13), fine-tuning beats scratch on speech by 0
     python at_transfer.py                                   # CPU preset: upstream + synthetic suite, 3 modes
     python at_transfer.py --trials 3                        # the direction run: trials 1-2 added to the default cells
     python at_transfer.py --task-root data/tasks --upstream both --preset paper   # converted public datasets
-    python at_transfer.py --upstream-ckpt runs/psl/teacher_full_synth/final.pt    # a psl.py MA as upstream
+    python at_transfer.py --upstream-ckpt runs/psl/teacher_full_synth_<hash>/final.pt    # a psl.py MA as upstream
     python at_transfer.py embed --ckpt runs/at_transfer/upstream_mbv2_full_synth_cpu/final.pt a.wav b.wav
 
 Deviations from the paper (numbered as in the README):
@@ -98,7 +98,7 @@ PRESETS = {"cpu": dict(up_epochs=3, evals_per_epoch=2, up_lr=1e-3, epochs=12, pa
                        frozen_epochs=500, frozen_patience=50, trials=1, folds=1, task_scale=0.2),
            "paper": dict(up_epochs=100, evals_per_epoch=6, up_lr=1e-4, epochs=150, patience=15, lr=1e-4,
                          batch_size=64, frozen_epochs=150, frozen_patience=15, trials=4, folds=None, task_scale=1.0)}
-PSL_TEACHER = Path("runs/psl/teacher_full_synth/final.pt")  # psl.py's default MA, reused by the CPU preset
+PSL_TEACHERS = "runs/psl/teacher_full_synth_*/final.pt"  # psl.py's MA folders (named by a settings hash), reused by the CPU preset
 
 
 # =============================================================================================
@@ -179,9 +179,10 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
     a.out = a.out or str(Path("runs/at_transfer") / (a.name or f"{tasks}_{a.preset}"))
     a.upstream_dir = str(Path(a.out).parent / f"upstream_{{arch}}_{a.data}_{corpus}_{a.preset}")
     if a.upstream_ckpt is None and a.preset == "cpu" and a.data_root is None and a.upstream == "mbv2" \
-            and (PSL_TEACHER.parent / "results.json").exists():
-        a.upstream_ckpt = str(PSL_TEACHER)  # the paper's MBv2 upstream *is* the PSL machine annotator
-        print(f"reusing psl.py's machine annotator {PSL_TEACHER} as the MobileNetV2 upstream")
+            and (done := sorted((p for p in Path().glob(PSL_TEACHERS) if (p.parent / "results.json").exists()),
+                                key=lambda p: p.stat().st_mtime)):
+        a.upstream_ckpt = str(done[-1])  # the paper's MBv2 upstream *is* the PSL machine annotator
+        print(f"reusing psl.py's machine annotator {done[-1]} as the MobileNetV2 upstream")
     return a
 
 

@@ -1092,6 +1092,8 @@ def test_convert_fsdkaggle2019_class_order_from_sample_submission(tmp_path):
     assert noisy.rows == [("train_noisy/00097e21.wav", ["Acoustic_guitar"], "train"), ("test/000ccb97.wav", ["Accordion"], "test")]
     _bad_row(PREP.convert_fsdkaggle2019, src, "train_curated.csv", "0a.wav,Meow\n", 4, tmp_path / "t")
 
+
+# =============================================================================================
 # at_transfer.py: model sizes, psl.py checkpoints as upstream, the HEAR API on a known signal,
 # the wave augmentation, head pooling, frozen mode, and a smoke run of every mode through main()
 # =============================================================================================
