@@ -52,7 +52,6 @@ import copy
 import json
 import math
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -184,22 +183,6 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
         a.upstream_ckpt = str(done[-1])  # the paper's MBv2 upstream *is* the PSL machine annotator
         print(f"reusing psl.py's machine annotator {done[-1]} as the MobileNetV2 upstream")
     return a
-
-
-def check_settings(folder: Path, settings: dict, resume: bool) -> None:
-    """A run folder is keyed by every setting that changes its result: resuming with other settings is
-    refused with one line naming them; --no-resume starts the folder over."""
-    path = folder / "settings.json"
-    if path.exists() and not resume:
-        shutil.rmtree(folder)
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff:
-            raise common.DataError(f"{folder}: made with other settings ({', '.join(diff)}); "
-                                   "use another --out/--name or --no-resume")
-    folder.mkdir(parents=True, exist_ok=True)
-    common.write_json(path, settings)
 
 
 # =============================================================================================
@@ -601,11 +584,11 @@ def train_upstream(args, arch: str, device) -> Path:
     if final.exists() and (folder / "results.json").exists() and args.resume:
         return final
     corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
-    check_settings(folder, {k: getattr(args, k) for k in ("data_root", "data", "up_epochs", "up_lr", "up_batch_size",
+    common.claim_stage(folder, {k: getattr(args, k) for k in ("data_root", "data", "up_epochs", "up_lr", "up_batch_size",
                    "evals_per_epoch", "up_patience", "valid_on", "mixup_alpha", "time_mask", "freq_mask", "n_masks",
                    "gain_db", "max_shift", "aug_p", "top_k", "seed", "synth_scale", "max_steps", "bn_batches")}
                    | {"arch": arch},
-                   args.resume)
+                   args.resume, name="settings.json", hint="another --out/--name or --no-resume")
     common.seed_everything(args.seed)
     model = ARCHS[arch](len(corpus.labels)).to(device)
     n = count_parameters(model)
@@ -849,10 +832,10 @@ def run_suite(args, device) -> dict:
     names = args.task or common.list_tasks(root)
     tasks = [common.read_task(root, n) for n in names]
     out = Path(args.out)
-    check_settings(out, {k: getattr(args, k) for k in ("data_root", "data", "task_root", "task_scale", "epochs",
+    common.claim_stage(out, {k: getattr(args, k) for k in ("data_root", "data", "task_root", "task_scale", "epochs",
                    "patience", "frozen_epochs", "frozen_patience", "lr", "batch_size", "top_k", "protocol",
                    "valid_fraction", "seed", "max_steps", "upstream_ckpt", "preset", "bn_batches",
-                   "frozen_standardize")}, args.resume)
+                   "frozen_standardize")}, args.resume, name="settings.json", hint="another --out/--name or --no-resume")
     common.save_config(out, args)
     cells, summary = {}, {}
     prev = out / "results.json"
@@ -863,7 +846,7 @@ def run_suite(args, device) -> dict:
         ckpt = upstream_checkpoint(args, arch, device)
         summary[arch] = str(ckpt)
         st = ckpt.stat()  # cells and cached embeddings belong to one upstream: refuse another one
-        check_settings(out / arch, {"upstream": str(ckpt), "size": st.st_size, "mtime_ns": st.st_mtime_ns}, True)
+        common.claim_stage(out / arch, {"upstream": str(ckpt), "size": st.st_size, "mtime_ns": st.st_mtime_ns}, True, name="settings.json", hint="another --out/--name or --no-resume")
         for task in tasks:
             for mode in args.mode:
                 c = run_cell(args, task, mode, arch, ckpt, out, device)

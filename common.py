@@ -260,6 +260,24 @@ def claim_run_folder(out: str | Path, settings: dict, resume: bool, what: str = 
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+def claim_stage(folder: str | Path, settings: dict, resume: bool = True, name: str = "stage.json",
+                hint: str = "another --out or --no-resume") -> None:
+    """A stage (or run) folder keyed by the settings that change its result, saved as <folder>/<name>:
+    a folder made with other settings is refused with one line naming them; resume=False starts
+    afresh a folder this program keyed (it holds <name>), never anything else."""
+    folder, settings = Path(folder), json.loads(json.dumps(settings, default=str))
+    path = folder / name
+    if path.exists() and not resume:
+        shutil.rmtree(folder)
+    elif path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise DataError(f"{folder}: made with other settings ({', '.join(diff)}); use {hint}")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(path, settings)
+
+
 def save_run_config(out: str | Path, args: argparse.Namespace, settings: dict) -> None:
     """config.json = every flag + the identity (settings and their hash) that claim_run_folder checks."""
     if is_main():

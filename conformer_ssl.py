@@ -47,7 +47,6 @@ import hashlib
 import json
 import math
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -394,23 +393,6 @@ class FTData:
         self.balance, self.pooling = balance, pooling
 
 
-def check_key(folder: Path, key: dict, resume: bool) -> None:
-    """A run folder is keyed by every setting that changes its result: resuming with other settings
-    is refused with one line naming the differing fields; --no-resume starts the folder afresh."""
-    path = folder / "key.json"
-    key = json.loads(json.dumps(key, default=str))
-    if path.exists() and resume:
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-        if diff:
-            raise common.DataError(f"{folder}: holds a run with other settings ({', '.join(diff)}); "
-                                   f"use another --out or --no-resume")
-    elif path.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    common.write_json(path, key)
-
-
 def keyed(folder: Path, key: dict) -> Path:
     """A shared stage's folder: readable name + a hash of every setting that changes its result, so
     runs with equal settings reuse it (one pre-trained encoder for all seeds) and others never clash."""
@@ -471,7 +453,7 @@ def pretrain(args, folder: Path, pool: int | None, device) -> Path:
                                          "seed", "max_steps")}
     key["pool"] = pool
     folder = keyed(folder, key)
-    check_key(folder, key, args.resume)
+    common.claim_stage(folder, key, args.resume, name="key.json")
     final = folder / "pretrain.pt"
     if final.exists():
         return final
@@ -609,7 +591,7 @@ def finetune(args, data: FTData, pretrained: Path | None, folder: Path, seed: in
                                             "consistency", "head_dropout", "freeze", "weight_decay", "max_steps")},
            "pooling": data.pooling, "balance": data.balance}
     folder = keyed(folder, key)
-    check_key(folder, key, args.resume)
+    common.claim_stage(folder, key, args.resume, name="key.json")
     if (folder / "result.json").exists():
         return json.loads((folder / "result.json").read_text())
     common.seed_everything(seed)
@@ -892,7 +874,7 @@ def run(args: argparse.Namespace) -> dict:
         args = resolve(args, corpus.synthetic, clip)
     out = Path(args.out)
     skip = ("workers", "device", "amp", "resume", "out", "name", "log_every")
-    check_key(out, {k: v for k, v in vars(args).items() if k not in skip}, args.resume)
+    common.claim_stage(out, {k: v for k, v in vars(args).items() if k not in skip}, args.resume, name="key.json")
     common.save_config(out, args)
     model = PretrainModel(**model_config(args))
     n = count_params(model)

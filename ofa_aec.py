@@ -449,17 +449,7 @@ def evaluate(model: nn.Module, data: Data, split: str, args, device) -> float:
 # =============================================================================================
 # Training: one visible loop for every stage (Adam 1e-3, batch 64: Sec. 3.3)
 # =============================================================================================
-def check_stage(folder: Path, settings: dict) -> None:
-    """A stage folder is keyed by the settings that change its result; resuming with others is refused."""
-    path = folder / "stage.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff:
-            raise common.DataError(f"{folder}: made with other settings ({', '.join(diff)}); "
-                                   "use another --name/--teacher-dir or --no-resume")
-    folder.mkdir(parents=True, exist_ok=True)
-    common.write_json(path, settings)
+STAGE_HINT = "another --name/--teacher-dir or --no-resume"  # stage folders are keyed by common.claim_stage
 
 
 def train(model: nn.Module, folder: Path, args, data: Data, total: int, step_fn, validate, device,
@@ -566,7 +556,7 @@ def get_teacher(args, corpus, data: Data, space: SearchSpace, device) -> tuple[C
         settings = {k: getattr(args, k) for k in ("width_mult", "unit_steps", "frontend", "data", "batch_size", "lr",
                                                    "mixup_alpha", "time_mask", "freq_mask", "n_masks", "teacher_seed",
                                                    "max_steps", "synth_clip_seconds", "eval_every")}
-        check_stage(folder, {**settings, "corpus": str(corpus.root.resolve())})
+        common.claim_stage(folder, {**settings, "corpus": str(corpus.root.resolve())}, hint=STAGE_HINT)
         common.seed_everything(args.teacher_seed)
         teacher = CNN10(**space.full()).to(device)
         print(f"teacher: CNN10, {count_params(teacher.config):,} parameters, {steps(args, 400_000)} steps")
@@ -745,8 +735,8 @@ def baselines(args, corpus, data, space, soft, sup_info, device) -> list[dict]:
         kinds = [("scratch", steps(args, 100_000), data.y["train"]), ("KD", steps(args, 100_000), soft)]
         for kind, n, targets in kinds + ([("KD, equal updates", sup_info["step"], soft)] if args.kd_equal else []):
             folder = Path(args.out) / "baselines" / f"{kind.split(',')[0]}{'_eq' if ',' in kind else ''}_r{r:g}"
-            check_stage(folder, {"arch": arch_name(arch), "kind": kind, "steps": n, "seed": args.seed,
-                                 "teacher": args.teacher or args.teacher_dir})
+            common.claim_stage(folder, {"arch": arch_name(arch), "kind": kind, "steps": n, "seed": args.seed,
+                                        "teacher": args.teacher or args.teacher_dir}, hint=STAGE_HINT)
             common.seed_everything(args.seed)
             model, info = train_plain(CNN10(**cfg).to(device), folder, args, data, n, targets, device, args.seed,
                                       corpus)
@@ -763,7 +753,7 @@ def finetune(args, corpus, data, space, soft, searched: dict, device) -> list[di
     for b, s in searched.items():
         arch = tuple(map(tuple, s["arch"]))
         folder = Path(args.out) / "finetune" / f"budget_{b}M"
-        check_stage(folder, {"arch": arch_name(arch), "seed": args.seed, "steps": [n10, n100]})
+        common.claim_stage(folder, {"arch": arch_name(arch), "seed": args.seed, "steps": [n10, n100]}, hint=STAGE_HINT)
         common.seed_everything(args.seed)
         start = build_model(common.load_checkpoint(s["checkpoint"])).to(device)
         model, info = train_plain(start, folder / "ft", args, data, n100, soft, device, args.seed, corpus, snapshot=n10)

@@ -1175,11 +1175,11 @@ def test_at_head_pooling_single_and_multi_label():
     assert isinstance(ds.backbone.classifier, torch.nn.Identity)  # the upstream classifier is replaced
 
 
-def test_at_settings_refused_on_resume(tmp_path):
-    AT.check_settings(tmp_path / "r", {"lr": 1e-3, "epochs": 3}, True)
+def test_stage_settings_refused_on_resume(tmp_path):
+    C.claim_stage(tmp_path / "r", {"lr": 1e-3, "epochs": 3}, True)
     with pytest.raises(C.DataError, match="epochs"):
-        AT.check_settings(tmp_path / "r", {"lr": 1e-3, "epochs": 4}, True)
-    AT.check_settings(tmp_path / "r", {"lr": 1e-3, "epochs": 4}, False)  # --no-resume starts over
+        C.claim_stage(tmp_path / "r", {"lr": 1e-3, "epochs": 4}, True)
+    C.claim_stage(tmp_path / "r", {"lr": 1e-3, "epochs": 4}, False)  # --no-resume starts over
 
 
 def test_at_help_and_embed_cli(tmp_path, capsys):
