@@ -303,6 +303,15 @@ def test_kaldi_fbank_matches_reference():
     ref = ref_kaldi_fbank(x)
     assert ours.shape == ref.shape == (18, 128)
     assert np.abs(np.exp(ours - ref) - 1).max() < 1e-3  # 1e-3 relative in the energy domain
+    # DC removal is applied after the FFT (see KaldiFbank): a large DC offset and a batch split into
+    # CPU groups must give the frame-by-frame result too
+    fe = C.KaldiFbank()
+    fe.cpu_group = 4000  # groups of one clip
+    batch = np.stack([x + 0.5, -x, np.roll(x, 7) + 0.01]).astype(np.float32)
+    out = fe(torch.from_numpy(batch)).numpy()
+    for b in range(3):
+        assert np.abs(np.exp(out[b] - ref_kaldi_fbank(batch[b])) - 1).max() < 1e-3
+    assert C.KaldiFbank()(torch.zeros(2, 399)).shape == (2, 0, 128)
     try:
         import torchaudio  # cross-check where it imports (not on this project's CPU torch)
     except Exception:
@@ -312,6 +321,12 @@ def test_kaldi_fbank_matches_reference():
                                            frame_shift=10, sample_frequency=16000).numpy()
     assert np.abs(np.exp(ours - ta) - 1).max() < 1e-3
 
+
+
+def test_bench_reports_every_front_end(tiny_root):
+    res = C.bench(tiny_root, batch=2, n_batches=1, workers=0, repeats=1)
+    assert {"loader_clips_per_s", "logmel_psl_batched_clips_per_s", "kaldi_fbank_batched_clips_per_s",
+            "kaldi_fbank_per_clip_clips_per_s", "load_avg_1min"} <= set(res)
 
 # =============================================================================================
 # Augmentation
