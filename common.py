@@ -1,14 +1,14 @@
 """Shared run-time infrastructure for the five reproduction scripts.
 
-Sections (in order): run helpers; audio I/O and manifests; datasets, loaders and the unlabelled
-stream; generated data (data/*.py loaded on demand); downstream tasks; front-ends; augmentation;
-samplers; metrics; checkpoints and weight averaging; command line.
+Sections (in order): run helpers; audio I/O and manifests; datasets and loaders; generated data
+(data/*.py loaded on demand); downstream tasks; front-ends; augmentation; samplers; metrics;
+checkpoints and weight averaging.
 
-Making data lives in data/: data/synthetic.py (the synthetic corpus and downstream tasks) and
-data/prepare.py (real datasets -> our layout). This module loads them only when something must be
-built, so a script + common.py run on real data without data/.
-
-    python common.py bench [--root data/synth]      # loader and front-end throughput
+Making data lives in data/: data/synthetic.py (the synthetic corpus, downstream tasks and the
+unlabelled stream) and data/prepare.py (real datasets -> our layout); data/bench.py measures the
+data path (loader and front-ends). This module loads them only when something must be built or
+streamed, so a script + common.py run on real data without data/. Their names stay reachable as
+common.<name> (e.g. common.synthetic_stream).
 
 This module never imports a script; scripts pass their own classes and functions in.
 """
@@ -215,12 +215,6 @@ class RunLogger:
             self.log(record)
 
 
-def save_config(out: str | Path, args: argparse.Namespace) -> None:
-    if is_main():
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_json(Path(out) / "config.json", vars(args))
-
-
 # Run identity: a run folder (and a shared stage) is keyed by every setting that changes its results.
 IDENTITY_IGNORED = {"out", "name", "device", "workers", "resume", "max_steps", "table", "teacher_dir"}
 
@@ -278,12 +272,12 @@ def claim_stage(folder: str | Path, settings: dict, resume: bool = True, name: s
     write_json(path, settings)
 
 
-def save_run_config(out: str | Path, args: argparse.Namespace, settings: dict) -> None:
-    """config.json = every flag + the identity (settings and their hash) that claim_run_folder checks."""
+def save_config(out: str | Path, args: argparse.Namespace, settings: dict | None = None) -> None:
+    """config.json = every flag (+ the identity, settings and their hash, that claim_run_folder checks)."""
     if is_main():
         Path(out).mkdir(parents=True, exist_ok=True)
-        write_json(Path(out) / "config.json", {**vars(args), "identity": settings,
-                                               "identity_hash": settings_hash(settings)})
+        ident = {} if settings is None else {"identity": settings, "identity_hash": settings_hash(settings)}
+        write_json(Path(out) / "config.json", {**vars(args), **ident})
 
 
 class RunLock:
@@ -408,13 +402,6 @@ def read_class_labels(path: str | Path) -> Labels:
         raise DataError(f"{path}: no classes")
     rows.sort(key=lambda r: int(r["index"]))
     return Labels([r["mid"] for r in rows], [r["display_name"] for r in rows])
-
-
-def write_class_labels(path: str | Path, mids: list[str], names: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
-        w.writerow(["index", "mid", "display_name"])
-        w.writerows([i, m, n] for i, (m, n) in enumerate(zip(mids, names)))
 
 
 @dataclass
@@ -614,12 +601,13 @@ def load_corpus(data_root: str | None, data: str = "balanced", synth_scale: floa
 # Datasets and loaders
 # =============================================================================================
 class ClipDataset(torch.utils.data.Dataset):
-    """Whole clips: (wave (clip_seconds*sr,), target (K,), index). A bad clip gives None (skipped)."""
+    """Whole clips: (wave (clip_seconds*sr,), target (K,), index), cropped or zero-padded to
+    clip_seconds; clip_seconds=None keeps each clip's own length. A bad clip gives None (skipped)."""
 
     def __init__(self, root: str | Path, rows: list[Row], targets: np.ndarray,
-                 clip_seconds: float = 10.0, sr: int = SR):
+                 clip_seconds: float | None = 10.0, sr: int = SR):
         self.root, self.rows, self.targets = Path(root), rows, torch.as_tensor(targets)
-        self.n, self.sr = int(round(clip_seconds * sr)), sr
+        self.n, self.sr = None if clip_seconds is None else int(round(clip_seconds * sr)), sr
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -630,7 +618,7 @@ class ClipDataset(torch.utils.data.Dataset):
         except DataError as e:  # one bad clip of a million must not stop training
             warnings.warn(f"skipping: {e}")
             return None
-        return torch.from_numpy(crop_or_pad(x, self.n)), self.targets[i], i
+        return torch.from_numpy(x if self.n is None else crop_or_pad(x, self.n)), self.targets[i], i
 
 
 def segment_bounds(duration: float, segment: float, min_last: float = 0.0) -> list[tuple[float, float]]:
@@ -710,59 +698,12 @@ def clip_durations(root: str | Path, rows: list, default: float = 10.0) -> list[
     return out
 
 
-class VarLenDataset(torch.utils.data.Dataset):
+class VarLenDataset(ClipDataset):
     """Whole clips at their own length (evaluation without padding): (wave (T,), target (K,), index).
     Use batch_size=1 (pad_collate would pad a larger batch). A bad clip gives None (skipped)."""
 
     def __init__(self, root: str | Path, rows: list, targets: np.ndarray, sr: int = SR):
-        self.root, self.rows, self.targets, self.sr = Path(root), rows, torch.as_tensor(targets), sr
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        try:
-            x = load_audio(self.root / self.rows[i][0], self.sr)
-        except DataError as e:
-            warnings.warn(f"skipping: {e}")
-            return None
-        return torch.from_numpy(x), self.targets[i], i
-
-
-class SyntheticStream(torch.utils.data.IterableDataset):
-    """Unlabelled synthetic clips generated on the fly (see synthetic_stream)."""
-
-    def __init__(self, seed: int = 0, pool_size: int | None = None, clip_seconds: float = 10.0, sr: int = SR,
-                 speech: float = 0.0, limit: int | None = None, rank: int | None = None, world: int | None = None):
-        self.seed, self.pool_size, self.clip_seconds, self.sr = seed, pool_size, clip_seconds, sr
-        self.speech, self.limit, self.rank, self.world = speech, limit, rank, world
-
-    def clip_ids(self):
-        """The clip indices this (rank, worker) draws: global worker g of G takes g, g+G, g+2G, ...
-        (modulo pool_size for a finite pool), so workers and ranks never draw the same clip."""
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        r = rank() if self.rank is None else self.rank
-        w = world_size() if self.world is None else self.world
-        j, step, n = r * nw + wid, w * nw, 0
-        while self.limit is None or n < self.limit:
-            yield j % self.pool_size if self.pool_size else j
-            j, n = j + step, n + 1
-
-    def __iter__(self):
-        gen = load_data_module("synthetic")
-        for j in self.clip_ids():
-            x = gen.stream_clip(self.seed, j, self.clip_seconds, self.speech)
-            yield torch.from_numpy(resample(x, SR, self.sr))
-
-
-def synthetic_stream(seed: int = 0, pool_size: int | None = None, clip_seconds: float = 10.0, sr: int = SR,
-                     **kw) -> SyntheticStream:
-    """A seeded IterableDataset of unlabelled float32 waves (clip_seconds*sr,) from the upstream
-    corpus's generators. pool_size=N cycles N distinct clips (clip j is identical whenever it
-    recurs); None is unbounded. Worker- and DDP-aware. Extras: speech (probability of adding a
-    synthetic utterance), limit (clips per (rank, worker) per pass), rank/world (override)."""
-    return SyntheticStream(seed, pool_size, clip_seconds, sr, **kw)
+        super().__init__(root, rows, targets, None, sr)
 
 
 # =============================================================================================
@@ -782,8 +723,9 @@ def load_data_module(name: str):
 
 
 _MOVED = {"synthetic": ["make_synthetic_corpus", "corpus_summary", "synth_event", "SYNTH_CLASSES", "PARENTS",
-                        "CHILDREN", "parent_mid", "child_mid", "NoiseRates", "make_synthetic_tasks"],
-          "prepare": ["prepare"]}
+                        "CHILDREN", "parent_mid", "child_mid", "NoiseRates", "make_synthetic_tasks",
+                        "SyntheticStream", "synthetic_stream", "write_class_labels"],
+          "prepare": ["prepare"], "bench": ["bench"]}
 
 
 def __getattr__(name: str):
@@ -888,18 +830,22 @@ def write_task(task_root: str | Path, name: str, rows: list[TaskRow], classes: l
     return entry
 
 
-def list_tasks(task_root: str | Path) -> list[str]:
+def tasks_json(task_root: str | Path) -> dict:
+    """<task_root>/tasks.json: task name -> entry, in the file's order."""
     path = Path(task_root) / "tasks.json"
     if not path.exists():
         raise DataError(f"{path}: not found")
-    return list(json.loads(path.read_text()))
+    return json.loads(path.read_text())
+
+
+def list_tasks(task_root: str | Path) -> list[str]:
+    return list(tasks_json(task_root))
 
 
 def read_task(task_root: str | Path, name: str) -> Task:
     """A task from <task_root>/tasks.json; a bad manifest row is an error naming file and line."""
     task_root = Path(task_root)
-    list_tasks(task_root)  # a missing tasks.json is an error naming it
-    tasks = json.loads((task_root / "tasks.json").read_text())
+    tasks = tasks_json(task_root)
     if name not in tasks:
         raise DataError(f"{task_root / 'tasks.json'}: no task {name!r} (have {', '.join(tasks)})")
     e = tasks[name]
@@ -1029,9 +975,8 @@ def mel_filterbank(n_freqs: int, sr: int, n_mels: int, f_min: float = 0.0, f_max
 
 
 LOGMEL_PRESETS = {
-    # PSL / AT transfer (Dinkel et al.): 16 kHz, 32 ms window, 10 ms hop, 64 mels, dB
+    # PSL and AT transfer ("at", the same) (Dinkel et al.): 16 kHz, 32 ms window, 10 ms hop, 64 mels, dB
     "psl": dict(sr=16000, n_fft=512, win_length=512, hop_length=160, n_mels=64, log="db", top_db=120.0),
-    "at": dict(sr=16000, n_fft=512, win_length=512, hop_length=160, n_mels=64, log="db", top_db=120.0),
     # Conformer SSL (Srivastava et al.): 64 mels, 64 ms window, 20 ms hop, log with offset
     "conformer": dict(sr=16000, n_fft=1024, win_length=1024, hop_length=320, n_mels=64, log="log", offset=1e-6),
     # PANNs-style front-end (OFA for AEC): 1024/320 at 32 kHz, 50 Hz-14 kHz, slaney mel, dB
@@ -1040,6 +985,7 @@ LOGMEL_PRESETS = {
     "panns16k": dict(sr=16000, n_fft=512, win_length=512, hop_length=160, n_mels=64, f_min=50.0,
                      f_max=8000.0, mel_scale="slaney", mel_norm="slaney", log="db"),
 }
+LOGMEL_PRESETS["at"] = LOGMEL_PRESETS["psl"]
 
 
 class LogMel(nn.Module):
@@ -1413,59 +1359,3 @@ def average_state_dicts(states: list) -> dict:
 def ensemble_predictions(preds: list[np.ndarray]) -> np.ndarray:
     """Average of probability predictions (N, K) of several models."""
     return np.mean(np.stack(preds), axis=0)
-
-
-# =============================================================================================
-# Command line
-# =============================================================================================
-def bench(root: str | Path, batch: int = 32, n_batches: int = 10, workers: int = 2, repeats: int = 5) -> dict:
-    """Clips/s of the wav ClipDataset through a DataLoader, and of the front-ends on the CPU: batched,
-    one clip at a time, and torchaudio's Kaldi fbank one clip at a time where torchaudio imports
-    (the reference environment of ../shared/tools/oracle_env.sh). Best of `repeats`, interleaved,
-    so that all figures see the same machine state; the load average is printed beside them."""
-    corpus = load_corpus(str(root), "full")
-    ds = ClipDataset(corpus.root, corpus.train, corpus.targets(corpus.train))
-    it = iter(make_loader(ds, batch, shuffle=True, workers=workers))
-    next(it)  # start the workers
-    t = time.perf_counter()
-    for _ in range(n_batches):
-        wave, *_ = next(it)
-    res = {"loader_clips_per_s": n_batches * batch / (time.perf_counter() - t)}
-    logmel, fbank = LogMel.preset("psl"), KaldiFbank()
-    runs = {"logmel_psl_batched": lambda: logmel(wave), "kaldi_fbank_batched": lambda: fbank(wave),
-            "kaldi_fbank_per_clip": lambda: [fbank(w[None]) for w in wave]}
-    try:
-        from torchaudio.compliance.kaldi import fbank as ta_fbank
-        runs["torchaudio_kaldi_fbank_per_clip"] = lambda: [ta_fbank(
-            w[None], htk_compat=True, use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0,
-            frame_shift=10, sample_frequency=SR) for w in wave]
-    except Exception:  # not importable beside this project's CPU torch
-        pass
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t)
-    res.update({f"{k}_clips_per_s": batch / v for k, v in best.items()})
-    res.update(threads=torch.get_num_threads(), torch=torch.__version__, load_avg_1min=os.getloadavg()[0])
-    return res
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cmd", choices=["bench"], help="bench: loader and front-end throughput on this machine")
-    p.add_argument("--root", default=str(SYNTH_ROOT), help="data root (default: the synthetic corpus)")
-    p.add_argument("--workers", type=int, default=2)
-    a = p.parse_args(argv)
-    if Path(a.root) == SYNTH_ROOT:
-        ensure_synthetic()
-    torch.set_num_threads(os.cpu_count() or 1)
-    print(json.dumps(bench(a.root, workers=a.workers), indent=1))
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f"error: {e}")

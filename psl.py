@@ -432,7 +432,7 @@ def train_teacher(args, device) -> Path:
         model.load_state_dict(common.load_checkpoint(final)["model"])
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        common.save_run_config(folder, args, settings)
+        common.save_config(folder, args, settings)
         weak = corpus.targets(corpus.train)
         ds = chunk_dataset(corpus, corpus.train, np.hstack([np.zeros_like(weak), weak]), None, args.clip_seconds)
         sampler = common.PseudoBalancedSampler(weak, seed=args.seed)
@@ -579,7 +579,7 @@ def run(args: argparse.Namespace) -> dict:
         if (out / "results.json").exists() and args.resume:
             print(f"{out}: done (results.json exists)")
             return json.loads((out / "results.json").read_text())
-        common.save_run_config(out, args, settings)
+        common.save_config(out, args, settings)
         return run_stages(args, corpus, device, out)
 
 

@@ -643,7 +643,7 @@ def train_and_evaluate(args, corpus: common.Corpus, settings: dict) -> dict:
                       target_length=args.target_length, norm=tuple(norm), freqm=args.freqm, timem=args.timem,
                       drop_connect=args.drop_connect)
     args.norm = list(config["norm"])
-    common.save_run_config(out, args, settings)
+    common.save_config(out, args, settings)
     model = build_model(config).to(device)
     if state is None and args.imagenet:
         load_imagenet(model, args.imagenet)

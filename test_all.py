@@ -108,6 +108,15 @@ def test_sample_300h_caps_per_label():
     assert rows[0] == bal[0] and len(rows) == 1 + 4 + 3
 
 
+def test_load_corpus_300h_without_its_manifest(tiny_root):
+    """--data 300h on a root without 300h_train.tsv samples it at run time, from common.py alone
+    (regression: sample_300h had moved to data/prepare.py and load_corpus raised NameError)."""
+    assert not (tiny_root / "300h_train.tsv").exists()
+    corpus = C.load_corpus(str(tiny_root), "300h")
+    balanced = C.read_manifest(tiny_root / "balanced_train.tsv")
+    assert corpus.train[:len(balanced)] == balanced and len(corpus.train) > len(balanced)
+
+
 # =============================================================================================
 # Datasets and loaders
 # =============================================================================================
@@ -1909,7 +1918,7 @@ def test_run_identity_refuses_other_settings_and_no_resume_is_fresh(tiny_root, t
     base = ["--data-root", str(tiny_root), "--out", str(out), "--effnet", "0", "--workers", "0"]
     a, settings = _psla_identity(tiny_root, base)
     assert a.name == "synth_b0_balanced"  # item 15: the corpus is in the run name
-    C.save_run_config(out, a, settings)
+    C.save_config(out, a, settings)
     (out / "log.jsonl").write_text("stale\n")
     with pytest.raises(C.DataError, match=r"--mixup 0.5 \(now 0.0\)") as e:
         psla.main(base + ["--no-mixup"])

@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # common.py, when run as a script
-from common import (AUDIOSET_META, DataError, multi_hot, read_class_labels, sample_300h, write_json,  # noqa: E402
-                    write_manifest, write_task)
+from common import (AUDIOSET_META, DataError, multi_hot, read_class_labels, sample_300h,  # noqa: E402
+                    write_json, write_manifest, write_task)
 
 
 # =============================================================================================

@@ -1,5 +1,6 @@
 """Making the synthetic data: the upstream corpus (AudioSet in miniature), four downstream tasks
-that test transfer, and the clip generator behind common.synthetic_stream.
+that test transfer, and the unlabelled stream (synthetic_stream, also reachable as
+common.synthetic_stream).
 
     python data/synthetic.py corpus [--root data/synth] [--scale 1] [--seed 0]   # build + summarise
     python data/synthetic.py summary [--root data/synth]
@@ -14,6 +15,7 @@ Everything here is deterministic in (seed, scale): every clip has its own RNG se
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -25,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
 from scipy.signal import lfilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # common.py, when run as a script
-from common import (SR, SYNTH_ROOT, TASKS_ROOT, DataError, multi_hot, read_class_labels,  # noqa: E402
-                    read_manifest, write_class_labels, write_json, write_manifest, write_task)
+from common import (SR, SYNTH_ROOT, TASKS_ROOT, DataError, multi_hot, rank, read_class_labels,  # noqa: E402
+                    read_manifest, resample, world_size, write_json, write_manifest, write_task)
 
 
 # =============================================================================================
@@ -227,6 +230,13 @@ def corrupt_labels(events, rng: np.random.Generator, r: NoiseRates) -> tuple[lis
     if not labels:  # AudioSet clips always carry at least one label: keep the first event's parent
         labels.add(parent_mid(CHILDREN[events[0][2]][0]))
     return sorted(labels), stats
+
+
+def write_class_labels(path: str | Path, mids: list[str], names: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        w.writerow(["index", "mid", "display_name"])
+        w.writerows([i, m, n] for i, (m, n) in enumerate(zip(mids, names)))
 
 
 def refuse_foreign_folder(root: Path, stamp: str) -> None:
@@ -648,7 +658,7 @@ def make_synthetic_tasks(root: str | Path = TASKS_ROOT, scale: float = 1.0, seed
 
 
 # =============================================================================================
-# The unlabelled stream's clips (common.synthetic_stream calls this in each worker)
+# The unlabelled stream: clips generated on the fly (conformer_ssl.py's pre-training pool)
 # =============================================================================================
 def stream_clip(seed: int, j: int, clip_seconds: float = 10.0, speech: float = 0.0) -> np.ndarray:
     """Clip j of the unlabelled stream: like an upstream clip (background + 1-5 events of the 24
@@ -666,13 +676,47 @@ def stream_clip(seed: int, j: int, clip_seconds: float = 10.0, speech: float = 0
     return x.astype(np.float32)
 
 
+class SyntheticStream(torch.utils.data.IterableDataset):
+    """Unlabelled synthetic clips generated on the fly (see synthetic_stream)."""
+
+    def __init__(self, seed: int = 0, pool_size: int | None = None, clip_seconds: float = 10.0, sr: int = SR,
+                 speech: float = 0.0, limit: int | None = None, rank: int | None = None, world: int | None = None):
+        self.seed, self.pool_size, self.clip_seconds, self.sr = seed, pool_size, clip_seconds, sr
+        self.speech, self.limit, self.rank, self.world = speech, limit, rank, world
+
+    def clip_ids(self):
+        """The clip indices this (rank, worker) draws: global worker g of G takes g, g+G, g+2G, ...
+        (modulo pool_size for a finite pool), so workers and ranks never draw the same clip."""
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        r = rank() if self.rank is None else self.rank
+        w = world_size() if self.world is None else self.world
+        j, step, n = r * nw + wid, w * nw, 0
+        while self.limit is None or n < self.limit:
+            yield j % self.pool_size if self.pool_size else j
+            j, n = j + step, n + 1
+
+    def __iter__(self):
+        for j in self.clip_ids():
+            x = stream_clip(self.seed, j, self.clip_seconds, self.speech)
+            yield torch.from_numpy(resample(x, SR, self.sr))
+
+
+def synthetic_stream(seed: int = 0, pool_size: int | None = None, clip_seconds: float = 10.0, sr: int = SR,
+                     **kw) -> SyntheticStream:
+    """A seeded IterableDataset of unlabelled float32 waves (clip_seconds*sr,) from the upstream
+    corpus's generators. pool_size=N cycles N distinct clips (clip j is identical whenever it
+    recurs); None is unbounded. Worker- and DDP-aware. Extras: speech (probability of adding a
+    synthetic utterance), limit (clips per (rank, worker) per pass), rank/world (override)."""
+    return SyntheticStream(seed, pool_size, clip_seconds, sr, **kw)
+
+
 # =============================================================================================
 # A difficulty check: linear probes on log-mel statistics with and without temporal order
 # =============================================================================================
 def probe(root: str | Path, tasks: list[str] | None = None) -> dict:
     """Test-split score of a logistic-regression probe on (a) the clip's mean + std log-mel (no
     order) and (b) the means of its four quarters (coarse order); first split of k-fold tasks."""
-    import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
     import common

@@ -1,0 +1,72 @@
+"""Throughput of the data path on this machine: the wav loader and the batched front-ends, with
+torchaudio's Kaldi fbank beside them where torchaudio imports. Measures; makes no data.
+
+    python data/bench.py [--root data/synth] [--workers 2] [--threads 2]
+    $(bash ../shared/tools/oracle_env.sh) data/bench.py      # with torchaudio, for the comparison
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # common.py, when run as a script
+import common as C  # noqa: E402
+
+
+def bench(root: str | Path, batch: int = 32, n_batches: int = 10, workers: int = 2, repeats: int = 5) -> dict:
+    """Clips/s of the wav ClipDataset through a DataLoader, and of the front-ends on the CPU: batched,
+    one clip at a time, and torchaudio's Kaldi fbank one clip at a time where torchaudio imports
+    (the reference environment of ../shared/tools/oracle_env.sh). Best of `repeats`, interleaved,
+    so that all figures see the same machine state; the load average is printed beside them."""
+    corpus = C.load_corpus(str(root), "full")
+    ds = C.ClipDataset(corpus.root, corpus.train, corpus.targets(corpus.train))
+    it = iter(C.make_loader(ds, batch, shuffle=True, workers=workers))
+    next(it)  # start the workers
+    t = time.perf_counter()
+    for _ in range(n_batches):
+        wave, *_ = next(it)
+    res = {"loader_clips_per_s": n_batches * batch / (time.perf_counter() - t)}
+    logmel, fbank = C.LogMel.preset("psl"), C.KaldiFbank()
+    runs = {"logmel_psl_batched": lambda: logmel(wave), "kaldi_fbank_batched": lambda: fbank(wave),
+            "kaldi_fbank_per_clip": lambda: [fbank(w[None]) for w in wave]}
+    try:
+        from torchaudio.compliance.kaldi import fbank as ta_fbank
+        runs["torchaudio_kaldi_fbank_per_clip"] = lambda: [ta_fbank(
+            w[None], htk_compat=True, use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0,
+            frame_shift=10, sample_frequency=C.SR) for w in wave]
+    except Exception:  # not importable beside this project's CPU torch
+        pass
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    res.update({f"{k}_clips_per_s": batch / v for k, v in best.items()})
+    res.update(threads=torch.get_num_threads(), torch=torch.__version__, load_avg_1min=os.getloadavg()[0])
+    return res
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=str(C.SYNTH_ROOT), help="data root (default: the synthetic corpus)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader figure")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    a = p.parse_args(argv)
+    if Path(a.root) == C.SYNTH_ROOT:
+        C.ensure_synthetic()
+    torch.set_num_threads(a.threads)
+    print(json.dumps(bench(a.root, workers=a.workers), indent=1))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except C.DataError as e:
+        sys.exit(f"error: {e}")
