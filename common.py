@@ -1007,17 +1007,26 @@ class LogMel(nn.Module):
     def preset(cls, name: str, **overrides) -> "LogMel":
         return cls(**{**LOGMEL_PRESETS[name], **overrides})
 
+    def logmel(self, wave: torch.Tensor) -> torch.Tensor:
+        spec = torch.stft(wave, self.n_fft, self.hop, self.win, self.window, center=self.center,
+                          pad_mode="reflect", return_complex=True)  # (B, F, T)
+        spec = spec.real ** 2 + spec.imag ** 2 if self.power == 2 else spec.abs() ** self.power
+        mel = torch.matmul(self.fb.T, spec)  # (n_mels, F) @ (B, F, T) -> (B, n_mels, T)
+        if self.log == "log":
+            return torch.log(mel + self.offset)
+        db = 10.0 * torch.log10(mel.clamp_min(self.amin))
+        if self.top_db is not None:  # floor per clip (torchaudio's floor is per batch)
+            db = torch.maximum(db, db.amax(dim=(1, 2), keepdim=True) - self.top_db)
+        return db
+
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         with torch.autocast(wave.device.type, enabled=False):  # the front-end stays in fp32
-            spec = torch.stft(wave.float(), self.n_fft, self.hop, self.win, self.window, center=self.center,
-                              pad_mode="reflect", return_complex=True).abs() ** self.power  # (B, F, T)
-            mel = torch.matmul(spec.transpose(1, 2), self.fb).transpose(1, 2)  # (B, n_mels, T)
-            if self.log == "log":
-                return torch.log(mel + self.offset)
-            db = 10.0 * torch.log10(mel.clamp_min(self.amin))
-            if self.top_db is not None:  # floor per clip (torchaudio's floor is per batch)
-                db = torch.maximum(db, db.amax(dim=(1, 2), keepdim=True) - self.top_db)
-            return db
+            wave = wave.float()
+            if wave.device.type != "cpu":
+                return self.logmel(wave)
+            # On the CPU ~10 s of audio at a time keeps the spectra in cache: 3.8x the clips per
+            # CPU-second of one (32, 160000) batch (README, throughput)
+            return torch.cat([self.logmel(w) for w in wave.split(max(1, 10 * SR // max(1, wave.shape[1])))])
 
 
 class KaldiFbank(nn.Module):

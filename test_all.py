@@ -269,6 +269,24 @@ def test_logmel_matches_reference_and_known_answer():
     assert ours[0].mean(1).argmax() == np.abs(centres - 1000).argmin()
 
 
+def test_logmel_cpu_groups_equal_one_batch():
+    """On the CPU LogMel goes through ~10 s of audio at a time (speed); the result, including the
+    per-clip top_db floor, must equal each clip computed alone (a loud and a near-silent clip)."""
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.standard_normal((5, 3 * C.SR)).astype(np.float32))
+    x[1] *= 1e-7  # its floor is its own max - 120 dB, not the batch's
+    for name in ("psl", "conformer"):
+        fe = C.LogMel.preset(name)
+        alone = torch.cat([fe(w[None]) for w in x])
+        assert torch.allclose(fe(x), alone, atol=1e-4)
+        spec = torch.stft(x, fe.n_fft, fe.hop, fe.win, torch.hann_window(fe.win), return_complex=True).abs() ** 2
+        mel = fe.fb.T @ spec
+        ref = torch.log(mel + 1e-6) if name == "conformer" else 10 * torch.log10(mel.clamp_min(1e-10))
+        if name == "psl":
+            ref = torch.maximum(ref, ref.amax((1, 2), keepdim=True) - 120)
+        assert torch.allclose(fe(x), ref, atol=1e-3)
+
+
 def test_logmel_presets_shapes_and_log_offset():
     x = torch.randn(2, C.SR)
     assert C.LogMel.preset("conformer")(x).shape == (2, 64, 51)

@@ -23,7 +23,8 @@ def bench(root: str | Path, batch: int = 32, n_batches: int = 10, workers: int =
     """Clips/s of the wav ClipDataset through a DataLoader, and of the front-ends on the CPU: batched,
     one clip at a time, and torchaudio's Kaldi fbank one clip at a time where torchaudio imports
     (the reference environment of ../shared/tools/oracle_env.sh). Best of `repeats`, interleaved,
-    so that all figures see the same machine state; the load average is printed beside them."""
+    so that all figures see the same machine state; wall clips/s, clips per CPU-second of this
+    process (comparable on a loaded machine at --threads 1) and the load average."""
     corpus = C.load_corpus(str(root), "full")
     ds = C.ClipDataset(corpus.root, corpus.train, corpus.targets(corpus.train))
     it = iter(C.make_loader(ds, batch, shuffle=True, workers=workers))
@@ -42,13 +43,16 @@ def bench(root: str | Path, batch: int = 32, n_batches: int = 10, workers: int =
             frame_shift=10, sample_frequency=C.SR) for w in wave]
     except Exception:  # not importable beside this project's CPU torch
         pass
-    best = dict.fromkeys(runs, float("inf"))
+    wall, cpu = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
         for name, fn in runs.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
-            best[name] = min(best[name], time.perf_counter() - t)
-    res.update({f"{k}_clips_per_s": batch / v for k, v in best.items()})
+            wall[name] = min(wall[name], time.perf_counter() - t)
+            cpu[name] = min(cpu[name], time.process_time() - c)
+    res.update({f"{k}_clips_per_s": batch / v for k, v in wall.items()})
+    # CPU time of this process: the figure to compare on a loaded machine (with --threads 1)
+    res.update({f"{k}_clips_per_cpu_s": batch / v for k, v in cpu.items()})
     res.update(threads=torch.get_num_threads(), torch=torch.__version__, load_avg_1min=os.getloadavg()[0])
     return res
 
