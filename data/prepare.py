@@ -21,8 +21,34 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # common.py, when run as a script
-from common import (AUDIOSET_META, DataError, multi_hot, read_class_labels, sample_300h,  # noqa: E402
-                    write_json, write_manifest, write_task)
+from common import (AUDIOSET_META, METRICS, SR, DataError, TaskRow, multi_hot, read_class_labels,  # noqa: E402
+                    sample_300h, write_json, write_manifest)
+
+
+# =============================================================================================
+# The task layout (read by common.read_task): <name>/<name>.tsv + an entry in tasks.json
+# =============================================================================================
+def write_task(task_root: str | Path, name: str, rows: list[TaskRow], classes: list[str], *, type: str,
+               metric: str, kfold: bool, folds: list[str], sample_rate: int = SR, max_seconds: float = 10.0,
+               audio_root: str | Path = ".", **extra) -> dict:
+    """Write <task_root>/<name>/<name>.tsv and add/replace the task's entry in <task_root>/tasks.json.
+    audio_root: where the filenames are relative to (relative to task_root, or absolute)."""
+    task_root = Path(task_root)
+    bad = [c for c in classes if "," in c or "\t" in c]
+    if bad or metric not in METRICS or type not in ("single", "multi"):
+        raise DataError(f"task {name}: bad class name {bad[:1]}, metric {metric!r} or type {type!r}")
+    (task_root / name).mkdir(parents=True, exist_ok=True)
+    with open(task_root / name / f"{name}.tsv", "w") as f:
+        f.write("filename\tlabels\tfold\n")
+        f.writelines(f"{fn}\t{','.join(labels)}\t{fold}\n" for fn, labels, fold in rows)
+    entry = {"manifest": f"{name}/{name}.tsv", "audio_root": str(audio_root), "type": type, "metric": metric,
+             "higher_is_better": METRICS[metric][1], "kfold": kfold, "folds": list(folds), "classes": list(classes),
+             "sample_rate": sample_rate, "max_seconds": max_seconds, "clips": len(rows), **extra}
+    index = task_root / "tasks.json"
+    tasks = json.loads(index.read_text()) if index.exists() else {}
+    tasks[name] = entry
+    write_json(index, tasks)
+    return entry
 
 
 # =============================================================================================

@@ -31,8 +31,10 @@ import torch
 from scipy.signal import lfilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # common.py, when run as a script
-from common import (SR, SYNTH_ROOT, TASKS_ROOT, DataError, multi_hot, rank, read_class_labels,  # noqa: E402
-                    read_manifest, resample, world_size, write_json, write_manifest, write_task)
+from common import (SR, SYNTH_ROOT, TASKS_ROOT, DataError, load_data_module, multi_hot, rank,  # noqa: E402
+                    read_class_labels, read_manifest, resample, world_size, write_json, write_manifest)
+
+write_task = load_data_module("prepare").write_task  # the task layout, shared with the converters
 
 
 # =============================================================================================
