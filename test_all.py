@@ -1789,6 +1789,8 @@ def test_psl_validation_falls_back_to_the_balanced_subset(psl_tiny, tmp_path, ca
 
 
 class _ToyChunks(torch.utils.data.Dataset):
+    short_clips = 0  # psl.train logs the dataset's count of short clips
+
     def __init__(self, n=8, k=2):
         g = torch.Generator().manual_seed(0)
         self.x, self.y = torch.randn(n, C.SR // 2, generator=g) * 0.1, torch.rand(n, 2 * k, generator=g)
