@@ -30,7 +30,9 @@ Deviations from the paper (numbered as in the README):
     paper's values (30 / 300 epochs, every 10,000 batches, lr 1e-4) apply on real data or as flags.
  5. Not given in the paper, our choices: SpecAugment widths, gain range, time-shift range,
     polynomial power 1; mix-up is applied to waveforms. Soft labels are precomputed once per
-    (teacher, data, segment) instead of online (equivalent: the teacher is deterministic in eval mode).
+    (teacher, data, segment) instead of online (equivalent: the teacher is deterministic in eval mode)
+    and stored as float16 (rounding at most 2.4e-4): a memory-mapped .npy, 10 GB for 9.5 M chunks of
+    full AudioSet, read row by row, never held in memory (README: memory per PSL row).
  6. The dB floor (top_db 120) is taken per clip, not per batch as in torchaudio.
  7. Chunks of real clips: durations rounded to 0.1 s (as the official code; at least 0.1 s), and a
     remainder shorter than 0.5 s joins the chunk before it (a 160,001-sample clip is 10.0 s; a 4.3 s
@@ -40,6 +42,10 @@ Deviations from the paper (numbered as in the README):
     validations (15 validations of 10,000 batches = ~227 epochs of 10 s chunks on balanced AudioSet).
  9. Precision: with autocast (bf16 by default on CUDA) the backbone runs in reduced precision, the
     classifier and every saved or ranked score (eval, top-k averaging, soft labels) in fp32.
+
+Clips shorter than SHORT_CLIP_S (1 s) are zero-padded and counted (`short` in the logs, `short_clips` in
+results.json). DDP (torchrun): rank 0 alone writes, deletes and validates; the others wait at a barrier
+after each rank-0 write they read next (MA final.pt, relabel cache, top-k files).
 """
 from __future__ import annotations
 
@@ -257,8 +263,10 @@ def chunk_dataset(corpus: common.Corpus, rows: list, targets: np.ndarray, segmen
 
 def weak_targets(corpus: common.Corpus, rows: list) -> np.ndarray:
     """(N_clips, K) uint8 multi-hot clip labels, built block by block (full AudioSet: 1 GB, not 4 GB float32)."""
-    return np.concatenate([corpus.targets(rows[i:i + BLOCK]).astype(np.uint8) for i in range(0, len(rows), BLOCK)]
-                          or [np.zeros((0, len(corpus.labels)), np.uint8)])
+    y = np.zeros((len(rows), len(corpus.labels)), np.uint8)
+    for i in range(0, len(rows), BLOCK):
+        y[i:i + BLOCK] = corpus.targets(rows[i:i + BLOCK])
+    return y
 
 
 class ChunkTargets:
@@ -507,13 +515,13 @@ def train_teacher(args, device) -> Path:
     if final.exists() and (folder / "results.json").exists():
         return final
     model = MobileNetV2(len(corpus.labels)).to(device)
+    ds = chunk_dataset(corpus, corpus.train, np.zeros((len(corpus.train), 0), np.float32), None, args.clip_seconds)
     if final.exists():
         model.load_state_dict(common.load_checkpoint(final)["model"])
     else:
         folder.mkdir(parents=True, exist_ok=True)
         common.save_config(folder, args, settings)
         weak = weak_targets(corpus, corpus.train)  # (N_clips, K) uint8
-        ds = chunk_dataset(corpus, corpus.train, np.zeros((len(weak), 0), np.float32), None, args.clip_seconds)
         ds.targets = ChunkTargets(weak, ds.clip_index)  # [zeros | weak]: alpha 0 trains on the weak half
         sampler = common.PseudoBalancedSampler(weak, seed=args.seed)
         sample = lambda epoch: (sampler.set_epoch(epoch), rank_share(sampler._global()))[1]  # the epoch's share
@@ -532,10 +540,8 @@ def train_teacher(args, device) -> Path:
                                    "paper d'"],
                                   [[f"MA ({args.ma_data})", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
                                     f"{m['dprime']:.3f}", "40.53", "2.695"]])
-    short = {"train": chunk_dataset(corpus, corpus.train, np.zeros((len(corpus.train), 0)), None,
-                                    args.clip_seconds).short_clips, "eval": m["short_clips"]}
     common.write_results(folder, {k: m[k] for k in ("mAP", "mAUC", "dprime", "AP", "skipped_clips")}
-                         | {"short_clips": short}, table)
+                         | {"short_clips": {"train": ds.short_clips, "eval": m["short_clips"]}}, table)
     print(table)
     return final
 
@@ -609,12 +615,13 @@ def precision_recall(counts: np.ndarray) -> dict:
 
 
 def analyse_labels(corpus: common.Corpus, rows: list, soft: np.ndarray, ds: common.SegmentDataset,
-                   threshold: float) -> dict:
+                   threshold: float, weak: np.ndarray | None = None) -> dict:
     """Sec. 4.3: soft labels thresholded at 0.5; labels per clip (union over its chunks) histogram and
     label coverage |pred & weak| / |weak| per clip. On the synthetic corpus, also precision/recall
     against the TRUE clip labels and the true strong labels per chunk (a check AudioSet cannot give).
-    One pass over blocks of clips: per-chunk arrays exist for one block at a time."""
-    weak = weak_targets(corpus, rows).astype(bool)  # (N_clips, K)
+    One pass over blocks of clips: per-chunk arrays exist for one block at a time. `weak`: the uint8
+    weak_targets of `rows`, if the caller holds them already."""
+    weak = (weak_targets(corpus, rows) if weak is None else weak).view(bool)  # (N_clips, K); 0/1 bytes, no copy
     per_clip = np.zeros_like(weak)
     first = np.searchsorted(ds.clip_index, np.arange(len(rows) + 1))  # every clip has >= 1 chunk
     strong = any(fn in corpus.strong for fn, _ in rows)
@@ -684,7 +691,7 @@ def student_data(args, corpus: common.Corpus, device) -> tuple[common.SegmentDat
     print(f"relabel {args.segment:g}s: {len(ds)} chunks of {len(corpus.train)} clips, "
           f"skipped={len(np.unique(ds.clip_index[~ok]))} unreadable clips, short={ds.short_clips} clips "
           f"under {SHORT_CLIP_S:g} s (padded); {cache.name}")
-    analysis = analyse_labels(corpus, corpus.train, soft, ds, args.threshold) if common.is_main() else None
+    analysis = analyse_labels(corpus, corpus.train, soft, ds, args.threshold, weak) if common.is_main() else None
     ds.targets = ChunkTargets(weak, ds.clip_index, cache)
     return ds, usable, analysis
 
