@@ -550,12 +550,13 @@ def relabel_segments(teacher: nn.Module, corpus: common.Corpus, rows: list, segm
                      cache: Path) -> np.memmap:
     """Stage 2 (Sec. 2): the MA's soft labels y_PSL^n for every n-second chunk of the target set,
     (N_chunks, K), never thresholded; computed once per (teacher, data, segment) and cached as a float16
-    .npy (half the bytes; probabilities to ~5e-4), written batch by batch through a memory map and read
+    .npy (half the bytes; rounding at most 2.4e-4), written batch by batch through a memory map and read
     back memory-mapped, so no process holds the whole array. Under DDP each rank labels its share."""
     ds = chunk_dataset(corpus, rows, np.zeros((len(rows), 0), np.float32), segment, args.clip_seconds)
     shape = (len(ds), teacher.classifier[-1].out_features)
-    reuse = cache.exists() and np.load(cache, mmap_mode="r").shape == shape and \
-        np.load(cache, mmap_mode="r").dtype == np.float16
+    old = np.load(cache, mmap_mode="r") if cache.exists() else None
+    reuse = old is not None and old.shape == shape and old.dtype == np.float16  # else (older code's float32): redo
+    del old
     if not from_rank0(reuse):  # rank 0 decides: every rank takes the same path (the same barriers)
         tmp = cache.with_suffix(".tmp.npy")
         if common.is_main():
