@@ -30,7 +30,9 @@ Deviations from the paper (numbered as in the README):
     paper's values (30 / 300 epochs, every 10,000 batches, lr 1e-4) apply on real data or as flags.
  5. Not given in the paper, our choices: SpecAugment widths, gain range, time-shift range,
     polynomial power 1; mix-up is applied to waveforms. Soft labels are precomputed once per
-    (teacher, data, segment) instead of online (equivalent: the teacher is deterministic in eval mode).
+    (teacher, data, segment) instead of online (equivalent: the teacher is deterministic in eval mode)
+    and stored as float16 (rounding at most 2.4e-4): a memory-mapped .npy, 10 GB for 9.5 M chunks of
+    full AudioSet, read row by row, never held in memory (README: memory per PSL row).
  6. The dB floor (top_db 120) is taken per clip, not per batch as in torchaudio.
  7. Chunks of real clips: durations rounded to 0.1 s (as the official code; at least 0.1 s), and a
     remainder shorter than 0.5 s joins the chunk before it (a 160,001-sample clip is 10.0 s; a 4.3 s
@@ -40,6 +42,10 @@ Deviations from the paper (numbered as in the README):
     validations (15 validations of 10,000 batches = ~227 epochs of 10 s chunks on balanced AudioSet).
  9. Precision: with autocast (bf16 by default on CUDA) the backbone runs in reduced precision, the
     classifier and every saved or ranked score (eval, top-k averaging, soft labels) in fp32.
+
+Clips shorter than SHORT_CLIP_S (1 s) are zero-padded and counted (`short` in the logs, `short_clips` in
+results.json). DDP (torchrun): rank 0 alone writes, deletes and validates; the others wait at a barrier
+after each rank-0 write they read next (MA final.pt, relabel cache, top-k files).
 """
 from __future__ import annotations
 
@@ -47,7 +53,6 @@ import argparse
 import copy
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -76,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, "psl")
     g = p.add_argument_group("pseudo strong labels (Sec. 2, 3, 4.2)")
-    g.add_argument("--segment", type=common.POSITIVE, default=2.0, help="chunk length n in seconds: 2, 5 or 10 (Sec. 3)")
+    g.add_argument("--segment", type=common.POSITIVE, default=2.0,
+                   help="chunk length n in seconds: 2, 5 or 10 (Sec. 3)")
     g.add_argument("--labels", type=str, default="psl", choices=["psl", "weak"],
                    help="psl: MA soft labels per chunk; weak: clip labels propagated to chunks (Table 2 baseline)")
     g.add_argument("--alpha", type=common.FRACTION, default=1.0,
@@ -93,16 +99,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--teacher-epochs", type=common.POSITIVE_INT, default=None,
                    help="MA epochs with polynomial decay (30; synthetic: 5)")
     g.add_argument("--poly-power", type=common.NONNEG, default=1.0, help="polynomial lr decay power (not given; ours)")
-    g.add_argument("--mixup-alpha", type=common.POSITIVE, default=1.0, help="mix-up lambda ~ Beta(a, a) (Sec. 3.3, [17])")
+    g.add_argument("--mixup-alpha", type=common.POSITIVE, default=1.0,
+                   help="mix-up lambda ~ Beta(a, a) (Sec. 3.3, [17])")
     g.add_argument("--gain-db", type=common.NONNEG, default=6.0, help="random gain in +-dB (not given; ours)")
-    g.add_argument("--max-shift-s", type=common.NONNEG, default=1.0, help="circular time shift up to +-s (not given; ours)")
+    g.add_argument("--max-shift-s", type=common.NONNEG, default=1.0,
+                   help="circular time shift up to +-s (not given; ours)")
     g.add_argument("--freq-mask", type=common.NONNEG_INT, default=10, help="SpecAugment: max mel bins per mask (ours)")
     g.add_argument("--time-mask", type=common.NONNEG_INT, default=50, help="SpecAugment: max frames per mask (ours)")
     g.add_argument("--n-masks", type=common.NONNEG_INT, default=2, help="SpecAugment: masks per axis (ours)")
     g = p.add_argument_group("training (Sec. 3.2, 3.3)")
     g.add_argument("--batch-size", type=common.POSITIVE_INT, default=32, help="batch size (Sec. 3.2)")
-    g.add_argument("--lr", type=common.POSITIVE, default=None, help="Adam learning rate: 1e-4 (Sec. 3.2); official code and "
-                   "synthetic corpus: 1e-3")
+    g.add_argument("--lr", type=common.POSITIVE, default=None,
+                   help="Adam learning rate: 1e-4 (Sec. 3.2); official code and synthetic corpus: 1e-3")
     g.add_argument("--epochs", type=common.POSITIVE_INT, default=None, help="max student epochs (300; synthetic: 6)")
     g.add_argument("--eval-every", type=common.POSITIVE_INT, default=None,
                    help="student: validate every N batches (10,000, Sec. 3.2, or once per epoch when an epoch is "
@@ -111,7 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="machine annotator: validate every N batches (same default as --eval-every)")
     g.add_argument("--patience", type=common.POSITIVE, default=15,
                    help="early stop after N epochs without a validation gain (student, Sec. 3.3; MA alike)")
-    g.add_argument("--top-k", type=common.POSITIVE_INT, default=4, help="average the top-k checkpoints by validation mAP (Sec. 3.2)")
+    g.add_argument("--top-k", type=common.POSITIVE_INT, default=4,
+                   help="average the top-k checkpoints by validation mAP (Sec. 3.2)")
     g.add_argument("--valid-on", type=str, default="valid", choices=["valid", "train"],
                    help="validation split; official code: the training file (deviation 1)")
     g.add_argument("--eval-mode", type=str, default="chunks", choices=["chunks", "clip"],
@@ -234,17 +243,56 @@ def build_model(ckpt: dict, path="checkpoint") -> MobileNetV2:
 # Data: n-second chunks of clips (Sec. 2); the last partial chunk is kept shorter (official code)
 # =============================================================================================
 MIN_CHUNK_S = 0.5  # a remainder shorter than this is merged into the chunk before it (deviation 7)
+SHORT_CLIP_S = 1.0  # clips shorter than this are zero-padded like any short chunk, and counted (`short`)
+BLOCK = 8192  # clips per block wherever a pass over every chunk would otherwise build a full-size temporary
 
 
 def chunk_dataset(corpus: common.Corpus, rows: list, targets: np.ndarray, segment: float | None,
                   clip_seconds: float) -> common.SegmentDataset:
     """One item per non-overlapping `segment`-second chunk; segment None = one item per whole clip.
     Real durations are rounded to 0.1 s (at least 0.1 s) as the official code does, so a 160,001-sample
-    clip is 10.0 s, and a remainder under MIN_CHUNK_S joins the previous chunk (deviation 7)."""
-    durations = ([clip_seconds] * len(rows) if corpus.synthetic  # synthetic clips: all the nominal length
-                 else [max(0.1, round(d, 1)) for d in common.clip_durations(corpus.root, rows, clip_seconds)])
-    return common.SegmentDataset(corpus.root, rows, targets, segment or max(durations) + 1.0,
-                                 clip_seconds, durations=durations, min_last=MIN_CHUNK_S)
+    clip is 10.0 s, and a remainder under MIN_CHUNK_S joins the previous chunk (deviation 7).
+    `ds.short_clips` counts the readable clips shorter than SHORT_CLIP_S (before rounding)."""
+    raw = [clip_seconds] * len(rows) if corpus.synthetic else common.clip_durations(corpus.root, rows, clip_seconds)
+    durations = raw if corpus.synthetic else [max(0.1, round(d, 1)) for d in raw]  # synthetic: nominal length
+    ds = common.SegmentDataset(corpus.root, rows, targets, segment or max(durations) + 1.0,
+                               clip_seconds, durations=durations, min_last=MIN_CHUNK_S)
+    ds.short_clips = int(sum(d < SHORT_CLIP_S for d in raw))  # an unreadable clip has clip_seconds: not counted
+    return ds
+
+
+def weak_targets(corpus: common.Corpus, rows: list) -> np.ndarray:
+    """(N_clips, K) uint8 multi-hot clip labels, built block by block (full AudioSet: 1 GB, not 4 GB float32)."""
+    y = np.zeros((len(rows), len(corpus.labels)), np.uint8)
+    for i in range(0, len(rows), BLOCK):
+        y[i:i + BLOCK] = corpus.targets(rows[i:i + BLOCK])
+    return y
+
+
+class ChunkTargets:
+    """Target row [soft | weak] (2K,) float32 of chunk i, assembled when the item is loaded (loss, Sec. 4.2):
+    soft = a row of the float16 relabel cache, memory-mapped (no cache: zeros, alpha 0); weak = the row of
+    the chunk's clip in the per-clip uint8 multi-hot. No (N_chunks, K) array is ever held in memory."""
+
+    def __init__(self, weak: np.ndarray, clip_index: np.ndarray, soft_path: Path | None = None):
+        self.weak, self.clip_index, self.soft_path, self._soft = weak, clip_index, soft_path, None
+
+    @property
+    def soft(self) -> np.memmap | None:
+        if self._soft is None and self.soft_path is not None:  # mapped lazily, by each process that reads it
+            self._soft = np.load(self.soft_path, mmap_mode="r")
+        return self._soft
+
+    def __getstate__(self) -> dict:  # a pickled copy (spawned DataLoader workers) maps the file again
+        return {**self.__dict__, "_soft": None}
+
+    def __len__(self) -> int:
+        return len(self.clip_index)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        soft = (np.zeros(self.weak.shape[1], np.float32) if self.soft is None
+                else np.nan_to_num(self.soft[i].astype(np.float32)))  # NaN: a chunk the MA could not read
+        return torch.from_numpy(np.concatenate([soft, self.weak[self.clip_index[i]].astype(np.float32)]))
 
 
 def average_chunks(chunk_scores: np.ndarray, clip_index: np.ndarray, n_clips: int) -> np.ndarray:
@@ -260,21 +308,29 @@ def average_chunks(chunk_scores: np.ndarray, clip_index: np.ndarray, n_clips: in
 # Inference, training, evaluation
 # =============================================================================================
 @torch.no_grad()
-def predict_chunks(model: nn.Module, dataset, args, desc: str = "predict") -> np.ndarray:
-    """Batched inference: (N_chunks, K) clip-level probabilities of every item; NaN for bad items."""
+def predict_chunks(model: nn.Module, dataset, args, desc: str = "predict", out: np.ndarray | None = None,
+                   indices: np.ndarray | None = None) -> np.ndarray:
+    """Batched inference of the items `indices` (default: all) into rows of `out` (default: a new float32
+    (N_items, K) array; relabeling passes a float16 memory map): clip-level probabilities, NaN for bad items."""
     model.eval()
     device = next(model.parameters()).device
-    out = np.full((len(dataset), model.classifier[-1].out_features), np.nan, dtype=np.float32)
-    loader = common.make_loader(dataset, args.batch_size, workers=args.workers)
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not common.is_main()):
+    if out is None:
+        out = np.full((len(dataset), model.classifier[-1].out_features), np.nan, dtype=np.float32)
+    indices = np.arange(len(dataset)) if indices is None else indices
+    loader = common.make_loader(dataset, args.batch_size, sampler=indices, workers=args.workers)
+    bad = 0
+    for j, batch in enumerate(tqdm(loader, desc=desc, leave=False, disable=not common.is_main())):
+        planned = indices[j * args.batch_size:(j + 1) * args.batch_size]
+        done = np.zeros(0, np.int64) if batch is None else batch[2].numpy()
+        out[np.setdiff1d(planned, done)] = np.nan  # unreadable items (a new cache file holds zeros)
+        bad += len(planned) - len(done)
         if batch is None:
             continue
-        wave, _, idx = batch
         with common.autocast(device, common.amp_dtype(device, args.amp)):
-            probs, _ = model(wave.to(device, non_blocking=True))
-        out[idx.numpy()] = probs.float().cpu().numpy()
-    if np.isnan(out[:, 0]).any():
-        print(f"{desc}: {int(np.isnan(out[:, 0]).sum())} unreadable items skipped")
+            probs, _ = model(batch[0].to(device, non_blocking=True))
+        out[done] = probs.float().cpu().numpy()
+    if bad:
+        print(f"{desc}: {bad} unreadable items skipped")
     return out
 
 
@@ -286,7 +342,34 @@ def evaluate(model: nn.Module, corpus: common.Corpus, rows: list, y_true: np.nda
     scores = average_chunks(chunk_scores, ds.clip_index, len(rows))
     ok = np.bincount(ds.clip_index[~np.isnan(chunk_scores).any(1)], minlength=len(rows)) > 0
     # a clip none of whose chunks could be read is excluded, not scored as all-zero
-    return common.tagging_metrics(y_true[ok], scores[ok]) | {"skipped_clips": int((~ok).sum())}
+    return common.tagging_metrics(y_true[ok], scores[ok]) | {"skipped_clips": int((~ok).sum()),
+                                                              "short_clips": ds.short_clips}
+
+
+def from_rank0(value):
+    """Rank 0's value on every rank (a no-op without DDP), for decisions all ranks must share: the
+    validation metric (checkpoint ranking, early stop) and whether a cache is reused."""
+    if common.world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def summed(n: int) -> int:
+    """Sum of an integer over the ranks (skipped clips: each rank counts its own share)."""
+    if common.world_size() == 1:
+        return n
+    out = [0] * common.world_size()
+    torch.distributed.all_gather_object(out, n)
+    return sum(out)
+
+
+def rank_share(indices: np.ndarray) -> np.ndarray:
+    """This rank's share of one epoch's indices, padded by wrapping around to a multiple of the world size
+    (as DistributedSampler), so that every rank makes the same number of steps (unequal counts hang DDP)."""
+    w = common.world_size()
+    return np.resize(indices, math.ceil(len(indices) / w) * w)[common.rank()::w]
 
 
 def eval_interval(steps_per_epoch: int, synthetic: bool) -> int:
@@ -318,9 +401,11 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
     total = epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, epochs * steps_per_epoch)
     eval_every = eval_every or eval_interval(steps_per_epoch, args.synthetic)
     patience_steps = math.ceil(args.patience * steps_per_epoch)  # patience counts epochs (Sec. 3.3)
-    if not args.resume:
-        shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
+    if not args.resume and common.is_main():  # a fresh stage: rank 0 alone deletes its checkpoints and log
+        for f in [*folder.glob("*.pt"), *folder.glob("*.pt.tmp"), folder / "topk.json", folder / "log.jsonl"]:
+            f.unlink(missing_ok=True)
+    common.barrier()  # nothing is read (top-k list, last.pt) before rank 0 has deleted
     topk, logger = common.TopKCheckpoints(folder, args.top_k), common.RunLogger(log_dir)
     state = {"step": 0, "best": -1.0, "best_step": 0, "skipped": 0}
     if args.resume and (folder / "last.pt").exists():
@@ -335,7 +420,7 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
     spec_augment = lambda x: common.mask_along(common.mask_along(x, args.freq_mask, 1, args.n_masks),
                                                args.time_mask, 2, args.n_masks)  # (B, mel, T)
     bar = tqdm(total=total, initial=state["step"], desc=folder.name, disable=not common.is_main())
-    running = []
+    running, pending = [], 0  # pending: this rank's skipped items since the last validation
     stop = lambda: state["step"] >= total or state["step"] - state["best_step"] >= patience_steps
     while not stop():
         epoch, skip = divmod(state["step"], steps_per_epoch)
@@ -343,7 +428,7 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
         loader = common.make_loader(dataset, args.batch_size, sampler=indices, workers=args.workers, seed=args.seed)
         for j, batch in enumerate(loader):
             planned = len(indices[j * args.batch_size:(j + 1) * args.batch_size])
-            state["skipped"] += planned - (0 if batch is None else len(batch[2]))  # unreadable: skipped, counted
+            pending += planned - (0 if batch is None else len(batch[2]))  # unreadable: skipped, counted
             lr = args.lr * (1 - state["step"] / total) ** args.poly_power if poly_decay else args.lr
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -366,13 +451,15 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
             state["step"] += 1
             bar.update(1)
             if state["step"] % eval_every == 0 or state["step"] == total:
-                metric = validate(model)
+                metric = from_rank0(validate(model) if common.is_main() else None)  # rank 0 validates
+                state["skipped"], pending = state["skipped"] + summed(pending), 0
                 gain = metric > state["best"]
                 if gain:
                     state["best"], state["best_step"] = metric, state["step"]
-                record = {"stage": folder.name, "step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 2),
+                record = {"stage": folder.name, "step": state["step"],
+                          "epoch": round(state["step"] / steps_per_epoch, 2),
                           "train/loss": float(np.mean(running)) if running else float("nan"),
-                          "val/mAP": metric, "lr": lr, "skipped": state["skipped"]}
+                          "val/mAP": metric, "lr": lr, "skipped": state["skipped"], "short": dataset.short_clips}
                 running = []
                 # top-k first, then last.pt, then the log line: a kill between them redoes this
                 # validation (top-k replaces its entry of the same step) and never logs a line twice
@@ -428,15 +515,16 @@ def train_teacher(args, device) -> Path:
     if final.exists() and (folder / "results.json").exists():
         return final
     model = MobileNetV2(len(corpus.labels)).to(device)
+    ds = chunk_dataset(corpus, corpus.train, np.zeros((len(corpus.train), 0), np.float32), None, args.clip_seconds)
     if final.exists():
         model.load_state_dict(common.load_checkpoint(final)["model"])
     else:
         folder.mkdir(parents=True, exist_ok=True)
         common.save_config(folder, args, settings)
-        weak = corpus.targets(corpus.train)
-        ds = chunk_dataset(corpus, corpus.train, np.hstack([np.zeros_like(weak), weak]), None, args.clip_seconds)
+        weak = weak_targets(corpus, corpus.train)  # (N_clips, K) uint8
+        ds.targets = ChunkTargets(weak, ds.clip_index)  # [zeros | weak]: alpha 0 trains on the weak half
         sampler = common.PseudoBalancedSampler(weak, seed=args.seed)
-        sample = lambda epoch: (sampler.set_epoch(epoch), np.fromiter(sampler, np.int64))[1]
+        sample = lambda epoch: (sampler.set_epoch(epoch), rank_share(sampler._global()))[1]  # the epoch's share
         vrows = validation_split(corpus, args)
         vtrue = corpus.targets(vrows)
         print(f"machine annotator: MobileNetV2, {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -452,77 +540,115 @@ def train_teacher(args, device) -> Path:
                                    "paper d'"],
                                   [[f"MA ({args.ma_data})", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
                                     f"{m['dprime']:.3f}", "40.53", "2.695"]])
-    common.write_results(folder, {k: m[k] for k in ("mAP", "mAUC", "dprime", "AP", "skipped_clips")}, table)
+    common.write_results(folder, {k: m[k] for k in ("mAP", "mAUC", "dprime", "AP", "skipped_clips")}
+                         | {"short_clips": {"train": ds.short_clips, "eval": m["short_clips"]}}, table)
     print(table)
     return final
 
 
 def relabel_segments(teacher: nn.Module, corpus: common.Corpus, rows: list, segment: float, args,
-                     cache: Path) -> np.ndarray:
+                     cache: Path) -> np.memmap:
     """Stage 2 (Sec. 2): the MA's soft labels y_PSL^n for every n-second chunk of the target set,
-    (N_chunks, K), never thresholded; computed once per (teacher, data, segment) and cached."""
-    ds = chunk_dataset(corpus, rows, np.zeros((len(rows), 1), np.float32), segment, args.clip_seconds)
-    if cache.exists():
-        soft = np.load(cache)
-        if len(soft) == len(ds):
-            common.barrier()  # once per call on every path, so ranks never wait on each other forever
-            return soft
-    soft = predict_chunks(teacher, ds, args, f"relabel {segment:g}s")
-    if common.is_main():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache.with_suffix(".tmp.npy"), soft)
-        cache.with_suffix(".tmp.npy").replace(cache)
-    common.barrier()
-    return soft
+    (N_chunks, K), never thresholded; computed once per (teacher, data, segment) and cached as a float16
+    .npy (half the bytes; rounding at most 2.4e-4), written batch by batch through a memory map and read
+    back memory-mapped, so no process holds the whole array. Under DDP each rank labels its share."""
+    ds = chunk_dataset(corpus, rows, np.zeros((len(rows), 0), np.float32), segment, args.clip_seconds)
+    shape = (len(ds), teacher.classifier[-1].out_features)
+    old = np.load(cache, mmap_mode="r") if cache.exists() else None
+    reuse = old is not None and old.shape == shape and old.dtype == np.float16  # else (older code's float32): redo
+    del old
+    if not from_rank0(reuse):  # rank 0 decides: every rank takes the same path (the same barriers)
+        tmp = cache.with_suffix(".tmp.npy")
+        if common.is_main():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape).flush()  # sparse file
+        common.barrier()  # rank 0 created the file before any rank opens it
+        soft = np.load(tmp, mmap_mode="r+")
+        share = np.array_split(np.arange(len(ds)), common.world_size())[common.rank()]  # contiguous rows
+        predict_chunks(teacher, ds, args, f"relabel {segment:g}s", out=soft, indices=share)
+        soft.flush()
+        del soft
+        common.barrier()  # every share is written before rank 0 publishes the file
+        if common.is_main():
+            tmp.replace(cache)
+        common.barrier()  # rank 0 renamed it before any rank reads it
+    return np.load(cache, mmap_mode="r")
 
 
-def chunk_truth(corpus: common.Corpus, rows: list, ds: common.SegmentDataset) -> np.ndarray:
-    """True labels of every chunk (corpora with strong_*.tsv): classes of the events overlapping it,
-    plus those of their ancestors that are classes and, where the clip has true labels (*_true.tsv),
-    among them. Loops over events (a one-off), not over samples of a hot path."""
-    y = np.zeros((len(ds), len(corpus.labels)), np.float32)
-    first = np.searchsorted(ds.clip_index, np.arange(len(rows)))
-    starts = np.array([c[1] for c in ds.chunks])
-    ends = np.array([c[2] for c in ds.chunks])
-    for ci, (fn, _) in enumerate(rows):
-        lo, hi = first[ci], first[ci + 1] if ci + 1 < len(rows) else len(ds)
+def readable(soft: np.ndarray) -> np.ndarray:
+    """(N_chunks,) bool: chunks the MA could read (no NaN in the row), block by block over the memory map."""
+    step = BLOCK * 8
+    return np.concatenate([~np.isnan(soft[i:i + step]).any(1) for i in range(0, len(soft), step)]
+                          or [np.zeros(0, bool)])
+
+
+def chunk_truth(corpus: common.Corpus, rows: list, ds: common.SegmentDataset, c0: int = 0,
+                c1: int | None = None) -> np.ndarray:
+    """(chunks of clips c0..c1, K) bool: true labels of every chunk (corpora with strong_*.tsv), the classes
+    of the events overlapping it, plus those of their ancestors that are classes and, where the clip has
+    true labels (*_true.tsv), among them. Loops over events (a one-off), not over samples of a hot path."""
+    c1 = len(rows) if c1 is None else c1
+    first = np.searchsorted(ds.clip_index, np.arange(len(rows) + 1))  # chunks of clip ci: first[ci]:first[ci+1]
+    base = first[c0]
+    y = np.zeros((first[c1] - base, len(corpus.labels)), bool)
+    starts = np.array([c[1] for c in ds.chunks[base:first[c1]]])
+    ends = np.array([c[2] for c in ds.chunks[base:first[c1]]])
+    for ci in range(c0, c1):
+        fn = rows[ci][0]
+        lo, hi = first[ci] - base, first[ci + 1] - base
         true = set(corpus.true[fn]) if fn in corpus.true else None
         for on, off, mid in corpus.strong.get(fn, []):
             hit = lo + np.flatnonzero((starts[lo:hi] < off) & (ends[lo:hi] > on))
             for m in {mid} | {a for a in corpus.ontology.ancestors(mid) if true is None or a in true}:
                 if m in corpus.labels.index:  # ancestors that are not classes (abstract nodes) are skipped
-                    y[hit, corpus.labels.index[m]] = 1.0
+                    y[hit, corpus.labels.index[m]] = True
     return y
 
 
-def precision_recall(pred: np.ndarray, true: np.ndarray) -> dict:
-    tp = float((pred * true).sum())
-    return {"precision": tp / max(pred.sum(), 1), "recall": tp / max(true.sum(), 1)}
+def pr_counts(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """[true positives, predicted, true] of two bool arrays; summed over blocks, then precision_recall."""
+    return np.array([(pred & true).sum(), pred.sum(), true.sum()], np.int64)
+
+
+def precision_recall(counts: np.ndarray) -> dict:
+    tp, pred, true = (float(c) for c in counts)
+    return {"precision": tp / max(pred, 1), "recall": tp / max(true, 1)}
 
 
 def analyse_labels(corpus: common.Corpus, rows: list, soft: np.ndarray, ds: common.SegmentDataset,
-                   threshold: float) -> dict:
+                   threshold: float, weak: np.ndarray | None = None) -> dict:
     """Sec. 4.3: soft labels thresholded at 0.5; labels per clip (union over its chunks) histogram and
     label coverage |pred & weak| / |weak| per clip. On the synthetic corpus, also precision/recall
-    against the TRUE clip labels and the true strong labels per chunk (a check AudioSet cannot give)."""
-    weak = corpus.targets(rows)
-    hard = (np.nan_to_num(soft) > threshold).astype(np.float32)  # (N_chunks, K)
+    against the TRUE clip labels and the true strong labels per chunk (a check AudioSet cannot give).
+    One pass over blocks of clips: per-chunk arrays exist for one block at a time. `weak`: the uint8
+    weak_targets of `rows`, if the caller holds them already."""
+    weak = (weak_targets(corpus, rows) if weak is None else weak).view(bool)  # (N_clips, K); 0/1 bytes, no copy
     per_clip = np.zeros_like(weak)
-    np.maximum.at(per_clip, ds.clip_index, hard)
-    n_labels = per_clip.sum(1).astype(int)
-    coverage = (per_clip * weak).sum(1) / np.maximum(weak.sum(1), 1)
+    first = np.searchsorted(ds.clip_index, np.arange(len(rows) + 1))  # every clip has >= 1 chunk
+    strong = any(fn in corpus.strong for fn, _ in rows)
+    chunk_counts = {"pseudo": np.zeros(3, np.int64), "weak": np.zeros(3, np.int64)}
+    for c0 in range(0, len(rows), BLOCK):
+        c1 = min(c0 + BLOCK, len(rows))
+        lo, hi = first[c0], first[c1]
+        hard = np.nan_to_num(soft[lo:hi].astype(np.float32)) > threshold  # (chunks of the block, K)
+        per_clip[c0:c1] = np.logical_or.reduceat(hard, first[c0:c1] - lo, axis=0)  # union over a clip's chunks
+        if strong:
+            ctrue = chunk_truth(corpus, rows, ds, c0, c1)
+            chunk_counts["pseudo"] += pr_counts(hard, ctrue)
+            chunk_counts["weak"] += pr_counts(weak[ds.clip_index[lo:hi]], ctrue)
+    n_labels = per_clip.sum(1)
+    coverage = (per_clip & weak).sum(1) / np.maximum(weak.sum(1), 1)
     res = {"threshold": threshold,
            "labels_per_clip": {str(k): int(v) for k, v in enumerate(np.bincount(n_labels, minlength=1))},
-           "weak_labels_per_clip": {str(k): int(v) for k, v in enumerate(np.bincount(weak.sum(1).astype(int)))},
+           "weak_labels_per_clip": {str(k): int(v) for k, v in enumerate(np.bincount(weak.sum(1)))},
            "no_label_fraction": float((n_labels == 0).mean()), "mean_coverage": float(coverage.mean()),
            "coverage_0": float((coverage == 0).mean()), "coverage_1": float((coverage == 1).mean())}
     if all(fn in corpus.true for fn, _ in rows):  # gated on the truth files, not on synth.json
-        true = corpus.true_targets(rows)
-        res["clip_vs_true"] = {"pseudo": precision_recall(per_clip, true), "weak": precision_recall(weak, true)}
-    if any(fn in corpus.strong for fn, _ in rows):
-        ctrue = chunk_truth(corpus, rows, ds)
-        res["chunk_vs_true_strong"] = {"pseudo": precision_recall(hard, ctrue),
-                                       "weak": precision_recall(weak[ds.clip_index], ctrue)}
+        true = corpus.true_targets(rows) > 0
+        res["clip_vs_true"] = {"pseudo": precision_recall(pr_counts(per_clip, true)),
+                               "weak": precision_recall(pr_counts(weak, true))}
+    if strong:
+        res["chunk_vs_true_strong"] = {k: precision_recall(c) for k, c in chunk_counts.items()}
     return res
 
 
@@ -543,24 +669,31 @@ def analysis_markdown(a: dict, segment: float) -> str:
 
 def student_data(args, corpus: common.Corpus, device) -> tuple[common.SegmentDataset, np.ndarray, dict | None]:
     """The target set's chunks with [soft | weak] targets (weak = clip labels propagated, Sec. 2), the
-    chunks usable for training, and the Sec. 4.3 analysis (None for alpha = 0, which needs no MA)."""
-    ds = chunk_dataset(corpus, corpus.train, corpus.targets(corpus.train), args.segment, args.clip_seconds)
-    weak = ds.targets.numpy()  # (N_chunks, K)
+    chunks usable for training, and the Sec. 4.3 analysis (None for alpha = 0, which needs no MA, and
+    on ranks other than 0). Targets are read per item (ChunkTargets): soft from the float16 memory map."""
+    ds = chunk_dataset(corpus, corpus.train, np.zeros((len(corpus.train), 0), np.float32), args.segment,
+                       args.clip_seconds)
+    weak = weak_targets(corpus, corpus.train)  # (N_clips, K) uint8, indexed per chunk by ds.clip_index
     if args.alpha == 0:
-        ds.targets = torch.as_tensor(np.hstack([np.zeros_like(weak), weak]))
+        ds.targets = ChunkTargets(weak, ds.clip_index)
         return ds, np.arange(len(ds)), None
     ckpt_path = Path(args.teacher) if args.teacher else train_teacher(args, device)
     if not ckpt_path.is_file():
         raise common.DataError(f"--teacher {ckpt_path}: not a checkpoint file (give an MA's final.pt)")
     key = common.settings_hash({"teacher": str(ckpt_path.resolve()), "size": ckpt_path.stat().st_size,
                                 "mtime": ckpt_path.stat().st_mtime_ns, "data_root": str(corpus.root.resolve()),
-                                "data": args.data, "segment": args.segment, "amp": args.amp})
+                                "data": args.data, "segment": args.segment, "amp": args.amp,
+                                "dtype": "float16"})  # a float32 cache of older code is never reused
     cache = ckpt_path.parent / "relabel" / f"{ckpt_path.stem}_{args.data}_{args.segment:g}s_{key}.npy"
     teacher = build_model(common.load_checkpoint(ckpt_path), ckpt_path).to(device)
     soft = relabel_segments(teacher, corpus, corpus.train, args.segment, args, cache)
-    usable = np.flatnonzero(~np.isnan(soft).any(1))  # chunks the MA could read
-    analysis = analyse_labels(corpus, corpus.train, soft, ds, args.threshold)
-    ds.targets = torch.as_tensor(np.hstack([np.nan_to_num(soft), weak]))
+    ok = readable(soft)
+    usable = np.flatnonzero(ok)  # chunks the MA could read
+    print(f"relabel {args.segment:g}s: {len(ds)} chunks of {len(corpus.train)} clips, "
+          f"skipped={len(np.unique(ds.clip_index[~ok]))} unreadable clips, short={ds.short_clips} clips "
+          f"under {SHORT_CLIP_S:g} s (padded); {cache.name}")
+    analysis = analyse_labels(corpus, corpus.train, soft, ds, args.threshold, weak) if common.is_main() else None
+    ds.targets = ChunkTargets(weak, ds.clip_index, cache)
     return ds, usable, analysis
 
 
@@ -586,7 +719,7 @@ def run(args: argparse.Namespace) -> dict:
 def run_stages(args: argparse.Namespace, corpus: common.Corpus, device, out: Path) -> dict:
     # stages 1 + 2: MA and pseudo strong labels (skipped for alpha = 0)
     ds, usable, analysis = student_data(args, corpus, device)
-    if analysis is not None:
+    if analysis is not None:  # rank 0 only
         print(analysis_markdown(analysis, args.segment))
         common.write_json(out / "analysis.json", analysis)
     # stage 3: the student on the chunks, random sampling, no augmentation (Sec. 3.3)
@@ -603,8 +736,7 @@ def run_stages(args: argparse.Namespace, corpus: common.Corpus, device, out: Pat
         vtrue, vseg = corpus.targets(vrows), args.segment if args.eval_mode == "chunks" else None
         print(f"student: MobileNetV2, {n_params:,} parameters, {len(usable)} chunks of {args.segment:g} s, "
               f"alpha {args.alpha:g}")
-        sample = lambda epoch: np.random.default_rng([args.seed, epoch]).permutation(usable)[
-            common.rank()::common.world_size()]  # random sampling (Sec. 3.3), this rank's share
+        sample = lambda epoch: rank_share(np.random.default_rng([args.seed, epoch]).permutation(usable))  # Sec. 3.3
         info = train(model, ds, K, sample, out / "student", out, args, epochs=args.epochs, alpha=args.alpha,
                      augment=False, poly_decay=False, eval_every=args.eval_every,
                      validate=lambda m: evaluate(m, corpus, vrows, vtrue, vseg, args)["mAP"])
@@ -617,7 +749,8 @@ def run_stages(args: argparse.Namespace, corpus: common.Corpus, device, out: Pat
                "mAP": m["mAP"], "mAUC": m["mAUC"], "dprime": m["dprime"], "AP": m["AP"], "params": n_params,
                "student": info, "analysis": analysis, "corpus": "synthetic" if corpus.synthetic else str(corpus.root),
                "skipped_clips": {"relabel_clips": len(np.unique(np.delete(ds.clip_index, usable))),
-                                 "student_train": info["skipped_clips"], "eval": m["skipped_clips"]}}
+                                 "student_train": info["skipped_clips"], "eval": m["skipped_clips"]},
+               "short_clips": {"train": ds.short_clips, "eval": m["short_clips"]}}  # < SHORT_CLIP_S, padded
     paper = PAPER.get((kind, int(args.segment))) if args.data == "balanced" else None
     title = f"## PSL: {kind} labels, {args.segment:g} s chunks, alpha {args.alpha:g}, trained on {args.data}"
     table = common.markdown_table(["method", "mAP %", "mAUC", "d'", common.paper_heading(corpus, "paper mAP %"),

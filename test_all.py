@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -1807,6 +1808,8 @@ def test_psl_validation_falls_back_to_the_balanced_subset(psl_tiny, tmp_path, ca
 
 
 class _ToyChunks(torch.utils.data.Dataset):
+    short_clips = 0  # psl.train logs the dataset's count of short clips
+
     def __init__(self, n=8, k=2):
         g = torch.Generator().manual_seed(0)
         self.x, self.y = torch.randn(n, C.SR // 2, generator=g) * 0.1, torch.rand(n, 2 * k, generator=g)
@@ -2057,6 +2060,159 @@ def test_psl_killed_mid_epoch_resumes_bit_identical(psl_tiny, tmp_path, monkeypa
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert steps == [2, 4]  # the step-2 line, kept from the log by the kill, is written on resume
+
+
+def _state_hash(sd: dict) -> str:
+    return hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes() for t in sd.values())).hexdigest()
+
+
+def _psl_ddp_worker(rank_, world, port, argv, q):
+    """One rank of a 2-process gloo run of psl.main. Rank 0's writes are slowed down (a rank that reads
+    without waiting for them finds nothing, or a stale file); every write and delete is recorded."""
+    import time
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank_), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank_))
+    torch.set_num_threads(1)  # two processes on a small machine
+    calls, seen = [], {"teacher": [], "soft": [], "final": []}
+
+    def delay(path: str) -> float:  # rank 0 publishes the MA (longer than the MA's eval) and the cache late
+        return 0.0 if rank_ else 6.0 if path.endswith("final.pt") and "teacher_" in path else \
+            0.5 if path.endswith(".npy") else 0.0
+
+    def spy(obj, name, what):
+        orig = getattr(obj, name)
+
+        def wrapped(*a, **k):
+            path = str(a[1] if what in ("save", "replace") else a[0])  # save(obj, f), replace(src, dst)
+            calls.append((what, path))
+            time.sleep(delay(path) if what == "replace" else 0.0)
+            return orig(*a, **k)
+        setattr(obj, name, wrapped)
+    spy(torch, "save", "save")
+    spy(os, "replace", "replace")
+    spy(Path, "unlink", "unlink")
+    spy(shutil, "rmtree", "rmtree")
+    build, relabel, save_final = psl.build_model, psl.relabel_segments, psl.save_final
+    psl.build_model = lambda ck, path="": seen["teacher"].append(_state_hash(ck["model"])) or build(ck, path)
+
+    def relabel_spy(*a):
+        soft = relabel(*a)
+        seen["soft"].append((type(soft).__name__, str(soft.dtype), hashlib.sha1(soft.tobytes()).hexdigest()))
+        return soft
+    psl.relabel_segments = relabel_spy
+    psl.save_final = lambda path, model, *a: seen["final"].append((path.name, _state_hash(model.state_dict()))) \
+        or save_final(path, model, *a)
+    try:
+        C.setup_ddp()  # psl.main's own call is then a no-op
+        share = psl.rank_share(np.arange(69)).tolist()  # 69 items, 2 ranks: 35 each, wrapped around
+        psl.main(argv)
+        q.put((rank_, None, calls, seen, share))
+    except BaseException:
+        import traceback
+        q.put((rank_, traceback.format_exc(), calls, seen, None))
+
+
+def test_psl_ddp_two_processes_barriers_and_rank0_writes(psl_tiny, tmp_path):
+    """Item 9: teacher -> relabel -> student -> eval with 2 gloo processes on CPU. Both ranks finish;
+    rank 1 never saves, publishes or deletes a file; both load the same MA weights and the same relabel
+    cache (complete: rank 1's share of the rows too) and average the same top-k files; each log line once."""
+    out = tmp_path / "run"
+    argv = _argv(psl_tiny, out, "--segment", "2", "--max-steps", "2", "--teacher-epochs", "1", "--top-k", "1",
+                 "--no-resume")
+    ctx = torch.multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [ctx.Process(target=_psl_ddp_worker, args=(r, 2, port, argv, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        res = sorted(q.get(timeout=300) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    (r0, err0, calls0, seen0, share0), (r1, err1, calls1, seen1, share1) = res
+    assert err0 is None and err1 is None, err0 or err1
+    assert calls1 == [] and any(w == "replace" for w, _ in calls0)  # rank 0 alone writes and deletes
+    assert len(seen0["teacher"]) == 1 and seen0["teacher"] == seen1["teacher"]  # the MA's final.pt, complete
+    assert len(seen0["soft"]) == 1 and seen0["soft"] == seen1["soft"]
+    assert seen0["soft"][0][:2] == ("memmap", "float16")
+    assert [n for n, _ in seen0["final"]] == ["final.pt", "final.pt"] and seen0["final"] == seen1["final"]
+    assert len(share0) == len(share1) == 35 and set(share0) | set(share1) == set(range(69))
+    (teacher,) = tmp_path.glob("teacher_full_synth_*")
+    (cache,) = (teacher / "relabel").glob("*.npy")
+    corpus = C.load_corpus(str(psl_tiny), "balanced")
+    args = psl.resolve(psl.parse_args(argv), corpus)
+    ds = psl.chunk_dataset(corpus, corpus.train, np.zeros((24, 0)), 2.0, 4.0)
+    model = psl.build_model(C.load_checkpoint(teacher / "final.pt"))
+    ref = psl.predict_chunks(model, ds, args)  # one process, float32
+    np.testing.assert_allclose(np.load(cache), ref, atol=1e-3)  # both ranks' rows, float16
+    for log, steps in ((teacher / "log.jsonl", [2]), (out / "log.jsonl", [1, 2])):  # MA: every half epoch
+        assert [json.loads(l)["step"] for l in log.read_text().splitlines()] == steps, log
+    assert json.loads((out / "results.json").read_text())["skipped_clips"]["student_train"] == 0
+
+
+def test_psl_relabel_cache_is_float16_memmap_read_per_item(psl_tiny, tmp_path):
+    """Item 10: the relabel cache is a float16 .npy read back memory-mapped (exactly the float32 soft labels
+    rounded to float16); an older float32 cache at the path is recomputed, and the key names the dtype; the
+    student's dataset maps the file and builds float32 rows per item; weak labels stay per clip (uint8)."""
+    corpus = C.load_corpus(str(psl_tiny), "balanced")
+    args = psl.resolve(psl.parse_args(_argv(psl_tiny, tmp_path / "run", "--segment", "2")), corpus)
+    torch.manual_seed(0)
+    teacher = psl.MobileNetV2(30).eval()
+    torch.nn.init.normal_(teacher.classifier[1].bias, 0, 3)  # probabilities spread over (0, 1)
+    args.teacher = str(tmp_path / "ma" / "final.pt")
+    psl.save_final(Path(args.teacher), teacher, corpus, None, args, {})
+    key = {"teacher": str(Path(args.teacher).resolve()), "size": Path(args.teacher).stat().st_size,
+           "mtime": Path(args.teacher).stat().st_mtime_ns, "data_root": str(psl_tiny.resolve()),
+           "data": "balanced", "segment": 2.0, "amp": args.amp}
+    old = tmp_path / "ma" / "relabel" / f"final_balanced_2s_{C.settings_hash(key)}.npy"  # the float32-era name
+    new = old.with_name(f"final_balanced_2s_{C.settings_hash(key | {'dtype': 'float16'})}.npy")
+    old.parent.mkdir(parents=True)
+    for path in (old, new):
+        np.save(path, np.full((48, 30), 0.5, np.float32))  # a float32 cache under either name
+    ds, usable, analysis = psl.student_data(args, corpus, torch.device("cpu"))
+    soft = np.load(new, mmap_mode="r")
+    assert soft.dtype == np.float16 and soft.shape == (48, 30) and np.load(old).dtype == np.float32
+    ref = psl.predict_chunks(teacher, psl.chunk_dataset(corpus, corpus.train, np.zeros((24, 0)), 2.0, 4.0), args)
+    assert np.array_equal(soft, ref.astype(np.float16)) and np.abs(soft - ref).max() <= 2 ** -11  # round to nearest
+    assert 0.05 < soft.astype(np.float32).std() and len(usable) == 48 and analysis is not None
+    t = ds.targets
+    assert isinstance(t, psl.ChunkTargets) and t.soft_path == new and t.weak.dtype == np.uint8
+    assert t.weak.shape == (24, 30) and isinstance(t.soft, np.memmap) and t.soft.dtype == np.float16
+    y = ds[5][1]
+    assert y.dtype == torch.float32 and torch.equal(y[:30], torch.from_numpy(soft[5].astype(np.float32)))
+    assert torch.equal(y[30:], torch.from_numpy(corpus.targets(corpus.train)[ds.clip_index[5]]))
+    copy = pickle.loads(pickle.dumps(t))  # as a spawned DataLoader worker gets it: maps the file again
+    assert copy._soft is None and torch.equal(copy[5], y) and isinstance(copy.soft, np.memmap)
+    batch = next(iter(C.make_loader(ds, 8, workers=0)))
+    assert batch[1].shape == (8, 60) and batch[1].dtype == torch.float32
+
+
+def test_psl_short_clips_counted_in_every_stage(psl_tiny, tmp_path, capsys):
+    """Clips shorter than SHORT_CLIP_S (1 s; here 1 sample and 0.3 s of training, 0.5 s of eval) are padded
+    and counted: MA results.json, relabel line, student log lines, run results.json."""
+    root = tmp_path / "corpus"
+    shutil.copytree(psl_tiny, root)
+    (root / "synth.json").unlink()  # a real-layout corpus: durations from the files
+    train, ev = C.read_manifest(root / "balanced_train.tsv"), C.read_manifest(root / "eval.tsv")
+    sf.write(root / train[0][0], np.zeros(1, np.float32), C.SR)
+    sf.write(root / train[1][0], np.full(int(0.3 * C.SR), 0.1, np.float32), C.SR)
+    sf.write(root / ev[0][0], np.full(int(0.5 * C.SR), 0.1, np.float32), C.SR)
+    sf.write(root / ev[1][0], np.full(C.SR, 0.1, np.float32), C.SR)  # 1.0 s: not short
+    out = tmp_path / "run"
+    psl.main(_argv(root, out, "--segment", "2", "--max-steps", "1", "--teacher-epochs", "1", "--epochs", "1",
+                   "--batch-size", "32"))
+    assert f"short=2 clips under {psl.SHORT_CLIP_S:g} s" in capsys.readouterr().out  # the relabel line
+    res = json.loads((out / "results.json").read_text())
+    assert res["short_clips"] == {"train": 2, "eval": 1} and res["skipped_clips"]["relabel_clips"] == 0
+    (teacher,) = tmp_path.glob("teacher_full_corpus_*")
+    assert json.loads((teacher / "results.json").read_text())["short_clips"] == {"train": 2, "eval": 1}
+    for log in (teacher / "log.jsonl", out / "log.jsonl"):
+        assert [json.loads(l)["short"] for l in log.read_text().splitlines()] == [2]
 
 
 def test_psla_killed_mid_epoch_resumes_bit_identical(tiny_root, tmp_path, monkeypatch):
