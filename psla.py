@@ -12,7 +12,7 @@ Paper, balanced AudioSet -> eval mAP (Tables III, IV, VIII, IX, X):
     + weight averaging 0.3192 (single model)  ensemble of 3 seeds 0.3446  all 20 models 0.3620
 Full AudioSet: 0.3723 scratch ... 0.4435 single model with WA, 0.4744 ensemble of 10 models.
 
-    python psla.py                                          # synthetic corpus, B2, masking + mix-up + WA (9 min, 2 cores)
+    python psla.py                                          # synthetic corpus, B2, masking + mix-up + WA (9 min)
     python psla.py --effnet 0 --no-mixup --name mask        # one ablation row (see README for all)
     python psla.py --label-enhance type12 --teacher runs/psla/mixup --name le   # Sec. V, Table VIII
     python psla.py ensemble runs/psla/le_s0 runs/psla/le_s1 runs/psla/le_s2     # Table X
@@ -69,7 +69,8 @@ AUDIOSET_NORM = (-4.6476, 4.5699)  # fbank mean / std of AudioSet (official egs/
 FRAME_LENGTH, FRAME_SHIFT = 400, 160  # fbank frames in samples at 16 kHz (25 ms / 10 ms, Sec. II-C)
 # Sec. II-B schedules per training set; 300h (PSL's subset) follows the full-set recipe.
 PAPER_SCHEDULE = {
-    "balanced": dict(epochs=60, batch_size=100, lr=1e-3, lr_decay_start=35, lr_decay_every=5, warmup_steps=1000, last_n=5),
+    "balanced": dict(epochs=60, batch_size=100, lr=1e-3, lr_decay_start=35, lr_decay_every=5, warmup_steps=1000,
+                     last_n=5),
     "full": dict(epochs=30, batch_size=100, lr=1e-4, lr_decay_start=10, lr_decay_every=5, warmup_steps=1000, last_n=5),
 }
 PAPER_SCHEDULE["300h"] = PAPER_SCHEDULE["full"]
@@ -109,12 +110,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("model (Sec. II-C)")
     g.add_argument("--effnet", type=int, default=2, choices=range(8), help="EfficientNet-B<n> backbone (paper: B2)")
     g.add_argument("--heads", type=common.POSITIVE_INT, default=4, help="attention pooling heads (paper: 4)")
-    g.add_argument("--drop-connect", type=common.number(float, 0, 1, hi_open=True), default=0.2, help="stochastic depth rate of the MBConv blocks")
+    g.add_argument("--drop-connect", type=common.number(float, 0, 1, hi_open=True), default=0.2,
+                   help="stochastic depth rate of the MBConv blocks")
     g.add_argument("--imagenet", type=str, default=None,
                    help="Sec. III: torchvision EfficientNet ImageNet state dict (a path, or 'url' to download); "
                         "every layer but the 1-channel stem and the head is loaded. Default: from scratch")
     g = p.add_argument_group("front-end (Sec. II-C)")
-    g.add_argument("--n-mels", type=common.POSITIVE_INT, default=128, help="fbank bins (25 ms Hanning window, 10 ms hop)")
+    g.add_argument("--n-mels", type=common.POSITIVE_INT, default=128,
+                   help="fbank bins (25 ms Hanning window, 10 ms hop)")
     g.add_argument("--target-length", type=common.POSITIVE_INT, default=1056, help="frames per clip (pad / cut)")
     g.add_argument("--short-clip-seconds", type=common.NONNEG, default=1.0,
                    help="clips shorter than this are counted (train/short, valid/short, eval/short, short_clips); "
@@ -138,15 +141,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--epochs", type=common.POSITIVE_INT, default=None, help="60 balanced / 30 full")
     g.add_argument("--batch-size", type=common.POSITIVE_INT, default=None, help="100")
     g.add_argument("--lr", type=common.POSITIVE, default=None, help="1e-3 balanced / 1e-4 full")
-    g.add_argument("--lr-decay-start", type=common.NONNEG_INT, default=None, help="halve the LR after this epoch (35 / 10)")
-    g.add_argument("--lr-decay-every", type=common.POSITIVE_INT, default=None, help="... and every this many epochs (5)")
+    g.add_argument("--lr-decay-start", type=common.NONNEG_INT, default=None,
+                   help="halve the LR after this epoch (35 / 10)")
+    g.add_argument("--lr-decay-every", type=common.POSITIVE_INT, default=None,
+                   help="... and every this many epochs (5)")
     g.add_argument("--warmup-steps", type=common.NONNEG_INT, default=None, help="linear LR warm-up iterations (1000)")
     g.add_argument("--weight-decay", type=common.NONNEG, default=5e-7, help="Adam weight decay")
-    g.add_argument("--betas", type=common.number(float, 0, 1, hi_open=True), nargs=2, default=(0.95, 0.999), help="Adam betas")
+    g.add_argument("--betas", type=common.number(float, 0, 1, hi_open=True), nargs=2, default=(0.95, 0.999),
+                   help="Adam betas")
     g = p.add_argument_group("aggregation (Sec. VI)")
     g.add_argument("--wa-start", type=common.POSITIVE_INT, default=None,
                    help="weight averaging from this epoch to the last (default: the first epoch at 1/4 LR)")
-    g.add_argument("--last-n", type=common.POSITIVE_INT, default=None, help="report the mean eval metrics of the last n epochs (5)")
+    g.add_argument("--last-n", type=common.POSITIVE_INT, default=None,
+                   help="report the mean eval metrics of the last n epochs (5)")
     args = p.parse_args(argv)
     if args.label_enhance != "none" and args.teacher is None:
         p.error("--label-enhance needs --teacher RUN_DIR")
@@ -167,7 +174,8 @@ def resolve_schedule(args: argparse.Namespace, synthetic: bool, root: Path | Non
         args.wa_start = min(args.lr_decay_start + args.lr_decay_every + 1, args.epochs)
     if args.name is None:
         corpus = "" if args.data_root is None or root is None else f"{Path(root).name}_"  # item 15
-        args.name = f"{corpus}b{args.effnet}_{args.data}" + ("" if args.label_enhance == "none" else f"_{args.label_enhance}")
+        le = "" if args.label_enhance == "none" else f"_{args.label_enhance}"
+        args.name = f"{corpus}b{args.effnet}_{args.data}{le}"
     if args.out is None:
         args.out = f"runs/psla/{args.name}"
 
@@ -192,7 +200,8 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 class ConvBNAct(nn.Sequential):
     """Conv (no bias) -> BatchNorm -> optional SiLU; keys <i>.0.weight, <i>.1.* as in torchvision."""
 
-    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True, bn=nn.BatchNorm2d):
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True,
+                 bn=nn.BatchNorm2d):
         layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False), bn(cout)]
         super().__init__(*layers, *([nn.SiLU(inplace=True)] if act else []))
 
@@ -394,8 +403,23 @@ def collate(batch):
 
 
 def clip_loader(dataset, batch_size: int, workers: int, **kw) -> torch.utils.data.DataLoader:
-    """Every psla loader (training, valid/eval, teacher scores, fbank statistics): the same padding."""
-    return common.make_loader(dataset, batch_size, workers=workers, collate_fn=collate, **kw)
+    """Every psla loader (training, valid/eval, teacher scores, fbank statistics): the same padding.
+    Workers start from a fork server (Linux), not from this process (issue 12): the training loader
+    starts fresh workers every epoch (exact resume), and forked from a process whose heap holds GBs
+    of freed activations they share it copy-on-write, so the next steps copy every page they write
+    (1.5x a bare step at the start of an epoch) and each fork keeps a stale copy of the heap alive
+    (the OOM killer's target on a 24 GB machine running 3 runs). Same seeds, same batches."""
+    return common.make_loader(dataset, batch_size, workers=workers, collate_fn=collate, context=worker_context(), **kw)
+
+
+def worker_context():
+    """The fork server, preloading this module (under `python psla.py` also as __main__), so that
+    a worker starts as a fork of a small process that has imported torch already."""
+    if not sys.platform.startswith("linux"):
+        return None  # macOS and Windows spawn workers anyway
+    ctx = torch.multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", __name__])
+    return ctx
 
 
 class MixupClips(torch.utils.data.Dataset):
@@ -592,7 +616,8 @@ def label_enhancement(args, corpus: common.Corpus, out: Path, device, amp) -> li
             s["recall_of_missing"] = float((added & missing).sum() / max(1, missing.sum()))
         stats[kind] = s
         if kind == args.label_enhance:
-            rows = [(fn, [corpus.labels.mids[j] for j in np.flatnonzero(e)]) for (fn, _), e in zip(corpus.train, enhanced)]
+            rows = [(fn, [corpus.labels.mids[j] for j in np.flatnonzero(e)])
+                    for (fn, _), e in zip(corpus.train, enhanced)]
     print(f"label enhancement with teacher {ckpt} (Table VIII):")
     for kind, s in stats.items():
         print(f"  {kind:7s} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
@@ -686,7 +711,8 @@ def run_identity(args, corpus: common.Corpus) -> dict:
         cfg = t / "config.json"
         settings["teacher"] = str(t.resolve())
         settings["teacher_identity"] = (json.loads(cfg.read_text()).get("identity_hash") if cfg.exists() else None) \
-            or [(f, (t / f).stat().st_size, (t / f).stat().st_mtime_ns) for f in ("wa.pt", "last.pt") if (t / f).exists()]
+            or [(f, (t / f).stat().st_size, (t / f).stat().st_mtime_ns) for f in ("wa.pt", "last.pt")
+                if (t / f).exists()]
     return settings
 
 
@@ -720,7 +746,8 @@ def train_and_evaluate(args, corpus: common.Corpus, settings: dict) -> dict:
         load_imagenet(model, args.imagenet)
     print(f"EfficientNet-B{args.effnet} + {args.heads}-head attention, {len(corpus.labels)} classes: "
           f"{count_parameters(model):,} parameters; fbank mean/std {config['norm'][0]:.4f}/{config['norm'][1]:.4f}")
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                 weight_decay=args.weight_decay)
     scaler = common.grad_scaler(device, amp)  # fp16 loss scaling (a no-op otherwise)
 
     # ---- data: Algorithm 1 (balanced sampling, mix-up) + valid/eval loaders
@@ -803,7 +830,8 @@ def train_and_evaluate(args, corpus: common.Corpus, settings: dict) -> dict:
     results["best"] = {"epoch": best["epoch"], **{k: best[f"eval/{k}"] for k in ("mAP", "mAUC", "dprime")}}
     results["checkpoint_ensemble"] = ensemble(preds, targets)
     results["last_AP"] = metrics(targets, preds[-1])["AP"]
-    results |= {"epochs": epochs_done, "best_epoch": best["epoch"], "steps": step, "parameters": count_parameters(model),
+    results |= {"epochs": epochs_done, "best_epoch": best["epoch"], "steps": step,
+                "parameters": count_parameters(model),
                 "classes": corpus.labels.names, "minutes": minutes0 + (time.time() - t0) / 60, "config": vars(args),
                 "skipped_clips": {k.split("/")[0]: v for k, v in history[-1].items() if k.endswith("/skipped")},
                 "short_clips": {k.split("/")[0]: v for k, v in history[-1].items() if k.endswith("/short")},
@@ -820,13 +848,16 @@ def train_and_evaluate(args, corpus: common.Corpus, settings: dict) -> dict:
                      results["wa"]["mAUC"], results["wa"]["dprime"], PAPER_WA.get(args.data, "-")])
     ce = results["checkpoint_ensemble"]
     rows.append([f"ensemble of {ce['models']} epoch checkpoints", ce["ensemble_mAP"], ce["ensemble_mAUC"],
-                 ce["ensemble_dprime"], "%.4f (%d checkpoints)" % PAPER_CHECKPOINT_ENSEMBLE.get(args.data, (0, 0))[::-1]])
-    md = (f"# PSLA: {args.name}\n\nEfficientNet-B{args.effnet}, {args.heads} heads, {results['parameters']:,} parameters; "
+                 ce["ensemble_dprime"],
+                 "%.4f (%d checkpoints)" % PAPER_CHECKPOINT_ENSEMBLE.get(args.data, (0, 0))[::-1]])
+    md = (f"# PSLA: {args.name}\n\nEfficientNet-B{args.effnet}, {args.heads} heads, "
+          f"{results['parameters']:,} parameters; "
           f"data {args.data} ({'synthetic' if corpus.synthetic else corpus.root}); ImageNet: {args.imagenet or 'no'}; "
           f"balanced sampling {args.balanced_sampling}; masking F={args.freqm} T={args.timem}; mix-up rate "
           f"{args.mixup}, alpha {args.mixup_alpha}; labels {args.label_enhance}; {epochs_done} epochs, {step} steps, "
-          f"{results['minutes']:.1f} min.\n\nEval set. Paper column: {args.data} AudioSet, EfficientNet-B2, the paper's row "
-          f"with the same techniques: {name}; WA and checkpoint ensemble with all techniques (Tables IX, X).\n\n"
+          f"{results['minutes']:.1f} min.\n\nEval set. Paper column: {args.data} AudioSet, EfficientNet-B2, "
+          f"the paper's row with the same techniques: {name}; WA and checkpoint ensemble with all techniques "
+          f"(Tables IX, X).\n\n"
           + common.markdown_table(["model", "mAP", "mAUC", "d'", common.paper_heading(corpus, "paper mAP")], rows)
           + f"\n\nCheckpoint ensemble (Table X): {ce['models']} models, avg mAP {ce['avg_mAP']:.4f}, "
             f"best mAP {ce['best_mAP']:.4f}, ensemble mAP {ce['ensemble_mAP']:.4f}\n")
@@ -834,8 +865,9 @@ def train_and_evaluate(args, corpus: common.Corpus, settings: dict) -> dict:
         le = results["label_enhancement"]
         md += "\nLabel enhancement (Table VIII; precision/recall against the true labels where known):\n\n" + \
             common.markdown_table(["type", "impacted classes", "labels added %", "precision", "recall of missing"],
-                                  [[k, le[k]["impacted_classes"], le[k]["labels_added_pct"], le[k].get("precision", "-"),
-                                    le[k].get("recall_of_missing", "-")] for k in ("type1", "type2", "type12")])
+                                  [[k, le[k]["impacted_classes"], le[k]["labels_added_pct"],
+                                    le[k].get("precision", "-"), le[k].get("recall_of_missing", "-")]
+                                   for k in ("type1", "type2", "type12")])
     common.write_results(out, results, md)
     print(md)
     return results

@@ -860,6 +860,20 @@ def test_psla_mixup_partner_cut_or_padded_to_the_clip():
             assert len(wave) == len(items[i][0]) and idx == i and np.isclose(float(y.sum()), 1.0)
 
 
+def test_psla_workers_from_fork_server_give_the_same_batches(tiny_root):
+    """Issue 12: training workers started from the fork server (not forked from the training process)
+    draw the same mix-up partners and lambdas, so results for a given --workers do not change."""
+    corpus = C.load_corpus(str(tiny_root))
+    targets = corpus.targets(corpus.train)
+    ds = psla.MixupClips(psla.Clips(corpus.root, corpus.train, targets, 64), 1.0, 10.0)
+    fork = C.make_loader(ds, 4, shuffle=True, workers=2, seed=3, persistent=False, collate_fn=psla.collate,
+                         context=torch.multiprocessing.get_context("fork"))
+    server = psla.clip_loader(ds, 4, 2, shuffle=True, seed=3, persistent=False)
+    assert server.multiprocessing_context.get_start_method() == "forkserver"
+    for a, b in zip(fork, server):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_psla_counts_short_clips(psla_short_root, tmp_path):
     """Issue 13: clips shorter than --short-clip-seconds are used (padded) and counted per split, in
     every log line and in results.json, next to the skipped clips."""
