@@ -407,8 +407,8 @@ def clip_loader(dataset, batch_size: int, workers: int, **kw) -> torch.utils.dat
     Workers start from a fork server (Linux), not from this process (issue 12): the training loader
     starts fresh workers every epoch (exact resume), and forked from a process whose heap holds GBs
     of freed activations they share it copy-on-write, so the next steps copy every page they write
-    (1.5x a bare step at the start of an epoch) and each fork keeps a stale copy of the heap alive
-    (the OOM killer's target on a 24 GB machine running 3 runs). Same seeds, same batches."""
+    (1.2-1.7x a bare step over a 6-step epoch, README) and a fork can keep a stale copy of the heap
+    alive. Same seeds, same batches."""
     return common.make_loader(dataset, batch_size, workers=workers, collate_fn=collate, context=worker_context(), **kw)
 
 
