@@ -674,16 +674,18 @@ def pad_collate(batch):
 
 
 def make_loader(dataset, batch_size: int, sampler=None, shuffle: bool = False, workers: int = 2,
-                seed: int = 0, drop_last: bool = False, persistent: bool | None = None) -> torch.utils.data.DataLoader:
+                seed: int = 0, drop_last: bool = False, persistent: bool | None = None,
+                collate_fn=pad_collate, context=None) -> torch.utils.data.DataLoader:
     """persistent False: fresh workers every epoch, so that re-seeding `loader.generator` per epoch
-    fixes the epoch's order and worker seeds (exact resume)."""
+    fixes the epoch's order and worker seeds (exact resume). `collate_fn` defaults to pad_collate;
+    `context`: the workers' multiprocessing context (default: the platform's)."""
     g = torch.Generator()
     g.manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
-        num_workers=workers, collate_fn=pad_collate, worker_init_fn=seed_worker, generator=g,
+        num_workers=workers, collate_fn=collate_fn, worker_init_fn=seed_worker, generator=g,
         persistent_workers=workers > 0 if persistent is None else persistent and workers > 0,
-        drop_last=drop_last, pin_memory=torch.cuda.is_available())
+        drop_last=drop_last, pin_memory=torch.cuda.is_available(), multiprocessing_context=context if workers else None)
 
 
 def clip_durations(root: str | Path, rows: list, default: float = 10.0) -> list[float]:

@@ -12,7 +12,7 @@ Paper, balanced AudioSet -> eval mAP (Tables III, IV, VIII, IX, X):
     + weight averaging 0.3192 (single model)  ensemble of 3 seeds 0.3446  all 20 models 0.3620
 Full AudioSet: 0.3723 scratch ... 0.4435 single model with WA, 0.4744 ensemble of 10 models.
 
-    python psla.py                                          # synthetic corpus, B2, masking + mix-up + WA (9 min, 2 cores)
+    python psla.py                                          # synthetic corpus, B2, masking + mix-up + WA (9 min)
     python psla.py --effnet 0 --no-mixup --name mask        # one ablation row (see README for all)
     python psla.py --label-enhance type12 --teacher runs/psla/mixup --name le   # Sec. V, Table VIII
     python psla.py ensemble runs/psla/le_s0 runs/psla/le_s1 runs/psla/le_s2     # Table X
@@ -34,10 +34,12 @@ Deviations from the paper and the official code (numbered as in the README):
  4. The EfficientNet follows torchvision's module layout and BatchNorm settings (eps 1e-5,
     momentum 0.1 for B0-B4) so torchvision's ImageNet files load; the official package uses TF
     "same" padding and BN eps 1e-3, momentum 0.01. Convolutions run channels-last (faster on CPU).
- 5. Padding to 1,056 frames and SpecAugment masks fill with the dataset mean (0 after
-    normalisation); the official code fills with 0 before normalisation (= +1.02 after it).
- 6. Fbank mean/std: AudioSet's (-4.6476 / 4.5699) for 527-class corpora, otherwise computed on
-    the training clips and stored in the run (and in every checkpoint).
+ 5. Padding and SpecAugment masks fill with the dataset mean (0 after normalisation), in the fbank
+    domain: clips are read at their own length, and every frame past a clip's last whole frame
+    (batch padding, padding to 1,056) is set to 0; the official code fills with 0 before
+    normalisation (= +1.02 after it). Mix-up cuts or pads the partner to the first clip's length.
+ 6. Fbank mean/std: AudioSet's (-4.6476 / 4.5699) for 527-class corpora, otherwise computed over
+    the real frames of the training clips and stored in the run (and in every checkpoint).
  7. Mix-up partners are drawn uniformly from the training set in the loader (Algorithm 1).
  8. Type II label enhancement adds ancestors reached without crossing an abstract ontology node
     (the official code; the paper says "ancestors"): on the real ontology "Music" is a candidate
@@ -64,9 +66,11 @@ from tqdm import tqdm
 import common
 
 AUDIOSET_NORM = (-4.6476, 4.5699)  # fbank mean / std of AudioSet (official egs/audioset/run.sh)
+FRAME_LENGTH, FRAME_SHIFT = 400, 160  # fbank frames in samples at 16 kHz (25 ms / 10 ms, Sec. II-C)
 # Sec. II-B schedules per training set; 300h (PSL's subset) follows the full-set recipe.
 PAPER_SCHEDULE = {
-    "balanced": dict(epochs=60, batch_size=100, lr=1e-3, lr_decay_start=35, lr_decay_every=5, warmup_steps=1000, last_n=5),
+    "balanced": dict(epochs=60, batch_size=100, lr=1e-3, lr_decay_start=35, lr_decay_every=5, warmup_steps=1000,
+                     last_n=5),
     "full": dict(epochs=30, batch_size=100, lr=1e-4, lr_decay_start=10, lr_decay_every=5, warmup_steps=1000, last_n=5),
 }
 PAPER_SCHEDULE["300h"] = PAPER_SCHEDULE["full"]
@@ -106,13 +110,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("model (Sec. II-C)")
     g.add_argument("--effnet", type=int, default=2, choices=range(8), help="EfficientNet-B<n> backbone (paper: B2)")
     g.add_argument("--heads", type=common.POSITIVE_INT, default=4, help="attention pooling heads (paper: 4)")
-    g.add_argument("--drop-connect", type=common.number(float, 0, 1, hi_open=True), default=0.2, help="stochastic depth rate of the MBConv blocks")
+    g.add_argument("--drop-connect", type=common.number(float, 0, 1, hi_open=True), default=0.2,
+                   help="stochastic depth rate of the MBConv blocks")
     g.add_argument("--imagenet", type=str, default=None,
                    help="Sec. III: torchvision EfficientNet ImageNet state dict (a path, or 'url' to download); "
                         "every layer but the 1-channel stem and the head is loaded. Default: from scratch")
     g = p.add_argument_group("front-end (Sec. II-C)")
-    g.add_argument("--n-mels", type=common.POSITIVE_INT, default=128, help="fbank bins (25 ms Hanning window, 10 ms hop)")
+    g.add_argument("--n-mels", type=common.POSITIVE_INT, default=128,
+                   help="fbank bins (25 ms Hanning window, 10 ms hop)")
     g.add_argument("--target-length", type=common.POSITIVE_INT, default=1056, help="frames per clip (pad / cut)")
+    g.add_argument("--short-clip-seconds", type=common.NONNEG, default=1.0,
+                   help="clips shorter than this are counted (train/short, valid/short, eval/short, short_clips); "
+                        "they are used, padded like any clip")
     g.add_argument("--norm", type=common.number(float), nargs=2, default=None, metavar=("MEAN", "STD"),
                    help="fbank normalisation; default AudioSet's for 527 classes, else computed on the training set")
     g = p.add_argument_group("sampling and augmentation (Sec. IV, Algorithm 1)")
@@ -132,15 +141,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--epochs", type=common.POSITIVE_INT, default=None, help="60 balanced / 30 full")
     g.add_argument("--batch-size", type=common.POSITIVE_INT, default=None, help="100")
     g.add_argument("--lr", type=common.POSITIVE, default=None, help="1e-3 balanced / 1e-4 full")
-    g.add_argument("--lr-decay-start", type=common.NONNEG_INT, default=None, help="halve the LR after this epoch (35 / 10)")
-    g.add_argument("--lr-decay-every", type=common.POSITIVE_INT, default=None, help="... and every this many epochs (5)")
+    g.add_argument("--lr-decay-start", type=common.NONNEG_INT, default=None,
+                   help="halve the LR after this epoch (35 / 10)")
+    g.add_argument("--lr-decay-every", type=common.POSITIVE_INT, default=None,
+                   help="... and every this many epochs (5)")
     g.add_argument("--warmup-steps", type=common.NONNEG_INT, default=None, help="linear LR warm-up iterations (1000)")
     g.add_argument("--weight-decay", type=common.NONNEG, default=5e-7, help="Adam weight decay")
-    g.add_argument("--betas", type=common.number(float, 0, 1, hi_open=True), nargs=2, default=(0.95, 0.999), help="Adam betas")
+    g.add_argument("--betas", type=common.number(float, 0, 1, hi_open=True), nargs=2, default=(0.95, 0.999),
+                   help="Adam betas")
     g = p.add_argument_group("aggregation (Sec. VI)")
     g.add_argument("--wa-start", type=common.POSITIVE_INT, default=None,
                    help="weight averaging from this epoch to the last (default: the first epoch at 1/4 LR)")
-    g.add_argument("--last-n", type=common.POSITIVE_INT, default=None, help="report the mean eval metrics of the last n epochs (5)")
+    g.add_argument("--last-n", type=common.POSITIVE_INT, default=None,
+                   help="report the mean eval metrics of the last n epochs (5)")
     args = p.parse_args(argv)
     if args.label_enhance != "none" and args.teacher is None:
         p.error("--label-enhance needs --teacher RUN_DIR")
@@ -161,7 +174,8 @@ def resolve_schedule(args: argparse.Namespace, synthetic: bool, root: Path | Non
         args.wa_start = min(args.lr_decay_start + args.lr_decay_every + 1, args.epochs)
     if args.name is None:
         corpus = "" if args.data_root is None or root is None else f"{Path(root).name}_"  # item 15
-        args.name = f"{corpus}b{args.effnet}_{args.data}" + ("" if args.label_enhance == "none" else f"_{args.label_enhance}")
+        le = "" if args.label_enhance == "none" else f"_{args.label_enhance}"
+        args.name = f"{corpus}b{args.effnet}_{args.data}{le}"
     if args.out is None:
         args.out = f"runs/psla/{args.name}"
 
@@ -186,7 +200,8 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 class ConvBNAct(nn.Sequential):
     """Conv (no bias) -> BatchNorm -> optional SiLU; keys <i>.0.weight, <i>.1.* as in torchvision."""
 
-    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True, bn=nn.BatchNorm2d):
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True,
+                 bn=nn.BatchNorm2d):
         layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False), bn(cout)]
         super().__init__(*layers, *([nn.SiLU(inplace=True)] if act else []))
 
@@ -278,9 +293,20 @@ class MultiHeadAttentionPooling(nn.Module):
         return torch.einsum("bhk,h->bk", per_head, self.head_weight)
 
 
+def n_frames(n_samples: torch.Tensor) -> torch.Tensor:
+    """Fbank frames of clips of n samples: Kaldi's snip_edges framing keeps only whole frames."""
+    return ((n_samples - FRAME_LENGTH) // FRAME_SHIFT + 1).clamp_min(0)
+
+
+def clip_samples(target_length: int) -> int:
+    """Samples that target_length whole frames need: 169,200 (10.575 s) for 1,056 frames."""
+    return (target_length - 1) * FRAME_SHIFT + FRAME_LENGTH
+
+
 class PSLANet(nn.Module):
-    """Waveform (B, N) -> fbank (B, T, F), normalised, padded to target_length -> [masking when
-    training] -> EfficientNet on (B, 1, F, T) -> mean over frequency -> attention pooling -> (B, K)."""
+    """Waveform (B, N) [+ each clip's length] -> fbank (B, T, F), normalised, padded to target_length
+    -> [masking when training] -> EfficientNet on (B, 1, F, T) -> mean over frequency -> attention
+    pooling -> (B, K)."""
 
     def __init__(self, n_classes: int, effnet: int = 2, heads: int = 4, n_mels: int = 128,
                  target_length: int = 1056, norm: tuple[float, float] = AUDIOSET_NORM,
@@ -295,13 +321,19 @@ class PSLANet(nn.Module):
         self.target_length, self.freqm, self.timem = target_length, freqm, timem
         self.to(memory_format=torch.channels_last)
 
-    def spectrogram(self, wave: torch.Tensor) -> torch.Tensor:
+    def spectrogram(self, wave: torch.Tensor, n_samples: torch.Tensor | None = None) -> torch.Tensor:
+        """wave (B, N), zero-padded past each clip's n_samples (default N) -> (B, target_length, F):
+        frames past a clip's end, from the batch padding or up to target_length, are the dataset mean,
+        0 after normalisation (deviation 5), as if each clip's fbank were padded on its own."""
         x = (self.fbank(wave) - self.norm[0]) / self.norm[1]  # (B, T, F)
+        if n_samples is not None:
+            real = torch.arange(x.shape[1], device=x.device) < n_frames(n_samples.to(x.device))[:, None]  # (B, T)
+            x = x.masked_fill(~real[..., None], 0.0)
         pad = self.target_length - x.shape[1]  # 998 frames for 10 s -> 58 padded frames
         return F.pad(x, (0, 0, 0, pad)) if pad > 0 else x[:, : self.target_length]
 
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        x = self.spectrogram(wave)
+    def forward(self, wave: torch.Tensor, n_samples: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.spectrogram(wave, n_samples)
         if self.training:  # Sec. IV-B: one frequency and one time mask per clip
             x = common.mask_along(x, self.freqm, dim=2) if self.freqm else x
             x = common.mask_along(x, self.timem, dim=1) if self.timem else x
@@ -348,14 +380,54 @@ def build_model(config: dict) -> PSLANet:
 
 
 # =============================================================================================
-# Data: clips with waveform mix-up (Algorithm 1, lines 9-15), fbank statistics
+# Data: clips at their own length, waveform mix-up (Algorithm 1, lines 9-15), fbank statistics
 # =============================================================================================
+class Clips(common.ClipDataset):
+    """Whole clips, (wave (n,), target (K,), index), cut to the samples that target_length frames
+    need ((1,056 - 1) * 160 + 400 = 169,200) but never padded: the batch is zero-padded (`collate`)
+    and the model sets the frames past each clip's end to 0 after normalisation (deviation 5)."""
+
+    def __init__(self, root, rows: list, targets: np.ndarray, target_length: int):
+        super().__init__(root, rows, targets, clip_seconds=None)
+        self.max_samples = clip_samples(target_length)
+
+    def __getitem__(self, i: int):
+        item = super().__getitem__(i)
+        return item if item is None else (item[0][: self.max_samples], *item[1:])
+
+
+def collate(batch):
+    """common.pad_collate plus each clip's length: (wave (B, N), target (B, K), index (B,), n_samples (B,))."""
+    out = common.pad_collate(batch)
+    return out if out is None else (*out, torch.tensor([len(b[0]) for b in batch if b is not None]))
+
+
+def clip_loader(dataset, batch_size: int, workers: int, **kw) -> torch.utils.data.DataLoader:
+    """Every psla loader (training, valid/eval, teacher scores, fbank statistics): the same padding.
+    Workers start from a fork server (Linux), not from this process (issue 12): the training loader
+    starts fresh workers every epoch (exact resume), and forked from a process whose heap holds GBs
+    of freed activations they share it copy-on-write, so the next steps copy every page they write
+    (1.2-1.7x a bare step over a 6-step epoch, README) and a fork can keep a stale copy of the heap
+    alive. Same seeds, same batches."""
+    return common.make_loader(dataset, batch_size, workers=workers, collate_fn=collate, context=worker_context(), **kw)
+
+
+def worker_context():
+    """The fork server, preloading this module (under `python psla.py` also as __main__), so that
+    a worker starts as a fork of a small process that has imported torch already."""
+    if not sys.platform.startswith("linux"):
+        return None  # macOS and Windows spawn workers anyway
+    ctx = torch.multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", __name__])
+    return ctx
+
+
 class MixupClips(torch.utils.data.Dataset):
     """Algorithm 1: with probability `rate`, mix clip i with a partner j drawn uniformly from the
     whole set (not from the balanced sampler), lam ~ Beta(alpha, alpha), on the waveform before the
     fbank; labels are mixed with the same lam."""
 
-    def __init__(self, clips: common.ClipDataset, rate: float, alpha: float):
+    def __init__(self, clips: Clips, rate: float, alpha: float):
         self.clips, self.rate, self.alpha = clips, rate, alpha
 
     def __len__(self) -> int:
@@ -369,17 +441,23 @@ class MixupClips(torch.utils.data.Dataset):
         if partner is None:
             return item
         lam = float(np.random.beta(self.alpha, self.alpha))
-        return lam * item[0] + (1 - lam) * partner[0], lam * item[1] + (1 - lam) * partner[1], item[2]
+        # Clips of different lengths: the partner is cut or zero-padded to clip i's length, as in the
+        # official dataloader, so the mix has clip i's length and real frames; a shorter partner is
+        # silence inside the mix (its fbank is real audio), never padding that the model zeroes.
+        n = len(item[0])
+        other = F.pad(partner[0][:n], (0, max(0, n - len(partner[0]))))
+        return lam * item[0] + (1 - lam) * other, lam * item[1] + (1 - lam) * partner[1], item[2]
 
 
 def fbank_statistics(corpus: common.Corpus, args, device: torch.device, max_clips: int = 500) -> tuple[float, float]:
-    """Mean and std of the unpadded log fbank over (up to max_clips of) the training clips."""
+    """Mean and std of the log fbank over the real frames (no padding) of up to max_clips training clips."""
     rows = corpus.train[:: max(1, len(corpus.train) // max_clips)]
-    ds = common.ClipDataset(corpus.root, rows, corpus.targets(rows))
+    ds = Clips(corpus.root, rows, corpus.targets(rows), args.target_length)
     fbank, s, s2, n = common.KaldiFbank(n_mels=args.n_mels).to(device), 0.0, 0.0, 0
-    for batch in common.make_loader(ds, 32, workers=args.workers):
+    for batch in clip_loader(ds, 32, args.workers):
         if batch is not None:
-            x = fbank(batch[0].to(device)).double()
+            x = fbank(batch[0].to(device)).double()  # (B, T, F)
+            x = x[torch.arange(x.shape[1], device=device) < n_frames(batch[3].to(device))[:, None]]  # (real frames, F)
             s, s2, n = s + x.sum().item(), s2 + (x ** 2).sum().item(), n + x.numel()
     mean = s / n
     return mean, math.sqrt(s2 / n - mean ** 2)
@@ -396,21 +474,23 @@ def learning_rate(args, epoch: int, step: int) -> float:
 
 
 def train_epoch(model, loader, optimizer, args, epoch: int, step: int, device, amp,
-                scaler=None) -> tuple[int, float, int]:
-    """One pass over the loader; returns (global step, mean loss, unreadable clips skipped)."""
+                scaler=None) -> tuple[int, float, int, int]:
+    """One pass over the loader; returns (global step, mean loss, unreadable clips skipped, clips
+    shorter than --short-clip-seconds)."""
     model.train()
-    losses, skipped, n = [], 0, len(loader.sampler)
+    losses, skipped, short, n = [], 0, 0, len(loader.sampler)
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not common.is_main())
     for j, batch in enumerate(bar):
         planned = min(loader.batch_size, n - j * loader.batch_size)
         skipped += planned - (0 if batch is None else len(batch[2]))  # unreadable clips: skipped, counted
         if batch is None:  # a whole batch of unreadable clips
             continue
-        wave, target = batch[0].to(device), batch[1].to(device)
+        wave, target, n_samples = batch[0].to(device), batch[1].to(device), batch[3]
+        short += int(is_short(n_samples, args.short_clip_seconds, args.target_length).sum())
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args, epoch, step)
         with common.autocast(device, amp):
-            out = model(wave)
+            out = model(wave, n_samples)
         # BCE on the clamped attention output: the head weights are unconstrained (official code)
         loss = F.binary_cross_entropy(out.float().clamp(1e-7, 1 - 1e-7), target)
         optimizer.zero_grad(set_to_none=True)
@@ -423,22 +503,35 @@ def train_epoch(model, loader, optimizer, args, epoch: int, step: int, device, a
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         if args.max_steps and step >= args.max_steps:
             break
-    return step, float(np.mean(losses)) if losses else float("nan"), skipped
+    return step, float(np.mean(losses)) if losses else float("nan"), skipped, short
 
 
 @torch.no_grad()
-def predict(model, loader, n: int, n_classes: int, device, amp) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (N, K) in dataset order, batched, and a mask of the clips that could be read."""
+def predict(model, loader, n: int, n_classes: int, device, amp) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores (N, K) in dataset order, batched, from a `clip_loader` (the training padding); a mask of
+    the clips that could be read; each clip's length in samples as read (0 if unreadable)."""
     model.eval()
-    scores, ok = np.zeros((n, n_classes), dtype=np.float32), np.zeros(n, dtype=bool)
+    scores, ok, lengths = np.zeros((n, n_classes), dtype=np.float32), np.zeros(n, dtype=bool), np.zeros(n, np.int64)
     for batch in tqdm(loader, desc="predict", leave=False, disable=not common.is_main()):
         if batch is None:
             continue
+        wave, _, idx, n_samples = batch
         with common.autocast(device, amp):
-            out = model(batch[0].to(device))
-        scores[batch[2].numpy()] = out.float().cpu().numpy()
-        ok[batch[2].numpy()] = True
-    return scores, ok
+            out = model(wave.to(device), n_samples)
+        scores[idx.numpy()], ok[idx.numpy()], lengths[idx.numpy()] = out.float().cpu().numpy(), True, n_samples.numpy()
+    return scores, ok, lengths
+
+
+def is_short(n_samples, seconds: float, target_length: int):
+    """Clips (lengths as read, cut to target_length's samples) shorter than `seconds`: counted, not
+    dropped (they are padded). A clip that was cut is never short: with a minimum above the target
+    length's duration, the clips shorter than the latter are counted."""
+    return n_samples < min(seconds * common.SR, clip_samples(target_length))
+
+
+def short_clips(ok: np.ndarray, lengths: np.ndarray, args, target_length: int | None = None) -> int:
+    """Readable clips shorter than --short-clip-seconds."""
+    return int((ok & is_short(lengths, args.short_clip_seconds, target_length or args.target_length)).sum())
 
 
 def metrics(targets: np.ndarray, scores: np.ndarray, ok: np.ndarray | None = None) -> dict:
@@ -506,9 +599,9 @@ def label_enhancement(args, corpus: common.Corpus, out: Path, device, amp) -> li
     teacher = build_model(saved["config"]).to(device)
     teacher.load_state_dict(saved["model"])
     targets = corpus.targets(corpus.train)
-    ds = common.ClipDataset(corpus.root, corpus.train, targets)
-    scores, ok = predict(teacher, common.make_loader(ds, 2 * args.batch_size, workers=args.workers),
-                         len(ds), len(corpus.labels), device, amp)
+    ds = Clips(corpus.root, corpus.train, targets, saved["config"]["target_length"])
+    scores, ok, lengths = predict(teacher, clip_loader(ds, 2 * args.batch_size, args.workers),
+                                  len(ds), len(corpus.labels), device, amp)
     # the truth files (*_true.tsv), synthetic or not, tell whether the added labels were right
     true = corpus.true_targets(corpus.train) if all(fn in corpus.true for fn, _ in corpus.train) else None
     stats = {}
@@ -523,12 +616,15 @@ def label_enhancement(args, corpus: common.Corpus, out: Path, device, amp) -> li
             s["recall_of_missing"] = float((added & missing).sum() / max(1, missing.sum()))
         stats[kind] = s
         if kind == args.label_enhance:
-            rows = [(fn, [corpus.labels.mids[j] for j in np.flatnonzero(e)]) for (fn, _), e in zip(corpus.train, enhanced)]
+            rows = [(fn, [corpus.labels.mids[j] for j in np.flatnonzero(e)])
+                    for (fn, _), e in zip(corpus.train, enhanced)]
     print(f"label enhancement with teacher {ckpt} (Table VIII):")
     for kind, s in stats.items():
         print(f"  {kind:7s} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
+    short = short_clips(ok, lengths, args, saved["config"]["target_length"])
     common.write_json(out / "label_enhancement.json", {"teacher": str(ckpt), "chosen": args.label_enhance,
-                                                        "skipped_clips": int((~ok).sum()), **stats})
+                                                        "skipped_clips": int((~ok).sum()), "short_clips": short,
+                                                        **stats})
     common.write_manifest(path, rows)
     return rows
 
@@ -615,7 +711,8 @@ def run_identity(args, corpus: common.Corpus) -> dict:
         cfg = t / "config.json"
         settings["teacher"] = str(t.resolve())
         settings["teacher_identity"] = (json.loads(cfg.read_text()).get("identity_hash") if cfg.exists() else None) \
-            or [(f, (t / f).stat().st_size, (t / f).stat().st_mtime_ns) for f in ("wa.pt", "last.pt") if (t / f).exists()]
+            or [(f, (t / f).stat().st_size, (t / f).stat().st_mtime_ns) for f in ("wa.pt", "last.pt")
+                if (t / f).exists()]
     return settings
 
 
@@ -649,19 +746,21 @@ def train_and_evaluate(args, corpus: common.Corpus, settings: dict) -> dict:
         load_imagenet(model, args.imagenet)
     print(f"EfficientNet-B{args.effnet} + {args.heads}-head attention, {len(corpus.labels)} classes: "
           f"{count_parameters(model):,} parameters; fbank mean/std {config['norm'][0]:.4f}/{config['norm'][1]:.4f}")
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                 weight_decay=args.weight_decay)
     scaler = common.grad_scaler(device, amp)  # fp16 loss scaling (a no-op otherwise)
 
     # ---- data: Algorithm 1 (balanced sampling, mix-up) + valid/eval loaders
-    clips = common.ClipDataset(corpus.root, train_rows, train_targets)
+    clips = Clips(corpus.root, train_rows, train_targets, args.target_length)
     train_set = MixupClips(clips, args.mixup, args.mixup_alpha)
     sampler = common.WeightedSampler(common.generate_sampling_weights(train_targets), seed=args.seed) \
         if args.balanced_sampling else None
-    train_loader = common.make_loader(train_set, args.batch_size, sampler=sampler, shuffle=sampler is None,
-                                      workers=args.workers, seed=args.seed, persistent=False)
+    train_loader = clip_loader(train_set, args.batch_size, args.workers, sampler=sampler, shuffle=sampler is None,
+                               seed=args.seed, persistent=False)
     splits = {"eval": corpus.eval} | ({"valid": corpus.valid} if corpus.valid else {})
-    eval_sets = {k: (common.make_loader(common.ClipDataset(corpus.root, rows, corpus.targets(rows)), 2 * args.batch_size,
-                                        workers=args.workers), corpus.targets(rows)) for k, rows in splits.items()}
+    eval_sets = {k: (clip_loader(Clips(corpus.root, rows, corpus.targets(rows), args.target_length),
+                                 2 * args.batch_size, args.workers), corpus.targets(rows))
+                 for k, rows in splits.items()}
     np.save(out / "preds" / "eval_targets.npy", eval_sets["eval"][1])
 
     # ---- training (Sec. II-B), resumable per epoch
@@ -682,13 +781,14 @@ def train_and_evaluate(args, corpus: common.Corpus, settings: dict) -> dict:
             sampler.set_epoch(epoch)
         train_loader.generator.manual_seed(args.seed * 100_003 + epoch)  # the epoch's order, resume-safe
         lr = learning_rate(args, epoch, step)
-        step, loss, skipped = train_epoch(model, train_loader, optimizer, args, epoch, step, device, amp, scaler)
-        record = {"epoch": epoch, "step": step, "lr": lr, "train/loss": loss, "train/skipped": skipped}
+        step, loss, skipped, short = train_epoch(model, train_loader, optimizer, args, epoch, step, device, amp, scaler)
+        record = {"epoch": epoch, "step": step, "lr": lr, "train/loss": loss, "train/skipped": skipped,
+                  "train/short": short}
         for split, (loader, targets) in eval_sets.items():
-            scores, ok = predict(model, loader, len(targets), len(corpus.labels), device, amp)
+            scores, ok, lengths = predict(model, loader, len(targets), len(corpus.labels), device, amp)
             m = metrics(targets, scores, ok)
             record |= {f"{split}/mAP": m["mAP"], f"{split}/mAUC": m["mAUC"], f"{split}/dprime": m["dprime"],
-                       f"{split}/skipped": int((~ok).sum())}
+                       f"{split}/skipped": int((~ok).sum()), f"{split}/short": short_clips(ok, lengths, args)}
             if split == "eval":
                 np.save(out / "preds" / f"eval_e{epoch:03d}.npy", scores)
         history.append(record)
@@ -715,7 +815,7 @@ def train_and_evaluate(args, corpus: common.Corpus, settings: dict) -> dict:
         common.save_checkpoint(out / "wa.pt", {"model": model.state_dict(), "config": config, "args": vars(args),
                                                "epochs": list(wa_epochs)})
         loader, targets = eval_sets["eval"]
-        scores, ok = predict(model, loader, len(targets), len(corpus.labels), device, amp)
+        scores, ok, _ = predict(model, loader, len(targets), len(corpus.labels), device, amp)
         np.save(out / "preds" / "eval_wa.npy", scores)
         results["wa"] = metrics(targets, scores, ok) | {"epochs": [wa_epochs.start, wa_epochs.stop - 1]}
 
@@ -730,9 +830,12 @@ def train_and_evaluate(args, corpus: common.Corpus, settings: dict) -> dict:
     results["best"] = {"epoch": best["epoch"], **{k: best[f"eval/{k}"] for k in ("mAP", "mAUC", "dprime")}}
     results["checkpoint_ensemble"] = ensemble(preds, targets)
     results["last_AP"] = metrics(targets, preds[-1])["AP"]
-    results |= {"epochs": epochs_done, "best_epoch": best["epoch"], "steps": step, "parameters": count_parameters(model),
+    results |= {"epochs": epochs_done, "best_epoch": best["epoch"], "steps": step,
+                "parameters": count_parameters(model),
                 "classes": corpus.labels.names, "minutes": minutes0 + (time.time() - t0) / 60, "config": vars(args),
-                "skipped_clips": {k.split("/")[0]: v for k, v in history[-1].items() if k.endswith("/skipped")}}
+                "skipped_clips": {k.split("/")[0]: v for k, v in history[-1].items() if k.endswith("/skipped")},
+                "short_clips": {k.split("/")[0]: v for k, v in history[-1].items() if k.endswith("/short")},
+                "short_clip_seconds": args.short_clip_seconds}
     if args.label_enhance != "none":
         results["label_enhancement"] = json.loads((out / "label_enhancement.json").read_text())
     name, paper = paper_row(args)
@@ -745,13 +848,16 @@ def train_and_evaluate(args, corpus: common.Corpus, settings: dict) -> dict:
                      results["wa"]["mAUC"], results["wa"]["dprime"], PAPER_WA.get(args.data, "-")])
     ce = results["checkpoint_ensemble"]
     rows.append([f"ensemble of {ce['models']} epoch checkpoints", ce["ensemble_mAP"], ce["ensemble_mAUC"],
-                 ce["ensemble_dprime"], "%.4f (%d checkpoints)" % PAPER_CHECKPOINT_ENSEMBLE.get(args.data, (0, 0))[::-1]])
-    md = (f"# PSLA: {args.name}\n\nEfficientNet-B{args.effnet}, {args.heads} heads, {results['parameters']:,} parameters; "
+                 ce["ensemble_dprime"],
+                 "%.4f (%d checkpoints)" % PAPER_CHECKPOINT_ENSEMBLE.get(args.data, (0, 0))[::-1]])
+    md = (f"# PSLA: {args.name}\n\nEfficientNet-B{args.effnet}, {args.heads} heads, "
+          f"{results['parameters']:,} parameters; "
           f"data {args.data} ({'synthetic' if corpus.synthetic else corpus.root}); ImageNet: {args.imagenet or 'no'}; "
           f"balanced sampling {args.balanced_sampling}; masking F={args.freqm} T={args.timem}; mix-up rate "
           f"{args.mixup}, alpha {args.mixup_alpha}; labels {args.label_enhance}; {epochs_done} epochs, {step} steps, "
-          f"{results['minutes']:.1f} min.\n\nEval set. Paper column: {args.data} AudioSet, EfficientNet-B2, the paper's row "
-          f"with the same techniques: {name}; WA and checkpoint ensemble with all techniques (Tables IX, X).\n\n"
+          f"{results['minutes']:.1f} min.\n\nEval set. Paper column: {args.data} AudioSet, EfficientNet-B2, "
+          f"the paper's row with the same techniques: {name}; WA and checkpoint ensemble with all techniques "
+          f"(Tables IX, X).\n\n"
           + common.markdown_table(["model", "mAP", "mAUC", "d'", common.paper_heading(corpus, "paper mAP")], rows)
           + f"\n\nCheckpoint ensemble (Table X): {ce['models']} models, avg mAP {ce['avg_mAP']:.4f}, "
             f"best mAP {ce['best_mAP']:.4f}, ensemble mAP {ce['ensemble_mAP']:.4f}\n")
@@ -759,8 +865,9 @@ def train_and_evaluate(args, corpus: common.Corpus, settings: dict) -> dict:
         le = results["label_enhancement"]
         md += "\nLabel enhancement (Table VIII; precision/recall against the true labels where known):\n\n" + \
             common.markdown_table(["type", "impacted classes", "labels added %", "precision", "recall of missing"],
-                                  [[k, le[k]["impacted_classes"], le[k]["labels_added_pct"], le[k].get("precision", "-"),
-                                    le[k].get("recall_of_missing", "-")] for k in ("type1", "type2", "type12")])
+                                  [[k, le[k]["impacted_classes"], le[k]["labels_added_pct"],
+                                    le[k].get("precision", "-"), le[k].get("recall_of_missing", "-")]
+                                   for k in ("type1", "type2", "type12")])
     common.write_results(out, results, md)
     print(md)
     return results

@@ -787,8 +787,8 @@ def test_psla_end_to_end_save_reload_resume_enhance_ensemble(tiny_root, tmp_path
     model.load_state_dict(ckpt["model"])
     corpus = C.load_corpus(str(tiny_root))
     targets = corpus.targets(corpus.eval)
-    loader = C.make_loader(C.ClipDataset(corpus.root, corpus.eval, targets), 16, workers=0)
-    scores, ok = psla.predict(model, loader, len(targets), 30, torch.device("cpu"), None)
+    loader = psla.clip_loader(psla.Clips(corpus.root, corpus.eval, targets, ckpt["config"]["target_length"]), 16, 0)
+    scores, ok, _ = psla.predict(model, loader, len(targets), 30, torch.device("cpu"), None)
     assert ok.all() and np.isclose(psla.metrics(targets, scores)["mAP"], res["wa"]["mAP"], atol=1e-6)
     # resume: a finished run is not retrained and gives the same results
     again = psla.main(base + ["--out", str(run)])
@@ -809,6 +809,104 @@ def test_psla_end_to_end_save_reload_resume_enhance_ensemble(tiny_root, tmp_path
     assert row["models"] == 2 and row["best_mAP"] >= row["avg_mAP"]
     assert (tmp_path / "ens" / "results.md").exists()
 
+
+@pytest.fixture(scope="session")
+def psla_short_root(tiny_root, tmp_path_factory) -> Path:
+    """tiny_root with clips cut short: training 2 s, valid 3 s, eval 0.5 s (first 5) and 3 s (issue 13)."""
+    root = tmp_path_factory.mktemp("psla_short") / "synth"
+    shutil.copytree(tiny_root, root)
+    seconds = {"balanced_train": lambda i: 2.0, "valid": lambda i: 3.0, "eval": lambda i: 0.5 if i < 5 else 3.0}
+    for manifest, length in seconds.items():
+        for i, (fn, _) in enumerate(C.read_manifest(root / f"{manifest}.tsv")):
+            x, sr = sf.read(root / fn, dtype="float32")
+            sf.write(root / fn, x[: int(length(i) * sr)], sr, subtype="FLOAT")
+    return root
+
+
+def test_psla_short_clips_padded_in_the_fbank_domain(psla_short_root, tmp_path, monkeypatch):
+    """Issue 13 item 8: frames past a short clip's end are exactly 0 after normalisation (the dataset
+    mean, deviation 5) in training and evaluation, not log(eps) of a waveform padded to 10 s; the
+    fbank statistics are over the real frames only."""
+    seen = []
+    spectrogram = psla.PSLANet.spectrogram
+
+    def record(self, *a, **kw):
+        x = spectrogram(self, *a, **kw)
+        seen.append((self.training, x.detach().clone()))
+        return x
+    monkeypatch.setattr(psla.PSLANet, "spectrogram", record)
+    res = psla.main(["--data-root", str(psla_short_root), "--out", str(tmp_path / "r"), "--effnet", "0",
+                     "--target-length", "400", "--epochs", "1", "--max-steps", "1", "--batch-size", "8",
+                     "--workers", "0"])
+    real = {True: set(), False: set()}
+    for training, x in seen:  # (B, 400, F)
+        for row in x:
+            n = int((row != 0).any(1).sum())  # frames holding anything
+            assert (row[n:] == 0).all(), "non-zero frames after the first padded one"
+            real[training].add(n)
+    assert real == {True: {198}, False: {48, 298}}  # 2 s training, 0.5 s / 3 s eval and valid clips
+    corpus = C.load_corpus(str(psla_short_root))
+    fb = C.KaldiFbank()
+    x = torch.cat([fb(torch.from_numpy(C.load_audio(psla_short_root / fn))[None])[0] for fn, _ in corpus.train])
+    assert x.shape[1] == 128 and len(x) == 198 * len(corpus.train)
+    np.testing.assert_allclose(res["config"]["norm"], [x.double().mean(), x.double().std(unbiased=False)], rtol=1e-5)
+
+
+def test_psla_batch_padding_equals_each_clip_alone():
+    """A 3 s clip batched with a 10 s one: its real frames are its own fbank, the rest exactly 0."""
+    model = psla.PSLANet(5, effnet=0, target_length=1056, norm=(-8.0, 3.0)).eval()
+    g = torch.Generator().manual_seed(0)
+    short, long = torch.randn(3 * C.SR, generator=g), torch.randn(10 * C.SR, generator=g)
+    wave, _, _, n = psla.collate([(short, torch.zeros(5), 0), None, (long, torch.zeros(5), 1)])
+    assert wave.shape == (2, 10 * C.SR) and n.tolist() == [3 * C.SR, 10 * C.SR]
+    x = model.spectrogram(wave, n)  # (2, 1056, 128)
+    alone = model.spectrogram(short[None])
+    assert psla.n_frames(n).tolist() == [298, 998] and (x[0, 298:] == 0).all() and (x[1, 998:] == 0).all()
+    torch.testing.assert_close(x[0, :298], alone[0, :298], atol=1e-5, rtol=1e-5)
+    assert (alone[0, 298:] == 0).all() and (x[0, :298] != 0).any(1).all()
+    assert psla.n_frames(torch.tensor([0, 399, 400, 559, 560])).tolist() == [0, 0, 1, 1, 2]
+
+
+def test_psla_mixup_partner_cut_or_padded_to_the_clip():
+    """Clips of different lengths: the mix has the first clip's length (official dataloader)."""
+    items = [(torch.ones(5), torch.tensor([1.0, 0.0]), 0), (torch.ones(8), torch.tensor([0.0, 1.0]), 1),
+             (torch.ones(2), torch.tensor([0.0, 1.0]), 2)]
+    mix = psla.MixupClips(items, rate=1.0, alpha=10.0)
+    np.random.seed(0)
+    for i in range(3):
+        for _ in range(5):
+            wave, y, idx = mix[i]
+            assert len(wave) == len(items[i][0]) and idx == i and np.isclose(float(y.sum()), 1.0)
+
+
+def test_psla_workers_from_fork_server_give_the_same_batches(tiny_root):
+    """Issue 12: training workers started from the fork server (not forked from the training process)
+    draw the same mix-up partners and lambdas, so results for a given --workers do not change."""
+    corpus = C.load_corpus(str(tiny_root))
+    targets = corpus.targets(corpus.train)
+    ds = psla.MixupClips(psla.Clips(corpus.root, corpus.train, targets, 64), 1.0, 10.0)
+    fork = C.make_loader(ds, 4, shuffle=True, workers=2, seed=3, persistent=False, collate_fn=psla.collate,
+                         context=torch.multiprocessing.get_context("fork"))
+    server = psla.clip_loader(ds, 4, 2, shuffle=True, seed=3, persistent=False)
+    assert server.multiprocessing_context.get_start_method() == "forkserver"
+    for a, b in zip(fork, server):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_psla_counts_short_clips(psla_short_root, tmp_path):
+    """Issue 13: clips shorter than --short-clip-seconds are used (padded) and counted per split, in
+    every log line and in results.json, next to the skipped clips."""
+    out = tmp_path / "r"
+    res = psla.main(["--data-root", str(psla_short_root), "--out", str(out), "--effnet", "0", "--target-length",
+                     "320", "--epochs", "1", "--max-steps", "1", "--batch-size", "8", "--workers", "0",
+                     "--short-clip-seconds", "2.5"])  # 320 frames read 3.19 s: 2 s and 0.5 s clips are short
+    assert res["short_clips"] == {"train": 8, "valid": 0, "eval": 5} and res["short_clip_seconds"] == 2.5
+    assert res["skipped_clips"] == {"train": 0, "valid": 0, "eval": 0}
+    line = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert (line["train/short"], line["valid/short"], line["eval/short"]) == (8, 0, 5)
+    assert psla.parse_args([]).short_clip_seconds == 1.0
+    # a clip cut to the target length (64 frames = 10,480 samples) is never short
+    assert psla.is_short(torch.tensor([10_479, 10_480]), 2.5, 64).tolist() == [True, False]
 
 # =============================================================================================
 # Data (issue 8): synthetic downstream tasks, task reading, splits and label fractions, the
