@@ -1001,7 +1001,7 @@ class LogMel(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         with torch.autocast(wave.device.type, enabled=False):  # the front-end stays in fp32
             wave = wave.float()
-            if wave.device.type != "cpu":
+            if wave.device.type != "cpu" or torch.jit.is_tracing():  # a trace must not freeze the groups
                 return self.logmel(wave)
             # On the CPU ~10 s of audio at a time keeps the spectra in cache: 3.8x the clips per
             # CPU-second of one (32, 160000) batch (README, throughput)
@@ -1062,7 +1062,7 @@ class KaldiFbank(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         with torch.autocast(wave.device.type, enabled=False):
             wave = wave.float()
-            if wave.device.type != "cpu":
+            if wave.device.type != "cpu" or torch.jit.is_tracing():  # a trace must not freeze the groups
                 return self.fbank(wave)
             return torch.cat([self.fbank(w) for w in wave.split(max(1, self.cpu_group // wave.shape[1]))])
 

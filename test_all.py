@@ -286,6 +286,9 @@ def test_logmel_cpu_groups_equal_one_batch():
         if name == "psl":
             ref = torch.maximum(ref, ref.amax((1, 2), keepdim=True) - 120)
         assert torch.allclose(fe(x), ref, atol=1e-3)
+    # a trace (ofa_aec's TorchScript export) must not freeze the CPU grouping of its example batch
+    traced = torch.jit.trace(C.LogMel.preset("psl"), x[:1], check_trace=False)
+    assert torch.allclose(traced(x), C.LogMel.preset("psl")(x), atol=1e-4)
 
 
 def test_logmel_presets_shapes_and_log_offset():
