@@ -16,6 +16,7 @@ Full AudioSet: 0.3723 scratch ... 0.4435 single model with WA, 0.4744 ensemble o
     python psla.py --effnet 0 --no-mixup --name mask        # one ablation row (see README for all)
     python psla.py --label-enhance type12 --teacher runs/psla/mixup --name le   # Sec. V, Table VIII
     python psla.py ensemble runs/psla/le_s0 runs/psla/le_s1 runs/psla/le_s2     # Table X
+    python psla.py seeds --row base runs/psla/b_s0 runs/psla/b_s1 --row le runs/psla/le_s0 ...  # mean +- std
     python psla.py --data-root data/audioset --data full --imagenet url         # the paper's recipe
 
 Deviations from the paper and the official code (numbered as in the README):
@@ -674,6 +675,45 @@ def ensemble_main(argv: list[str]) -> dict:
     return row
 
 
+def seeds_main(argv: list[str]) -> dict:
+    """`python psla.py seeds --row NAME RUN [RUN ...] ...`: a direction-run table, one row per setting,
+    mean +- sample std over its runs (seeds) of the single model, the WA model and the valid-selected
+    epoch, the paired gain of WA over the single model, and the committee of the runs' last epochs."""
+    p = argparse.ArgumentParser(prog="psla.py seeds", description="mean +- std over seeds, one row per setting")
+    p.add_argument("--row", nargs="+", action="append", required=True, metavar=("NAME", "RUN"),
+                   help="a row name followed by its run folders (one per seed)")
+    p.add_argument("--out", default="runs/psla/seeds", help="folder for results.json/.md")
+    a = p.parse_args(argv)
+    ms = lambda v: f"{np.mean(v):.4f} +- {np.std(v, ddof=1) if len(v) > 1 else 0.0:.4f}"
+    table, out_rows = {}, []
+    for name, *runs in a.row:
+        if not runs:
+            raise common.DataError(f"--row {name}: no run folders")
+        res = []
+        for run in map(Path, runs):
+            if not (run / "results.json").exists():
+                raise common.DataError(f"{run}: not a finished psla.py run (no results.json)")
+            res.append(json.loads((run / "results.json").read_text()))
+        single = [r["last_n"]["mAP"] for r in res]
+        wa = [r["wa"]["mAP"] for r in res if "wa" in r]
+        best = [r["best"]["mAP"] for r in res]
+        valid_epoch = [r["best_epoch"] for r in res]
+        committee = ensemble([np.load(Path(run) / "preds" / f"eval_e{r['epochs']:03d}.npy") for run, r in zip(runs, res)],
+                             np.load(Path(runs[0]) / "preds" / "eval_targets.npy"))
+        table[name] = {"runs": runs, "single_mAP": single, "wa_mAP": wa, "best_mAP": best, "best_epoch": valid_epoch,
+                       "wa_minus_single": [w - s for w, s in zip(wa, single)] if len(wa) == len(single) else [],
+                       "seed_ensemble": committee}
+        t = table[name]
+        out_rows.append([name, len(runs), ms(single), ms(wa) if wa else "-", ms(t["wa_minus_single"]) if t["wa_minus_single"]
+                         else "-", ms(best), " ".join(map(str, valid_epoch)), f"{committee['ensemble_mAP']:.4f}"])
+    md = common.markdown_table(["setting", "seeds", "single model mAP", "WA mAP", "WA - single (paired)",
+                                "valid-selected mAP", "best epochs", "ensemble of the seeds"], out_rows)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    common.write_results(Path(a.out), table, "# PSLA direction run: mean +- std over seeds (eval mAP)\n\n" + md)
+    print(md)
+    return table
+
+
 def paper_row(args) -> tuple[str, str]:
     """The paper's row with the same techniques as this run (masking/mix-up by their flags)."""
     key = (bool(args.imagenet), True if args.balanced_sampling and args.data != "balanced" else None,
@@ -690,6 +730,8 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["ensemble"]:
         return ensemble_main(argv[1:])
+    if argv[:1] == ["seeds"]:
+        return seeds_main(argv[1:])
     args = parse_args(argv)
     common.seed_everything(args.seed)
     corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)

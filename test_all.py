@@ -811,6 +811,17 @@ def test_psla_end_to_end_save_reload_resume_enhance_ensemble(tiny_root, tmp_path
     row = psla.main(["ensemble", str(run), str(le), "--out", str(tmp_path / "ens")])
     assert row["models"] == 2 and row["best_mAP"] >= row["avg_mAP"]
     assert (tmp_path / "ens" / "results.md").exists()
+    # seeds: mean +- sample std per row, the paired WA gain, the committee of the last epochs
+    table = psla.main(["seeds", "--row", "two", str(run), str(le), "--row", "one", str(run),
+                       "--out", str(tmp_path / "seeds")])
+    singles = [res["last_n"]["mAP"], res_le["last_n"]["mAP"]]
+    assert table["two"]["single_mAP"] == singles and table["one"]["single_mAP"] == singles[:1]
+    assert table["one"]["wa_minus_single"] == [pytest.approx(res["wa"]["mAP"] - res["last_n"]["mAP"])]
+    assert table["two"]["wa_minus_single"] == []  # the 2-step run has no WA model: no paired gain
+    md = (tmp_path / "seeds" / "results.md").read_text()
+    assert f"{np.mean(singles):.4f} +- {np.std(singles, ddof=1):.4f}" in md
+    with pytest.raises(C.DataError, match="not a finished"):
+        psla.main(["seeds", "--row", "x", str(tmp_path / "nothing")])
 
 
 @pytest.fixture(scope="session")
