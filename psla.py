@@ -17,6 +17,8 @@ Full AudioSet: 0.3723 scratch ... 0.4435 single model with WA, 0.4744 ensemble o
     python psla.py --label-enhance type12 --teacher runs/psla/mixup --name le   # Sec. V, Table VIII
     python psla.py ensemble runs/psla/le_s0 runs/psla/le_s1 runs/psla/le_s2     # Table X
     python psla.py seeds --row base runs/psla/b_s0 runs/psla/b_s1 --row le runs/psla/le_s0 ...  # mean +- std
+The default command is a pipeline check; README's "direction run" (a 5 s-clip B0 preset, 20 epochs,
+every ablation row x 3 seeds) is the run that says which claims hold.
     python psla.py --data-root data/audioset --data full --imagenet url         # the paper's recipe
 
 Deviations from the paper and the official code (numbered as in the README):
