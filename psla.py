@@ -12,7 +12,7 @@ Paper, balanced AudioSet -> eval mAP (Tables III, IV, VIII, IX, X):
     + weight averaging 0.3192 (single model)  ensemble of 3 seeds 0.3446  all 20 models 0.3620
 Full AudioSet: 0.3723 scratch ... 0.4435 single model with WA, 0.4744 ensemble of 10 models.
 
-    python psla.py                                          # synthetic corpus, B2, masking + mix-up + WA (9 min)
+    python psla.py                                          # synthetic corpus, B2, masking + mix-up + WA (5 min)
     python psla.py --effnet 0 --no-mixup --name mask        # one ablation row (see README for all)
     python psla.py --label-enhance type12 --teacher runs/psla/mixup --name le   # Sec. V, Table VIII
     python psla.py ensemble runs/psla/le_s0 runs/psla/le_s1 runs/psla/le_s2     # Table X
