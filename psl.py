@@ -11,7 +11,7 @@ Paper, AudioSet balanced subset, eval mAP (%) / d' (Table 2):
     weak baseline 17.69 / 1.994   PSL-10s 31.13 / 2.454   PSL-5s 34.11 / 2.549   PSL-2s 35.48 / 2.588
     (the MA itself, trained on full AudioSet: 40.53 / 2.695)
 
-    python psl.py --segment 2 --data balanced               # synthetic corpus, all stages (12 min, 2 cores)
+    python psl.py --segment 2 --data balanced               # synthetic corpus, all stages (8 min, 2 cores)
     python psl.py --table 2                                 # weak / PSL-10s / 5s / 2s, shared teacher
     python psl.py --data-root data/audioset --segment 2     # real AudioSet (paper schedule)
     python psl.py predict --ckpt runs/psl/psl_2s_balanced/student/final.pt clip.wav
