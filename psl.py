@@ -789,6 +789,39 @@ def run_table(args: argparse.Namespace) -> None:
     print(md)
 
 
+def seeds_main(argv: list[str]) -> dict:
+    """`python psl.py seeds --row NAME RUN [RUN ...] ...`: a direction-run table, one row per setting, eval
+    mAP / mAUC / d' as mean +- sample std over its runs (seeds), and each row's paired difference (same
+    seed, given in the same order) from the first row."""
+    p = argparse.ArgumentParser(prog="psl.py seeds", description="mean +- std over seeds, one row per setting")
+    p.add_argument("--row", nargs="+", action="append", required=True, metavar=("NAME", "RUN"),
+                   help="a row name followed by its run folders (one per seed, the same seed order in every row)")
+    p.add_argument("--out", default="runs/psl/seeds", help="folder for results.json/.md")
+    a = p.parse_args(argv)
+    ms = lambda v, f=100, d=2: f"{f * np.mean(v):.{d}f} +- {f * (np.std(v, ddof=1) if len(v) > 1 else 0.0):.{d}f}"
+    table, rows = {}, []
+    for name, *runs in a.row:
+        if not runs:
+            raise common.DataError(f"--row {name}: no run folders")
+        res = []
+        for run in map(Path, runs):
+            if not (run / "results.json").is_file() or "student" not in json.loads((run / "results.json").read_text()):
+                raise common.DataError(f"--row {name}: {run} is not a finished psl.py run")
+            res.append(json.loads((run / "results.json").read_text()))
+        t = table[name] = {k: [r[k] for r in res] for k in ("mAP", "mAUC", "dprime")} | {"runs": runs}
+        first = next(iter(table.values()))["mAP"]
+        paired = [x - y for x, y in zip(t["mAP"], first)] if name != a.row[0][0] and len(first) == len(runs) else None
+        t["minus_first"] = paired
+        rows.append([name, len(runs), ms(t["mAP"]), " / ".join(f"{100 * v:.2f}" for v in t["mAP"]),
+                     ms(t["mAUC"], 1, 4), ms(t["dprime"], 1, 3), ms(paired) if paired else "-"])
+    md = common.markdown_table(["setting", "seeds", "mAP %", "per seed", "mAUC", "d'",
+                                f"mAP - {a.row[0][0]} (paired)"], rows)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    common.write_results(Path(a.out), table, "# PSL direction run: mean +- std over seeds (eval)\n\n" + md)
+    print(md)
+    return table
+
+
 def predict(argv: list[str]) -> None:
     """Tag audio files with a checkpoint: top classes per clip and a per-segment timeline."""
     p = argparse.ArgumentParser(prog="psl.py predict", description="tag audio files with a PSL/MA checkpoint")
@@ -818,14 +851,27 @@ def predict(argv: list[str]) -> None:
             print(f"  {s:6.1f}-{e:6.1f} s  " + ", ".join(f"{names[k]} {pr[k]:.2f}" for k in np.argsort(-pr)[:3]))
 
 
+def run_teacher(args: argparse.Namespace) -> Path:
+    """`python psl.py teacher [flags]`: stage 1 alone (train the MA, or reuse it when done) and print its
+    checkpoint, for student runs to share with --teacher (e.g. every seed of a direction run)."""
+    common.seed_everything(args.seed)
+    corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
+    final = train_teacher(resolve(args, corpus), common.pick_device(args.device))
+    print(f"machine annotator: {final}")
+    return final
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["predict"]:
         return predict(argv[1:])
-    args = parse_args(argv)
+    if argv[:1] == ["seeds"]:
+        return seeds_main(argv[1:])
+    teacher_only = argv[:1] == ["teacher"]
+    args = parse_args(argv[1:] if teacher_only else argv)
     common.setup_ddp()
     try:
-        run_table(args) if args.table else run(args)
+        run_teacher(args) if teacher_only else run_table(args) if args.table else run(args)
     finally:
         common.cleanup_ddp()
 
