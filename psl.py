@@ -15,6 +15,8 @@ Paper, AudioSet balanced subset, eval mAP (%) / d' (Table 2):
     python psl.py --table 2                                 # weak / PSL-10s / 5s / 2s, shared teacher
     python psl.py --data-root data/audioset --segment 2     # real AudioSet (paper schedule)
     python psl.py predict --ckpt runs/psl/psl_2s_balanced/student/final.pt clip.wav
+    python psl.py teacher --teacher-epochs 20 --teacher-dir runs/psl/dir_ma   # stage 1 alone (shared MA)
+    python psl.py seeds --row weak RUN RUN RUN --row psl RUN RUN RUN          # mean +- std over seeds
 
 Deviations from the paper (numbered as in the README):
  1. Validation uses the held-out valid split (valid.tsv) by mAP over n-second chunk averages; the

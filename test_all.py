@@ -664,6 +664,40 @@ def test_psl_table_shares_teacher_and_writes_rows(psl_tiny, tmp_path):
     assert len(list((teacher / "relabel").glob("*.npy"))) == 3
 
 
+
+def test_psl_teacher_subcommand_is_shared_by_student_runs(psl_tiny, tmp_path, capsys):
+    """`psl.py teacher` trains the MA alone; a second call reuses it; students take it with --teacher."""
+    ma = tmp_path / "ma"
+    psl.main(["teacher", *_argv(psl_tiny, tmp_path / "unused", "--teacher-dir", str(ma), "--max-steps", "1")])
+    assert f"machine annotator: {ma / 'final.pt'}" in capsys.readouterr().out
+    stamp = (ma / "final.pt").stat().st_mtime_ns
+    psl.main(["teacher", *_argv(psl_tiny, tmp_path / "unused", "--teacher-dir", str(ma), "--max-steps", "1")])
+    assert (ma / "final.pt").stat().st_mtime_ns == stamp and (ma / "results.json").exists()
+    out = tmp_path / "psl"
+    psl.main(_argv(psl_tiny, out, "--teacher", str(ma / "final.pt"), "--segment", "2", "--max-steps", "1"))
+    assert len(list((ma / "relabel").glob("final_balanced_2s_*.npy"))) == 1 and not (tmp_path / "unused").exists()
+
+
+def test_psl_seeds_table_mean_std_and_paired_difference(tmp_path):
+    """Hand-computed: mAP 0.40/0.50/0.60 -> 50.00 +- 10.00; paired (0.45-0.40, 0.50-0.50, 0.70-0.60)."""
+    rows = {"weak": [0.40, 0.50, 0.60], "psl": [0.45, 0.50, 0.70]}
+    argv = []
+    for name, maps in rows.items():
+        argv += ["--row", name]
+        for s, m in enumerate(maps):
+            run = tmp_path / f"{name}{s}"
+            run.mkdir()
+            (run / "results.json").write_text(json.dumps({"mAP": m, "mAUC": 0.5 + m / 2, "dprime": m, "student": {}}))
+            argv.append(str(run))
+    table = psl.seeds_main(argv + ["--out", str(tmp_path / "t")])
+    md = (tmp_path / "t" / "results.md").read_text()
+    assert "| weak | 3 | 50.00 +- 10.00 | 40.00 / 50.00 / 60.00 |" in md
+    assert "| psl | 3 | 55.00 +- 13.23 |" in md and "| 5.00 +- 5.00 |" in md  # std of (5, 0, 10) = 5
+    assert table["psl"]["minus_first"] == pytest.approx([0.05, 0.0, 0.1])
+    (tmp_path / "weak1" / "results.json").write_text(json.dumps({"mAP": 0.5}))  # an MA's results, not a student's
+    with pytest.raises(C.DataError, match="not a finished psl.py run"):
+        psl.seeds_main(argv)
+
 # =============================================================================================
 # psla.py: model size and shapes, ImageNet loading, attention pooling, Algorithms 1 and 2, the LR
 # schedule, and an end-to-end run (save -> reload -> eval, resume, label enhancement, ensembles)
