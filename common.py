@@ -334,6 +334,12 @@ def paper_heading(corpus, what: str = "paper") -> str:
     return f"{what} (AudioSet)" if audioset else f"{what} (AudioSet, not comparable)"
 
 
+def mean_std(v, scale: float = 1.0, digits: int = 4) -> str:
+    """'mean +- sample std' of a direction run's per-seed values (std 0 for a single value)."""
+    sd = np.std(v, ddof=1) if len(v) > 1 else 0.0
+    return f"{scale * np.mean(v):.{digits}f} +- {scale * sd:.{digits}f}"
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

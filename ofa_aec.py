@@ -964,7 +964,7 @@ def summary_main(argv: list[str]) -> dict:
         for f in r["finetune"]:
             for k in ("+10K", "+100K", "Init+100K"):
                 vals.setdefault(f"OFA {f['budget']}M {k}", []).append(f[k])
-    rows = [[k, len(v), f"{100 * np.mean(v):.2f} +- {100 * np.std(v, ddof=1 if len(v) > 1 else 0):.2f}",
+    rows = [[k, len(v), common.mean_std(v, 100, 2),
              " ".join(f"{100 * x:.2f}" for x in v)] for k, v in vals.items()]
     md = "# OFA-AEC over seeds (eval mAP %, mean +- sample std)\n\n" + \
         common.markdown_table(["row", "runs", "mean +- std", "per run"], rows)

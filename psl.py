@@ -800,22 +800,20 @@ def seeds_main(argv: list[str]) -> dict:
                    help="a row name followed by its run folders (one per seed, the same seed order in every row)")
     p.add_argument("--out", default="runs/psl/seeds", help="folder for results.json/.md")
     a = p.parse_args(argv)
-    ms = lambda v, f=100, d=2: f"{f * np.mean(v):.{d}f} +- {f * (np.std(v, ddof=1) if len(v) > 1 else 0.0):.{d}f}"
     table, rows = {}, []
-    for name, *runs in a.row:
+    for i, (name, *runs) in enumerate(a.row):
         if not runs:
             raise common.DataError(f"--row {name}: no run folders")
-        res = []
-        for run in map(Path, runs):
-            if not (run / "results.json").is_file() or "student" not in json.loads((run / "results.json").read_text()):
-                raise common.DataError(f"--row {name}: {run} is not a finished psl.py run")
-            res.append(json.loads((run / "results.json").read_text()))
-        t = table[name] = {k: [r[k] for r in res] for k in ("mAP", "mAUC", "dprime")} | {"runs": runs}
-        first = next(iter(table.values()))["mAP"]
-        paired = [x - y for x, y in zip(t["mAP"], first)] if name != a.row[0][0] and len(first) == len(runs) else None
-        t["minus_first"] = paired
-        rows.append([name, len(runs), ms(t["mAP"]), " / ".join(f"{100 * v:.2f}" for v in t["mAP"]),
-                     ms(t["mAUC"], 1, 4), ms(t["dprime"], 1, 3), ms(paired) if paired else "-"])
+        res = [json.loads((Path(r) / "results.json").read_text()) if (Path(r) / "results.json").is_file() else {}
+               for r in runs]
+        if bad := [r for r, x in zip(runs, res) if "student" not in x]:
+            raise common.DataError(f"--row {name}: {bad[0]} is not a finished psl.py run")
+        t = table[name] = {k: [x[k] for x in res] for k in ("mAP", "mAUC", "dprime")} | {"runs": runs}
+        first = table[a.row[0][0]]["mAP"]
+        t["minus_first"] = [x - y for x, y in zip(t["mAP"], first)] if i and len(first) == len(runs) else None
+        rows.append([name, len(runs), common.mean_std(t["mAP"], 100, 2), " / ".join(f"{100 * v:.2f}" for v in t["mAP"]),
+                     common.mean_std(t["mAUC"]), common.mean_std(t["dprime"], 1, 3),
+                     common.mean_std(t["minus_first"], 100, 2) if t["minus_first"] else "-"])
     md = common.markdown_table(["setting", "seeds", "mAP %", "per seed", "mAUC", "d'",
                                 f"mAP - {a.row[0][0]} (paired)"], rows)
     Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,9 @@ Full AudioSet: 0.3723 scratch ... 0.4435 single model with WA, 0.4744 ensemble o
     python psla.py --label-enhance type12 --teacher runs/psla/mixup --name le   # Sec. V, Table VIII
     python psla.py ensemble runs/psla/le_s0 runs/psla/le_s1 runs/psla/le_s2     # Table X
     python psla.py seeds --row base runs/psla/b_s0 runs/psla/b_s1 --row le runs/psla/le_s0 ...  # mean +- std
+    python psla.py --data-root data/audioset --data full --imagenet url         # the paper's recipe
 The default command is a pipeline check; README's "direction run" (a 5 s-clip B0 preset, 20 epochs,
 every ablation row x 3 seeds) is the run that says which claims hold.
-    python psla.py --data-root data/audioset --data full --imagenet url         # the paper's recipe
 
 Deviations from the paper and the official code (numbered as in the README):
  1. The synthetic default trains from scratch (no ImageNet weights exist offline); the paper's
@@ -686,7 +686,7 @@ def seeds_main(argv: list[str]) -> dict:
                    help="a row name followed by its run folders (one per seed)")
     p.add_argument("--out", default="runs/psla/seeds", help="folder for results.json/.md")
     a = p.parse_args(argv)
-    ms = lambda v: f"{np.mean(v):.4f} +- {np.std(v, ddof=1) if len(v) > 1 else 0.0:.4f}"
+    ms = common.mean_std
     table, out_rows = {}, []
     for name, *runs in a.row:
         if not runs:
