@@ -13,7 +13,8 @@ Paper, Table 2 (AudioSet eval): MBv2 3.0 M params, mAP 40.6, mAUC 97.1, d' 2.695
 worse on speech (SPCV2 96.18 -> 49.13), fine-tuning beats scratch on speech by 0.3-0.7 points (VL: scratch wins).
 
     python at_transfer.py                                   # CPU preset: upstream + synthetic suite, 3 modes
-    python at_transfer.py --trials 3                        # the direction run: trials 1-2 added to the default cells
+    python at_transfer.py --upstream-ckpt runs/psl/dir_ma/final.pt --task-scale 0.4 --epochs 24 --patience 6 \
+        --trials 3 --name direction                          # the direction run (README): a converged psl.py MA
     python at_transfer.py --task-root data/tasks --upstream both --preset paper   # converted public datasets
     python at_transfer.py --upstream-ckpt runs/psl/teacher_full_synth_<hash>/final.pt    # a psl.py MA as upstream
     python at_transfer.py embed --ckpt runs/at_transfer/upstream_mbv2_full_synth_cpu/final.pt a.wav b.wav
@@ -26,7 +27,7 @@ Deviations from the paper (numbered as in the README):
     scratch/fine-tune at most 12 epochs, patience 4, lr 1e-3, batch 16 (the tasks at scale 0.2 have 60-308
     training clips: at batch 64 an epoch is 1-5 steps); frozen at most 500 epochs, patience 50 (a linear
     head on cached embeddings: seconds); k-fold tasks run the first HEAR split only (`--folds 1`);
-    1 trial (a pipeline check: results need `--trials 3`).
+    1 trial (a pipeline check: results need the direction run's 3 trials, README).
     `--preset paper` gives every value of Sec. 4.2.
  3. Not given in the paper, our choices: 2 SpecAugment masks per axis (widths 96 / 12 are the paper's);
     the downstream head is a plain Linear (no dropout); scores of single-label tasks are the softmax of the
