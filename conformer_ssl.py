@@ -23,7 +23,8 @@ cf_L 88.1 M parameters.
 
 Deviations from the paper (numbered as in the README):
  1. The CPU preset (`--size cpu`, the synthetic default) is a 4-block, 64-d conformer with a short
-    schedule (SYNTH_SCHEDULE); `--size S` / `--size L` are the paper's encoders and schedules.
+    schedule (SYNTH_SCHEDULE); `--size S` / `--size L` are the paper's encoders and schedules. The
+    README's direction run adds `--pt-steps 3000 --pt-lr 2e-3 --ft-steps 600` (3e-4 learned slower here).
  2. Targets are a linear projection of the unmasked latents, no quantizer, and the mask embedding is
     written into the 256-d latents before the input projection: the torchaudio prototype that cites
     the paper. Its parameter count (no final linear) matches the paper's 18.4 M / 88.1 M exactly;
