@@ -87,6 +87,8 @@ def add_common_args(p: argparse.ArgumentParser, script: str) -> None:
     g.add_argument("--device", type=str, default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     g.add_argument("--amp", type=str, default="auto", choices=["auto", "none", "bf16", "fp16"],
                    help="autocast precision; auto = bf16 on CUDA, none elsewhere")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the training forward (same results, faster on a GPU)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--workers", type=NONNEG_INT, default=2, help="DataLoader worker processes")
     g.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="stop each training stage after this many steps (smoke runs)")
@@ -215,13 +217,22 @@ class RunLogger:
             self.log(record)
 
 
-# Run identity: a run folder (and a shared stage) is keyed by every setting that changes its results.
-IDENTITY_IGNORED = {"out", "name", "device", "workers", "resume", "max_steps", "table", "teacher_dir"}
+# ---------------------------------------------------------------------------------------------
+# The run-time idiom (the same few calls in every script):
+#   lock = claim_run(out, script, identity, resume, OUTPUTS)  the run folder: config.json, refusal, lock
+#   folder = stage_dir(parent, name, settings)                a shared stage: the path is the identity
+#   save_state(path, model, opt, scaler, step=...)            one atomic checkpoint with every RNG state
+#   state = load_state(path, model, opt, scaler)              resume it (None when there is none)
+#   optimizer_step(loss, opt, scaler); mean = Mean(device)    the GPU-ready step (no host sync)
+#   report(out, results, markdown)                            results.json / results.md, printed
+# ---------------------------------------------------------------------------------------------
+IDENTITY_IGNORED = {"out", "name", "device", "workers", "resume", "table", "compile"}
 
 
-def run_settings(args: argparse.Namespace | dict, ignore=()) -> dict:
+def identity(args: argparse.Namespace | dict, ignore=()) -> dict:
     """The result-affecting settings of a run: every flag but where it runs and how it is called
-    (IDENTITY_IGNORED, plus `ignore`), JSON-normalised so that a saved copy compares equal."""
+    (IDENTITY_IGNORED, plus `ignore`), JSON-normalised so that a saved copy compares equal.
+    --max-steps is part of it: a run cut short is never returned as the full run."""
     d = vars(args) if isinstance(args, argparse.Namespace) else args
     keep = {k: v for k, v in sorted(d.items()) if k not in IDENTITY_IGNORED | set(ignore)}
     return json.loads(json.dumps(keep, default=str))
@@ -231,9 +242,391 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _flag_diff(old: dict, new: dict) -> str:
+def flag_diff(old: dict, new: dict) -> str:
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return ", ".join(f"--{k.replace('_', '-')} {old.get(k, '(unset)')} (now {new.get(k, '(unset)')})" for k in keys)
+
+
+def owned_files(folder: Path, outputs) -> list[Path]:
+    """The files in `folder` matching the glob patterns `outputs` (what a script writes there)."""
+    return sorted({p for pat in outputs for p in folder.glob(pat) if p.is_file() or p.is_symlink()})
+
+
+def claim_run(out: str | Path, script: str, ident: dict, resume: bool, outputs=()) -> "RunLock":
+    """Claim a run folder before anything is written, and return its lock (use as `with`):
+    - `out` a file, unwritable, another script's run, or a run made with other settings (with resume):
+      one line naming the folder or the differing flags;
+    - a folder that holds a user's files named like ours (no config.json): refused, nothing overwritten;
+    - --no-resume: removes only the files this script writes there (the glob patterns `outputs`, plus
+      config.json and log.jsonl), never anything else, then empty folders it leaves;
+    - writes config.json = {script, identity, hash}. Rank 0 alone writes; the others wait."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder")
+    outputs = ("config.json", "log.jsonl", "results.json", "results.md", *outputs)
+    lock = RunLock(out).__enter__()
+    try:
+        cfg = out / "config.json"
+        try:
+            old = json.loads(cfg.read_text()) if cfg.exists() else None
+            old = old if isinstance(old, dict) else {"script": "?"}
+        except (ValueError, OSError):
+            raise DataError(f"{cfg}: unreadable config.json (not a run folder of {script}.py?)") from None
+        if old is not None and old.get("script") != script:
+            raise DataError(f"--out {out}: a run folder of {old.get('script')}.py, not {script}.py; use another --out")
+        if old is None and owned_files(out, outputs):
+            raise DataError(f"--out {out}: holds {owned_files(out, outputs)[0].name}, not written by {script}.py; "
+                            f"use another --out")
+        if old is not None and resume and old.get("identity") != ident:
+            raise DataError(f"{out}: this run was made with other settings: {flag_diff(old.get('identity') or {}, ident)};"
+                            f" use another --out, or --no-resume to start it afresh")
+        if is_main():
+            if old is not None and not resume:
+                for p in owned_files(out, outputs):
+                    p.unlink()
+                for d in sorted((d for d in out.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
+                    if not any(d.iterdir()):
+                        d.rmdir()
+            write_json(cfg, {"script": script, "identity": ident, "identity_hash": settings_hash(ident)})
+        barrier()
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
+    return lock
+
+
+def stage_dir(parent: str | Path, name: str, settings: dict) -> Path:
+    """A shared stage (a teacher, a relabel cache, an upstream, a pre-trained encoder, cached features):
+    `parent/<name>-<hash of the settings that change its result>` (PANNs: the path is the identity), with
+    stage.json recording the settings. Two settings never share a folder, so nothing is refused or found
+    by glob or mtime; two runs that need the same stage share it (lock it with RunLock(folder, wait=True))."""
+    settings = json.loads(json.dumps(settings, default=str))
+    folder = Path(parent) / f"{name}-{settings_hash(settings)}"
+    if is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "stage.json").exists():
+            write_json(folder / "stage.json", settings)
+    barrier()
+    return folder
+
+
+class RunLock:
+    """An exclusive lock on a folder (folder/.lock, flock), held by rank 0 until released or the process
+    ends. wait=False: a second run on the same folder is refused with one line; wait=True: it waits
+    (two runs sharing one stage: the second reuses what the first made)."""
+
+    def __init__(self, out: str | Path, wait: bool = False):
+        self.path, self.wait, self.file = Path(out) / ".lock", wait, None
+
+    def __enter__(self):
+        if not is_main():
+            return self
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise DataError(f"{self.path.parent}: cannot write the run folder ({e.strerror})") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+        except OSError:
+            self.file.close()
+            self.file = None
+            raise DataError(f"{self.path.parent}: in use by another run (lock {self.path}); wait for it "
+                            f"or use another --out") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Atomic JSON write (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path, what: str = "file") -> dict:
+    """A JSON file, or one line naming it when it is missing or malformed."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found") from None
+    except (ValueError, UnicodeDecodeError, IsADirectoryError):
+        raise DataError(f"{path}: not a valid JSON {what}") from None
+
+
+def peak_memory_gb() -> float:
+    """Peak resident memory of this process and its finished children (loader workers), in GB."""
+    import resource
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return kb / 1e6
+
+
+def report(out: str | Path, results: dict, markdown: str, quiet: bool = False) -> dict:
+    """The end of every script: results.json (machine-readable) and results.md (the paper-style table)
+    in the run folder, the table printed with where it went and the peak memory. Rank 0 alone writes."""
+    if is_main():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(out) / "results.json", results)
+        (Path(out) / "results.md").write_text(markdown.rstrip() + "\n")
+        if not quiet:
+            print(f"{markdown.rstrip()}\n\nresults: {Path(out) / 'results.md'} (peak memory {peak_memory_gb():.1f} GB)",
+                  flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint / resume: one atomic file with model, optimizer, scaler, every RNG state and the loop's
+# state (step, best metric, data position), so a run killed anywhere continues bit-exactly.
+# ---------------------------------------------------------------------------------------------
+KILL_COUNTS: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """Test hook for the exact-resume tests: with KILL_AT=<name>:<n> in the environment, SIGKILL this
+    process the n-th time it passes `name` ('step': after an optimizer step; 'write': inside a checkpoint
+    write, temp file written, not yet renamed; 'saved': after a checkpoint is in place). A no-op otherwise."""
+    spec = os.environ.get("KILL_AT")
+    if spec and spec.rsplit(":", 1)[0] == name:
+        KILL_COUNTS[name] = KILL_COUNTS.get(name, 0) + 1
+        if KILL_COUNTS[name] == int(spec.rsplit(":", 1)[1]):
+            os.kill(os.getpid(), 9)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module behind a DDP or torch.compile wrapper (its state dict has the plain keys)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def save_state(path: str | Path, model: nn.Module, optimizer=None, scaler=None, **state) -> None:
+    """One checkpoint (atomic): model, optimizer, scaler, every RNG state, and `state` (step, best metric,
+    data position, ...; plain values). Rank 0 alone writes."""
+    save_checkpoint(path, {"model": unwrap(model).state_dict(),
+                           "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                           "scaler": scaler.state_dict() if scaler is not None else None,
+                           "rng": rng_state(), "state": state})
+
+
+def load_state(path: str | Path, model: nn.Module, optimizer=None, scaler=None) -> dict | None:
+    """Resume from save_state's file: restores model, optimizer, scaler and every RNG state, and returns
+    the saved `state` dict; None when there is no checkpoint (a fresh start)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    ck = load_checkpoint(path, next(unwrap(model).parameters()).device)
+    unwrap(model).load_state_dict(ck["model"])
+    if optimizer is not None and ck.get("optimizer") is not None:
+        optimizer.load_state_dict(ck["optimizer"])
+    if scaler is not None and ck.get("scaler") is not None:
+        scaler.load_state_dict(ck["scaler"])
+    set_rng_state(ck.get("rng"))
+    return ck["state"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The step, written once for a GPU and for CPUs: autocast (above), a scaler only for fp16, no host
+# sync per step (losses are summed on the device and read at log time), pinned non-blocking copies.
+# ---------------------------------------------------------------------------------------------
+def setup_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype | None]:
+    """The training device and autocast dtype from --device / --amp; cuDNN autotuning on CUDA."""
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device, amp_dtype(device, args.amp)
+
+
+def to_device(batch, device: torch.device):
+    """Tensors of a batch onto the device without a host sync (pinned memory, non_blocking)."""
+    return tuple(t.to(device, non_blocking=True) if torch.is_tensor(t) else t for t in batch)
+
+
+def compiled(model: nn.Module, on: bool) -> nn.Module:
+    """--compile: torch.compile the training forward (the plain module is kept for saving and eval)."""
+    return torch.compile(model) if on else model
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, scaler, params=None, max_norm: float | None = None) -> None:
+    """zero_grad -> (scaled) backward -> optional gradient clipping -> step -> scaler update."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if max_norm is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(params, max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    kill_point("step")
+
+
+class Mean:
+    """A running mean kept on the device: add() never syncs with the host; read() does, once, at log time."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sum, self.n = torch.zeros((), dtype=torch.float64, device=self.device), 0
+
+    def add(self, value: torch.Tensor) -> None:
+        self.sum += value.detach().to(torch.float64)
+        self.n += 1
+
+    def read(self) -> float:
+        v = float(self.sum) / self.n if self.n else float("nan")
+        self.reset()
+        return v
+
+
+def wrap_ddp(model: nn.Module) -> nn.Module:
+    """The module to train: DistributedDataParallel under torchrun, the model itself otherwise."""
+    if world_size() == 1:
+        return model
+    dev = next(model.parameters()).device
+    return nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def shard(indices) -> np.ndarray:
+    """This rank's share of one epoch's (global, identical on every rank) indices, padded by wrapping to a
+    multiple of the world size as DistributedSampler does, so every rank makes the same number of steps."""
+    indices, w = np.asarray(indices), world_size()
+    if w == 1:
+        return indices
+    return np.resize(indices, math.ceil(len(indices) / w) * w)[rank()::w]
+
+
+def from_rank0(value):
+    """Rank 0's value on every rank (a no-op without DDP), for decisions all ranks must share: a
+    validation metric (checkpoint ranking, early stop), whether a cache is reused."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_sum(n: int) -> int:
+    """Sum of an integer over the ranks (counts such as skipped clips: each rank counts its own share)."""
+    if world_size() == 1:
+        return n
+    out = [0] * world_size()
+    dist.all_gather_object(out, n)
+    return sum(out)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean / variance as the batch-size-weighted mean of the batch
+    statistics over `batches` (model inputs on the model's device; once-for-all's set_running_statistics),
+    in eval mode but with BN in train mode, so dropout and everything else stay as in evaluation."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.train()
+    seen = 0
+    for x in batches:
+        b = len(x)
+        for m in bns:
+            m.momentum = b / (seen + b)  # running = weighted mean of the batches so far
+        model(x)
+        seen += b
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+def readable_scores(y_true: np.ndarray, scores: np.ndarray, metric=None) -> dict:
+    """One convention for unreadable clips in batched prediction: their score rows are NaN; they are
+    excluded from the metric and counted. metric(y_true, scores) -> dict or float (default:
+    tagging_metrics). Returns the metric's dict (or {'score': float}) with n (clips scored) and skipped."""
+    ok = ~np.isnan(scores).any(1)
+    m = (metric or tagging_metrics)(np.asarray(y_true)[ok], scores[ok]) if ok.any() else {"score": float("nan")}
+    m = m if isinstance(m, dict) else {"score": float(m)}
+    return m | {"n": int(ok.sum()), "skipped": int((~ok).sum())}
+
+
+def plateau(values: list[float], higher: bool = True, tol: float = 0.005) -> bool:
+    """Whether a validation curve reached a plateau: the best of its last quarter (at least 2 points) is
+    within `tol` of the best overall, and it has at least 4 points."""
+    if len(values) < 4:
+        return False
+    v = np.asarray(values, dtype=np.float64) * (1 if higher else -1)
+    return bool(v[-max(2, len(v) // 4):].max() >= v.max() - tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds tables: `python common.py seeds --row NAME RUN... --row NAME RUN... [--key mAP]`
+# ---------------------------------------------------------------------------------------------
+def mean_std(v, scale: float = 1.0, digits: int = 4) -> str:
+    """'mean +- sample std' of a direction run's per-seed values (std 0 for a single value)."""
+    sd = np.std(v, ddof=1) if len(v) > 1 else 0.0
+    return f"{scale * np.mean(v):.{digits}f} +- {scale * sd:.{digits}f}"
+
+
+def result_value(results: dict, key: str, where: str) -> float:
+    """A number in a results.json by a dotted key ('mAP', 'student.best_val_mAP', 'rows.0.mAP')."""
+    v = results
+    for part in key.split("."):
+        if isinstance(v, list) and part.isdigit() and int(part) < len(v):
+            v = v[int(part)]
+        elif isinstance(v, dict) and part in v:
+            v = v[part]
+        else:
+            raise DataError(f"{where}: no {key!r} in results.json")
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise DataError(f"{where}: {key!r} in results.json is not a number")
+    return float(v)
+
+
+def seeds_table(rows: list[list[str]], keys: list[str], out: str | Path) -> dict:
+    """The direction-run table: for each row (a name and its run folders, one per seed, the same seed order
+    in every row) mean +- sample std of each key over the runs, and the paired difference (same seed) of
+    the first key from the first row. Writes out/results.json and results.md."""
+    table, lines = {}, []
+    for i, (name, *runs) in enumerate(rows):
+        if not runs:
+            raise DataError(f"--row {name}: no run folders")
+        res = [read_json(Path(r) / "results.json", "results.json (not a finished run?)") for r in runs]
+        t = table[name] = {k: [result_value(x, k, r) for x, r in zip(res, runs)] for k in keys} | {"runs": runs}
+        first = table[rows[0][0]][keys[0]]
+        t["minus_first"] = [a - b for a, b in zip(t[keys[0]], first)] if i and len(first) == len(runs) else None
+        lines.append([name, len(runs), *(mean_std(t[k]) for k in keys), " / ".join(f"{v:.4f}" for v in t[keys[0]]),
+                      mean_std(t["minus_first"]) if t["minus_first"] else "-"])
+    md = markdown_table(["setting", "seeds", *keys, f"{keys[0]} per seed", f"{keys[0]} - {rows[0][0]} (paired)"], lines)
+    return report(out, table, "# Direction run: mean +- sample std over seeds\n\n" + md)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="common.py", description="project-wide commands")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("seeds", help="mean +- sample std over seeds of any results.json key, paired differences",
+                       description="One row per setting: its run folders (one per seed, in the same seed order in "
+                                   "every row); prints mean +- sample std of each --key and each row's paired "
+                                   "difference from the first row; writes OUT/results.json and results.md.")
+    s.add_argument("--row", nargs="+", action="append", required=True, metavar=("NAME", "RUN"),
+                   help="a row name followed by its run folders")
+    s.add_argument("--key", action="append", default=None,
+                   help="results.json key, dotted for nested ones (repeatable; default mAP)")
+    s.add_argument("--out", default="runs/seeds", help="folder for results.json / results.md (default runs/seeds)")
+    a = p.parse_args(argv)
+    seeds_table(a.row, a.key or ["mAP"], a.out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Old idiom (TRANSITION ONLY: deleted once every script uses claim_run / stage_dir / save_state)
+# ---------------------------------------------------------------------------------------------
+def run_settings(args, ignore=()):
+    return identity(args, (*ignore, "max_steps", "teacher_dir"))
+
+
+_flag_diff = flag_diff
 
 
 def claim_run_folder(out: str | Path, settings: dict, resume: bool, what: str = "run") -> None:
@@ -280,46 +673,6 @@ def save_config(out: str | Path, args: argparse.Namespace, settings: dict | None
         write_json(Path(out) / "config.json", {**vars(args), **ident})
 
 
-class RunLock:
-    """An exclusive lock on a run folder (out/.lock, flock): a second run on the same folder is
-    refused with one line while the first holds it; released when the process ends."""
-
-    def __init__(self, out: str | Path):
-        self.path = Path(out) / ".lock"
-        self.file = None
-
-    def __enter__(self):
-        if not is_main():
-            return self
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a+")
-        except OSError as e:
-            raise DataError(f"{self.path.parent}: cannot write the run folder ({e.strerror})") from None
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.close()
-            self.file = None
-            raise DataError(f"{self.path.parent}: in use by another run (lock {self.path}); wait for it "
-                            f"or use another --out") from None
-        return self
-
-    def __exit__(self, *exc):
-        if self.file is not None:
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
-            self.file = None
-
-
-def write_json(path: str | Path, obj) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def write_results(out: str | Path, results: dict, markdown: str) -> None:
     """results.json (machine-readable) and results.md (the paper-style table)."""
     if is_main():
@@ -332,12 +685,6 @@ def paper_heading(corpus, what: str = "paper") -> str:
     classes), flagged on any other corpus, where they are a reference, not a comparison."""
     audioset = not corpus.synthetic and len(corpus.labels) == 527
     return f"{what} (AudioSet)" if audioset else f"{what} (AudioSet, not comparable)"
-
-
-def mean_std(v, scale: float = 1.0, digits: int = 4) -> str:
-    """'mean +- sample std' of a direction run's per-seed values (std 0 for a single value)."""
-    sd = np.std(v, ddof=1) if len(v) > 1 else 0.0
-    return f"{scale * np.mean(v):.{digits}f} +- {scale * sd:.{digits}f}"
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -552,6 +899,7 @@ class Corpus:
     valid: list[Row] | None
     eval: list[Row]
     synthetic: bool
+    clip_seconds: float | None = None  # every clip's length when the corpus fixes it (synthetic), else None
     # filename -> true clip labels / true events (synthetic corpus only; empty for real data)
     true: dict[str, list[str]] = field(default_factory=dict)
     strong: dict[str, list[tuple[float, float, str]]] = field(default_factory=dict)
@@ -591,6 +939,8 @@ def load_corpus(data_root: str | None, data: str = "balanced", synth_scale: floa
     valid = read_manifest(root / "valid.tsv") if (root / "valid.tsv").exists() else None
     corpus = Corpus(root, labels, ontology, train, valid, read_manifest(root / "eval.tsv"),
                     synthetic=(root / "synth.json").exists())
+    if corpus.synthetic:
+        corpus.clip_seconds = float(read_json(root / "synth.json", "corpus summary").get("clip_seconds", 10.0))
     for split in ("balanced_train", "unbalanced_train", "valid", "eval"):
         if (root / f"{split}_true.tsv").exists():
             corpus.true.update(dict(read_manifest(root / f"{split}_true.tsv")))
@@ -1106,14 +1456,20 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, rate: float = 1.0) -> 
 
 
 def wave_augment(wave: torch.Tensor, gain_db: tuple[float, float] = (-6.0, 6.0), polarity_p: float = 0.5,
-                 max_shift: int = 16000) -> torch.Tensor:
-    """Raw-wave augmentation (Gain, PolarityInversion, TimeShift), per sample: (B, N) -> (B, N).
-    The shift is circular by up to +-max_shift samples."""
+                 max_shift: int = 16000, gain_p: float = 1.0, shift_p: float = 1.0) -> torch.Tensor:
+    """Raw-wave augmentation per sample, each op applied with its own probability: Gain U(gain_db) dB
+    (gain_p), PolarityInversion (polarity_p), circular TimeShift by U{-max_shift..max_shift} samples
+    (shift_p). (B, N) -> (B, N). torch-audiomentations' defaults: gain_db (-18, 6), every p 0.5,
+    max_shift half the clip."""
     b, n = wave.shape
     dev = wave.device
     gain = 10 ** ((torch.rand(b, device=dev) * (gain_db[1] - gain_db[0]) + gain_db[0]) / 20)
     sign = torch.where(torch.rand(b, device=dev) < polarity_p, -1.0, 1.0)
     shift = torch.randint(-max_shift, max_shift + 1, (b, 1), device=dev)
+    if gain_p < 1:
+        gain = torch.where(torch.rand(b, device=dev) < gain_p, gain, 1.0)
+    if shift_p < 1:
+        shift = torch.where(torch.rand(b, 1, device=dev) < shift_p, shift, 0)
     idx = (torch.arange(n, device=dev).unsqueeze(0) - shift) % n
     return torch.gather(wave, 1, idx) * (gain * sign).unsqueeze(1)
 
@@ -1128,7 +1484,11 @@ def generate_sampling_weights(targets: np.ndarray) -> np.ndarray:
     return (targets * (1.0 / np.maximum(counts, 1e-12))).sum(1)
 
 
-class _EpochSampler(torch.utils.data.Sampler, abc.ABC):
+class EpochSampler(torch.utils.data.Sampler, abc.ABC):
+    """An epoch's indices are a function of (seed, epoch) alone: `epoch_indices(epoch)` is the full list
+    (the same on every rank); iterating gives this rank's `shard` of the epoch set by set_epoch. A loop
+    that resumes mid-epoch takes `shard(sampler.epoch_indices(epoch))[offset:]`."""
+
     def __init__(self, num_samples: int, seed: int):
         self.num_samples, self.seed, self.epoch = num_samples, seed, 0
 
@@ -1136,18 +1496,17 @@ class _EpochSampler(torch.utils.data.Sampler, abc.ABC):
         self.epoch = epoch
 
     @abc.abstractmethod
-    def _global(self) -> np.ndarray:
+    def epoch_indices(self, epoch: int) -> np.ndarray:
         """One epoch's full list of indices (the same on every rank)."""
 
     def __iter__(self):
-        idx = self._global()
-        return iter(idx[rank()::world_size()].tolist())
+        return iter(shard(self.epoch_indices(self.epoch)).tolist())
 
     def __len__(self) -> int:
-        return len(range(rank(), self.num_samples, world_size()))
+        return math.ceil(self.num_samples / world_size())
 
 
-class WeightedSampler(_EpochSampler):
+class WeightedSampler(EpochSampler):
     """Draw num_samples indices with replacement with probability proportional to `weights`."""
 
     def __init__(self, weights: np.ndarray, num_samples: int | None = None, seed: int = 0):
@@ -1155,12 +1514,12 @@ class WeightedSampler(_EpochSampler):
         w = np.asarray(weights, dtype=np.float64)  # float32 sums made p.sum() != 1 for numpy
         self.p = w / w.sum()
 
-    def _global(self) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
         return rng.choice(len(self.p), self.num_samples, replace=True, p=self.p)
 
 
-class PseudoBalancedSampler(_EpochSampler):
+class PseudoBalancedSampler(EpochSampler):
     """PANNs / Dinkel et al.: classes visited in shuffled round-robin order; each visit takes the
     next clip of that class from its own reshuffled list, so every batch holds many labels."""
 
@@ -1169,8 +1528,8 @@ class PseudoBalancedSampler(_EpochSampler):
         self.by_class = [np.flatnonzero(targets[:, k] > 0) for k in range(targets.shape[1])]
         self.classes = np.array([k for k, ix in enumerate(self.by_class) if len(ix)])
 
-    def _global(self) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
         k = len(self.classes)
         rounds = -(-self.num_samples // k)
         seq = np.concatenate([rng.permutation(self.classes) for _ in range(rounds)])[: self.num_samples]
@@ -1292,7 +1651,9 @@ def save_checkpoint(path: str | Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
+    kill_point("write")
     os.replace(tmp, path)
+    kill_point("saved")
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -1353,3 +1714,10 @@ def average_state_dicts(states: list) -> dict:
 def ensemble_predictions(preds: list[np.ndarray]) -> np.ndarray:
     """Average of probability predictions (N, K) of several models."""
     return np.mean(np.stack(preds), axis=0)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

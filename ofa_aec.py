@@ -798,8 +798,10 @@ def plot_fig4(path: Path, spaces: dict) -> bool:
         data = [[c["eval"] for c in search[k]["candidates"]] or [np.nan] for k in keys]
         pos = [i * (n + 1) + j for i in range(len(keys))]
         ax.boxplot(data, positions=pos, widths=0.8, showmeans=True, patch_artist=True,
-                   boxprops={"facecolor": f"C{j}"}, labels=[f"{k}M" if j == 0 else "" for k in keys])
+                   boxprops={"facecolor": f"C{j}"})
         ax.plot([], [], color=f"C{j}", label=name)
+    first = list(next(iter(spaces.values())))
+    ax.set_xticks([i * (n + 1) for i in range(len(first))], [f"{k}M" for k in first])
     ax.set_ylabel("eval mAP"), ax.legend(), fig.tight_layout(), fig.savefig(path, dpi=120)
     return True
 

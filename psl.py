@@ -526,7 +526,7 @@ def train_teacher(args, device) -> Path:
         weak = weak_targets(corpus, corpus.train)  # (N_clips, K) uint8
         ds.targets = ChunkTargets(weak, ds.clip_index)  # [zeros | weak]: alpha 0 trains on the weak half
         sampler = common.PseudoBalancedSampler(weak, seed=args.seed)
-        sample = lambda epoch: (sampler.set_epoch(epoch), rank_share(sampler._global()))[1]  # the epoch's share
+        sample = lambda epoch: rank_share(sampler.epoch_indices(epoch))  # the epoch's share
         vrows = validation_split(corpus, args)
         vtrue = corpus.targets(vrows)
         print(f"machine annotator: MobileNetV2, {sum(p.numel() for p in model.parameters()):,} parameters, "

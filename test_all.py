@@ -38,6 +38,40 @@ def tiny_root(tmp_path_factory) -> Path:
     return C.make_synthetic_corpus(root, scale=0.1, seed=0, clip_seconds=4.0, workers=1, quiet=True)
 
 
+HERE = Path(__file__).resolve().parent
+
+
+def run_cli(script: str, *args, env: dict | None = None, nproc: int = 1, timeout: float = 300,
+            check: bool = True):
+    """Run `python <script> args` in a real subprocess (1 thread); nproc > 1: under torchrun with that
+    many gloo processes. Returns the CompletedProcess (stdout + stderr in .stdout)."""
+    import subprocess
+    import sys
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    e.pop("KILL_AT", None) if not env or "KILL_AT" not in env else None
+    cmd = [sys.executable, str(HERE / script), *map(str, args)] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         str(HERE / script), *map(str, args)]
+    r = subprocess.run(cmd, env=e, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=timeout)
+    if check:
+        assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-4000:]}"
+    return r
+
+
+def killed_then_resumed(script: str, args: list, kill_at: str, timeout: float = 300):
+    """Run `script args` with KILL_AT=<point>:<n> (common.kill_point SIGKILLs it there), check it died by
+    SIGKILL, then run the same command again (the documented resume: the same command) to the end."""
+    r = run_cli(script, *args, env={"KILL_AT": kill_at}, check=False, timeout=timeout)
+    assert r.returncode in (-9, 137), f"{kill_at}: expected a SIGKILL, exit {r.returncode}:\n{r.stdout[-3000:]}"
+    return run_cli(script, *args, timeout=timeout)
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Temp files a kill may leave (none may remain after the resumed run)."""
+    return [p for p in Path(folder).rglob("*") if p.name.endswith(".tmp") or ".partial" in p.name]
+
+
 def sine(freq: float, sr: int, seconds: float = 1.0) -> np.ndarray:
     return np.sin(2 * np.pi * freq * np.arange(int(sr * seconds)) / sr).astype(np.float32)
 
@@ -457,7 +491,7 @@ def test_ddp_two_processes_on_cpu():
     for p in procs:
         p.join(60)
     assert [o[:3] for o in out] == [(0, 2, 3.0), (1, 2, 3.0)] and [o[5] for o in out] == [True, False]
-    full = C.WeightedSampler(np.ones(10), num_samples=10, seed=3)._global().tolist()
+    full = C.WeightedSampler(np.ones(10), num_samples=10, seed=3).epoch_indices(0).tolist()
     assert out[0][3] == full[0::2] and out[1][3] == full[1::2] and out[0][4] == 5
 
 
