@@ -269,7 +269,7 @@ def claim_run(out: str | Path, script: str, ident: dict, resume: bool, outputs=(
         cfg = out / "config.json"
         try:
             old = json.loads(cfg.read_text()) if cfg.exists() else None
-            old = old if isinstance(old, dict) else {"script": "?"}
+            old = old if isinstance(old, dict) or old is None else {"script": "?"}
         except (ValueError, OSError):
             raise DataError(f"{cfg}: unreadable config.json (not a run folder of {script}.py?)") from None
         if old is not None and old.get("script") != script:
@@ -553,12 +553,13 @@ def readable_scores(y_true: np.ndarray, scores: np.ndarray, metric=None) -> dict
 
 
 def plateau(values: list[float], higher: bool = True, tol: float = 0.005) -> bool:
-    """Whether a validation curve reached a plateau: the best of its last quarter (at least 2 points) is
-    within `tol` of the best overall, and it has at least 4 points."""
+    """Whether a validation curve reached a plateau: its last quarter of validations (at least 2) gained
+    no more than `tol` over the best before them (at least 4 validations in all)."""
     if len(values) < 4:
         return False
     v = np.asarray(values, dtype=np.float64) * (1 if higher else -1)
-    return bool(v[-max(2, len(v) // 4):].max() >= v.max() - tol)
+    q = max(2, len(v) // 4)
+    return bool(v[:-q].max() >= v.max() - tol)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -571,8 +571,146 @@ def test_run_helpers(tmp_path, capsys):
     log.log({"step": 1, "val/mAP": 0.25})
     assert json.loads((tmp_path / "log.jsonl").read_text())["val/mAP"] == 0.25
     assert "val/mAP=0.25" in capsys.readouterr().out
-    C.write_results(tmp_path, {"mAP": 0.5}, C.markdown_table(["a", "mAP"], [["x", 0.5]]))
+    C.report(tmp_path, {"mAP": 0.5}, C.markdown_table(["a", "mAP"], [["x", 0.5]]))
     assert "| x | 0.5000 |" in (tmp_path / "results.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run-time idiom: claim_run, stage_dir, save_state / load_state, the step, seeds tables
+# ---------------------------------------------------------------------------------------------
+def test_claim_run_refuses_other_settings_and_keeps_user_files(tmp_path):
+    out = tmp_path / "run"
+    with C.claim_run(out, "demo", {"lr": 1e-3}, True, ("ckpt/*.pt",)):
+        (out / "ckpt").mkdir()
+        (out / "ckpt" / "last.pt").write_text("ours")
+        (out / "notes.txt").write_text("the user's")
+        (out / "sub").mkdir()
+        (out / "sub" / "data.csv").write_text("the user's")
+    assert json.loads((out / "config.json").read_text())["script"] == "demo"
+    with pytest.raises(C.DataError, match=r"--lr 0.001 \(now 0.01\)"):  # resume with other settings: one line
+        C.claim_run(out, "demo", {"lr": 1e-2}, True)
+    with pytest.raises(C.DataError, match="a run folder of demo.py, not other.py"):
+        C.claim_run(out, "other", {"lr": 1e-3}, True)
+    with pytest.raises(C.DataError, match="in use by another run"):  # the lock: a second run is refused
+        with C.claim_run(out, "demo", {"lr": 1e-3}, True):
+            C.claim_run(out, "demo", {"lr": 1e-3}, True)
+    C.claim_run(out, "demo", {"lr": 1e-2}, False, ("ckpt/*.pt",)).__exit__()  # --no-resume: our files only
+    assert not (out / "ckpt").exists() and (out / "notes.txt").exists() and (out / "sub" / "data.csv").exists()
+    assert json.loads((out / "config.json").read_text())["identity"] == {"lr": 1e-2}
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(C.DataError, match="exists and is not a folder"):
+        C.claim_run(tmp_path / "file", "demo", {}, True)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "results.json").write_text("{}")  # a user's file named like ours, in a folder we did not make
+    with pytest.raises(C.DataError, match="holds results.json, not written by demo.py"):
+        C.claim_run(user, "demo", {}, False)
+    assert (user / "results.json").read_text() == "{}"
+
+
+def test_identity_keeps_max_steps_and_stage_dir_is_keyed(tmp_path):
+    import argparse
+    a = argparse.Namespace(lr=0.1, max_steps=1, out="x", workers=2, device="cpu", resume=True, compile=False)
+    assert C.identity(a) == {"lr": 0.1, "max_steps": 1}  # a run cut short is not the full run
+    s1, s2 = C.stage_dir(tmp_path, "teacher", {"lr": 0.1}), C.stage_dir(tmp_path, "teacher", {"lr": 0.2})
+    assert s1 != s2 and s1 == C.stage_dir(tmp_path, "teacher", {"lr": 0.1}) and s1.name.startswith("teacher-")
+    assert json.loads((s1 / "stage.json").read_text()) == {"lr": 0.1}
+
+
+def test_save_state_resumes_rng_and_optimizer_exactly(tmp_path):
+    def run(steps, stop_at=None, resume=False):
+        torch.manual_seed(0), np.random.seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        scaler = C.grad_scaler(torch.device("cpu"), None)
+        start = 0
+        if resume:
+            start = C.load_state(tmp_path / "last.pt", model, opt, scaler)["step"]
+        for step in range(start, steps):
+            x = torch.randn(3, 4) + float(np.random.rand())  # both RNGs drive the data
+            C.optimizer_step(torch.nn.functional.dropout(model(x), 0.5).pow(2).mean(), opt, scaler)
+            if step + 1 == stop_at:
+                C.save_state(tmp_path / "last.pt", model, opt, scaler, step=step + 1)
+                torch.manual_seed(123), np.random.seed(123)  # a fresh process's RNG: resume must restore it
+                return None
+        return model.weight.detach().clone()
+    ref = run(5)
+    assert run(5, stop_at=2) is None
+    assert torch.equal(run(5, resume=True), ref)
+    assert C.load_state(tmp_path / "none.pt", torch.nn.Linear(1, 1)) is None
+
+
+def test_kill_point_sigkills_on_the_nth_pass(tmp_path):
+    r = run_cli("common.py", "seeds", "--row", "a", str(tmp_path / "missing"), check=False)
+    assert r.returncode == 1 and r.stdout.startswith("error: ") and "Traceback" not in r.stdout
+    import subprocess
+    import sys
+    code = "import common; [common.save_checkpoint(f'DIR/c{i}.pt', {}) for i in range(3)]"
+    r = subprocess.run([sys.executable, "-c", code.replace("DIR", str(tmp_path))], cwd=HERE,
+                       env={**os.environ, "KILL_AT": "write:2"})
+    assert r.returncode == -9 and (tmp_path / "c0.pt").exists() and (tmp_path / "c1.pt.tmp").exists()
+    assert not (tmp_path / "c1.pt").exists() and leftovers(tmp_path) == [tmp_path / "c1.pt.tmp"]
+
+
+def test_mean_reads_once_and_step_has_no_sync():
+    import inspect
+    m = C.Mean()
+    for v in (1.0, 2.0, 6.0):
+        m.add(torch.tensor(v))
+    assert m.read() == 3.0 and np.isnan(m.read())  # read() resets
+    src = inspect.getsource(C.optimizer_step) + inspect.getsource(C.Mean.add)
+    assert not re.search(r"\.item\(|\.cpu\(|float\(|\.numpy\(|\.tolist\(", src)
+
+
+def test_recalibrate_bn_is_the_batch_weighted_mean():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5))
+    xs = [torch.randn(5, 3) * 2 + 1, torch.randn(3, 3)]  # unequal batches: weighted by size
+    C.recalibrate_bn(net, xs)
+    h = [net[0](x).detach() for x in xs]
+    mean = (h[0].sum(0) + h[1].sum(0)) / 8
+    var = (h[0].var(0, unbiased=True) * 5 + h[1].var(0, unbiased=True) * 3) / 8
+    assert torch.allclose(net[1].running_mean, mean, atol=1e-6) and torch.allclose(net[1].running_var, var, atol=1e-5)
+    assert not net.training and net[1].momentum == 0.1
+
+
+def test_wave_augment_per_op_probability():
+    torch.manual_seed(0)
+    w = torch.ones(4000, 8)
+    out = C.wave_augment(w, (-6.0, -6.0), polarity_p=0.0, max_shift=0, gain_p=0.25)
+    gained = (out[:, 0] - 10 ** (-6 / 20)).abs() < 1e-6
+    assert torch.all(gained | (out[:, 0] == 1)) and 0.2 < gained.float().mean() < 0.3
+    torch.manual_seed(0)
+    x = torch.arange(8.0).repeat(2000, 1)
+    shifted = (C.wave_augment(x, (0.0, 0.0), polarity_p=0.0, max_shift=3, shift_p=0.5) != x).any(1)
+    assert 0.3 < shifted.float().mean() < 0.5  # half are shifted, 1 in 7 of those by 0
+
+
+def test_shard_plateau_readable_scores():
+    assert C.shard(np.arange(5)).tolist() == [0, 1, 2, 3, 4]  # one process: everything
+    assert C.plateau([0.1, 0.2, 0.3, 0.3, 0.3, 0.3]) and not C.plateau([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert not C.plateau([0.5, 0.5]) and C.plateau([3.0, 1.0, 1.0, 1.0], higher=False)
+    y = np.array([[1, 0], [0, 1], [1, 1]])
+    s = np.array([[0.9, 0.1], [np.nan, np.nan], [0.8, 0.7]])
+    m = C.readable_scores(y, s, lambda t, p: C.accuracy(t, p))
+    assert m == {"score": 1.0, "n": 2, "skipped": 1}
+
+
+def test_seeds_table_mean_std_and_paired(tmp_path):
+    runs = {}
+    for row, vals in (("base", [0.5, 0.6, 0.7]), ("new", [0.6, 0.8, 0.7])):
+        for i, v in enumerate(vals):
+            runs.setdefault(row, []).append(str(tmp_path / f"{row}{i}"))
+            C.report(tmp_path / f"{row}{i}", {"mAP": v, "student": {"best": v / 2}}, "x", quiet=True)
+    out = tmp_path / "seeds"
+    C.main(["seeds", "--row", "base", *runs["base"], "--row", "new", *runs["new"], "--key", "mAP",
+            "--key", "student.best", "--out", str(out)])
+    t = json.loads((out / "results.json").read_text())
+    assert t["new"]["minus_first"] == pytest.approx([0.1, 0.2, 0.0]) and t["base"]["minus_first"] is None
+    md = (out / "results.md").read_text()
+    assert "0.7000 +- 0.1000" in md and "0.1000 +- 0.1000" in md and "0.3500 +- 0.0500" in md
+    with pytest.raises(C.DataError, match="no 'nope' in results.json"):
+        C.seeds_table([["a", runs["base"][0]]], ["nope"], out)
 
 
 # =============================================================================================
