@@ -2,6 +2,7 @@
 torchaudio's Kaldi fbank beside them where torchaudio imports. Measures; makes no data.
 
     python data/bench.py [--root data/synth] [--workers 2] [--threads 2]
+    python data/bench.py --steps [--device cuda] [--amp bf16] [--batch-size 32]   # every script's training step
     $(bash ../shared/tools/oracle_env.sh) data/bench.py      # with torchaudio, for the comparison
 """
 from __future__ import annotations
@@ -57,62 +58,40 @@ def bench(root: str | Path, batch: int = 32, n_batches: int = 10, workers: int =
     return res
 
 
-def psla_step_overhead(root: str | Path, effnet: int = 0, batch: int = 16, workers: int = 2, steps: int | None = None,
-                       rounds: int = 2, target_length: int = 1056) -> dict:
-    """Issue 12: seconds per step of psla.py's real training epoch (psla.train_epoch: its loader with
-    fresh workers, mix-up, masking, LR schedule, loss, tqdm), with the workers started from the fork
-    server (psla.worker_context, the fix) and forked from this process (before it), against a bare
-    forward / backward / Adam step of the same model over pre-built batches of the same size;
-    interleaved in one process, with the load average at each measurement, so that the ratios
-    compare like with like on a busy machine.
-    `steps` cuts each epoch (default: a whole epoch, as in training). This process volunteers to the
-    kernel's OOM killer first (oom_score_adj 1000): on a shared machine it must not take others down."""
-    with open("/proc/self/oom_score_adj", "w") as f:
-        f.write("1000")
+SCRIPTS = ("psla", "psl", "at_transfer", "conformer_ssl", "ofa_aec")
+
+
+def step_benchmark(scripts=SCRIPTS, device: str = "auto", amp: str = "auto", batch_size: int = 8, steps: int = 5,
+                   warmup: int = 2) -> list[dict]:
+    """The training-step benchmark: clips/s of each script's real training step (its train_step: front-end,
+    augmentation, loss, optimizer, as in training) and of the bare step (forward + backward + optimizer of
+    the model alone on the same batch), on one device, from each script's `bench_step(device, amp,
+    batch_size)`. Real and bare are interleaved, `warmup` calls each first (cuDNN autotuning, allocator);
+    on CUDA each timing ends with a synchronize."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import psla
-    import torch.nn.functional as F
-    args = psla.parse_args(["--data-root", str(root), "--effnet", str(effnet), "--batch-size", str(batch),
-                            "--workers", str(workers), "--target-length", str(target_length)])
-    corpus = C.load_corpus(str(root), args.data)
-    psla.resolve_schedule(args, corpus.synthetic, corpus.root)
-    args.max_steps = steps
-    model = psla.build_model(dict(n_classes=len(corpus.labels), effnet=effnet, heads=args.heads, n_mels=args.n_mels,
-                                  target_length=args.target_length, norm=(-10.52, 3.30), freqm=args.freqm,
-                                  timem=args.timem, drop_connect=args.drop_connect))
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
-    targets = corpus.targets(corpus.train)
-    ds = psla.MixupClips(psla.Clips(corpus.root, corpus.train, targets, args.target_length), args.mixup,
-                         args.mixup_alpha)
-    loaders = {ctx: C.make_loader(ds, batch, shuffle=True, workers=workers, seed=args.seed, persistent=False,
-                                  collate_fn=psla.collate, context=ctx and psla.worker_context())
-               for ctx in (None, "server")}  # None: forked from this process (the default before issue 12)
-    batches = [b for _, b in zip(range(steps or len(ds) // batch), loaders[None])]  # pre-built, for the bare loop
-
-    def bare():
-        model.train()
-        for wave, target, _, n in batches:
-            loss = F.binary_cross_entropy(model(wave, n).clamp(1e-7, 1 - 1e-7), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-    def real(ctx):
-        psla.train_epoch(model, loaders[ctx], opt, args, 1, 0, torch.device("cpu"), None)
-
+    import importlib
+    dev = C.pick_device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     rows = []
-    for r in range(rounds):
-        for name, fn in (("real_fork", lambda: real(None)), ("real", lambda: real("server")), ("bare", bare)):
-            load = os.getloadavg()[0]
-            t = time.perf_counter()
-            fn()
-            rows.append({"round": r, "loop": name, "s_per_step": round((time.perf_counter() - t) / len(batches), 3),
-                         "load_avg_1min": load})
-            print(json.dumps(rows[-1]), flush=True)
-    per = {k: [x["s_per_step"] for x in rows if x["loop"] == k] for k in ("real_fork", "real", "bare")}
-    return {"rows": rows, "steps": len(batches), "effnet": effnet, "batch": batch, "workers": workers,
-            "target_length": target_length, "threads": torch.get_num_threads(),
-            **{f"ratio_{k}": [round(a / b, 3) for a, b in zip(per[k], per["bare"])] for k in ("real_fork", "real")}}
+    for name in scripts:
+        b = importlib.import_module(name).bench_step(dev, amp, batch_size)
+        best = {"step": float("inf"), "bare": float("inf")}
+        for k in ("step", "bare"):
+            for _ in range(warmup):
+                b[k]()
+        for _ in range(steps):
+            for k in ("step", "bare"):
+                sync()
+                t = time.perf_counter()
+                b[k]()
+                sync()
+                best[k] = min(best[k], time.perf_counter() - t)
+        rows.append({"script": name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
+                     "amp": amp, "batch": b["clips"], "step_clips_per_s": round(b["clips"] / best["step"], 2),
+                     "bare_clips_per_s": round(b["clips"] / best["bare"], 2),
+                     "step_over_bare": round(best["step"] / best["bare"], 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main(argv=None) -> None:
@@ -120,20 +99,20 @@ def main(argv=None) -> None:
     p.add_argument("--root", default=str(C.SYNTH_ROOT), help="data root (default: the synthetic corpus)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader figure")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    g = p.add_argument_group("psla.py step overhead (issue 12)")
-    g.add_argument("--psla-overhead", action="store_true", help="psla's real training step vs a bare step")
-    g.add_argument("--effnet", type=int, default=0, help="EfficientNet-B<n>")
-    g.add_argument("--batch", type=int, default=16, help="batch size (the synthetic default)")
-    g.add_argument("--steps", type=int, default=None, help="steps per measured epoch (default: all)")
-    g.add_argument("--rounds", type=int, default=2, help="interleaved real/bare rounds")
-    g.add_argument("--target-length", type=int, default=1056, help="fbank frames (psla.py --target-length)")
+    g = p.add_argument_group("the training-step benchmark (every script's real step vs its bare step)")
+    g.add_argument("--steps", action="store_true", help="run the step benchmark instead of the data-path one")
+    g.add_argument("--scripts", nargs="+", default=list(SCRIPTS), choices=SCRIPTS, help="scripts to measure")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    g.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"], help="autocast precision")
+    g.add_argument("--batch-size", type=int, default=8, help="clips per step")
+    g.add_argument("--repeats", type=int, default=5, help="timed steps of each kind (best is kept)")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.steps:
+        step_benchmark(a.scripts, a.device, a.amp, a.batch_size, a.repeats)
+        return
     if Path(a.root) == C.SYNTH_ROOT:
         C.ensure_synthetic()
-    torch.set_num_threads(a.threads)
-    if a.psla_overhead:
-        print(json.dumps(psla_step_overhead(a.root, a.effnet, a.batch, a.workers, a.steps, a.rounds, a.target_length)))
-        return
     print(json.dumps(bench(a.root, workers=a.workers), indent=1))
 
 
