@@ -749,12 +749,27 @@ class Labels:
         return len(self.mids)
 
 
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file, or one line naming it (missing, a folder, not text)."""
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found") from None
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise DataError(f"{path}: not a UTF-8 text {what}") from None
+
+
 def read_class_labels(path: str | Path) -> Labels:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    """class_labels_indices.csv: index,mid,display_name (AudioSet's own file)."""
+    rows = list(csv.DictReader(read_text(path, "class list").splitlines()))
     if not rows:
         raise DataError(f"{path}: no classes")
-    rows.sort(key=lambda r: int(r["index"]))
+    if not {"index", "mid", "display_name"} <= set(rows[0]):
+        raise DataError(f"{path}: expected the header 'index,mid,display_name', got {','.join(rows[0])!r}")
+    try:
+        rows.sort(key=lambda r: int(r["index"]))
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: a non-integer index") from None
     return Labels([r["mid"] for r in rows], [r["display_name"] for r in rows])
 
 
@@ -780,7 +795,9 @@ class Ontology:
 
 
 def read_ontology(path: str | Path) -> Ontology:
-    nodes = json.loads(Path(path).read_text())
+    nodes = read_json(path, "ontology")
+    if not isinstance(nodes, list) or not all(isinstance(n, dict) and "id" in n and "name" in n for n in nodes):
+        raise DataError(f"{path}: expected AudioSet's ontology format, a list of {{id, name, child_ids}}")
     names = {n["id"]: n["name"] for n in nodes}
     children = {n["id"]: list(n.get("child_ids", [])) for n in nodes}
     parents: dict[str, list[str]] = {}
@@ -799,15 +816,13 @@ def read_manifest(path: str | Path) -> list[Row]:
     if not path.exists():
         raise DataError(f"{path}: manifest not found")
     rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line or (lineno == 1 and line.startswith("filename")):
-                continue
-            parts = line.split("\t")
-            if len(parts) < 2:
-                raise DataError(f"{path}:{lineno}: expected 'filename<TAB>labels', got {line!r}")
-            rows.append((parts[0], [m for m in parts[1].split(",") if m]))
+    for lineno, line in enumerate(read_text(path, "manifest").splitlines(), 1):
+        if not line or (lineno == 1 and line.startswith("filename")):
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise DataError(f"{path}:{lineno}: expected 'filename<TAB>labels', got {line!r}")
+        rows.append((parts[0], [m for m in parts[1].split(",") if m]))
     if not rows:
         raise DataError(f"{path}: empty manifest")
     return rows
@@ -836,18 +851,17 @@ def read_strong(path: str | Path) -> dict[str, list[tuple[float, float, str]]]:
     filename or AudioSet's own segment_id (<YouTube id>_<start ms>); tab- or comma-separated; a header
     line is recognised by its non-numeric onset (a header-less file keeps its first event)."""
     events: dict[str, list[tuple[float, float, str]]] = {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            parts = [p.strip() for p in line.rstrip("\n").split("\t" if "\t" in line else ",")]
-            if not line.strip():
-                continue
-            try:
-                fn, on, off, mid = parts[0], float(parts[1]), float(parts[2]), parts[3]
-            except (ValueError, IndexError):
-                if lineno == 1:
-                    continue  # header
-                raise DataError(f"{path}:{lineno}: expected 'id, onset, offset, label', got {line.strip()!r}") from None
-            events.setdefault(fn, []).append((on, off, mid))
+    for lineno, line in enumerate(read_text(path, "strong-label file").splitlines(), 1):
+        parts = [p.strip() for p in line.rstrip("\n").split("\t" if "\t" in line else ",")]
+        if not line.strip():
+            continue
+        try:
+            fn, on, off, mid = parts[0], float(parts[1]), float(parts[2]), parts[3]
+        except (ValueError, IndexError):
+            if lineno == 1:
+                continue  # header
+            raise DataError(f"{path}:{lineno}: expected 'id, onset, offset, label', got {line.strip()!r}") from None
+        events.setdefault(fn, []).append((on, off, mid))
     return events
 
 
@@ -1129,8 +1143,8 @@ def ensure_synthetic_tasks(scale: float = 1.0, seed: int = 0, root: str | Path |
     with _build_lock(root):
         gen = load_data_module("synthetic")
         stamp = root / "synth_tasks.json"
-        if stamp.exists() and json.loads(stamp.read_text()) == {"version": gen.TASKS_VERSION, "seed": seed, "scale": scale,
-                                                                  "tasks": gen.TASK_ORDER}:
+        made = {k: v for k, v in json.loads(stamp.read_text()).items() if k != "files"} if stamp.exists() else None
+        if made == {"version": gen.TASKS_VERSION, "seed": seed, "scale": scale, "tasks": gen.TASK_ORDER}:
             return root
         print(f"generating the synthetic downstream tasks in {root} (scale {scale}, seed {seed}) ...", flush=True)
         return gen.make_synthetic_tasks(root, scale=scale, seed=seed)
@@ -1168,10 +1182,10 @@ class Task:
 
 def tasks_json(task_root: str | Path) -> dict:
     """<task_root>/tasks.json: task name -> entry, in the file's order."""
-    path = Path(task_root) / "tasks.json"
-    if not path.exists():
-        raise DataError(f"{path}: not found")
-    return json.loads(path.read_text())
+    tasks = read_json(Path(task_root) / "tasks.json", "task list")
+    if not isinstance(tasks, dict) or not all(isinstance(v, dict) for v in tasks.values()):
+        raise DataError(f"{Path(task_root) / 'tasks.json'}: expected {{task name: {{type, metric, ...}}}}")
+    return tasks
 
 
 def list_tasks(task_root: str | Path) -> list[str]:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # common.py, when run as a script
-from common import (AUDIOSET_META, METRICS, SR, DataError, TaskRow, multi_hot, read_class_labels,  # noqa: E402
+from common import (AUDIOSET_META, METRICS, SR, DataError, TaskRow, multi_hot, read_class_labels, tasks_json,  # noqa: E402
                     sample_300h, write_json, write_manifest)
 
 
@@ -37,15 +37,19 @@ def write_task(task_root: str | Path, name: str, rows: list[TaskRow], classes: l
     bad = [c for c in classes if "," in c or "\t" in c]
     if bad or metric not in METRICS or type not in ("single", "multi"):
         raise DataError(f"task {name}: bad class name {bad[:1]}, metric {metric!r} or type {type!r}")
+    index = task_root / "tasks.json"
+    tasks = tasks_json(task_root) if index.exists() else {}
+    manifest = task_root / name / f"{name}.tsv"
+    if manifest.exists() and tasks.get(name, {}).get("manifest") != f"{name}/{name}.tsv":
+        raise DataError(f"{manifest}: exists and is not a task written here (no entry in {index}); "
+                        f"refusing to overwrite it: choose another --out")
     (task_root / name).mkdir(parents=True, exist_ok=True)
-    with open(task_root / name / f"{name}.tsv", "w") as f:
+    with open(manifest, "w") as f:
         f.write("filename\tlabels\tfold\n")
         f.writelines(f"{fn}\t{','.join(labels)}\t{fold}\n" for fn, labels, fold in rows)
     entry = {"manifest": f"{name}/{name}.tsv", "audio_root": str(audio_root), "type": type, "metric": metric,
              "higher_is_better": METRICS[metric][1], "kfold": kfold, "folds": list(folds), "classes": list(classes),
              "sample_rate": sample_rate, "max_seconds": max_seconds, "clips": len(rows), **extra}
-    index = task_root / "tasks.json"
-    tasks = json.loads(index.read_text()) if index.exists() else {}
     tasks[name] = entry
     write_json(index, tasks)
     return entry
@@ -82,6 +86,10 @@ def prepare(csv_dir: str | Path, audio_dir: str | Path, out: str | Path, meta_di
     """Write balanced_train/unbalanced_train/eval/300h_train tsvs (paths relative to `out`) and copy
     class_labels_indices.csv + ontology.json; report the rows that have no audio."""
     out = Path(out)
+    ours = [out / f for f in ("balanced_train.tsv", "unbalanced_train.tsv", "eval.tsv", "300h_train.tsv")]
+    if not (out / "prepare_report.json").exists() and (user := [p for p in ours if p.exists()]):
+        raise DataError(f"{user[0]}: exists and was not written by prepare; refusing to overwrite it: "
+                        f"choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     for f in ("class_labels_indices.csv", "ontology.json"):
         if not (out / f).exists() or not (out / f).samefile(Path(meta_dir) / f):  # --out data/audioset: keep

@@ -241,11 +241,43 @@ def write_class_labels(path: str | Path, mids: list[str], names: list[str]) -> N
         w.writerows([i, m, n] for i, (m, n) in enumerate(zip(mids, names)))
 
 
-def refuse_foreign_folder(root: Path, stamp: str) -> None:
-    """Never delete what this program did not make: a non-empty folder without our stamp file is refused."""
+PARTIAL_MARK = ".generating"  # written first into a build folder: only such a folder is ever removed
+
+
+def count_files(root: Path) -> int:
+    return sum(1 for p in root.rglob("*") if p.is_file())
+
+
+def refuse_foreign_folder(root: Path, stamp: str) -> Path:
+    """Never delete what this program did not make: a non-empty folder without our stamp file is refused, and
+    so is a generated one holding other files than it was made with (the stamp records their count), and a
+    user's folder at the build path <root>.partial. Returns the fresh build folder (marked as ours)."""
+    what = "corpus" if stamp == "synth.json" else "task set"
     if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / stamp).exists())):
-        raise DataError(f"{root}: exists and is not a generated {'corpus' if stamp == 'synth.json' else 'task set'} "
-                        f"(no {stamp}); refusing to replace it: choose an empty or new --root")
+        raise DataError(f"{root}: exists and is not a generated {what} (no {stamp}); refusing to replace it: "
+                        f"choose an empty or new --root")
+    if (root / stamp).exists():
+        made = json.loads((root / stamp).read_text()).get("files")
+        if made is not None and count_files(root) != made:
+            raise DataError(f"{root}: a generated {what} that now holds {count_files(root)} files, not the {made} "
+                            f"it was made with; refusing to replace it: move your files out or choose another --root")
+    tmp = root.with_name(root.name + ".partial")
+    if tmp.exists() and (not tmp.is_dir() or (any(tmp.iterdir()) and not (tmp / PARTIAL_MARK).exists())):
+        raise DataError(f"{tmp}: exists and is not an unfinished build of this program; move it away")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / PARTIAL_MARK).touch()
+    return tmp
+
+
+def finish_build(tmp: Path, root: Path, stamp: str, summary: dict) -> Path:
+    """Swap a finished build folder in whole (the corpus appears whole or not at all); the stamp records
+    how many files it holds, so user files put in it later are never deleted by a rebuild."""
+    (tmp / PARTIAL_MARK).unlink()
+    write_json(tmp / stamp, {**summary, "files": count_files(tmp) + (not (tmp / stamp).exists())})
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return root
 
 
 def make_synthetic_corpus(root: str | Path = SYNTH_ROOT, scale: float = 1.0, seed: int = 0,
@@ -254,10 +286,8 @@ def make_synthetic_corpus(root: str | Path = SYNTH_ROOT, scale: float = 1.0, see
     """Write the synthetic corpus in the real layout. Deterministic in (seed, scale, clip_seconds).
     An existing `root` is replaced only if it is a corpus made here (synth.json) or empty."""
     root = Path(root)
-    refuse_foreign_folder(root, "synth.json")
+    tmp = refuse_foreign_folder(root, "synth.json")
     noise = noise or NoiseRates()
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "audio").mkdir(parents=True)
     mids = [m for p in range(len(PARENTS)) for m in [parent_mid(p)] + [child_mid(p, c) for c in range(4)]]
     names = [n for p, pn in enumerate(PARENTS) for n in [pn] + [f"{pn}: {c[0]}" for c in SYNTH_CLASSES[pn]]]
@@ -300,10 +330,7 @@ def make_synthetic_corpus(root: str | Path = SYNTH_ROOT, scale: float = 1.0, see
         summary["splits"][split] = {"clips": len(out), "noisy_labels": noisy, **stats}
         if not quiet:
             print(f"synth: {split}: {len(out)} clips", flush=True)
-    write_json(tmp / "synth.json", summary)
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)  # the corpus appears whole or not at all
-    return root
+    return finish_build(tmp, root, "synth.json", summary)
 
 
 def corpus_summary(root: str | Path = SYNTH_ROOT) -> str:
@@ -646,17 +673,11 @@ def make_synthetic_tasks(root: str | Path = TASKS_ROOT, scale: float = 1.0, seed
     """All synthetic tasks in a fresh folder, swapped in whole; a stamp records (version, seed, scale).
     An existing `root` is replaced only if it holds tasks made here (synth_tasks.json) or is empty."""
     root = Path(root)
-    refuse_foreign_folder(root, "synth_tasks.json")
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = refuse_foreign_folder(root, "synth_tasks.json")
     for task in tasks or TASK_ORDER:
         make_task(tmp, task, scale, seed, workers)
-    write_json(tmp / "synth_tasks.json", {"version": TASKS_VERSION, "seed": seed, "scale": scale,
-                                          "tasks": tasks or TASK_ORDER})
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)
-    return root
+    return finish_build(tmp, root, "synth_tasks.json", {"version": TASKS_VERSION, "seed": seed, "scale": scale,
+                                                        "tasks": tasks or TASK_ORDER})
 
 
 # =============================================================================================
