@@ -575,6 +575,19 @@ def test_metrics_match_sklearn():
     keep = w > 0
     ref = label_ranking_average_precision_score(y[keep, :11], s[keep, :11], sample_weight=w[keep])
     assert abs(C.lwlrap(y[keep, :11], s[keep, :11]) - ref) < 1e-6
+    ties = np.round(s[keep, :11] * 4) / 4  # many tied scores: ">=" counts the whole tie group
+    assert abs(C.lwlrap(y[keep, :11], ties) - _lwlrap_pairs(y[keep, :11], ties)) < 1e-12
+    big = (rng.random((50, 527)) < 0.01).astype(float)  # 527 classes: no (N, K, K) array
+    big[:, 0] = 1
+    sc = rng.random((50, 527))
+    assert abs(C.lwlrap(big, sc) - _lwlrap_pairs(big, sc)) < 1e-12
+
+
+def _lwlrap_pairs(y, s):
+    """The definition, pair by pair (the reference for ties)."""
+    hits = [(s[i] >= s[i, j]).astype(float) @ y[i] / (s[i] >= s[i, j]).sum()
+            for i in range(len(y)) for j in range(y.shape[1]) if y[i, j]]
+    return float(np.mean(hits))
 
 
 def test_metrics_by_hand():
