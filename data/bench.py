@@ -3,6 +3,7 @@ torchaudio's Kaldi fbank beside them where torchaudio imports. Measures; makes n
 
     python data/bench.py [--root data/synth] [--workers 2] [--threads 2]
     python data/bench.py --steps [--device cuda] [--amp bf16] [--batch-size 32]   # every script's training step
+    python data/bench.py --audioset-scale /tmp/as_fake     # start-up time and memory at full AudioSet scale
     $(bash ../shared/tools/oracle_env.sh) data/bench.py      # with torchaudio, for the comparison
 """
 from __future__ import annotations
@@ -94,6 +95,66 @@ def step_benchmark(scripts=SCRIPTS, device: str = "auto", amp: str = "auto", bat
     return rows
 
 
+AUDIOSET_ROWS = {"balanced_train": 22_160, "unbalanced_train": 2_041_789, "eval": 20_371}
+
+
+def fake_audioset(root: str | Path, rows: dict = AUDIOSET_ROWS, seed: int = 0) -> Path:
+    """Full AudioSet's manifests in our layout (2.08 M rows, 527 classes, the real class list and ontology,
+    1-4 labels per clip from a Zipf prior), with audio/<id>.wav names that are never opened: what each
+    script does before its first training step, measured at the real scale. Made once per root."""
+    import numpy as np
+    root = Path(root)
+    if (root / "eval.tsv").exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    for f in ("class_labels_indices.csv", "ontology.json"):
+        (root / f).write_bytes((C.AUDIOSET_META / f).read_bytes())
+    mids = C.read_class_labels(root / "class_labels_indices.csv").mids
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, len(mids) + 1)
+    p /= p.sum()
+    for split, n in rows.items():
+        k = rng.integers(1, 5, n)
+        labels = rng.choice(len(mids), (n, 4), p=p)
+        with open(root / f"{split}.tsv", "w") as f:
+            f.write("filename\tlabels\n")
+            f.writelines(f"audio/{split}/{i:08d}.wav\t{','.join(mids[j] for j in set(labels[i, :k[i]]))}\n"
+                         for i in range(n))
+    return root
+
+
+STARTUP = {  # name -> code run in a fresh process on the fake AudioSet (ROOT), after `import common as C`
+    "load_corpus full": "c = C.load_corpus(ROOT, 'full')",
+    "load_corpus 300h": "c = C.load_corpus(ROOT, '300h')",
+    "targets + PSLA sampler weights (full)": "c = C.load_corpus(ROOT, 'full'); "
+                                             "w = C.generate_sampling_weights(c.targets(c.train))",
+    "uint8 targets + PSLA sampler weights (full)": "c = C.load_corpus(ROOT, 'full'); "
+                                                   "w = C.generate_sampling_weights(c.targets(c.train, dtype='uint8'))",
+    "uint8 targets + pseudo-balanced sampler, one epoch (full)":
+        "c = C.load_corpus(ROOT, 'full'); s = C.PseudoBalancedSampler(c.targets(c.train, dtype='uint8')); "
+        "i = s.epoch_indices(0)",
+}
+
+
+def startup_benchmark(root: str | Path, cases: dict = STARTUP) -> list[dict]:
+    """Wall seconds and peak RSS (GB) of each start-up case, each in a fresh process (its own peak)."""
+    import subprocess
+    here = Path(__file__).resolve().parent.parent
+    rows = []
+    for name, code in cases.items():
+        prog = (f"import sys, time, resource; sys.path.insert(0, {str(here)!r}); import common as C; "
+                f"ROOT = {str(root)!r}; t = time.perf_counter(); {code}; "
+                f"print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, cwd=here)
+        if out.returncode:
+            rows.append({"case": name, "error": out.stderr.strip().splitlines()[-1]})
+        else:
+            sec, kb = out.stdout.split()[-2:]
+            rows.append({"case": name, "seconds": round(float(sec), 1), "peak_rss_gb": round(int(kb) / 1e6, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=str(C.SYNTH_ROOT), help="data root (default: the synthetic corpus)")
@@ -106,8 +167,15 @@ def main(argv=None) -> None:
     g.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"], help="autocast precision")
     g.add_argument("--batch-size", type=int, default=8, help="clips per step")
     g.add_argument("--repeats", type=int, default=5, help="timed steps of each kind (best is kept)")
+    g = p.add_argument_group("start-up at AudioSet scale")
+    g.add_argument("--audioset-scale", metavar="DIR", default=None,
+                   help="write full AudioSet's manifests (2.08 M rows, audio never opened) in DIR once, and time "
+                        "what happens before the first training step, each case in a fresh process")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.audioset_scale:
+        startup_benchmark(fake_audioset(a.audioset_scale))
+        return
     if a.steps:
         step_benchmark(a.scripts, a.device, a.amp, a.batch_size, a.repeats)
         return
