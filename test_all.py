@@ -280,6 +280,42 @@ def test_malformed_metadata_is_one_line(tmp_path, reader, content, match):
         getattr(C, reader)(tmp_path if reader == "tasks_json" else path)
 
 
+def test_csv_converter_makes_a_task_from_a_users_table(tmp_path):
+    """`data/prepare.py csv`: a user's filename,labels,split table -> a task read_task and task_splits use;
+    bad tables are one line naming the file and row."""
+    prep = C.load_data_module("prepare")
+    audio = tmp_path / "clips"
+    audio.mkdir()
+    for i in range(6):
+        sf.write(audio / f"c{i}.wav", np.zeros(800, np.float32), 16000)
+    table = tmp_path / "mine.csv"
+    table.write_text("Filename,Labels,Split\n" + "".join(
+        f"c{i}.wav,{'dog;cat' if i == 0 else ['dog', 'cat'][i % 2]},{['train', 'val', 'eval'][i % 3]}\n"
+        for i in range(6)))
+    r = run_cli("data/prepare.py", "csv", table, "--audio-root", audio, "--name", "pets", "--multilabel",
+                "--out", tmp_path / "tasks")
+    assert "pets: 6 clips, 2 classes" in r.stdout
+    task = C.read_task(tmp_path / "tasks", "pets")
+    assert task.type == "multi" and task.metric == "mAP" and task.classes == ["cat", "dog"] and not task.kfold
+    assert task.rows[0] == ("c0.wav", ["dog", "cat"], "train") and task.rows[1][2] == "valid" and task.rows[2][2] == "test"
+    assert task.info["domain"] == "sound" and (task.root / "c0.wav").exists()
+    (name, train, valid, test), = C.task_splits(task)
+    assert (len(train), len(valid), len(test)) == (2, 2, 2)
+    folds = tmp_path / "folds.csv"
+    folds.write_text("file,label,fold\n" + "".join(f"c{i}.wav,{['dog', 'cat'][i % 2]},{i % 3 + 1}\n" for i in range(6)))
+    e = prep.convert_csv(folds, tmp_path / "tasks", audio, "pets_k", domain="speech")
+    assert e["kfold"] and e["folds"] == ["1", "2", "3"] and e["type"] == "single" and e["metric"] == "accuracy"
+    for text, match in (("a,b,c\nc0.wav,dog,train\n", "expected a header with filename"),
+                        ("filename,label,split\nnope.wav,dog,test\n", r"mine.csv:2: .*nope.wav: audio file not found"),
+                        ("filename,label,split\nc0.wav,dog\n", "mine.csv:2: expected 3 fields"),
+                        ("filename,label,split\nc0.wav,,test\n", "mine.csv:2: bad label field"),
+                        ("filename,label,split\nc0.wav,dog,train\n", "needs 'test' rows")):
+        table.write_text(text)
+        r = run_cli("data/prepare.py", "csv", table, "--audio-root", audio, "--name", "x", "--out",
+                    tmp_path / "t2", check=False)
+        assert r.returncode == 1 and re.search(match, r.stdout) and "Traceback" not in r.stdout, r.stdout
+
+
 def test_converters_never_overwrite_user_manifests(tmp_path):
     prep = C.load_data_module("prepare")
     (tmp_path / "t" / "mytask").mkdir(parents=True)

@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -30,9 +31,10 @@ from common import (AUDIOSET_META, METRICS, SR, DataError, TaskRow, multi_hot, r
 # =============================================================================================
 def write_task(task_root: str | Path, name: str, rows: list[TaskRow], classes: list[str], *, type: str,
                metric: str, kfold: bool, folds: list[str], sample_rate: int = SR, max_seconds: float = 10.0,
-               audio_root: str | Path = ".", **extra) -> dict:
+               audio_root: str | Path = ".", domain: str = "sound", **extra) -> dict:
     """Write <task_root>/<name>/<name>.tsv and add/replace the task's entry in <task_root>/tasks.json.
-    audio_root: where the filenames are relative to (relative to task_root, or absolute)."""
+    audio_root: where the filenames are relative to (relative to task_root, or absolute); domain: sound,
+    speech or music (the transfer tables mark speech rows by it)."""
     task_root = Path(task_root)
     bad = [c for c in classes if "," in c or "\t" in c]
     if bad or metric not in METRICS or type not in ("single", "multi"):
@@ -49,7 +51,7 @@ def write_task(task_root: str | Path, name: str, rows: list[TaskRow], classes: l
         f.writelines(f"{fn}\t{','.join(labels)}\t{fold}\n" for fn, labels, fold in rows)
     entry = {"manifest": f"{name}/{name}.tsv", "audio_root": str(audio_root), "type": type, "metric": metric,
              "higher_is_better": METRICS[metric][1], "kfold": kfold, "folds": list(folds), "classes": list(classes),
-             "sample_rate": sample_rate, "max_seconds": max_seconds, "clips": len(rows), **extra}
+             "sample_rate": sample_rate, "max_seconds": max_seconds, "clips": len(rows), "domain": domain, **extra}
     tasks[name] = entry
     write_json(index, tasks)
     return entry
@@ -169,6 +171,62 @@ def _write(out: Path, name: str, src: Path, rows, classes, **entry) -> dict:
     return entry
 
 
+def convert_csv(table: str | Path, out: str | Path, audio_root: str | Path, name: str, metric: str | None = None,
+                multilabel: bool = False, domain: str = "sound", sample_rate: int = SR,
+                max_seconds: float = 10.0) -> dict:
+    """A plain table of your own: filename,label(s),split-or-fold (a header row naming the columns: filename |
+    file | path, label | labels, split | fold). Several labels in one field are separated by ';' or '|'
+    (--multilabel). Splits train/valid/test (val, dev, eval read as valid/valid/test) make a split task;
+    any other values are k folds. Filenames are relative to --audio-root; every file must exist."""
+    table, audio_root = Path(table), Path(audio_root)
+    if not audio_root.is_dir():
+        raise DataError(f"--audio-root {audio_root}: not a folder")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise DataError(f"--name {name!r}: use letters, digits, '_', '.' and '-' only")
+    try:
+        text = table.read_text()
+    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
+        raise DataError(f"{table}: not a readable UTF-8 CSV ({type(e).__name__})") from None
+    reader = csv.reader(text.splitlines())
+    head = [c.strip().lower() for c in next(reader, [])]
+    col = {k: next((head.index(c) for c in cands if c in head), None)
+           for k, cands in (("file", ("filename", "file", "path")), ("label", ("labels", "label")),
+                            ("fold", ("split", "fold")))}
+    if None in col.values():
+        raise DataError(f"{table}:1: expected a header with filename, label(s) and split or fold columns, got {head}")
+    alias = {"val": "valid", "validation": "valid", "dev": "valid", "eval": "test"}
+    rows, missing = [], []
+    for line, r in enumerate(reader, 2):
+        if not r or not "".join(r).strip():
+            continue
+        if len(r) != len(head):
+            raise DataError(f"{table}:{line}: expected {len(head)} fields, got {len(r)}: {r}")
+        labels = [x.strip() for x in re.split(r"[;|]" if multilabel else r"(?!)", r[col["label"]]) if x.strip()]
+        if not labels or any("," in x or "\t" in x for x in labels):
+            raise DataError(f"{table}:{line}: bad label field {r[col['label']]!r}")
+        fold = r[col["fold"]].strip()
+        fold = alias.get(fold.lower(), fold.lower() if fold.lower() in ("train", "valid", "test") else fold)
+        if not fold:
+            raise DataError(f"{table}:{line}: empty split/fold")
+        if not (audio_root / r[col["file"]]).is_file():
+            missing.append(f"{table}:{line}: {audio_root / r[col['file']]}")
+        rows.append((r[col["file"]], labels, fold))
+    if not rows:
+        raise DataError(f"{table}: no rows")
+    if missing:
+        raise DataError(f"{missing[0]}: audio file not found ({len(missing)} of {len(rows)} rows)")
+    folds = sorted({r[2] for r in rows})
+    split = set(folds) <= {"train", "valid", "test"}
+    if split and "test" not in folds:
+        raise DataError(f"{table}: a split task needs 'test' rows (have {', '.join(folds)})")
+    multi = multilabel and any(len(r[1]) > 1 for r in rows)
+    classes = sorted({c for r in rows for c in r[1]})
+    return _write(Path(out), name, audio_root, rows, classes, type="multi" if multi else "single",
+                  metric=metric or ("mAP" if multi else "accuracy"), kfold=not split,
+                  folds=["train", "valid", "test"] if split else folds, sample_rate=sample_rate,
+                  max_seconds=max_seconds, domain=domain)
+
+
 def convert_esc50(src: str | Path, out: str | Path) -> dict:
     """ESC-50: meta/esc50.csv (filename, fold, target, category, ...); 5 predefined folds, 50 classes
     ordered by target; audio/<filename>."""
@@ -235,7 +293,7 @@ def convert_speechcommands(src: str | Path, out: str | Path, version: int) -> di
         classes, label = words, (lambda w: w)
     rows = [(os.path.relpath(root / f, src), [label(f.split("/")[0])], split.get(f, "train")) for f in files]
     name = "scv1_11" if version == 1 else f"scv2_{len(words)}"
-    return _write(Path(out), name, src, rows, classes, type="single", metric="accuracy", kfold=False,
+    return _write(Path(out), name, src, rows, classes, type="single", metric="accuracy", kfold=False, domain="speech",
                   folds=["train", "valid", "test"], sample_rate=16000, max_seconds=1.0)
 
 
@@ -374,8 +432,22 @@ def main(argv=None) -> None:
         s = sub.add_parser(name, help=doc, description=fn.__doc__ or convert_speechcommands.__doc__)
         s.add_argument("src", help="the dataset folder as downloaded and unpacked (audio is not copied)")
         s.add_argument("--out", default="data/tasks", help="task root: <out>/tasks.json + <out>/<task>/<task>.tsv")
+    s = sub.add_parser("csv", help="your own table: filename,label(s),split-or-fold -> a task",
+                       description=convert_csv.__doc__)
+    s.add_argument("table", help="the CSV file")
+    s.add_argument("--audio-root", required=True, help="folder the filenames are relative to")
+    s.add_argument("--name", required=True, help="task name (letters, digits, _ . -)")
+    s.add_argument("--metric", default=None, choices=list(METRICS), help="default: mAP if multi-label, else accuracy")
+    s.add_argument("--multilabel", action="store_true", help="labels separated by ';' or '|' within the field")
+    s.add_argument("--domain", default="sound", choices=["sound", "speech", "music"], help="marks speech rows")
+    s.add_argument("--sample-rate", type=int, default=SR, help="the audio's sample rate (default 16000)")
+    s.add_argument("--max-seconds", type=float, default=10.0, help="longest training segment in seconds")
+    s.add_argument("--out", default="data/tasks", help="task root: <out>/tasks.json + <out>/<name>/<name>.tsv")
     a = p.parse_args(argv)
-    if a.dataset == "audioset":
+    if a.dataset == "csv":
+        convert_csv(a.table, a.out, a.audio_root, a.name, a.metric, a.multilabel, a.domain, a.sample_rate,
+                    a.max_seconds)
+    elif a.dataset == "audioset":
         print(json.dumps(prepare(a.csv_dir, a.audio_dir, a.out), indent=1))
     else:
         CONVERTERS[a.dataset](a.src, a.out)

@@ -544,7 +544,7 @@ def unknown_words(seed: int, count: int = 30) -> list[str]:
 # =============================================================================================
 # The downstream tasks: manifest (filename, labels, fold) + a tasks.json entry each
 # =============================================================================================
-TASKS_VERSION = 2  # bump when a task's generator changes: common.ensure_synthetic_tasks rebuilds
+TASKS_VERSION = 3  # bump when a task's generator changes: common.ensure_synthetic_tasks rebuilds
 TASKS = {  # name: (type, metric, kfold, folds or splits, clip seconds, max training seconds, what it tests)
     "sound_novel": ("single", "accuracy", True, ["1", "2", "3", "4", "5"], 5.0, 5.0,
                     "ESC-50-like; 10 sound families the upstream corpus never contains"),
@@ -660,6 +660,7 @@ def make_task(root: str | Path, task: str, scale: float = 1.0, seed: int = 0, wo
     rows = [(fn, labels, fold) for fn, (_, labels, fold) in zip(files, items)]
     entry = write_task(root, task, rows, classes, type=kind, metric=metric, kfold=kfold, folds=folds,
                        sample_rate=SR, max_seconds=max_s, clip_seconds=clip_s, description=what,
+                       domain="speech" if task in ("keywords", "speaker") else "sound",
                        build_seconds=round(time.time() - t0, 1))
     counts = {f: sum(r[2] == f for r in rows) for f in folds}
     print(f"synthetic task {task}: {len(rows)} clips, {len(classes)} classes, {kind}-label, metric {metric}, "
