@@ -4,8 +4,8 @@ Heinrich Dinkel, Zhiyong Yan, Yongqing Wang, Junbo Zhang, Yujun Wang (Xiaomi), I
 What is reproduced: a machine annotator (MA, MobileNetV2 on 64-bin log-mels) trained with weak clip
 labels re-estimates soft labels for every n-second chunk of a target set (pseudo strong labels,
 Sec. 2); a fresh student trained on the chunks with these soft labels is compared with one trained
-on the original weak labels (the paper: PSL wins by up to 18 mAP points). Stages: teacher ->
-relabel -> student -> eval, plus the Sec. 4.3 analysis.
+on the original weak labels (the paper: PSL wins by up to 18 mAP points). Stages (run()): teacher ->
+relabel -> analysis (Sec. 4.3) -> student -> eval.
 
 Paper, AudioSet balanced subset, eval mAP (%) / d' (Table 2):
     weak baseline 17.69 / 1.994   PSL-10s 31.13 / 2.454   PSL-5s 34.11 / 2.549   PSL-2s 35.48 / 2.588
@@ -14,9 +14,16 @@ Paper, AudioSet balanced subset, eval mAP (%) / d' (Table 2):
     python psl.py --segment 2 --data balanced               # synthetic corpus, all stages (8 min, 2 cores)
     python psl.py --table 2                                 # weak / PSL-10s / 5s / 2s, shared teacher
     python psl.py --data-root data/audioset --segment 2     # real AudioSet (paper schedule)
+    torchrun --nproc_per_node=2 psl.py --segment 2          # DDP (gloo on CPU, nccl on GPUs)
     python psl.py predict --ckpt runs/psl/psl_2s_balanced/student/final.pt clip.wav
-    python psl.py teacher --teacher-epochs 20 --teacher-dir runs/psl/dir_ma   # stage 1 alone (shared MA)
-    python psl.py seeds --row weak RUN RUN RUN --row psl RUN RUN RUN          # mean +- std over seeds
+    python psl.py teacher --teacher-epochs 20               # stage 1 alone: prints the shared MA's folder
+    python common.py seeds --row weak RUN RUN RUN --row psl RUN RUN RUN --key mAP   # mean +- std over seeds
+
+A killed run resumes exactly (bit-identical results) when the same command is run again; --no-resume
+restarts the run folder (removing only the files psl.py wrote there). The MA and each relabel cache
+are shared stages: folders `<--stages>/teacher-<hash>` and `relabel-<hash>` named by every setting
+that changes them (the relabel cache: the teacher file's content, the corpus files, data, segment),
+reused by every run that needs the same one and never removed by --no-resume.
 
 Deviations from the paper (numbered as in the README):
  1. Validation uses the held-out valid split (valid.tsv) by mAP over n-second chunk averages; the
@@ -46,14 +53,15 @@ Deviations from the paper (numbered as in the README):
     classifier and every saved or ranked score (eval, top-k averaging, soft labels) in fp32.
 
 Clips shorter than SHORT_CLIP_S (1 s) are zero-padded and counted (`short` in the logs, `short_clips` in
-results.json). DDP (torchrun): rank 0 alone writes, deletes and validates; the others wait at a barrier
-after each rank-0 write they read next (MA final.pt, relabel cache, top-k files).
+results.json); unreadable clips are skipped and counted (`skipped`, `skipped_clips`). DDP (torchrun):
+rank 0 alone writes, deletes and validates; the others wait at a barrier after each rank-0 write they
+read next (MA final.pt, relabel cache, top-k files).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
+import hashlib
 import math
 import sys
 from pathlib import Path
@@ -74,6 +82,7 @@ PAPER = {("weak", 10): (17.69, 1.994), ("psl", 10): (31.13, 2.454), ("psl", 5): 
 TABLES = {2: [("weak", 10), ("psl", 10), ("psl", 5), ("psl", 2)],
           3: [("weak", 10), ("weak", 5), ("weak", 2), ("ts", 10), ("ts", 5), ("ts", 2)]}
 SYNTH_SCHEDULE = {"teacher_epochs": 5, "epochs": 6, "evals_per_epoch": 2, "lr": 1e-3}  # deviation 4
+OUTPUTS = ("student/*.pt", "student/*.tmp", "student/topk.json")  # what a run writes in its folder (+ results, log)
 
 
 # =============================================================================================
@@ -92,12 +101,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--table", type=int, default=None, choices=[2, 3],
                    help="run the rows of Table 2 (weak, PSL-10/5/2s) or Table 3 (alpha 0 / 0.5) and write the table")
     g.add_argument("--threshold", type=common.FRACTION, default=0.5, help="hard labels for the analysis (Sec. 4.3)")
+    g.add_argument("--stages", type=str, default=None,
+                   help="folder of the shared stages teacher-<hash>/, relabel-<hash>/ (default: the parent of --out)")
     g = p.add_argument_group("machine annotator (Sec. 3.3)")
     g.add_argument("--ma-data", type=str, default="full", choices=["balanced", "full", "300h"],
                    help="MA training set (full AudioSet in the paper)")
-    g.add_argument("--teacher", type=str, default=None, help="use this MA checkpoint instead of training one")
-    g.add_argument("--teacher-dir", type=str, default=None,
-                   help="MA run folder, shared by runs (default: beside --out, teacher_<ma-data>_<corpus>)")
+    g.add_argument("--teacher", type=str, default=None,
+                   help="use this MA checkpoint (a psl.py final.pt) instead of training one")
     g.add_argument("--teacher-epochs", type=common.POSITIVE_INT, default=None,
                    help="MA epochs with polynomial decay (30; synthetic: 5)")
     g.add_argument("--poly-power", type=common.NONNEG, default=1.0, help="polynomial lr decay power (not given; ours)")
@@ -137,36 +147,57 @@ def run_name(a: argparse.Namespace) -> str:
 
 
 def resolve(a: argparse.Namespace, corpus: common.Corpus) -> argparse.Namespace:
-    """Derived values, computed once after parsing (deviation 4 for the synthetic corpus)."""
+    """Derived values, computed once after parsing (deviation 4 for the synthetic corpus); a bad --teacher
+    file is one line here, before any work."""
     a = copy.copy(a)
     if a.labels == "weak":
         a.alpha = 0.0
     a.out = a.out or str(Path("runs/psl") / (a.name or run_name(a)))
-    a.clip_seconds = (json.loads((corpus.root / "synth.json").read_text())["clip_seconds"]
-                      if corpus.synthetic else 10.0)  # nominal; real clips are measured (common.clip_durations)
+    a.stages = a.stages or str(Path(a.out).parent)
+    a.clip_seconds = corpus.clip_seconds or 10.0  # nominal; real clips are measured (common.clip_durations)
+    a.synthetic = corpus.synthetic  # validation intervals are derived per stage in train() (eval_interval)
     if a.teacher_epochs is None:
         a.teacher_epochs = SYNTH_SCHEDULE["teacher_epochs"] if corpus.synthetic else 30
     if a.epochs is None:
         a.epochs = SYNTH_SCHEDULE["epochs"] if corpus.synthetic else 300
     if a.lr is None:
         a.lr = SYNTH_SCHEDULE["lr"] if corpus.synthetic else 1e-4
-    a.synthetic = corpus.synthetic  # validation intervals are derived per stage in train() (eval_interval)
-    corpus_tag = "synth" if corpus.synthetic else corpus.root.name
-    a.teacher_dir = a.teacher_dir or str(Path(a.out).parent / f"teacher_{a.ma_data}_{corpus_tag}_"
-                                                             f"{common.settings_hash(ma_settings(a, corpus))}")
+    if a.teacher:  # a missing file or another script's checkpoint: one line, before any work
+        read_checkpoint(a.teacher)
+    a.teacher_sha1 = file_sha1(a.teacher) if a.teacher else None  # the MA's content is part of the identity
     return a
 
 
-# Every setting that changes the machine annotator: its folder is named by their hash, so runs with the
-# same MA share it and a changed setting trains a new one (run identity).
-MA_KEYS = ("ma_data", "synth_scale", "synth_clip_seconds", "seed", "teacher_epochs", "poly_power", "mixup_alpha",
-           "gain_db", "max_shift_s", "freq_mask", "time_mask", "n_masks", "batch_size", "lr", "ma_eval_every",
-           "patience", "top_k", "valid_on", "amp", "max_steps")
+def file_sha1(path) -> str:
+    """A file's content identity (a user's MA checkpoint, or the one a teacher stage wrote)."""
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
-def ma_settings(a: argparse.Namespace, corpus: common.Corpus) -> dict:
-    return common.run_settings({k: getattr(a, k) for k in MA_KEYS}, ignore=("max_steps",)) | \
-        {"data_root": str(corpus.root.resolve()), "max_steps": a.max_steps}
+def corpus_identity(root: Path, rows: list) -> dict:
+    """What a shared stage read: the corpus folder, its manifests' size + mtime (edited or regenerated data is
+    a new stage) and a hash of the training files' names in order (e.g. a 300h sample of another seed)."""
+    files = [Path(root) / n for n in ("class_labels_indices.csv", "balanced_train.tsv", "unbalanced_train.tsv",
+                                      "300h_train.tsv", "valid.tsv", "eval.tsv", "synth.json")]
+    names = hashlib.sha1("\n".join(fn for fn, _ in rows).encode()).hexdigest()
+    return {"root": str(Path(root).resolve()), "rows": names,
+            "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.exists()}}
+
+
+MA_KEYS = ("ma_data", "seed", "teacher_epochs", "poly_power", "mixup_alpha", "gain_db", "max_shift_s", "freq_mask",
+           "time_mask", "n_masks", "batch_size", "lr", "ma_eval_every", "patience", "top_k", "valid_on", "amp",
+           "max_steps", "clip_seconds")
+
+
+def teacher_settings(a: argparse.Namespace, corpus: common.Corpus) -> dict:
+    """Every setting that changes the machine annotator (`corpus`: its --ma-data corpus): its stage folder is
+    named by their hash, so runs with the same MA share it and a changed setting trains a new one."""
+    return {k: getattr(a, k) for k in MA_KEYS} | {"corpus": corpus_identity(corpus.root, corpus.train)}
+
+
+def seed_stage(seed: int, stage: str) -> None:
+    """Every stage starts from RNG states of (seed, stage) alone: its result never depends on which stages
+    ran before it in this process (a student equals the one trained against the same MA read from disk)."""
+    common.seed_everything(int(np.random.SeedSequence([seed, *stage.encode()]).generate_state(1)[0]))
 
 
 # =============================================================================================
@@ -232,13 +263,27 @@ class MobileNetV2(nn.Module):
 
 
 def build_model(ckpt: dict, path="checkpoint") -> MobileNetV2:
-    """Rebuild a model from a self-describing checkpoint alone."""
-    if not isinstance(ckpt, dict) or "labels" not in ckpt or "model" not in ckpt:
+    """Rebuild a model from a self-describing checkpoint alone; another script's checkpoint is one line."""
+    ours = isinstance(ckpt, dict) and {"model", "labels", "segment"} <= set(ckpt) and ckpt.get("script", "psl") == "psl"
+    if not ours:
+        other = (ckpt.get("script") or ("psla" if "config" in ckpt else None)) if isinstance(ckpt, dict) else None
         raise common.DataError(f"{path}: not a psl.py model checkpoint (a student's or MA's final.pt)"
-                               + (" but a psla.py one" if isinstance(ckpt, dict) and "config" in ckpt else ""))
+                               + (f" but a {other}.py one" if other else ""))
     model = MobileNetV2(len(ckpt["labels"]["mids"]))
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def read_checkpoint(path) -> dict:
+    """A psl.py final.pt; missing, unreadable or another script's: one line naming the file."""
+    try:
+        ckpt = common.load_checkpoint(path)
+    except common.DataError:
+        raise
+    except Exception as e:  # torch.load of something else than a checkpoint (many exception types)
+        raise common.DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    build_model(ckpt, path)
+    return ckpt
 
 
 # =============================================================================================
@@ -298,12 +343,18 @@ class ChunkTargets:
 
 
 def average_chunks(chunk_scores: np.ndarray, clip_index: np.ndarray, n_clips: int) -> np.ndarray:
-    """Clip score = mean of its chunks' scores (Sec. 3.3); NaN rows (unreadable chunks) are ignored."""
+    """Clip score = mean of its chunks' scores (Sec. 3.3), at every validation: one np.add.reduceat over the
+    runs of equal clip index (chunks come in clip order). NaN rows (unreadable chunks) are ignored; a clip
+    with no readable chunk gets a NaN row (common.readable_scores excludes and counts it)."""
     ok = ~np.isnan(chunk_scores).any(1)
+    idx, rows = clip_index[ok], chunk_scores[ok].astype(np.float64)
+    order = np.argsort(idx, kind="stable")  # a no-op for chunk datasets (sorted already)
+    idx, rows = idx[order], rows[order]
+    starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]]) if len(idx) else np.zeros(0, np.int64)
     sums = np.zeros((n_clips, chunk_scores.shape[1]))
-    np.add.at(sums, clip_index[ok], chunk_scores[ok])
-    counts = np.bincount(clip_index[ok], minlength=n_clips)[:, None]
-    return (sums / np.maximum(counts, 1)).astype(np.float32)
+    sums[idx[starts]] = np.add.reduceat(rows, starts, axis=0) if len(idx) else 0.0
+    counts = np.bincount(idx, minlength=n_clips)[:, None]
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
 
 
 # =============================================================================================
@@ -338,40 +389,11 @@ def predict_chunks(model: nn.Module, dataset, args, desc: str = "predict", out: 
 
 def evaluate(model: nn.Module, corpus: common.Corpus, rows: list, y_true: np.ndarray, segment: float | None,
              args) -> dict:
-    """mAP / mAUC / d' of chunk-averaged clip scores (segment None: whole clips)."""
+    """mAP / mAUC / d' of chunk-averaged clip scores (segment None: whole clips); a clip none of whose chunks
+    could be read is excluded and counted (`skipped`), not scored as all-zero."""
     ds = chunk_dataset(corpus, rows, np.zeros((len(rows), 1), np.float32), segment, args.clip_seconds)
-    chunk_scores = predict_chunks(model, ds, args, "eval")
-    scores = average_chunks(chunk_scores, ds.clip_index, len(rows))
-    ok = np.bincount(ds.clip_index[~np.isnan(chunk_scores).any(1)], minlength=len(rows)) > 0
-    # a clip none of whose chunks could be read is excluded, not scored as all-zero
-    return common.tagging_metrics(y_true[ok], scores[ok]) | {"skipped_clips": int((~ok).sum()),
-                                                              "short_clips": ds.short_clips}
-
-
-def from_rank0(value):
-    """Rank 0's value on every rank (a no-op without DDP), for decisions all ranks must share: the
-    validation metric (checkpoint ranking, early stop) and whether a cache is reused."""
-    if common.world_size() == 1:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def summed(n: int) -> int:
-    """Sum of an integer over the ranks (skipped clips: each rank counts its own share)."""
-    if common.world_size() == 1:
-        return n
-    out = [0] * common.world_size()
-    torch.distributed.all_gather_object(out, n)
-    return sum(out)
-
-
-def rank_share(indices: np.ndarray) -> np.ndarray:
-    """This rank's share of one epoch's indices, padded by wrapping around to a multiple of the world size
-    (as DistributedSampler), so that every rank makes the same number of steps (unequal counts hang DDP)."""
-    w = common.world_size()
-    return np.resize(indices, math.ceil(len(indices) / w) * w)[common.rank()::w]
+    scores = average_chunks(predict_chunks(model, ds, args, "eval"), ds.clip_index, len(rows))
+    return common.readable_scores(y_true, scores) | {"short_clips": ds.short_clips}
 
 
 def eval_interval(steps_per_epoch: int, synthetic: bool) -> int:
@@ -387,47 +409,62 @@ def bce(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy(p.float().clamp(1e-7, 1 - 1e-7), y.float())
 
 
+def spec_augment(args):
+    """SpecAugment on log-mels (B, mel, T): --n-masks frequency and time masks (MA only, Sec. 3.3)."""
+    return lambda x: common.mask_along(common.mask_along(x, args.freq_mask, 1, args.n_masks), args.time_mask, 2,
+                                       args.n_masks)
+
+
+def train_step(net: nn.Module, wave: torch.Tensor, y: torch.Tensor, opt, scaler, args, n_classes: int,
+               alpha: float, dtype, mel_augment=None) -> torch.Tensor:
+    """One update; y is [soft | weak] (B, 2K), loss = alpha*BCE(soft) + (1-alpha)*BCE(weak) (Sec. 4.2).
+    With mel_augment (the MA, Sec. 3.3): wave gain / polarity / time shift, mix-up, then SpecAugment.
+    Returns the loss on the device (no host sync)."""
+    if mel_augment is not None:
+        wave = common.wave_augment(wave, (-args.gain_db, args.gain_db), max_shift=int(args.max_shift_s * common.SR))
+        wave, y = common.mixup(wave, y, args.mixup_alpha)
+    with common.autocast(wave.device, dtype):
+        p, _ = net(wave, mel_augment)
+    K = n_classes
+    loss = (alpha * bce(p, y[:, :K]) if alpha > 0 else 0) + ((1 - alpha) * bce(p, y[:, K:]) if alpha < 1 else 0)
+    common.optimizer_step(loss, opt, scaler)
+    return loss.detach()
+
+
 def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_dir: Path, args, *, epochs: int,
           alpha: float, augment: bool, poly_decay: bool, validate, eval_every: int | None = None) -> dict:
-    """One visible loop for MA and student. `dataset` targets are [soft | weak] (2K columns); loss =
-    alpha*BCE(soft) + (1-alpha)*BCE(weak) (Sec. 4.2). `sample(epoch)` gives one epoch's indices.
-    Validation every `eval_every` batches (None: eval_interval), early stop after args.patience epochs
-    without a gain, top-k checkpoints weight-averaged into the returned model (Sec. 3.2). Resumable from last.pt.
-    `sample(epoch)` returns this rank's share of the epoch's indices."""
+    """One visible loop for MA and student. `sample(epoch)` gives one epoch's indices (the same on every
+    rank; each rank trains on its common.shard). Validation every `eval_every` batches (None: eval_interval),
+    early stop after args.patience epochs without a gain, top-k checkpoints weight-averaged into the
+    returned model (Sec. 3.2). Resumes exactly from folder/last.pt (weights, optimizer, every RNG state; the
+    data position is the step)."""
     device = next(model.parameters()).device
     dtype = common.amp_dtype(device, args.amp)
-    net = nn.parallel.DistributedDataParallel(model) if common.world_size() > 1 else model
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    net = common.compiled(common.wrap_ddp(model), args.compile)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     scaler = common.grad_scaler(device, dtype)
-    steps_per_epoch = math.ceil(len(sample(0)) / args.batch_size)
+    steps_per_epoch = math.ceil(len(common.shard(sample(0))) / args.batch_size)
     total = epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, epochs * steps_per_epoch)
     eval_every = eval_every or eval_interval(steps_per_epoch, args.synthetic)
     patience_steps = math.ceil(args.patience * steps_per_epoch)  # patience counts epochs (Sec. 3.3)
+    mel_augment = spec_augment(args) if augment else None  # one callable per stage (torch.compile guards on it)
     folder.mkdir(parents=True, exist_ok=True)
-    if not args.resume and common.is_main():  # a fresh stage: rank 0 alone deletes its checkpoints and log
-        for f in [*folder.glob("*.pt"), *folder.glob("*.pt.tmp"), folder / "topk.json", folder / "log.jsonl"]:
-            f.unlink(missing_ok=True)
-    common.barrier()  # nothing is read (top-k list, last.pt) before rank 0 has deleted
     topk, logger = common.TopKCheckpoints(folder, args.top_k), common.RunLogger(log_dir)
-    state = {"step": 0, "best": -1.0, "best_step": 0, "skipped": 0}
-    if args.resume and (folder / "last.pt").exists():
-        ck = common.load_checkpoint(folder / "last.pt", device)
-        model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
-        state = {"skipped": 0, "best_step": 0, **ck["state"]}
-        common.set_rng_state(ck.get("rng"))  # dropout, augmentation, mix-up continue as if never stopped
-        if ck.get("record"):  # the line of this checkpoint, if a kill came between last.pt and the log
-            logger.log_once(ck["record"], ("stage", "step"))
+    state = common.load_state(folder / "last.pt", model, opt, scaler) or \
+        {"step": 0, "best": -1.0, "best_step": 0, "skipped": 0, "record": None}
+    if state.get("record"):  # the line of this checkpoint, if a kill came between last.pt and the log
+        logger.log_once(state["record"], ("stage", "step"))
         print(f"{folder.name}: resumed at step {state['step']}/{total}")
-    K = n_classes
-    spec_augment = lambda x: common.mask_along(common.mask_along(x, args.freq_mask, 1, args.n_masks),
-                                               args.time_mask, 2, args.n_masks)  # (B, mel, T)
     bar = tqdm(total=total, initial=state["step"], desc=folder.name, disable=not common.is_main())
-    running, pending = [], 0  # pending: this rank's skipped items since the last validation
+    loss, pending = common.Mean(device), 0  # pending: this rank's skipped items since the last validation
     stop = lambda: state["step"] >= total or state["step"] - state["best_step"] >= patience_steps
     while not stop():
         epoch, skip = divmod(state["step"], steps_per_epoch)
-        indices = sample(epoch)[skip * args.batch_size:]  # this rank's share; resume mid-epoch
-        loader = common.make_loader(dataset, args.batch_size, sampler=indices, workers=args.workers, seed=args.seed)
+        indices = common.shard(sample(epoch))[skip * args.batch_size:]  # this rank's share; resume mid-epoch
+        loader = common.make_loader(dataset, args.batch_size, sampler=indices, workers=args.workers,
+                                    seed=args.seed * 100_003 + epoch)
         for j, batch in enumerate(loader):
             planned = len(indices[j * args.batch_size:(j + 1) * args.batch_size])
             pending += planned - (0 if batch is None else len(batch[2]))  # unreadable: skipped, counted
@@ -435,43 +472,26 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
             for group in opt.param_groups:
                 group["lr"] = lr
             model.train()
-            if batch is not None:  # None: every clip of the batch was unreadable
-                wave, y, _ = (t.to(device, non_blocking=True) for t in batch)
-                if augment:  # MA only (Sec. 3.3): wave augmentation, mix-up Beta(1, 1), SpecAugment
-                    wave = common.wave_augment(wave, (-args.gain_db, args.gain_db),
-                                               max_shift=int(args.max_shift_s * common.SR))
-                    wave, y = common.mixup(wave, y, args.mixup_alpha)
-                with common.autocast(device, dtype):
-                    p, _ = net(wave, spec_augment if augment else None)
-                loss = (alpha * bce(p, y[:, :K]) if alpha > 0 else 0) + \
-                       ((1 - alpha) * bce(p, y[:, K:]) if alpha < 1 else 0)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                running.append(loss.item())
+            if batch is not None:  # None: every clip of the batch was unreadable (skipped, counted)
+                wave, y, _ = common.to_device(batch, device)
+                loss.add(train_step(net, wave, y, opt, scaler, args, n_classes, alpha, dtype, mel_augment))
             state["step"] += 1
             bar.update(1)
             if state["step"] % eval_every == 0 or state["step"] == total:
-                metric = from_rank0(validate(model) if common.is_main() else None)  # rank 0 validates
-                state["skipped"], pending = state["skipped"] + summed(pending), 0
-                gain = metric > state["best"]
-                if gain:
+                metric = common.from_rank0(validate(model) if common.is_main() else None)  # rank 0 validates
+                state["skipped"], pending = state["skipped"] + common.all_sum(pending), 0
+                if metric > state["best"]:
                     state["best"], state["best_step"] = metric, state["step"]
-                record = {"stage": folder.name, "step": state["step"],
-                          "epoch": round(state["step"] / steps_per_epoch, 2),
-                          "train/loss": float(np.mean(running)) if running else float("nan"),
-                          "val/mAP": metric, "lr": lr, "skipped": state["skipped"], "short": dataset.short_clips}
-                running = []
+                state["record"] = {"stage": folder.name, "step": state["step"],
+                                   "epoch": round(state["step"] / steps_per_epoch, 2), "train/loss": loss.read(),
+                                   "val/mAP": metric, "lr": lr, "skipped": state["skipped"],
+                                   "short": dataset.short_clips}
                 # top-k first, then last.pt, then the log line: a kill between them redoes this
                 # validation (top-k replaces its entry of the same step) and never logs a line twice
                 topk.update(metric, {"model": model.state_dict()}, state["step"])
-                common.save_checkpoint(folder / "last.pt", {"model": model.state_dict(), "state": state,
-                                                            "optimizer": opt.state_dict(),
-                                                            "scaler": scaler.state_dict(), "rng": common.rng_state(),
-                                                            "record": record})
+                common.save_state(folder / "last.pt", model, opt, scaler, **state)
                 common.barrier()
-                logger.log(record)
+                logger.log(state["record"])
             if stop():
                 break
     bar.close()
@@ -482,12 +502,36 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
 
 
 def save_final(path: Path, model: nn.Module, corpus: common.Corpus, segment: float | None, args, info: dict) -> None:
-    common.save_checkpoint(path, {"model": model.state_dict(), "segment": segment, "args": vars(args), "info": info,
-                                  "labels": {"mids": corpus.labels.mids, "names": corpus.labels.names}})
+    common.save_checkpoint(path, {"script": "psl", "model": model.state_dict(), "segment": segment, "args": vars(args),
+                                  "info": info, "labels": {"mids": corpus.labels.mids, "names": corpus.labels.names}})
+
+
+def bench_step(device, amp: str = "auto", batch_size: int = 8) -> dict:
+    """For data/bench.py: `step` = the MA's real training step (train_step: wave augmentation, mix-up,
+    log-mel front-end, SpecAugment, BCE, Adam) on a fixed batch of 10 s clips, 527 classes; `bare` = one
+    forward + backward + Adam step of the bare model on the same batch."""
+    device = torch.device(device)
+    args = parse_args(["--amp", amp, "--batch-size", str(batch_size)])
+    dtype, K = common.amp_dtype(device, amp), 527
+    model = MobileNetV2(K).to(device).train()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    opt, scaler = torch.optim.Adam(model.parameters(), lr=1e-4), common.grad_scaler(device, dtype)
+    g = torch.Generator().manual_seed(0)
+    wave = (torch.randn(batch_size, 10 * common.SR, generator=g) * 0.1).to(device)
+    y = torch.cat([torch.zeros(batch_size, K), (torch.rand(batch_size, K, generator=g) < 0.01).float()], 1).to(device)
+    mel_augment = spec_augment(args)
+
+    def bare():
+        with common.autocast(device, dtype):
+            p, _ = model(wave)
+        common.optimizer_step(bce(p, y[:, K:]), opt, scaler)
+    return {"step": lambda: train_step(model, wave, y, opt, scaler, args, K, 0.0, dtype, mel_augment), "bare": bare,
+            "clips": batch_size}
 
 
 # =============================================================================================
-# Paper procedures: MA training, relabeling, student training, analysis
+# Paper procedures: MA training, relabeling, analysis, student training
 # =============================================================================================
 def eval_targets(corpus: common.Corpus) -> np.ndarray:
     """The eval clips' true labels where the corpus has them (eval_true.tsv), else their manifest labels."""
@@ -507,73 +551,70 @@ def validation_split(corpus: common.Corpus, args) -> list:
 
 
 def train_teacher(args, device) -> Path:
-    """Stage 1 (Sec. 3.3): the MA on --ma-data with weak labels, pseudo-balanced sampling,
-    wave augmentation, mix-up, SpecAugment and polynomial lr decay; whole 10 s clips."""
-    folder = Path(args.teacher_dir)
-    final = folder / "final.pt"
+    """Stage 1 (Sec. 3.3): the MA on --ma-data with weak labels, pseudo-balanced sampling, wave augmentation,
+    mix-up, SpecAugment and polynomial lr decay; whole clips. A shared stage: <stages>/teacher-<hash of
+    every MA setting and the corpus files>, trained once (resumable), reused by every run that needs it.
+    Returns its final.pt; the MA's own eval numbers are its results.json."""
     corpus = common.load_corpus(args.data_root, args.ma_data, args.synth_scale, args.synth_clip_seconds, args.seed)
-    settings = ma_settings(args, corpus)
-    common.claim_run_folder(folder, settings, True, "machine annotator")  # an explicit --teacher-dir may differ
-    if final.exists() and (folder / "results.json").exists():
-        return final
-    model = MobileNetV2(len(corpus.labels)).to(device)
-    ds = chunk_dataset(corpus, corpus.train, np.zeros((len(corpus.train), 0), np.float32), None, args.clip_seconds)
-    if final.exists():
-        model.load_state_dict(common.load_checkpoint(final)["model"])
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        common.save_config(folder, args, settings)
-        weak = weak_targets(corpus, corpus.train)  # (N_clips, K) uint8
-        ds.targets = ChunkTargets(weak, ds.clip_index)  # [zeros | weak]: alpha 0 trains on the weak half
-        sampler = common.PseudoBalancedSampler(weak, seed=args.seed)
-        sample = lambda epoch: rank_share(sampler.epoch_indices(epoch))  # the epoch's share
-        vrows = validation_split(corpus, args)
-        vtrue = corpus.targets(vrows)
-        print(f"machine annotator: MobileNetV2, {sum(p.numel() for p in model.parameters()):,} parameters, "
-              f"{len(ds)} clips of {args.ma_data}")
-        info = train(model, ds, len(corpus.labels), sample, folder, folder, args, epochs=args.teacher_epochs,
-                     alpha=0.0, augment=True, poly_decay=True, eval_every=args.ma_eval_every,
-                     validate=lambda m: evaluate(m, corpus, vrows, vtrue, None, args)["mAP"])
-        save_final(final, model, corpus, None, args, info)
-        common.barrier()  # rank 0 wrote final.pt; the others read it next
-    # the MA's own eval numbers on whole clips (paper, full AudioSet: 40.53 mAP, d' 2.695)
-    m = evaluate(model, corpus, corpus.eval, eval_targets(corpus), None, args)
-    table = common.markdown_table(["model", "mAP %", "mAUC", "d'", common.paper_heading(corpus, "paper mAP %"),
-                                   "paper d'"],
-                                  [[f"MA ({args.ma_data})", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
-                                    f"{m['dprime']:.3f}", "40.53", "2.695"]])
-    common.write_results(folder, {k: m[k] for k in ("mAP", "mAUC", "dprime", "AP", "skipped_clips")}
-                         | {"short_clips": {"train": ds.short_clips, "eval": m["short_clips"]}}, table)
-    print(table)
+    folder = common.stage_dir(args.stages, "teacher", teacher_settings(args, corpus))
+    final = folder / "final.pt"
+    with common.RunLock(folder, wait=True):  # a second run needing this MA waits, then reuses it
+        if common.from_rank0((folder / "results.json").exists()):
+            return final
+        seed_stage(args.seed, "teacher")
+        model = MobileNetV2(len(corpus.labels)).to(device)
+        ds = chunk_dataset(corpus, corpus.train, np.zeros((len(corpus.train), 0), np.float32), None, args.clip_seconds)
+        if final.exists():  # killed after final.pt, before its evaluation
+            model.load_state_dict(common.load_checkpoint(final)["model"])
+        else:
+            weak = weak_targets(corpus, corpus.train)  # (N_clips, K) uint8
+            ds.targets = ChunkTargets(weak, ds.clip_index)  # [zeros | weak]: alpha 0 trains on the weak half
+            sampler = common.PseudoBalancedSampler(weak, seed=args.seed)
+            vrows = validation_split(corpus, args)
+            vtrue = corpus.targets(vrows)
+            print(f"machine annotator: MobileNetV2, {sum(p.numel() for p in model.parameters()):,} parameters, "
+                  f"{len(ds)} clips of {args.ma_data}")
+            info = train(model, ds, len(corpus.labels), sampler.epoch_indices, folder, folder, args,
+                         epochs=args.teacher_epochs, alpha=0.0, augment=True, poly_decay=True,
+                         eval_every=args.ma_eval_every,
+                         validate=lambda m: evaluate(m, corpus, vrows, vtrue, None, args)["mAP"])
+            save_final(final, model, corpus, None, args, info)
+        if common.is_main():  # the MA's own eval numbers on whole clips (paper, full AudioSet: 40.53 / 2.695)
+            m = evaluate(model, corpus, corpus.eval, eval_targets(corpus), None, args)
+            results = {k: m[k] for k in ("mAP", "mAUC", "dprime", "AP", "n")} | {
+                "skipped_clips": m["skipped"], "short_clips": {"train": ds.short_clips, "eval": m["short_clips"]}}
+            common.report(folder, results, teacher_markdown(results, args, corpus))
+        common.barrier()  # rank 0 wrote final.pt and results.json; the others read final.pt next (relabel)
     return final
 
 
-def relabel_segments(teacher: nn.Module, corpus: common.Corpus, rows: list, segment: float, args,
-                     cache: Path) -> np.memmap:
-    """Stage 2 (Sec. 2): the MA's soft labels y_PSL^n for every n-second chunk of the target set,
-    (N_chunks, K), never thresholded; computed once per (teacher, data, segment) and cached as a float16
-    .npy (half the bytes; rounding at most 2.4e-4), written batch by batch through a memory map and read
-    back memory-mapped, so no process holds the whole array. Under DDP each rank labels its share."""
-    ds = chunk_dataset(corpus, rows, np.zeros((len(rows), 0), np.float32), segment, args.clip_seconds)
-    shape = (len(ds), teacher.classifier[-1].out_features)
-    old = np.load(cache, mmap_mode="r") if cache.exists() else None
-    reuse = old is not None and old.shape == shape and old.dtype == np.float16  # else (older code's float32): redo
-    del old
-    if not from_rank0(reuse):  # rank 0 decides: every rank takes the same path (the same barriers)
-        tmp = cache.with_suffix(".tmp.npy")
-        if common.is_main():
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape).flush()  # sparse file
-        common.barrier()  # rank 0 created the file before any rank opens it
-        soft = np.load(tmp, mmap_mode="r+")
-        share = np.array_split(np.arange(len(ds)), common.world_size())[common.rank()]  # contiguous rows
-        predict_chunks(teacher, ds, args, f"relabel {segment:g}s", out=soft, indices=share)
-        soft.flush()
-        del soft
-        common.barrier()  # every share is written before rank 0 publishes the file
-        if common.is_main():
-            tmp.replace(cache)
-        common.barrier()  # rank 0 renamed it before any rank reads it
+def relabel_segments(teacher: Path, chunks: common.SegmentDataset, args, device) -> np.memmap:
+    """Stage 2 (Sec. 2): the MA's soft labels y_PSL^n for every n-second chunk of the target set
+    (N_chunks, K), never thresholded. A shared stage: <stages>/relabel-<hash of the teacher file's content,
+    the corpus files and rows, data, segment, precision>/soft.npy, float16 (half the bytes; rounding at most
+    2.4e-4), written batch by batch through a memory map and read back memory-mapped, so no process holds
+    the whole array. Under DDP each rank labels its share of the rows."""
+    settings = {"teacher": file_sha1(teacher), "corpus": corpus_identity(chunks.root, chunks.rows), "data": args.data,
+                "segment": args.segment, "clip_seconds": args.clip_seconds, "amp": args.amp, "dtype": "float16"}
+    folder = common.stage_dir(args.stages, "relabel", settings)
+    cache = folder / "soft.npy"
+    with common.RunLock(folder, wait=True):
+        if not common.from_rank0(cache.exists()):  # rank 0 decides: every rank takes the same path (barriers)
+            model = build_model(common.load_checkpoint(teacher), teacher).to(device)
+            shape = (len(chunks), model.classifier[-1].out_features)
+            tmp = cache.with_suffix(".tmp.npy")
+            if common.is_main():
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape).flush()  # sparse file
+            common.barrier()  # rank 0 created the file before any rank opens it
+            soft = np.load(tmp, mmap_mode="r+")
+            share = np.array_split(np.arange(len(chunks)), common.world_size())[common.rank()]  # contiguous rows
+            predict_chunks(model, chunks, args, f"relabel {args.segment:g}s", out=soft, indices=share)
+            soft.flush()
+            del soft
+            common.barrier()  # every share is written before rank 0 publishes the file
+            if common.is_main():
+                tmp.replace(cache)
+            common.barrier()  # rank 0 renamed it before any rank reads it
     return np.load(cache, mmap_mode="r")
 
 
@@ -669,157 +710,130 @@ def analysis_markdown(a: dict, segment: float) -> str:
     return "\n".join(lines)
 
 
-def student_data(args, corpus: common.Corpus, device) -> tuple[common.SegmentDataset, np.ndarray, dict | None]:
-    """The target set's chunks with [soft | weak] targets (weak = clip labels propagated, Sec. 2), the
-    chunks usable for training, and the Sec. 4.3 analysis (None for alpha = 0, which needs no MA, and
-    on ranks other than 0). Targets are read per item (ChunkTargets): soft from the float16 memory map."""
-    ds = chunk_dataset(corpus, corpus.train, np.zeros((len(corpus.train), 0), np.float32), args.segment,
-                       args.clip_seconds)
-    weak = weak_targets(corpus, corpus.train)  # (N_clips, K) uint8, indexed per chunk by ds.clip_index
-    if args.alpha == 0:
-        ds.targets = ChunkTargets(weak, ds.clip_index)
-        return ds, np.arange(len(ds)), None
-    ckpt_path = Path(args.teacher) if args.teacher else train_teacher(args, device)
-    if not ckpt_path.is_file():
-        raise common.DataError(f"--teacher {ckpt_path}: not a checkpoint file (give an MA's final.pt)")
-    key = common.settings_hash({"teacher": str(ckpt_path.resolve()), "size": ckpt_path.stat().st_size,
-                                "mtime": ckpt_path.stat().st_mtime_ns, "data_root": str(corpus.root.resolve()),
-                                "data": args.data, "segment": args.segment, "amp": args.amp,
-                                "dtype": "float16"})  # a float32 cache of older code is never reused
-    cache = ckpt_path.parent / "relabel" / f"{ckpt_path.stem}_{args.data}_{args.segment:g}s_{key}.npy"
-    teacher = build_model(common.load_checkpoint(ckpt_path), ckpt_path).to(device)
-    soft = relabel_segments(teacher, corpus, corpus.train, args.segment, args, cache)
-    ok = readable(soft)
-    usable = np.flatnonzero(ok)  # chunks the MA could read
-    print(f"relabel {args.segment:g}s: {len(ds)} chunks of {len(corpus.train)} clips, "
-          f"skipped={len(np.unique(ds.clip_index[~ok]))} unreadable clips, short={ds.short_clips} clips "
-          f"under {SHORT_CLIP_S:g} s (padded); {cache.name}")
-    analysis = analyse_labels(corpus, corpus.train, soft, ds, args.threshold, weak) if common.is_main() else None
-    ds.targets = ChunkTargets(weak, ds.clip_index, cache)
-    return ds, usable, analysis
+def train_student(corpus: common.Corpus, chunks: common.SegmentDataset, weak: np.ndarray, soft: np.memmap | None,
+                  out: Path, args, device) -> tuple[nn.Module, dict]:
+    """Stage 4 (Sec. 3.3): a fresh MobileNetV2 on the target set's chunks, random sampling, no augmentation;
+    each chunk's target row [soft | weak] is built when it is loaded (ChunkTargets: soft from the float16
+    memory map, none for alpha 0; weak = its clip's labels, Sec. 2). Chunks the MA could not read are left
+    out. Returns the top-k averaged model and its info (reloaded from out/student/final.pt when done)."""
+    final = out / "student" / "final.pt"
+    seed_stage(args.seed, "student")
+    model = MobileNetV2(len(corpus.labels)).to(device)
+    if final.exists():
+        ck = common.load_checkpoint(final)
+        model.load_state_dict(ck["model"])
+        return model, ck["info"]
+    chunks.targets = ChunkTargets(weak, chunks.clip_index, None if soft is None else Path(soft.filename))
+    ok = np.ones(len(chunks), bool) if soft is None else readable(soft)
+    usable = np.flatnonzero(ok)
+    vrows = validation_split(corpus, args)
+    vtrue, vseg = corpus.targets(vrows), args.segment if args.eval_mode == "chunks" else None
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"student: MobileNetV2, {n_params:,} parameters, alpha {args.alpha:g}, {len(usable)} of {len(chunks)} "
+          f"chunks of {args.segment:g} s (skipped={len(np.unique(chunks.clip_index[~ok]))} clips the MA could not "
+          f"read; short={chunks.short_clips} clips under {SHORT_CLIP_S:g} s, padded)")
+    sample = lambda epoch: np.random.default_rng([args.seed, epoch]).permutation(usable)  # random order (Sec. 3.3)
+    info = train(model, chunks, len(corpus.labels), sample, out / "student", out, args, epochs=args.epochs,
+                 alpha=args.alpha, augment=False, poly_decay=False, eval_every=args.eval_every,
+                 validate=lambda m: evaluate(m, corpus, vrows, vtrue, vseg, args)["mAP"])
+    info |= {"params": n_params, "relabel_skipped_clips": len(np.unique(chunks.clip_index[~ok])),
+             "short_clips": chunks.short_clips}
+    save_final(final, model, corpus, args.segment, args, info)
+    return model, info
 
 
 # =============================================================================================
-# main: teacher -> relabel -> student -> eval, each stage skipped when its output exists
+# Results: results.json and the paper-style tables
+# =============================================================================================
+def teacher_markdown(m: dict, args, corpus: common.Corpus) -> str:
+    return common.markdown_table(["model", "mAP %", "mAUC", "d'", "eval clips (skipped)",
+                                  common.paper_heading(corpus, "paper mAP %"), "paper d'"],
+                                 [[f"MA ({args.ma_data})", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
+                                   f"{m['dprime']:.3f}", f"{m['n']} ({m['skipped_clips']})", "40.53", "2.695"]])
+
+
+def student_results(args, corpus: common.Corpus, m: dict, info: dict, analysis: dict | None) -> dict:
+    kind = "weak" if args.alpha == 0 else "psl" if args.alpha == 1 else "ts"
+    return {"method": kind, "segment": args.segment, "alpha": args.alpha, "data": args.data,
+            "mAP": m["mAP"], "mAUC": m["mAUC"], "dprime": m["dprime"], "AP": m["AP"], "n": m["n"],
+            "params": info["params"],
+            "student": info, "analysis": analysis, "corpus": "synthetic" if corpus.synthetic else str(corpus.root),
+            "skipped_clips": {"relabel_clips": info["relabel_skipped_clips"], "student_train": info["skipped_clips"],
+                              "eval": m["skipped"]},
+            "short_clips": {"train": info["short_clips"], "eval": m["short_clips"]}}  # < SHORT_CLIP_S, padded
+
+
+def psl_markdown(r: dict, corpus: common.Corpus) -> str:
+    paper = PAPER.get((r["method"], int(r["segment"]))) if r["data"] == "balanced" else None
+    title = f"## PSL: {r['method']} labels, {r['segment']:g} s chunks, alpha {r['alpha']:g}, trained on {r['data']}"
+    table = common.markdown_table(["method", "mAP %", "mAUC", "d'", "eval clips (skipped)",
+                                   common.paper_heading(corpus, "paper mAP %"), "paper d'"],
+                                  [[f"{r['method']}-{r['segment']:g}s", f"{100 * r['mAP']:.2f}", f"{r['mAUC']:.4f}",
+                                    f"{r['dprime']:.3f}", f"{r['n']} ({r['skipped_clips']['eval']})",
+                                    *(map(str, paper) if paper else ("-", "-"))]])
+    return "\n\n".join([title, table] + ([analysis_markdown(r["analysis"], r["segment"])] if r["analysis"] else []))
+
+
+# =============================================================================================
+# main: teacher -> relabel -> analysis -> student -> eval (run), the table drivers, predict
 # =============================================================================================
 def run(args: argparse.Namespace) -> dict:
-    common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
+    """One row: the paper's stages in order, each resumable; a finished run (results.json with this
+    identity) is returned as it is."""
+    device, _ = common.setup_device(args)
     corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
     args = resolve(args, corpus)
     out = Path(args.out)
-    settings = common.run_settings(args) | {"data_root": str(corpus.root.resolve())}
-    with common.RunLock(out):  # a second run on this folder is refused while this one runs
-        common.claim_run_folder(out, settings, args.resume)  # other settings: refused; --no-resume: fresh
-        if (out / "results.json").exists() and args.resume:
+    identity = common.identity(args, ignore=("stages",)) | {"data_root": str(corpus.root.resolve())}
+    with common.claim_run(out, "psl", identity, args.resume, OUTPUTS):
+        if common.from_rank0((out / "results.json").exists()):
             print(f"{out}: done (results.json exists)")
-            return json.loads((out / "results.json").read_text())
-        common.save_config(out, args, settings)
-        return run_stages(args, corpus, device, out)
+            return common.read_json(out / "results.json")
+        chunks = chunk_dataset(corpus, corpus.train, np.zeros((len(corpus.train), 0), np.float32), args.segment,
+                               args.clip_seconds)  # the target set's n-second chunks (Sec. 2)
+        weak = weak_targets(corpus, corpus.train)  # (N_clips, K) uint8 clip labels
+        teacher = None if args.alpha == 0 else Path(args.teacher) if args.teacher else train_teacher(args, device)
+        soft = relabel_segments(teacher, chunks, args, device) if teacher else None
+        analysis = analyse_labels(corpus, corpus.train, soft, chunks, args.threshold, weak) \
+            if soft is not None and common.is_main() else None
+        student, info = train_student(corpus, chunks, weak, soft, out, args, device)
+        m = evaluate(student, corpus, corpus.eval, eval_targets(corpus), args.segment if args.eval_mode == "chunks"
+                     else None, args)  # eval clips split into n-second chunks, scores averaged per clip (Sec. 3.3)
+        results = student_results(args, corpus, m, info, analysis)
+        return common.report(out, results, psl_markdown(results, corpus))
 
 
-def run_stages(args: argparse.Namespace, corpus: common.Corpus, device, out: Path) -> dict:
-    # stages 1 + 2: MA and pseudo strong labels (skipped for alpha = 0)
-    ds, usable, analysis = student_data(args, corpus, device)
-    if analysis is not None:  # rank 0 only
-        print(analysis_markdown(analysis, args.segment))
-        common.write_json(out / "analysis.json", analysis)
-    # stage 3: the student on the chunks, random sampling, no augmentation (Sec. 3.3)
-    K = len(corpus.labels)
-    final = out / "student" / "final.pt"
-    model = MobileNetV2(K).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    if final.exists() and args.resume:
-        ck = common.load_checkpoint(final)
-        model.load_state_dict(ck["model"])
-        info = ck["info"]
-    else:
-        vrows = validation_split(corpus, args)
-        vtrue, vseg = corpus.targets(vrows), args.segment if args.eval_mode == "chunks" else None
-        print(f"student: MobileNetV2, {n_params:,} parameters, {len(usable)} chunks of {args.segment:g} s, "
-              f"alpha {args.alpha:g}")
-        sample = lambda epoch: rank_share(np.random.default_rng([args.seed, epoch]).permutation(usable))  # Sec. 3.3
-        info = train(model, ds, K, sample, out / "student", out, args, epochs=args.epochs, alpha=args.alpha,
-                     augment=False, poly_decay=False, eval_every=args.eval_every,
-                     validate=lambda m: evaluate(m, corpus, vrows, vtrue, vseg, args)["mAP"])
-        save_final(final, model, corpus, args.segment, args, info)
-    # stage 4: eval clips split into n-second chunks, chunk scores averaged per clip (Sec. 3.3)
-    eval_true = eval_targets(corpus)
-    m = evaluate(model, corpus, corpus.eval, eval_true, args.segment if args.eval_mode == "chunks" else None, args)
-    kind = "weak" if args.alpha == 0 else "psl" if args.alpha == 1 else "ts"
-    results = {"method": kind, "segment": args.segment, "alpha": args.alpha, "data": args.data,
-               "mAP": m["mAP"], "mAUC": m["mAUC"], "dprime": m["dprime"], "AP": m["AP"], "params": n_params,
-               "student": info, "analysis": analysis, "corpus": "synthetic" if corpus.synthetic else str(corpus.root),
-               "skipped_clips": {"relabel_clips": len(np.unique(np.delete(ds.clip_index, usable))),
-                                 "student_train": info["skipped_clips"], "eval": m["skipped_clips"]},
-               "short_clips": {"train": ds.short_clips, "eval": m["short_clips"]}}  # < SHORT_CLIP_S, padded
-    paper = PAPER.get((kind, int(args.segment))) if args.data == "balanced" else None
-    title = f"## PSL: {kind} labels, {args.segment:g} s chunks, alpha {args.alpha:g}, trained on {args.data}"
-    table = common.markdown_table(["method", "mAP %", "mAUC", "d'", common.paper_heading(corpus, "paper mAP %"),
-                                   "paper d'"],
-                                  [[f"{kind}-{args.segment:g}s", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
-                                    f"{m['dprime']:.3f}", *(map(str, paper) if paper else ("-", "-"))]])
-    common.write_results(out, results, "\n\n".join([title, table, analysis_markdown(analysis, args.segment)
-                                                    if analysis else ""]))
-    print(f"{title}\n\n{table}")  # the analysis was printed before the student stage
-    return results
-
-
-def run_table(args: argparse.Namespace) -> None:
-    """Rows of Table 2 or 3 as sibling runs (each resumable, sharing the MA and the relabel cache)."""
+def run_table(args: argparse.Namespace) -> dict:
+    """Rows of Table 2 or 3 as sibling runs (each resumable, sharing the MA and the relabel caches)."""
     corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
     out = Path(args.out or f"runs/psl/table{args.table}")
     base = copy.copy(args)
     base.table, base.out, base.name = None, None, None
     rows = []
-    for kind, seg in TABLES[args.table]:
-        a = copy.copy(base)
-        a.labels, a.segment = "weak" if kind == "weak" else "psl", float(seg)
-        a.alpha = {"weak": 0.0, "psl": 1.0, "ts": 0.5}[kind]
-        a.out = str(out / run_name(a)) if args.out else None  # default: runs/psl/<row>, shared with single runs
-        r = run(a)
-        paper = PAPER[(kind, seg)]
-        rows.append([{"weak": "weak", "psl": "PSL", "ts": "teacher-student"}[kind] + f"-{seg}s", f"{a.alpha:g}",
-                     f"{100 * r['mAP']:.2f}", f"{r['dprime']:.3f}", f"{r['mAUC']:.4f}", str(paper[0]), str(paper[1])])
-    md = "\n".join([f"## PSL Table {args.table} on {'the synthetic corpus' if corpus.synthetic else corpus.root}, "
-                    f"trained on {args.data}", "",
-                    common.markdown_table(["method", "alpha", "mAP %", "d'", "mAUC",
-                                           common.paper_heading(corpus, "paper mAP %"),
-                                           "paper d'"], rows)])
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_results(out, {"table": args.table, "rows": rows}, md)
-    print(md)
+    with common.claim_run(out, "psl", common.identity(args) | {"table": args.table}, args.resume):
+        for kind, seg in TABLES[args.table]:
+            a = copy.copy(base)
+            a.labels, a.segment = "weak" if kind == "weak" else "psl", float(seg)
+            a.alpha = {"weak": 0.0, "psl": 1.0, "ts": 0.5}[kind]
+            a.out = str(out / run_name(a)) if args.out else None  # default: runs/psl/<row>, shared with single runs
+            r = run(a)
+            paper = PAPER[(kind, seg)]
+            rows.append([{"weak": "weak", "psl": "PSL", "ts": "teacher-student"}[kind] + f"-{seg}s", f"{a.alpha:g}",
+                         f"{100 * r['mAP']:.2f}", f"{r['dprime']:.3f}", f"{r['mAUC']:.4f}", *map(str, paper)])
+        md = "\n".join([f"## PSL Table {args.table} on {'the synthetic corpus' if corpus.synthetic else corpus.root}, "
+                        f"trained on {args.data}", "",
+                        common.markdown_table(["method", "alpha", "mAP %", "d'", "mAUC",
+                                               common.paper_heading(corpus, "paper mAP %"), "paper d'"], rows)])
+        return common.report(out, {"table": args.table, "rows": rows}, md)
 
 
-def seeds_main(argv: list[str]) -> dict:
-    """`python psl.py seeds --row NAME RUN [RUN ...] ...`: a direction-run table, one row per setting, eval
-    mAP / mAUC / d' as mean +- sample std over its runs (seeds), and each row's paired difference (same
-    seed, given in the same order) from the first row."""
-    p = argparse.ArgumentParser(prog="psl.py seeds", description="mean +- std over seeds, one row per setting")
-    p.add_argument("--row", nargs="+", action="append", required=True, metavar=("NAME", "RUN"),
-                   help="a row name followed by its run folders (one per seed, the same seed order in every row)")
-    p.add_argument("--out", default="runs/psl/seeds", help="folder for results.json/.md")
-    a = p.parse_args(argv)
-    table, rows = {}, []
-    for i, (name, *runs) in enumerate(a.row):
-        if not runs:
-            raise common.DataError(f"--row {name}: no run folders")
-        res = [json.loads((Path(r) / "results.json").read_text()) if (Path(r) / "results.json").is_file() else {}
-               for r in runs]
-        if bad := [r for r, x in zip(runs, res) if "student" not in x]:
-            raise common.DataError(f"--row {name}: {bad[0]} is not a finished psl.py run")
-        t = table[name] = {k: [x[k] for x in res] for k in ("mAP", "mAUC", "dprime")} | {"runs": runs}
-        first = table[a.row[0][0]]["mAP"]
-        t["minus_first"] = [x - y for x, y in zip(t["mAP"], first)] if i and len(first) == len(runs) else None
-        rows.append([name, len(runs), common.mean_std(t["mAP"], 100, 2), " / ".join(f"{100 * v:.2f}" for v in t["mAP"]),
-                     common.mean_std(t["mAUC"]), common.mean_std(t["dprime"], 1, 3),
-                     common.mean_std(t["minus_first"], 100, 2) if t["minus_first"] else "-"])
-    md = common.markdown_table(["setting", "seeds", "mAP %", "per seed", "mAUC", "d'",
-                                f"mAP - {a.row[0][0]} (paired)"], rows)
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    common.write_results(Path(a.out), table, "# PSL direction run: mean +- std over seeds (eval)\n\n" + md)
-    print(md)
-    return table
+def run_teacher(args: argparse.Namespace) -> Path:
+    """`python psl.py teacher [flags]`: stage 1 alone (train the MA, or reuse it when done) and print its
+    folder, for student runs to share with --teacher (e.g. every seed of a direction run)."""
+    corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
+    final = train_teacher(resolve(args, corpus), common.setup_device(args)[0])
+    print(f"machine annotator: {final.parent} (students: --teacher {final})")
+    return final
 
 
 def predict(argv: list[str]) -> None:
@@ -830,9 +844,10 @@ def predict(argv: list[str]) -> None:
                    help="timeline resolution (default: the model's chunk length)")
     p.add_argument("--top", type=common.POSITIVE_INT, default=5, help="classes shown per clip (3 per segment)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"], help="autocast precision")
     p.add_argument("files", nargs="+")
     a = p.parse_args(argv)
-    ckpt = common.load_checkpoint(a.ckpt)
+    ckpt = read_checkpoint(a.ckpt)
     device = common.pick_device(a.device)
     model = build_model(ckpt, a.ckpt).to(device).eval()
     names = ckpt["labels"]["names"]
@@ -843,35 +858,25 @@ def predict(argv: list[str]) -> None:
         chunks = [F.pad(c, (0, max(0, round((e - s) * common.SR) - len(c))))  # a 1-sample file: 0.1 s
                   for s, e in bounds for c in [wave[round(s * common.SR): round(e * common.SR)]]]
         batch = common.pad_collate([(c, torch.zeros(1), i) for i, c in enumerate(chunks)])[0]
-        with torch.no_grad():
-            probs = model(batch.to(device))[0].cpu().numpy()  # (n_chunks, K)
+        with torch.no_grad(), common.autocast(device, common.amp_dtype(device, a.amp)):
+            probs = model(batch.to(device))[0].float().cpu().numpy()  # (n_chunks, K)
         clip = probs.mean(0)
         print(f"{path}: " + ", ".join(f"{names[k]} {clip[k]:.2f}" for k in np.argsort(-clip)[:a.top]))
         for (s, e), pr in zip(bounds, probs):
             print(f"  {s:6.1f}-{e:6.1f} s  " + ", ".join(f"{names[k]} {pr[k]:.2f}" for k in np.argsort(-pr)[:3]))
 
 
-def run_teacher(args: argparse.Namespace) -> Path:
-    """`python psl.py teacher [flags]`: stage 1 alone (train the MA, or reuse it when done) and print its
-    checkpoint, for student runs to share with --teacher (e.g. every seed of a direction run)."""
-    common.seed_everything(args.seed)
-    corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
-    final = train_teacher(resolve(args, corpus), common.pick_device(args.device))
-    print(f"machine annotator: {final}")
-    return final
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["predict"]:
         return predict(argv[1:])
     if argv[:1] == ["seeds"]:
-        return seeds_main(argv[1:])
+        raise common.DataError("psl.py seeds is now: python common.py seeds --row NAME RUN... --row ... --key mAP")
     teacher_only = argv[:1] == ["teacher"]
     args = parse_args(argv[1:] if teacher_only else argv)
     common.setup_ddp()
     try:
-        run_teacher(args) if teacher_only else run_table(args) if args.table else run(args)
+        return run_teacher(args) if teacher_only else run_table(args) if args.table else run(args)
     finally:
         common.cleanup_ddp()
 
