@@ -156,6 +156,7 @@ def resolve(a: argparse.Namespace, corpus: common.Corpus) -> argparse.Namespace:
     a.stages = a.stages or str(Path(a.out).parent)
     a.clip_seconds = corpus.clip_seconds or 10.0  # nominal; real clips are measured (common.clip_durations)
     a.synthetic = corpus.synthetic  # validation intervals are derived per stage in train() (eval_interval)
+    a.eval_segment = a.segment if a.eval_mode == "chunks" else None  # clips split into n-second chunks (Sec. 3.3)
     if a.teacher_epochs is None:
         a.teacher_epochs = SYNTH_SCHEDULE["teacher_epochs"] if corpus.synthetic else 30
     if a.epochs is None:
@@ -722,7 +723,7 @@ def train_student(corpus: common.Corpus, chunks: common.SegmentDataset, weak: np
     ok = np.ones(len(chunks), bool) if soft is None else readable(soft)
     usable = np.flatnonzero(ok)
     vrows = validation_split(corpus, args)
-    vtrue, vseg = corpus.targets(vrows), args.segment if args.eval_mode == "chunks" else None
+    vtrue = corpus.targets(vrows)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"student: MobileNetV2, {n_params:,} parameters, alpha {args.alpha:g}, {len(usable)} of {len(chunks)} "
           f"chunks of {args.segment:g} s (skipped={len(np.unique(chunks.clip_index[~ok]))} clips the MA could not "
@@ -730,7 +731,7 @@ def train_student(corpus: common.Corpus, chunks: common.SegmentDataset, weak: np
     sample = lambda epoch: np.random.default_rng([args.seed, epoch]).permutation(usable)  # random order (Sec. 3.3)
     info = train(model, chunks, len(corpus.labels), sample, out / "student", out, args, epochs=args.epochs,
                  alpha=args.alpha, augment=False, poly_decay=False, eval_every=args.eval_every,
-                 validate=lambda m: evaluate(m, corpus, vrows, vtrue, vseg, args)["mAP"])
+                 validate=lambda m: evaluate(m, corpus, vrows, vtrue, args.eval_segment, args)["mAP"])
     info |= {"params": n_params, "relabel_skipped_clips": len(np.unique(chunks.clip_index[~ok])),
              "short_clips": chunks.short_clips}
     save_final(final, model, corpus, args.segment, args, info)
@@ -750,9 +751,9 @@ def teacher_markdown(m: dict, args, corpus: common.Corpus) -> str:
 def student_results(args, corpus: common.Corpus, m: dict, info: dict, analysis: dict | None) -> dict:
     kind = "weak" if args.alpha == 0 else "psl" if args.alpha == 1 else "ts"
     return {"method": kind, "segment": args.segment, "alpha": args.alpha, "data": args.data,
-            "mAP": m["mAP"], "mAUC": m["mAUC"], "dprime": m["dprime"], "AP": m["AP"], "n": m["n"],
-            "params": info["params"],
-            "student": info, "analysis": analysis, "corpus": "synthetic" if corpus.synthetic else str(corpus.root),
+            "mAP": m["mAP"], "mAUC": m["mAUC"], "dprime": m["dprime"], "AP": m["AP"], "n": m["n"], "student": info,
+            "params": info["params"], "analysis": analysis,
+            "corpus": "synthetic" if corpus.synthetic else str(corpus.root),
             "skipped_clips": {"relabel_clips": info["relabel_skipped_clips"], "student_train": info["skipped_clips"],
                               "eval": m["skipped"]},
             "short_clips": {"train": info["short_clips"], "eval": m["short_clips"]}}  # < SHORT_CLIP_S, padded
@@ -789,11 +790,10 @@ def run(args: argparse.Namespace) -> dict:
         weak = weak_targets(corpus, corpus.train)  # (N_clips, K) uint8 clip labels
         teacher = None if args.alpha == 0 else Path(args.teacher) if args.teacher else train_teacher(args, device)
         soft = relabel_segments(teacher, chunks, args, device) if teacher else None
-        analysis = analyse_labels(corpus, corpus.train, soft, chunks, args.threshold, weak) \
-            if soft is not None and common.is_main() else None
+        analysis = (analyse_labels(corpus, corpus.train, soft, chunks, args.threshold, weak)  # rank 0 alone
+                    if soft is not None and common.is_main() else None)
         student, info = train_student(corpus, chunks, weak, soft, out, args, device)
-        m = evaluate(student, corpus, corpus.eval, eval_targets(corpus), args.segment if args.eval_mode == "chunks"
-                     else None, args)  # eval clips split into n-second chunks, scores averaged per clip (Sec. 3.3)
+        m = evaluate(student, corpus, corpus.eval, eval_targets(corpus), args.eval_segment, args)
         results = student_results(args, corpus, m, info, analysis)
         return common.report(out, results, psl_markdown(results, corpus))
 
