@@ -16,41 +16,36 @@ worse on speech (SPCV2 96.18 -> 49.13), fine-tuning beats scratch on speech by 0
     python at_transfer.py --upstream-ckpt runs/psl/dir_ma/final.pt --task-scale 0.4 --epochs 24 --patience 6 \
         --trials 3 --name direction                          # the direction run (README): a converged psl.py MA
     python at_transfer.py --task-root data/tasks --upstream both --preset paper   # converted public datasets
-    torchrun --nproc_per_node=2 at_transfer.py ...          # DDP: every rank trains on its shard of each epoch
+    torchrun --nproc_per_node=2 at_transfer.py ...          # DDP: each rank trains on its shard of every epoch
     python at_transfer.py embed --ckpt runs/at_transfer/upstream_mbv2-<hash>/final.pt --out emb a.wav b.wav
-    python common.py seeds --row scratch RUN_SEED0 RUN_SEED1 --key cells.0.mean   # cells over seeds (runs)
+    python common.py seeds --row NAME RUN... --key cells.0.mean   # a cell over runs with other --seed
 
-The upstream is trained here, once, in a stage folder beside the run (`upstream_<arch>-<hash of its
-settings>`), or given with `--upstream-ckpt` (ours or a psl.py machine annotator); the frozen embeddings
-are a stage too (`frozen_<arch>_<task>-<hash>`). A killed run continues exactly where it stopped when the
-same command is run again (`--no-resume` starts the run folder afresh); trials extend a finished run.
+The upstream is trained once in a stage folder beside the run, `upstream_<arch>-<hash of its settings>`,
+or given (`--upstream-ckpt`: ours or a psl.py machine annotator); the frozen column's embeddings are a stage
+too (`frozen_<arch>_<task>-<hash>`). Run the same command again after a kill: it continues exactly where it
+stopped (`--no-resume`: the run's cells afresh). More `--trials`, tasks or modes extend a run folder.
 
-Deviations from the paper (numbered as in the README):
- 1. The upstream validates on the held-out valid.tsv; the paper evaluates its checkpoints on the balanced
-    subset, which is inside the full training set (`--valid-on train`).
+Deviations from the paper (numbered as in the README, which gives the measurements behind them):
+ 1. The upstream validates on the held-out valid.tsv; the paper on the balanced subset, which is inside the
+    full training set (`--valid-on train`).
  2. CPU preset (`--preset cpu`, the default on the synthetic corpus without a GPU): upstream 3 epochs,
-    validation twice per epoch, lr 1e-3 (psl.py deviation 4: 1e-4 barely moves in a few epochs);
-    scratch/fine-tune at most 12 epochs, patience 4, lr 1e-3, batch 16 (the tasks at scale 0.2 have 60-308
-    training clips: at batch 64 an epoch is 1-5 steps); frozen at most 500 epochs, patience 50 (a linear
-    head on cached embeddings: seconds); k-fold tasks run the first HEAR split only (`--folds 1`);
-    1 trial (a pipeline check: results need the direction run's 3 trials, README).
-    `--preset paper` gives every value of Sec. 4.2.
- 3. Not given in the paper, our choices: 2 SpecAugment masks per axis (widths 96 / 12 are the paper's);
-    the downstream head is a plain Linear (no dropout); scores of single-label tasks are the softmax of the
-    mean frame logits; the synthetic tasks' speech-like classes define the "speech" rows.
- 4. Evaluation stacks equal-length clips into one batch (no padding) instead of batch size 1: identical
-    results in eval mode, faster on a CPU. Frozen training averages only the real frames of the last,
-    shorter segment of a clip (cached per item) where the paper's batch zero padding would add silent frames.
+    2 validations per epoch, lr 1e-3 (1e-4 barely moves in a few epochs); scratch / fine-tune <= 12 epochs,
+    patience 4, lr 1e-3, batch 16 (the tasks at scale 0.2 have 60-308 training clips); frozen <= 500 epochs,
+    patience 50 (a linear head on cached embeddings); the first HEAR split of k-fold tasks; 1 trial (a
+    pipeline check). `--preset paper` gives every value of Sec. 4.2.
+ 3. Not given in the paper, our choices: 2 SpecAugment masks per axis (widths 96 / 12 are the paper's); a
+    plain Linear head; single-label scores are the softmax of the mean frame logits; the synthetic tasks'
+    speech-like classes are the "speech" rows.
+ 4. Evaluation stacks equal-length clips without padding (batch size 1 in the paper: identical in eval
+    mode). Frozen training averages only the real frames of a clip's shorter last segment.
  5. k-fold tasks use the HEAR rotation (test fold i, validation fold i+1); `--protocol paper` selects
     checkpoints on the test fold as the paper's text says.
- 6. BatchNorm statistics are re-estimated on 4 clean training batches before every validation and after
-    the top-4 weight averaging (`--bn-batches 0`: off, the paper). At lr 1e-3 the running averages lag
-    the weights and an average's statistics fit none of its members: the upstream's eval outputs were
-    nearly constant after one epoch (valid mAP 0.18, 0.25 with re-estimated statistics).
- 7. The frozen head reads the embeddings standardised per dimension (mean / std of the training frames), as
-    HEAR's and BYOL-A's linear evaluations do; still a linear classifier of the embedding. The raw embeddings
-    of our upstream are dominated by one direction (2nd singular value 0.34 of the 1st), and a linear head
-    on them trained at lr 1e-3 for 230 steps plateaued at loss 1.1 on 60 clips (`--no-frozen-standardize`).
+ 6. BatchNorm statistics are re-estimated on 4 clean training batches before every validation and after the
+    top-4 averaging (`--bn-batches 0`: the paper): at lr 1e-3 the running averages lag the weights, and an
+    average's statistics fit none of its members (upstream valid mAP 0.18 after one epoch; 0.25 re-estimated).
+ 7. The frozen head reads the embeddings standardised per dimension with the training frames' mean / std, as
+    HEAR's and BYOL-A's linear evaluations do (`--no-frozen-standardize`: raw): our upstream's raw embeddings
+    are dominated by one direction, and a linear head on them plateaued at loss 1.1 on 60 clips.
 """
 from __future__ import annotations
 
@@ -420,16 +415,16 @@ class Downstream(nn.Module):
 
 
 class FrozenHead(nn.Module):
-    """Frozen mode: the head of a Downstream on cached backbone embeddings ((B, T', D), mask (B, T')),
-    optionally standardised per dimension with the training frames' mean / std (still a linear classifier
-    of the embedding; deviation 7)."""
+    """Frozen mode: the head of a Downstream on cached backbone embeddings ((B, T', D) with a mask (B, T'), or
+    (B, T', D) all real), optionally standardised per dimension with the training frames' mean / std (still a
+    linear classifier of the embedding; deviation 7)."""
 
     def __init__(self, ds: Downstream, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
         super().__init__()
         self.ds, self.mean, self.std = ds, mean, std
 
-    def forward(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        emb, mask = x
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        emb, mask = x if isinstance(x, tuple) else (x, None)
         if self.mean is not None:
             emb = (emb - self.mean) / self.std
         return self.ds.pool(emb, mask)
@@ -756,17 +751,10 @@ def run_split(args, task, mode: str, arch: str, ckpt: str | None, cache: dict | 
                 x = pad_embeddings([cache["seg"][s] for s in seg_ids[b]])
                 yield common.to_device(x, device), y_seg[b].to(device, non_blocking=True)
 
-        @torch.no_grad()
-        def predict_rows(m, rows):
-            m.eval()
-            out = np.full((len(rows), K), np.nan, np.float32)
-            ids = rows_of(rows)
-            ok = [j for j, i in enumerate(ids) if cache["clip"][i] is not None]
-            for j in range(0, len(ok), 256):
-                x = common.to_device(pad_embeddings([cache["clip"][ids[o]] for o in ok[j: j + 256]]), device)
-                with common.autocast(device, common.amp_dtype(device, args.amp)):
-                    out[ok[j: j + 256]] = clip_scores(m(x), multi).cpu().numpy()
-            return out
+        def predict_rows(m, rows):  # the cached whole-clip embeddings as the clips
+            clips = [cache["clip"][i] for i in rows_of(rows)]
+            return predict(m, [None if e is None else (e.float(), None, j) for j, e in enumerate(clips)], K,
+                           lambda out: clip_scores(out, multi), args)
 
         trainable, steps, epochs, patience = model.head, epoch_steps(len(seg_ids), args.batch_size), \
             args.frozen_epochs, args.frozen_patience
@@ -839,7 +827,7 @@ def upstream_markdown(r: dict) -> str:
           f"{100 * r['mAUC']:.2f}", f"{r['dprime']:.3f}", f"{r['n']} ({r['skipped']})", *map(str, p)]])
 
 
-def at_markdown(results: dict, tasks: list, args) -> str:
+def at_markdown(results: dict, args) -> str:
     """Table 3 layout: one row per task, scratch / frozen / finetune per upstream, the paper's beside; then the
     upstreams trained here (Table 2)."""
     cells = {(c["arch"], c["task"], c["mode"]): c for c in results["cells"]}
@@ -848,7 +836,7 @@ def at_markdown(results: dict, tasks: list, args) -> str:
     for arch in arches:
         head += [f"{arch} {m}" for m in MODES] + [f"{arch} frozen-scratch", f"{arch} finetune-scratch",
                                                   f"paper {arch} (scratch / frozen / finetune)"]
-    for name, metric in tasks:
+    for name, metric in dict.fromkeys((c["task"], c["metric"]) for c in results["cells"]):
         row = [name + (" (speech)" if (paper_row(name) or name) in SPEECH else ""), metric]
         for arch in arches:
             c = {m: cells.get((arch, name, m)) for m in MODES}
@@ -929,9 +917,7 @@ def read_tasks(args) -> list:
     root = Path(args.task_root) if args.task_root else common.ensure_synthetic_tasks(args.task_scale, args.seed)
     try:
         return [common.read_task(root, n) for n in (args.task or common.list_tasks(root))]
-    except (OSError, KeyError, TypeError, ValueError) as e:
-        if isinstance(e, common.DataError):
-            raise
+    except (OSError, KeyError, TypeError) as e:  # a tasks.json entry without a key, or its manifest missing
         raise common.DataError(f"{root / 'tasks.json'}: a malformed task entry or a missing manifest ({e})") from None
 
 
@@ -955,9 +941,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     cells[(arch, task.name, mode)] = run_cell(args, task, mode, arch, upstreams[arch]["ckpt"],
                                                               common.RunLogger(args.out), device)
         results = {"upstreams": upstreams, "cells": list(cells.values())}
-        order = [(t.name, t.metric) for t in tasks] + sorted({(c["task"], c["metric"]) for c in results["cells"]}
-                                                            - {(t.name, t.metric) for t in tasks})
-        common.report(args.out, results, at_markdown(results, order, args))
+        common.report(args.out, results, at_markdown(results, args))
     common.cleanup_ddp()
     return results
 
