@@ -16,40 +16,42 @@ worse on speech (SPCV2 96.18 -> 49.13), fine-tuning beats scratch on speech by 0
     python at_transfer.py --upstream-ckpt runs/psl/dir_ma/final.pt --task-scale 0.4 --epochs 24 --patience 6 \
         --trials 3 --name direction                          # the direction run (README): a converged psl.py MA
     python at_transfer.py --task-root data/tasks --upstream both --preset paper   # converted public datasets
-    python at_transfer.py --upstream-ckpt runs/psl/teacher_full_synth_<hash>/final.pt    # a psl.py MA as upstream
-    python at_transfer.py embed --ckpt runs/at_transfer/upstream_mbv2_full_synth_cpu/final.pt a.wav b.wav
+    torchrun --nproc_per_node=2 at_transfer.py ...          # DDP: each rank trains on its shard of every epoch
+    python at_transfer.py embed --ckpt runs/at_transfer/upstream_mbv2-<hash>/final.pt --out emb a.wav b.wav
+    python common.py seeds --row NAME RUN... --key cells.0.mean   # a cell over runs with other --seed
 
-Deviations from the paper (numbered as in the README):
- 1. The upstream validates on the held-out valid.tsv; the paper evaluates its checkpoints on the balanced
-    subset, which is inside the full training set (`--valid-on train`).
+The upstream is trained once in a stage folder beside the run, `upstream_<arch>-<hash of its settings>`,
+or given (`--upstream-ckpt`: ours or a psl.py machine annotator); the frozen column's embeddings are a stage
+too (`frozen_<arch>_<task>-<hash>`). Run the same command again after a kill: it continues exactly where it
+stopped (`--no-resume`: the run's cells afresh). More `--trials`, tasks or modes extend a run folder.
+
+Deviations from the paper (numbered as in the README, which gives the measurements behind them):
+ 1. The upstream validates on the held-out valid.tsv; the paper on the balanced subset, which is inside the
+    full training set (`--valid-on train`).
  2. CPU preset (`--preset cpu`, the default on the synthetic corpus without a GPU): upstream 3 epochs,
-    validation twice per epoch, lr 1e-3 (psl.py deviation 4: 1e-4 barely moves in a few epochs);
-    scratch/fine-tune at most 12 epochs, patience 4, lr 1e-3, batch 16 (the tasks at scale 0.2 have 60-308
-    training clips: at batch 64 an epoch is 1-5 steps); frozen at most 500 epochs, patience 50 (a linear
-    head on cached embeddings: seconds); k-fold tasks run the first HEAR split only (`--folds 1`);
-    1 trial (a pipeline check: results need the direction run's 3 trials, README).
-    `--preset paper` gives every value of Sec. 4.2.
- 3. Not given in the paper, our choices: 2 SpecAugment masks per axis (widths 96 / 12 are the paper's);
-    the downstream head is a plain Linear (no dropout); scores of single-label tasks are the softmax of the
-    mean frame logits; the synthetic tasks' speech-like classes define the "speech" rows.
- 4. Evaluation stacks equal-length clips into one batch (no padding) instead of batch size 1: identical
-    results in eval mode, faster on a CPU. Frozen training averages only the real frames of the last,
-    shorter segment of a clip (cached per item) where the paper's batch zero padding would add silent frames.
+    2 validations per epoch, lr 1e-3 (1e-4 barely moves in a few epochs); scratch / fine-tune <= 12 epochs,
+    patience 4, lr 1e-3, batch 16 (the tasks at scale 0.2 have 60-308 training clips); frozen <= 500 epochs,
+    patience 50 (a linear head on cached embeddings); the first HEAR split of k-fold tasks; 1 trial (a
+    pipeline check). `--preset paper` gives every value of Sec. 4.2.
+ 3. Not given in the paper, our choices: 2 SpecAugment masks per axis (widths 96 / 12 are the paper's); a
+    plain Linear head; single-label scores are the softmax of the mean frame logits; the synthetic tasks'
+    speech-like classes are the "speech" rows.
+ 4. Evaluation stacks equal-length clips without padding (batch size 1 in the paper: identical in eval
+    mode). Frozen training averages only the real frames of a clip's shorter last segment.
  5. k-fold tasks use the HEAR rotation (test fold i, validation fold i+1); `--protocol paper` selects
     checkpoints on the test fold as the paper's text says.
- 6. BatchNorm statistics are re-estimated on 4 clean training batches before every validation and after
-    the top-4 weight averaging (`--bn-batches 0`: off, the paper). At lr 1e-3 the running averages lag
-    the weights and an average's statistics fit none of its members: the upstream's eval outputs were
-    nearly constant after one epoch (valid mAP 0.18, 0.25 with re-estimated statistics).
- 7. The frozen head reads the embeddings standardised per dimension (mean / std of the training frames), as
-    HEAR's and BYOL-A's linear evaluations do; still a linear classifier of the embedding. The raw embeddings
-    of our upstream are dominated by one direction (2nd singular value 0.34 of the 1st), and a linear head
-    on them trained at lr 1e-3 for 230 steps plateaued at loss 1.1 on 60 clips (`--no-frozen-standardize`).
+ 6. BatchNorm statistics are re-estimated on 4 clean training batches before every validation and after the
+    top-4 averaging (`--bn-batches 0`: the paper): at lr 1e-3 the running averages lag the weights, and an
+    average's statistics fit none of its members (upstream valid mAP 0.18 after one epoch; 0.25 re-estimated).
+ 7. The frozen head reads the embeddings standardised per dimension with the training frames' mean / std, as
+    HEAR's and BYOL-A's linear evaluations do (`--no-frozen-standardize`: raw): our upstream's raw embeddings
+    are dominated by one direction, and a linear head on them plateaued at loss 1.1 on 60 clips.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import re
@@ -98,7 +100,10 @@ PRESETS = {"cpu": dict(up_epochs=3, evals_per_epoch=2, up_lr=1e-3, epochs=12, pa
                        frozen_epochs=500, frozen_patience=50, trials=1, folds=1, task_scale=0.2),
            "paper": dict(up_epochs=100, evals_per_epoch=6, up_lr=1e-4, epochs=150, patience=15, lr=1e-4,
                          batch_size=64, frozen_epochs=150, frozen_patience=15, trials=4, folds=None, task_scale=1.0)}
-PSL_TEACHERS = "runs/psl/teacher_full_synth_*/final.pt"  # psl.py's MA folders (named by a settings hash), reused by the CPU preset
+# what the script writes in its run folder (claim_run: --no-resume removes these, and nothing else)
+OUTPUTS = ("*.tmp", "*/*/*/trial*/result.json", "*/*/*/trial*/topk.json", "*/*/*/trial*/*.pt", "*/*/*/trial*/*.tmp")
+# not part of a run's identity: which cells to run (a run folder collects cells; more --trials extend it)
+NOT_IDENTITY = ("task", "mode", "suite", "upstream", "arches", "trials", "upstream_ckpt", "given_arch")
 
 
 # =============================================================================================
@@ -108,6 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, "at_transfer")
     p.set_defaults(data="full")  # upstream on balanced + unbalanced (Sec. 4.2.1)
+    pos_int, nonneg_int, pos, prob = common.POSITIVE_INT, common.NONNEG_INT, common.POSITIVE, common.FRACTION
     p.add_argument("--preset", type=str, default="auto", choices=["auto", "cpu", "paper"],
                    help="schedule: paper = Sec. 4.2; cpu = deviation 2; auto = cpu on the synthetic corpus "
                         "without a GPU, else paper. Explicit flags override the preset")
@@ -115,57 +121,62 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--upstream", type=str, default="mbv2", choices=["mbv2", "effb0", "both"],
                    help="MobileNetV2 (3.0 M) or EfficientNet-B0 (4.6 M) (Table 2)")
     g.add_argument("--upstream-ckpt", type=str, default=None,
-                   help="use this checkpoint (ours or a psl.py machine annotator) instead of training one")
-    g.add_argument("--up-epochs", type=int, default=None, help="at most N epochs (100; cpu: 3)")
-    g.add_argument("--up-lr", type=float, default=None, help="Adam learning rate (1e-4; cpu: 1e-3)")
-    g.add_argument("--up-batch-size", type=int, default=32, help="batch size (Sec. 4.2)")
-    g.add_argument("--evals-per-epoch", type=int, default=None, help="validations per epoch (~6; cpu: 2)")
-    g.add_argument("--up-patience", type=int, default=5, help="early stop after N validations without gain")
+                   help="use this checkpoint (ours or a psl.py machine annotator) instead of training one; "
+                        "the run is keyed by the file's size and mtime")
+    g.add_argument("--up-epochs", type=pos_int, default=None, help="at most N epochs (100; cpu: 3)")
+    g.add_argument("--up-lr", type=pos, default=None, help="Adam learning rate (1e-4; cpu: 1e-3)")
+    g.add_argument("--up-batch-size", type=pos_int, default=32, help="batch size (Sec. 4.2)")
+    g.add_argument("--evals-per-epoch", type=pos_int, default=None, help="validations per epoch (~6; cpu: 2)")
+    g.add_argument("--up-patience", type=pos_int, default=5, help="early stop after N validations without gain")
     g.add_argument("--valid-on", type=str, default="valid", choices=["valid", "train"],
                    help="upstream validation split; paper: the balanced subset inside the training data (dev. 1)")
-    g.add_argument("--mixup-alpha", type=float, default=1.0, help="mix-up lambda ~ Beta(a, a) (Sec. 4.2.1)")
-    g.add_argument("--time-mask", type=int, default=96, help="SpecAugment time mask, frames (Sec. 4.2.1)")
-    g.add_argument("--freq-mask", type=int, default=12, help="SpecAugment frequency mask, bins (Sec. 4.2.1)")
-    g.add_argument("--n-masks", type=int, default=2, help="SpecAugment masks per axis (not given; ours)")
-    g.add_argument("--gain-db", type=float, nargs=2, default=[-18.0, 6.0],
+    g.add_argument("--mixup-alpha", type=pos, default=1.0, help="mix-up lambda ~ Beta(a, a) (Sec. 4.2.1)")
+    g.add_argument("--time-mask", type=nonneg_int, default=96, help="SpecAugment time mask, frames (Sec. 4.2.1)")
+    g.add_argument("--freq-mask", type=nonneg_int, default=12, help="SpecAugment frequency mask, bins (Sec. 4.2.1)")
+    g.add_argument("--n-masks", type=nonneg_int, default=2, help="SpecAugment masks per axis (not given; ours)")
+    g.add_argument("--gain-db", type=common.number(float), nargs=2, default=[-18.0, 6.0], metavar=("LOW", "HIGH"),
                    help="Gain range in dB, torch-audiomentations' default (Sec. 4.2.1)")
-    g.add_argument("--max-shift", type=float, default=0.5,
+    g.add_argument("--max-shift", type=prob, default=0.5,
                    help="Shift with roll-over up to this fraction of the clip, torch-audiomentations' default")
-    g.add_argument("--aug-p", type=float, default=0.5, help="probability of each wave augmentation (default 0.5)")
+    g.add_argument("--aug-p", type=prob, default=0.5, help="probability of each wave augmentation (default 0.5)")
     g = p.add_argument_group("downstream transfer (Sec. 4.2.2, Table 3)")
     g.add_argument("--task-root", type=str, default=None,
                    help="folder with tasks.json (converted public datasets); default: the synthetic tasks")
-    g.add_argument("--task-scale", type=float, default=None, help="size of the synthetic tasks (1; cpu: 0.2)")
+    g.add_argument("--task-scale", type=pos, default=None, help="size of the synthetic tasks (1; cpu: 0.2)")
     g.add_argument("--task", type=str, nargs="+", default=None, help="tasks to run (default: all of the root)")
     g.add_argument("--mode", type=str, nargs="+", default=list(MODES), choices=MODES,
                    help="scratch / frozen (linear head on cached embeddings) / finetune (Table 3 columns)")
     g.add_argument("--suite", action="store_true",
                    help="every task x mode (the default when --task and --mode are not given)")
-    g.add_argument("--epochs", type=int, default=None, help="scratch/fine-tune: at most N epochs (150; cpu: 12)")
-    g.add_argument("--patience", type=int, default=None, help="early stop after N epochs without gain (15; cpu: 4)")
-    g.add_argument("--frozen-epochs", type=int, default=None, help="frozen head: at most N epochs (150; cpu: 500)")
-    g.add_argument("--frozen-patience", type=int, default=None,
+    g.add_argument("--epochs", type=pos_int, default=None, help="scratch/fine-tune: at most N epochs (150; cpu: 12)")
+    g.add_argument("--patience", type=pos_int, default=None, help="early stop after N epochs without gain (15; cpu: 4)")
+    g.add_argument("--frozen-epochs", type=pos_int, default=None, help="frozen head: at most N epochs (150; cpu: 500)")
+    g.add_argument("--frozen-patience", type=pos_int, default=None,
                    help="frozen head: early stop after N epochs without gain (15; cpu: 50)")
     g.add_argument("--frozen-standardize", action=argparse.BooleanOptionalAction, default=True,
                    help="frozen head on embeddings standardised per dimension with the training frames' statistics "
                         "(ours, as HEAR / BYOL-A linear evaluation; deviation 7); --no-frozen-standardize: raw")
-    g.add_argument("--lr", type=float, default=None, help="Adam, no scheduler (1e-4; cpu: 1e-3)")
-    g.add_argument("--batch-size", type=int, default=None, help="training batch size (64, Sec. 4.2; cpu: 16)")
-    g.add_argument("--top-k", type=int, default=4, help="weight-average the k best checkpoints (Sec. 4.2.2)")
-    g.add_argument("--bn-batches", type=int, default=4,
+    g.add_argument("--lr", type=pos, default=None, help="Adam, no scheduler (1e-4; cpu: 1e-3)")
+    g.add_argument("--batch-size", type=pos_int, default=None, help="training batch size (64, Sec. 4.2; cpu: 16)")
+    g.add_argument("--top-k", type=pos_int, default=4, help="weight-average the k best checkpoints (Sec. 4.2.2)")
+    g.add_argument("--bn-batches", type=nonneg_int, default=4,
                    help="re-estimate BatchNorm statistics on N training batches before each validation and after "
                         "the averaging (ours, deviation 6; 0 = off, the paper)")
-    g.add_argument("--trials", type=int, default=None, help="repeated runs per cell, mean +- std (4; cpu: 1)")
+    g.add_argument("--trials", type=pos_int, default=None, help="repeated runs per cell, mean +- std (4; cpu: 1)")
     g.add_argument("--protocol", type=str, default="hear", choices=["hear", "paper"],
                    help="k-fold checkpoint selection: HEAR rotation or the test fold (paper; deviation 5)")
-    g.add_argument("--folds", type=int, default=None, help="run only the first N k-fold splits (all; cpu: 1)")
-    g.add_argument("--valid-fraction", type=float, default=0.1,
+    g.add_argument("--folds", type=pos_int, default=None, help="run only the first N k-fold splits (all; cpu: 1)")
+    g.add_argument("--valid-fraction", type=common.number(float, 0, 1, lo_open=True, hi_open=True), default=0.1,
                    help="held-out share of the development data when a task has no validation split (Sec. 4.2.2)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.gain_db[0] > a.gain_db[1]:
+        p.error(f"argument --gain-db: LOW {a.gain_db[0]:g} is above HIGH {a.gain_db[1]:g}")
+    return a
 
 
 def resolve(a: argparse.Namespace) -> argparse.Namespace:
-    """Derived values, computed once after parsing: the preset fills every flag left at None."""
+    """Derived values, computed once after parsing: the preset fills every flag left at None; a given upstream
+    checkpoint is read now (a foreign one is one line, before any work). Nothing is looked up elsewhere."""
     a = copy.copy(a)
     if a.preset == "auto":
         gpu = common.pick_device(a.device).type != "cpu"
@@ -173,17 +184,39 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
     for k, v in PRESETS[a.preset].items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    if a.suite:
+        a.task, a.mode = None, list(MODES)
     a.arches = ["mbv2", "effb0"] if a.upstream == "both" else [a.upstream]
-    corpus = "synth" if a.data_root is None else Path(a.data_root).name
     tasks = "synth_tasks" if a.task_root is None else Path(a.task_root).name
     a.out = a.out or str(Path("runs/at_transfer") / (a.name or f"{tasks}_{a.preset}"))
-    a.upstream_dir = str(Path(a.out).parent / f"upstream_{{arch}}_{a.data}_{corpus}_{a.preset}")
-    if a.upstream_ckpt is None and a.preset == "cpu" and a.data_root is None and a.upstream == "mbv2" \
-            and (done := sorted((p for p in Path().glob(PSL_TEACHERS) if (p.parent / "results.json").exists()),
-                                key=lambda p: p.stat().st_mtime)):
-        a.upstream_ckpt = str(done[-1])  # the paper's MBv2 upstream *is* the PSL machine annotator
-        print(f"reusing psl.py's machine annotator {done[-1]} as the MobileNetV2 upstream")
+    a.given_arch = read_upstream(a.upstream_ckpt)["arch"] if a.upstream_ckpt else None
     return a
+
+
+def file_id(path: str | Path) -> list | None:
+    """A file's identity for a key: its path, size and modification time (None when it is missing)."""
+    path = Path(path)
+    return [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else None
+
+
+def upstream_source(args, arch: str) -> dict:
+    """What an upstream is: the given checkpoint file, or every setting that changes a trained one (the key of
+    its stage folder), with the identity of the corpus's metadata files (the synthetic one: its flags)."""
+    if args.given_arch == arch:
+        return {"ckpt": file_id(args.upstream_ckpt)}
+    keys = ("data_root", "data", "synth_scale", "synth_clip_seconds", "seed", "amp", "max_steps", "up_epochs", "up_lr",
+            "up_batch_size", "evals_per_epoch", "up_patience", "valid_on", "mixup_alpha", "time_mask", "freq_mask",
+            "n_masks", "gain_db", "max_shift", "aug_p", "top_k", "bn_batches")
+    root = Path(args.data_root) if args.data_root else None
+    meta = {p.name: file_id(p)[1:] for p in sorted(root.glob("*.[tc]sv"))} if root and root.is_dir() else {}
+    return {k: getattr(args, k) for k in keys} | {"arch": arch, "metadata": meta}
+
+
+def run_identity(args) -> dict:
+    """A run folder's identity: every flag but which cells it runs, each architecture's upstream, tasks.json."""
+    tasks = file_id(Path(args.task_root) / "tasks.json") if args.task_root else None
+    return common.identity(args, NOT_IDENTITY) | {"tasks_json": tasks, "upstreams": {
+        arch: common.settings_hash(upstream_source(args, arch)) for arch in ARCHS}}
 
 
 # =============================================================================================
@@ -330,11 +363,34 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def read_upstream(path: str | Path) -> dict:
+    """An upstream checkpoint, ours or a psl.py machine annotator (MobileNetV2, no 'arch' key); any other file
+    (another script's checkpoint, not a checkpoint) is one line naming it."""
+    try:
+        ck = common.load_checkpoint(path)
+    except common.DataError:
+        raise
+    except Exception:  # not a torch file
+        ck = None
+    arch = ck.get("arch", "mbv2") if isinstance(ck, dict) else None
+    if arch not in ARCHS or not isinstance(ck.get("model"), dict) or "mids" not in (ck.get("labels") or {}) \
+            or set(ck["model"]) != set(ARCHS[arch](1).state_dict()):
+        raise common.DataError(f"{path}: not an upstream checkpoint (at_transfer.py's upstream final.pt or a "
+                               f"psl.py machine annotator)")
+    return ck | {"arch": arch}
+
+
 def build_upstream(ckpt: dict) -> Tagger:
     """Rebuild an upstream from a self-describing checkpoint alone (ours, or psl.py's: no 'arch' = MBv2)."""
     model = ARCHS[ckpt.get("arch", "mbv2")](len(ckpt["labels"]["mids"]))
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model on the training device; channels-last for these CNNs on CUDA."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
 class Downstream(nn.Module):
@@ -359,16 +415,16 @@ class Downstream(nn.Module):
 
 
 class FrozenHead(nn.Module):
-    """Frozen mode: the head of a Downstream on cached backbone embeddings ((B, T', D), mask (B, T')),
-    optionally standardised per dimension with the training frames' mean / std (still a linear classifier
-    of the embedding; deviation 7)."""
+    """Frozen mode: the head of a Downstream on cached backbone embeddings ((B, T', D) with a mask (B, T'), or
+    (B, T', D) all real), optionally standardised per dimension with the training frames' mean / std (still a
+    linear classifier of the embedding; deviation 7)."""
 
     def __init__(self, ds: Downstream, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
         super().__init__()
         self.ds, self.mean, self.std = ds, mean, std
 
-    def forward(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        emb, mask = x
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        emb, mask = x if isinstance(x, tuple) else (x, None)
         if self.mean is not None:
             emb = (emb - self.mean) / self.std
         return self.ds.pool(emb, mask)
@@ -391,12 +447,12 @@ def load_model(model_file_path: str = "", device: str = "cpu") -> Tagger:
     """An upstream (ours or a psl.py MA) or the backbone of a fine-tuned downstream checkpoint, in eval
     mode, with sample_rate, scene_embedding_size and timestamp_embedding_size."""
     ck = common.load_checkpoint(model_file_path)
-    if "task" in ck:  # a downstream final.pt: take its backbone
+    if isinstance(ck, dict) and "task" in ck:  # a downstream final.pt: take its backbone
         model = ARCHS[ck["arch"]](1)
         model.classifier = nn.Identity()
         model.load_state_dict({k[9:]: v for k, v in ck["model"].items() if k.startswith("backbone.")})
     else:
-        model = build_upstream(ck)
+        model = build_upstream(read_upstream(model_file_path))
     model.sample_rate = common.SR
     model.scene_embedding_size = model.timestamp_embedding_size = model.embed_dim
     return model.to(device).eval()
@@ -421,47 +477,56 @@ def get_scene_embeddings(audio, model: Tagger) -> torch.Tensor:
 
 
 # =============================================================================================
-# Data: the upstream wave augmentation (Sec. 4.2.1) and exact per-clip inference
+# Data: one epoch's batches (a function of (seed, epoch), this rank's shard) and exact per-clip inference
 # =============================================================================================
-def audiomentations_default(wave: torch.Tensor, gain_db=(-18.0, 6.0), p: float = 0.5,
-                            max_shift: float = 0.5) -> torch.Tensor:
-    """torch-audiomentations' defaults, each with probability p per sample: Gain U(-18, +6) dB,
-    PolarityInversion, Shift by U(-0.5, 0.5) of the clip with roll-over. (B, N) -> (B, N)."""
-    b, n = wave.shape
-    dev = wave.device
-    hit = lambda: torch.rand(b, device=dev) < p
-    gain = torch.where(hit(), 10 ** ((torch.rand(b, device=dev) * (gain_db[1] - gain_db[0]) + gain_db[0]) / 20), 1.0)
-    sign = torch.where(hit(), -1.0, 1.0)
-    shift = torch.where(hit(), ((torch.rand(b, device=dev) * 2 - 1) * max_shift * n).round(), 0.0).long()
-    idx = (torch.arange(n, device=dev).unsqueeze(0) - shift.unsqueeze(1)) % n
-    return torch.gather(wave, 1, idx) * (gain * sign).unsqueeze(1)
+def epoch_steps(n_items: int, batch_size: int) -> int:
+    """Optimizer steps per epoch on each rank (its shard of n items)."""
+    return math.ceil(len(common.shard(np.arange(n_items))) / batch_size)
 
 
-def _items(batch):
-    return [b for b in batch if b is not None]
+def loader_batches(ds, order: np.ndarray, batch_size: int, skip: int, epoch: int, args, device):
+    """This rank's batches of one epoch: `order` (the epoch's global item order, a function of (seed, epoch))
+    sharded over the ranks, from batch `skip` on, read by --workers processes seeded from (seed, epoch); (x, y)
+    on the device, or None for a batch whose clips are all unreadable (still a step: the position stays exact)."""
+    idx = common.shard(order)[skip * batch_size:]
+    seed = int(np.random.default_rng([args.seed, epoch]).integers(2**31))
+    for batch in common.make_loader(ds, batch_size, sampler=idx, workers=args.workers, seed=seed):
+        yield None if batch is None else common.to_device(batch[:2], device)
 
 
-def clip_batches(dataset, workers: int, chunk: int = 32):
+def clean_inputs(ds, args, batch_size: int, device):
+    """BatchNorm re-estimation inputs (deviation 6): --bn-batches batches of training items in a fixed random
+    order, no augmentation, read in this process."""
+    idx = np.random.default_rng([args.seed, 99]).permutation(len(ds))[: args.bn_batches * batch_size]
+    for j in range(0, len(idx), batch_size):
+        batch = common.pad_collate([ds[i] for i in idx[j: j + batch_size]])
+        if batch is not None:
+            yield batch[0].to(device)
+
+
+def clip_batches(dataset, chunk: int = 32):
     """Evaluation 'one clip at a time at its own length' (Sec. 4.2.2), made fast: clips of equal length are
-    stacked without padding (identical results in eval mode; deviation 4). Yields (waves (b, N), indices)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=chunk, num_workers=workers, collate_fn=_items)
-    for items in loader:
+    stacked without padding (identical results in eval mode; deviation 4). Read in this process: no loader
+    workers are started for every evaluation. Yields (waves (b, N), indices); unreadable clips are left out."""
+    for start in range(0, len(dataset), chunk):
         by_len: dict[int, list] = {}
-        for wave, _, i in items:
-            by_len.setdefault(len(wave), []).append((wave, i))
+        for item in (dataset[i] for i in range(start, min(start + chunk, len(dataset)))):
+            if item is not None:
+                by_len.setdefault(len(item[0]), []).append(item)
         for group in by_len.values():
-            yield torch.stack([w for w, _ in group]), torch.as_tensor([i for _, i in group])
+            yield torch.stack([w for w, _, _ in group]), torch.as_tensor([i for _, _, i in group])
 
 
 @torch.no_grad()
-def predict_clips(model: nn.Module, dataset, n_out: int, multilabel: bool, args) -> np.ndarray:
-    """(N, K) clip scores (probabilities) of a Downstream; NaN rows for unreadable clips."""
+def predict(model: nn.Module, dataset, n_out: int, to_scores, args) -> np.ndarray:
+    """(N, n_out) float32 clip scores, to_scores(model output), under autocast; NaN rows for unreadable clips."""
     model.eval()
     device = next(model.parameters()).device
     out = np.full((len(dataset), n_out), np.nan, np.float32)
-    for wave, idx in clip_batches(dataset, args.workers):
+    for wave, idx in clip_batches(dataset):
         with common.autocast(device, common.amp_dtype(device, args.amp)):
-            out[idx.numpy()] = clip_scores(model(wave.to(device)), multilabel).cpu().numpy()
+            scores = to_scores(model(wave.to(device)))
+        out[idx.numpy()] = scores.float().cpu().numpy()
     return out
 
 
@@ -473,9 +538,10 @@ def extract_embeddings(backbone: Tagger, dataset, args, desc: str) -> list:
     device = next(backbone.parameters()).device
     out: list = [None] * len(dataset)
     bar = tqdm(total=len(dataset), desc=desc, leave=False)
-    for wave, idx in clip_batches(dataset, args.workers):
-        emb = backbone.embed(wave.to(device)).half().cpu()
-        for e, i in zip(emb, idx.tolist()):
+    for wave, idx in clip_batches(dataset):
+        with common.autocast(device, common.amp_dtype(device, args.amp)):
+            emb = backbone.embed(wave.to(device))
+        for e, i in zip(emb.half().cpu(), idx.tolist()):
             out[i] = e
         bar.update(len(idx))
     bar.close()
@@ -493,401 +559,366 @@ def pad_embeddings(embs: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # =============================================================================================
-# Training: one visible loop for the upstream and every downstream mode
+# Training: one step and one visible loop for the upstream and every downstream mode
 # =============================================================================================
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches, n_batches: int) -> None:
-    """Re-estimate the BatchNorm running statistics with the current weights (a cumulative mean over
-    n training batches, no augmentation). At lr 1e-3 the running averages lag the fast-moving weights and
-    a weight average's statistics match none of its members (deviation 6): without this the upstream's
-    eval-mode outputs were nearly constant after one epoch (valid mAP 0.18; re-estimated 0.25)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or n_batches <= 0:
-        return
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    model.train()
-    for i, (x, _) in enumerate(batches(0, 0)):
-        model(x)
-        if i + 1 >= n_batches:
-            break
-    for m in bns:
-        m.momentum = 0.1
+def upstream_loss(model: nn.Module, wave: torch.Tensor, y: torch.Tensor, args) -> torch.Tensor:
+    """Sec. 4.2.1: torch-audiomentations' defaults on the wave (Gain -18..+6 dB, PolarityInversion, Shift up to
+    half the clip with roll-over, each with p 0.5), mix-up Beta(1, 1) on every sample, SpecAugment on the log-mel
+    (B, mel, T), BCE on the clip probabilities."""
+    p = args.aug_p
+    wave = common.wave_augment(wave, tuple(args.gain_db), p, int(args.max_shift * wave.shape[1]), gain_p=p, shift_p=p)
+    wave, y = common.mixup(wave, y, args.mixup_alpha)
+    spec_augment = lambda x: common.mask_along(common.mask_along(x, args.freq_mask, 1, args.n_masks),
+                                               args.time_mask, 2, args.n_masks)
+    return clip_loss(model(wave, spec_augment)[0], y, True)
 
 
-def fit(model: nn.Module, trainable: nn.Module, batches, steps_per_epoch: int, loss_fn, validate, folder: Path,
-        log_dir: Path, args, *, epochs: int, eval_every: int, patience: int, lr: float, higher: bool = True,
-        calibrate=None) -> dict:
-    """Adam on `trainable` (no scheduler, Sec. 4.2), `batches(epoch, skip)` yields (x, y) on the device.
-    Validation every `eval_every` steps, early stop after `patience` validations without gain, the top-k
-    checkpoints weight-averaged into the returned model (Sec. 4.2.1/4.2.2). `calibrate(model)` (BatchNorm
-    statistics) runs before every validation and after the averaging. Resumable from last.pt."""
+def train_step(model: nn.Module, x, y: torch.Tensor, loss_fn, opt, scaler, dtype, losses: common.Mean) -> None:
+    """One training step of every stage: forward and loss under autocast, (scaled) backward, Adam step; the loss
+    is summed on the device (read at validation time: no host sync per step)."""
+    with common.autocast(y.device, dtype):
+        loss = loss_fn(model, x, y)
+    common.optimizer_step(loss, opt, scaler)
+    losses.add(loss)
+
+
+def fit(net: nn.Module, trainable: nn.Module, batches, steps_per_epoch: int, loss_fn, validate, folder: Path,
+        logger: common.RunLogger, stage: str, args, *, epochs: int, eval_every: int, patience: int, lr: float,
+        higher: bool = True, calibrate=None) -> dict:
+    """Adam on `trainable` (no scheduler, Sec. 4.2); `batches(epoch, skip)` yields this rank's (x, y) of an epoch
+    from batch `skip` on. Every `eval_every` steps rank 0 validates (after `calibrate`: BatchNorm statistics) and
+    saves the top-k and last.pt (weights, optimizer, every RNG state, step: a run killed anywhere continues
+    exactly); early stop after `patience` validations without gain; the top-k checkpoints are weight-averaged
+    into `trainable` (Sec. 4.2.1 / 4.2.2), and `calibrate` runs once more."""
     device = next(trainable.parameters()).device
     dtype = common.amp_dtype(device, args.amp)
     opt = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad], lr=lr)
     scaler = common.grad_scaler(device, dtype)
     total = epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, epochs * steps_per_epoch)
-    folder.mkdir(parents=True, exist_ok=True)
     topk = common.TopKCheckpoints(folder, args.top_k, "max" if higher else "min")
-    logger = common.RunLogger(log_dir)
-    state = {"step": 0, "best": None, "bad_evals": 0}
-    if args.resume and (folder / "last.pt").exists():
-        ck = common.load_checkpoint(folder / "last.pt", device)
-        trainable.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
-        state = ck["state"]
-        print(f"{folder}: resumed at step {state['step']}/{total}")
-    bar = tqdm(total=total, initial=state["step"], desc=str(folder.relative_to(log_dir)), leave=False)
-    running = []
+    state = common.load_state(folder / "last.pt", trainable, opt, scaler) or {"step": 0, "best": None, "bad_evals": 0,
+                                                                               "curve": []}
+    model, losses = common.compiled(common.wrap_ddp(net), args.compile), common.Mean(device)
+    bar = tqdm(total=total, initial=state["step"], desc=stage, leave=False, disable=not common.is_main())
     while state["step"] < total and state["bad_evals"] < patience:
         epoch, skip = divmod(state["step"], steps_per_epoch)
-        for x, y in batches(epoch, skip):
-            model.train()
-            with common.autocast(device, dtype):
-                loss = loss_fn(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            running.append(loss.item())
+        for batch in batches(epoch, skip):
+            if batch is not None:
+                model.train()
+                train_step(model, *batch, loss_fn, opt, scaler, dtype, losses)
             state["step"] += 1
             bar.update(1)
             if state["step"] % eval_every == 0 or state["step"] == total:
-                if calibrate:
-                    calibrate(model)
-                metric = validate(model)
+                if calibrate and common.is_main():
+                    calibrate(net)
+                metric = common.from_rank0(validate(net) if common.is_main() else None)
                 gain = state["best"] is None or (metric > state["best"] if higher else metric < state["best"])
-                state["best"] = metric if gain else state["best"]
-                state["bad_evals"] = 0 if gain else state["bad_evals"] + 1
-                logger.log({"stage": str(folder.relative_to(log_dir)), "step": state["step"],
-                            "epoch": round(state["step"] / steps_per_epoch, 2), "train/loss": float(np.mean(running)),
-                            "val/metric": metric})
-                running = []
-                common.save_checkpoint(folder / "last.pt", {"model": trainable.state_dict(), "state": state,
-                                                            "optimizer": opt.state_dict()})
+                state.update(best=metric if gain else state["best"], bad_evals=0 if gain else state["bad_evals"] + 1,
+                             curve=state["curve"] + [metric])
+                logger.log_once({"stage": stage, "step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 2),
+                                 "train/loss": losses.read(), "val/metric": metric}, ("stage", "step"))
                 topk.update(metric, {"model": trainable.state_dict()}, state["step"])
+                common.save_state(folder / "last.pt", trainable, opt, scaler, **state)
             if state["step"] >= total or state["bad_evals"] >= patience:
                 break
     bar.close()
+    common.barrier()  # rank 0's top-k checkpoints are complete before any rank averages them
     trainable.load_state_dict(common.average_state_dicts(topk.paths))  # top-k weight averaging
-    if calibrate:
-        calibrate(model)
+    if calibrate and common.is_main():
+        calibrate(net)
     return {"best_val": state["best"], "steps": state["step"], "epochs": round(state["step"] / steps_per_epoch, 2),
-            "averaged": [p.name for p in topk.paths]}
+            "averaged": [p.name for p in topk.paths], "plateau": common.plateau(state["curve"], higher)}
 
 
-def train_upstream(args, arch: str, device) -> Path:
-    """Sec. 4.2.1: audio tagging on --data (full) with a label-balancing sampler, torch-audiomentations'
-    wave augmentation, mix-up Beta(1, 1), SpecAugment, BCE, Adam; validation every ~1/6 epoch, early stop 5,
-    top-4 averaging. Returns final.pt; evaluates it on eval (mAP / mAUC / d', Table 2)."""
-    folder = Path(args.upstream_dir.format(arch=arch))
-    final = folder / "final.pt"
-    if final.exists() and (folder / "results.json").exists() and args.resume:
-        return final
+# =============================================================================================
+# Paper procedures: the upstream (Sec. 4.2.1, Table 2); one downstream run in each mode and the cells (Sec.
+# 4.2.2, Table 3). Shared stages live beside the run folder, in folders named by their settings' hash.
+# =============================================================================================
+def upstream(args, arch: str, device) -> dict:
+    """The upstream of `arch`: the given --upstream-ckpt, or final.pt of its stage folder (keyed by every setting
+    that changes it), trained here once and shared by every run with those settings. {'ckpt': path, results}."""
+    if args.given_arch == arch:
+        return {"ckpt": args.upstream_ckpt, "given": True}
+    folder = common.stage_dir(Path(args.out).parent, f"upstream_{arch}", upstream_source(args, arch))
+    with common.RunLock(folder, wait=True):
+        if not common.from_rank0((folder / "final.pt").exists()):
+            train_upstream(args, arch, folder, device)
+    common.barrier()  # rank 0's final.pt and results are complete before any rank reads them
+    return {"ckpt": str(folder / "final.pt"), **common.read_json(folder / "results.json", "upstream results")}
+
+
+def train_upstream(args, arch: str, folder: Path, device) -> None:
+    """Sec. 4.2.1: audio tagging on --data (full) with a label-balancing sampler, the wave augmentation, mix-up and
+    SpecAugment of upstream_loss, Adam; validation every ~1/6 epoch, early stop 5, top-4 averaging; then mAP /
+    mAUC / d' on eval (Table 2): results.json, then final.pt (which marks the stage done)."""
+    common.seed_everything(args.seed)  # the stage's own seed: its result does not depend on what ran before
     corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
-    common.claim_stage(folder, {k: getattr(args, k) for k in ("data_root", "data", "up_epochs", "up_lr", "up_batch_size",
-                   "evals_per_epoch", "up_patience", "valid_on", "mixup_alpha", "time_mask", "freq_mask", "n_masks",
-                   "gain_db", "max_shift", "aug_p", "top_k", "seed", "synth_scale", "max_steps", "bn_batches")}
-                   | {"arch": arch},
-                   args.resume, name="settings.json", hint="another --out/--name or --no-resume")
-    common.seed_everything(args.seed)
-    model = ARCHS[arch](len(corpus.labels)).to(device)
-    n = count_parameters(model)
-    print(f"upstream {arch}: {n:,} parameters ({count_parameters(ARCHS[arch](527)) / 1e6:.2f} M with 527 classes; "
-          f"paper {PAPER_UPSTREAM[arch][0]} M), {len(corpus.train)} clips of {args.data}")
+    model = place(ARCHS[arch](len(corpus.labels)), device)
+    if common.is_main():
+        print(f"upstream {arch}: {count_parameters(model):,} parameters ({count_parameters(ARCHS[arch](527)) / 1e6:.2f} M "
+              f"with 527 classes; paper {PAPER_UPSTREAM[arch][0]} M), {len(corpus.train)} clips of {args.data}")
     targets = corpus.targets(corpus.train)
-    ds = common.ClipDataset(corpus.root, corpus.train, targets, args.synth_clip_seconds if corpus.synthetic else 10.0)
+    ds = common.ClipDataset(corpus.root, corpus.train, targets, corpus.clip_seconds or 10.0)
     sampler = common.PseudoBalancedSampler(targets, seed=args.seed)  # label-balancing sampling ([31, 3])
-    steps = math.ceil(len(ds) / args.up_batch_size)
-
-    def batches(epoch, skip):
-        sampler.set_epoch(epoch)
-        idx = np.fromiter(sampler, np.int64)[skip * args.up_batch_size:]
-        for batch in common.make_loader(ds, args.up_batch_size, sampler=idx, workers=args.workers, seed=args.seed):
-            if batch is None:
-                continue
-            wave, y = batch[0].to(device), batch[1].to(device)
-            wave = audiomentations_default(wave, args.gain_db, args.aug_p, args.max_shift)
-            yield common.mixup(wave, y, args.mixup_alpha)  # mix-up Beta(1, 1) on every sample
-
-    spec_augment = lambda x: common.mask_along(common.mask_along(x, args.freq_mask, 1, args.n_masks),
-                                               args.time_mask, 2, args.n_masks)  # (B, mel, T)
-    loss_fn = lambda m, x, y: clip_loss(m(x, spec_augment)[0], y, True)
-    if args.valid_on == "valid" and corpus.valid is None:
+    steps = epoch_steps(len(ds), args.up_batch_size)
+    batches = lambda epoch, skip: loader_batches(ds, sampler.epoch_indices(epoch), args.up_batch_size, skip, epoch,
+                                                 args, device)
+    if args.valid_on == "valid" and corpus.valid is None and common.is_main():
         print("no valid.tsv: validating on the training set (the paper's choice)")
     vrows = corpus.valid if args.valid_on == "valid" and corpus.valid is not None else corpus.train
-    vtrue = corpus.targets(vrows)
-    def clean(epoch, skip):  # BatchNorm re-estimation: random training clips, no augmentation
-        idx = np.random.default_rng([args.seed, 99]).permutation(len(ds))[: args.bn_batches * args.up_batch_size]
-        for batch in common.make_loader(ds, args.up_batch_size, sampler=idx, workers=args.workers, seed=args.seed):
-            if batch is not None:
-                yield batch[0].to(device), batch[1]
-
-    info = fit(model, model, batches, steps, loss_fn, lambda m: tag_eval(m, corpus, vrows, vtrue, args)["mAP"], folder,
-               folder, args, epochs=args.up_epochs, eval_every=max(1, steps // args.evals_per_epoch),
-               patience=args.up_patience, lr=args.up_lr, calibrate=lambda m: recalibrate_bn(m, clean, args.bn_batches))
-    m = tag_eval(model, corpus, corpus.eval, corpus.true_targets(corpus.eval) if corpus.true
-                 else corpus.targets(corpus.eval), args)
-    common.save_checkpoint(final, {"model": model.state_dict(), "arch": arch, "args": vars(args), "info": info,
-                                   "labels": {"mids": corpus.labels.mids, "names": corpus.labels.names}})
-    p = PAPER_UPSTREAM[arch]
-    table = common.markdown_table(["upstream", "params (M, 527 classes)", "mAP %", "mAUC %", "d' (from mean AUC)",
-                                   "paper params", "paper mAP", "paper mAUC", "paper d'"],
-                                  [[arch, f"{count_parameters(ARCHS[arch](527)) / 1e6:.2f}", f"{100 * m['mAP']:.2f}",
-                                    f"{100 * m['mAUC']:.2f}", f"{m['dprime']:.3f}", *map(str, p)]])
-    common.write_results(folder, {"arch": arch, "params": n, **m, "train": info}, table)
-    print(table)
-    return final
+    calibrate = (lambda m: common.recalibrate_bn(m, clean_inputs(ds, args, args.up_batch_size, device))) \
+        if args.bn_batches else None
+    info = fit(model, model, batches, steps, lambda m, x, y: upstream_loss(m, x, y, args),
+               lambda m: tag_eval(m, corpus, vrows, corpus.targets(vrows), args)["mAP"], folder,
+               common.RunLogger(folder), "upstream", args, epochs=args.up_epochs,
+               eval_every=max(1, steps // args.evals_per_epoch), patience=args.up_patience, lr=args.up_lr,
+               calibrate=calibrate)
+    if common.is_main():
+        truth = corpus.true_targets(corpus.eval) if corpus.true else corpus.targets(corpus.eval)
+        res = {"arch": arch, "params": count_parameters(model), **tag_eval(model, corpus, corpus.eval, truth, args),
+               "train": info}
+        common.report(folder, res, upstream_markdown(res))
+        common.save_checkpoint(folder / "final.pt", {"model": model.state_dict(), "arch": arch, "script": "at_transfer",
+                                                     "args": vars(args), "info": info, "labels": {
+                                                         "mids": corpus.labels.mids, "names": corpus.labels.names}})
+        for f in [*folder.glob("*.pt"), folder / "topk.json"]:  # last and top-k: not needed once final.pt is in place
+            if f.name != "final.pt":
+                f.unlink(missing_ok=True)
 
 
 @torch.no_grad()
 def tag_eval(model: Tagger, corpus: common.Corpus, rows: list, y_true: np.ndarray, args) -> dict:
-    """Upstream mAP / mAUC / d' on whole clips (clips of equal length stacked, no padding)."""
-    model.eval()
-    device = next(model.parameters()).device
-    ds = common.ClipDataset(corpus.root, rows, y_true, args.synth_clip_seconds if corpus.synthetic else 10.0)
-    scores = np.zeros(y_true.shape, np.float32)
-    for wave, idx in clip_batches(ds, args.workers):
-        scores[idx.numpy()] = model(wave.to(device))[0].float().cpu().numpy()
-    return common.tagging_metrics(y_true, scores)
+    """Upstream mAP / mAUC / d' on whole clips; unreadable clips are excluded and counted (n, skipped)."""
+    ds = common.ClipDataset(corpus.root, rows, y_true, corpus.clip_seconds or 10.0)
+    return common.readable_scores(y_true, predict(model, ds, y_true.shape[1], lambda out: out[0], args))
 
 
-# =============================================================================================
-# Paper procedures: one downstream run (Sec. 4.2.2) in each mode, the cells, the Table-3 matrix
-# =============================================================================================
-def upstream_checkpoint(args, arch: str, device) -> Path:
-    if args.upstream_ckpt:
-        ck = common.load_checkpoint(args.upstream_ckpt)
-        if ck.get("arch", "mbv2") == arch:
-            return Path(args.upstream_ckpt)
-    return train_upstream(args, arch, device)
-
-
-def make_backbone(arch: str, ckpt: Path | None) -> Tagger:
+def make_backbone(arch: str, ckpt: str | Path | None) -> Tagger:
     """scratch: a freshly initialised network (seeded); frozen / finetune: the upstream's weights."""
-    return build_upstream(common.load_checkpoint(ckpt)) if ckpt else ARCHS[arch](1)
+    return build_upstream(read_upstream(ckpt)) if ckpt else ARCHS[arch](1)
 
 
-class FrozenCache:
-    """Frozen mode: the backbone's embeddings of every training segment and every whole clip of a task,
-    computed once per (upstream, task) and shared by all trials and splits (the column is nearly free)."""
-
-    def __init__(self, task, ckpt: Path, arch: str, path: Path, args, device):
-        self.pos = {r[0]: i for i, r in enumerate(task.rows)}
-        durations = common.clip_durations(task.root, task.rows)
-        segs = common.SegmentDataset(task.root, task.rows, np.zeros((len(task.rows), 1), np.float32),
-                                     task.max_seconds, durations=durations)
-        self.seg_clip = segs.clip_index
-        if path.exists():
-            saved = torch.load(path, weights_only=False)
-            self.seg, self.clip = saved["seg"], saved["clip"]
-            return
-        backbone = make_backbone(arch, ckpt).to(device)
-        self.seg = extract_embeddings(backbone, segs, args, f"embed {task.name} segments")
-        whole = np.bincount(self.seg_clip, minlength=len(task.rows)) == 1  # one chunk = the clip itself
-        first = np.searchsorted(self.seg_clip, np.arange(len(task.rows)))
-        rest = [i for i in range(len(task.rows)) if not whole[i]]
-        clips = common.VarLenDataset(task.root, [task.rows[i] for i in rest], np.zeros((len(rest), 1), np.float32))
-        extra = extract_embeddings(backbone, clips, args, f"embed {task.name} clips") if rest else []
-        self.clip = [self.seg[first[i]] if whole[i] else None for i in range(len(task.rows))]
-        for i, e in zip(rest, extra):
-            self.clip[i] = e
-        torch.save({"seg": self.seg, "clip": self.clip}, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
-
-    def rows(self, rows: list) -> np.ndarray:
-        return np.array([self.pos[r[0]] for r in rows], np.int64)
+def frozen_cache(args, task, arch: str, ckpt: str, device) -> dict:
+    """Frozen mode's shared stage: the backbone's (eval mode) embeddings of every training segment and every whole
+    clip of a task, computed once and shared by all trials, splits and runs (the column is nearly free). Keyed by
+    the upstream's identity, the task's entry and its audio files (names, sizes, mtimes), and --amp."""
+    files = hashlib.sha1(json.dumps([file_id(task.root / r[0]) for r in task.rows]).encode()).hexdigest()
+    folder = common.stage_dir(Path(args.out).parent, f"frozen_{arch}_{task.name}", {
+        "upstream": upstream_source(args, arch), "task": task.info, "files": files, "amp": args.amp})
+    path = folder / "embeddings.pt"
+    with common.RunLock(folder, wait=True):
+        if common.is_main() and not path.exists():
+            durations = common.clip_durations(task.root, task.rows)
+            segs = common.SegmentDataset(task.root, task.rows, np.zeros((len(task.rows), 1), np.float32),
+                                         task.max_seconds, durations=durations)
+            backbone = place(make_backbone(arch, ckpt), device)
+            seg = extract_embeddings(backbone, segs, args, f"embed {task.name} segments")
+            whole = np.bincount(segs.clip_index, minlength=len(task.rows)) == 1  # one chunk = the clip itself
+            first = np.searchsorted(segs.clip_index, np.arange(len(task.rows)))
+            rest = [i for i in range(len(task.rows)) if not whole[i]]
+            clips = common.VarLenDataset(task.root, [task.rows[i] for i in rest], np.zeros((len(rest), 1), np.float32))
+            extra = dict(zip(rest, extract_embeddings(backbone, clips, args, f"embed {task.name} clips") if rest else []))
+            common.save_checkpoint(path, {"seg": seg, "seg_clip": segs.clip_index, "clip": [
+                extra[i] if i in extra else seg[first[i]] for i in range(len(task.rows))]})
+    common.barrier()  # rank 0's cache is complete before any rank reads it
+    return torch.load(path, weights_only=False)
 
 
-def run_split(args, task, mode: str, arch: str, ckpt: Path | None, cache: FrozenCache | None, train_rows: list,
-              valid_rows: list, test_rows: list, folder: Path, log_dir: Path, device) -> tuple[dict, Downstream]:
-    """Train one downstream model on one split and score the averaged model on its test clips."""
-    multi = task.type == "multi"
-    K = len(task.classes)
-    model = Downstream(make_backbone(arch, ckpt if mode != "scratch" else None), K, multi).to(device)
-    y_valid, y_test = task.targets(valid_rows), task.targets(test_rows)
-    score = lambda y, s: common.task_score(task.metric, y[~np.isnan(s[:, 0])], s[~np.isnan(s[:, 0])])
+def run_split(args, task, mode: str, arch: str, ckpt: str | None, cache: dict | None, train_rows: list,
+              valid_rows: list, test_rows: list, folder: Path, logger: common.RunLogger, device) -> tuple[dict, Downstream]:
+    """Train one downstream model on one split and score the averaged model on its test clips (rank 0, shared)."""
+    multi, K = task.type == "multi", len(task.classes)
+    model = place(Downstream(make_backbone(arch, ckpt if mode != "scratch" else None), K, multi), device)
+    metric = lambda y, s: common.task_score(task.metric, y, s)
     if mode == "frozen":
         for p in model.backbone.parameters():
             p.requires_grad_(False)
-        tr = cache.rows(train_rows)
-        seg_ids = np.flatnonzero(np.isin(cache.seg_clip, tr))  # every segment of the training clips
-        seg_ids = np.array([s for s in seg_ids if cache.seg[s] is not None], np.int64)
-        frames = torch.cat([cache.seg[s].float() for s in seg_ids]) if args.frozen_standardize else None
-        head = FrozenHead(model, *((frames.mean(0).to(device), frames.std(0).clamp_min(1e-5).to(device))
-                                   if frames is not None else ()))
-        pos_row = {c: j for j, c in enumerate(tr)}
-        y_seg = torch.as_tensor(task.targets(train_rows)[[pos_row[c] for c in cache.seg_clip[seg_ids]]])
+        pos = {r[0]: i for i, r in enumerate(task.rows)}
+        rows_of = lambda rows: np.array([pos[r[0]] for r in rows], np.int64)
+        tr = rows_of(train_rows)
+        seg_ids = np.array([s for s in np.flatnonzero(np.isin(cache["seg_clip"], tr)) if cache["seg"][s] is not None],
+                           np.int64)  # every readable segment of the training clips
+        frames = torch.cat([cache["seg"][s].float() for s in seg_ids]) if args.frozen_standardize else None
+        net = FrozenHead(model, *((frames.mean(0).to(device), frames.std(0).clamp_min(1e-5).to(device))
+                                  if frames is not None else ()))
+        row_of = {c: j for j, c in enumerate(tr)}  # each segment inherits its clip's label
+        y_seg = torch.as_tensor(task.targets(train_rows)[[row_of[c] for c in cache["seg_clip"][seg_ids]]])
 
         def batches(epoch, skip):
-            order = np.random.default_rng([args.seed, epoch]).permutation(len(seg_ids))[skip * args.batch_size:]
-            for j in range(0, len(order), args.batch_size):
-                b = order[j: j + args.batch_size]
-                x, mask = pad_embeddings([cache.seg[s] for s in seg_ids[b]])
-                yield (x.to(device), mask.to(device)), y_seg[b].to(device)
+            idx = common.shard(np.random.default_rng([args.seed, epoch]).permutation(len(seg_ids)))
+            for j in range(skip * args.batch_size, len(idx), args.batch_size):
+                b = idx[j: j + args.batch_size]
+                x = pad_embeddings([cache["seg"][s] for s in seg_ids[b]])
+                yield common.to_device(x, device), y_seg[b].to(device, non_blocking=True)
 
-        @torch.no_grad()
-        def predict(m, rows):
-            m.eval()
-            out = np.full((len(rows), K), np.nan, np.float32)
-            ids = cache.rows(rows)
-            ok = [j for j, i in enumerate(ids) if cache.clip[i] is not None]
-            for j in range(0, len(ok), 256):
-                x, mask = pad_embeddings([cache.clip[ids[o]] for o in ok[j: j + 256]])
-                out[ok[j: j + 256]] = clip_scores(m((x.to(device), mask.to(device))), multi).cpu().numpy()
-            return out
+        def predict_rows(m, rows):  # the cached whole-clip embeddings as the clips
+            clips = [cache["clip"][i] for i in rows_of(rows)]
+            return predict(m, [None if e is None else (e.float(), None, j) for j, e in enumerate(clips)], K,
+                           lambda out: clip_scores(out, multi), args)
 
-        net, trainable, steps = head, model.head, math.ceil(len(seg_ids) / args.batch_size)
-        epochs, patience = args.frozen_epochs, args.frozen_patience
+        trainable, steps, epochs, patience = model.head, epoch_steps(len(seg_ids), args.batch_size), \
+            args.frozen_epochs, args.frozen_patience
     else:
         durations = common.clip_durations(task.root, train_rows)
         ds = common.SegmentDataset(task.root, train_rows, task.targets(train_rows), task.max_seconds,
                                    durations=durations)  # each segment inherits its clip's label
-
-        def batches(epoch, skip):
-            order = np.random.default_rng([args.seed, epoch]).permutation(len(ds))[skip * args.batch_size:]
-            for batch in common.make_loader(ds, args.batch_size, sampler=order, workers=args.workers, seed=args.seed):
-                if batch is not None:
-                    yield batch[0].to(device), batch[1].to(device)
-
-        def predict(m, rows):
-            return predict_clips(m, common.VarLenDataset(task.root, rows, task.targets(rows)), K, multi, args)
-
-        net, trainable, steps = model, model, math.ceil(len(ds) / args.batch_size)
-        epochs, patience = args.epochs, args.patience
+        batches = lambda epoch, skip: loader_batches(ds, np.random.default_rng([args.seed, epoch]).permutation(len(ds)),
+                                                     args.batch_size, skip, epoch, args, device)
+        predict_rows = lambda m, rows: predict(m, common.VarLenDataset(task.root, rows, task.targets(rows)), K,
+                                               lambda out: clip_scores(out, multi), args)
+        net, trainable, steps, epochs, patience = model, model, epoch_steps(len(ds), args.batch_size), args.epochs, \
+            args.patience
     if steps == 0 or not len(valid_rows) or not len(test_rows):
         raise common.DataError(f"{task.name}: a split without training, validation or test clips ({folder.name})")
-    loss_fn = lambda m, x, y: clip_loss(m(x), y, multi)
-    info = fit(net, trainable, batches, steps, loss_fn, lambda m: score(y_valid, predict(m, valid_rows)), folder,
-               log_dir, args, epochs=epochs, eval_every=steps, patience=patience, lr=args.lr,
-               higher=task.higher_is_better,
-               calibrate=None if mode == "frozen" else lambda m: recalibrate_bn(m, batches, args.bn_batches))
-    test = score(y_test, predict(net, test_rows))
-    for f in folder.glob("*.pt"):  # the top-k and last checkpoints are not needed once the split is scored
-        f.unlink()
-    return {"test": test, "n_train": len(train_rows), "n_valid": len(valid_rows), "n_test": len(test_rows),
-            **info}, model
+    calibrate = (lambda m: common.recalibrate_bn(m, clean_inputs(ds, args, args.batch_size, device))) \
+        if mode != "frozen" and args.bn_batches else None
+    y_valid = task.targets(valid_rows)
+    info = fit(net, trainable, batches, steps, lambda m, x, y: clip_loss(m(x), y, multi),
+               lambda m: common.readable_scores(y_valid, predict_rows(m, valid_rows), metric)["score"], folder, logger,
+               str(folder.relative_to(args.out)), args, epochs=epochs, eval_every=steps, patience=patience, lr=args.lr,
+               higher=task.higher_is_better, calibrate=calibrate)
+    test = common.readable_scores(task.targets(test_rows), predict_rows(net, test_rows), metric) \
+        if common.is_main() else None
+    return common.from_rank0(test and {"test": test["score"], "n_train": len(train_rows), "n_valid": len(valid_rows),
+                                       "n_test": test["n"], "test_skipped": test["skipped"], **info}), model
 
 
-def run_cell(args, task, mode: str, arch: str, ckpt: Path, out: Path, device) -> dict:
-    """One Table-3 cell: --trials repeated runs, each the mean over the task's splits (k-fold: folds)."""
+def run_cell(args, task, mode: str, arch: str, ckpt: str, logger: common.RunLogger, device) -> dict:
+    """One Table-3 cell: --trials repeated runs, each the mean over the task's splits (k-fold: folds); a split
+    whose result.json exists is not run again."""
     splits = common.task_splits(task, args.protocol, args.valid_fraction, args.seed)[: args.folds]
-    cache = None
-    if mode == "frozen":
-        cache = FrozenCache(task, ckpt, arch, out / arch / task.name / "frozen_embeddings.pt", args, device)
-    per_trial = []
+    cache = frozen_cache(args, task, arch, ckpt, device) if mode == "frozen" else None
+    trials = []
     for trial in range(args.trials):
-        scores = []
+        a = copy.copy(args)
+        a.seed = args.seed + 1000 * trial  # scratch init and batch order differ per trial
+        trials.append([])
         for name, tr, va, te in splits:
-            folder = out / arch / task.name / mode / f"trial{trial}_{name}"
-            if not (args.resume and (folder / "result.json").exists()):
-                common.seed_everything(args.seed + 1000 * trial)  # scratch init and batch order differ per trial
-                a = copy.copy(args)
-                a.seed = args.seed + 1000 * trial
-                res = run_split(a, task, mode, arch, ckpt, cache, tr, va, te, folder, out, device)[0]
-                common.write_json(folder / "result.json", res)
-            scores.append(json.loads((folder / "result.json").read_text())["test"])
-        per_trial.append(float(np.mean(scores)))
-    return {"task": task.name, "mode": mode, "arch": arch, "metric": task.metric, "trials": per_trial,
-            "mean": float(np.mean(per_trial)), "std": float(np.std(per_trial, ddof=1)) if len(per_trial) > 1 else None,
-            "splits": [s[0] for s in splits]}
+            folder = Path(args.out) / arch / task.name / mode / f"trial{trial}_{name}"
+            if common.from_rank0((folder / "result.json").exists()):
+                trials[-1].append(common.read_json(folder / "result.json", "split result"))
+                continue
+            common.seed_everything(a.seed)  # the split's own seed, whatever ran before in this process
+            trials[-1].append(run_split(a, task, mode, arch, ckpt, cache, tr, va, te, folder, logger, device)[0])
+            if common.is_main():
+                common.write_json(folder / "result.json", trials[-1][-1])
+                for f in folder.glob("*.pt"):  # the top-k and last checkpoints are not needed once the split is scored
+                    f.unlink()
+    means = [float(np.mean([r["test"] for r in t])) for t in trials]
+    return {"task": task.name, "mode": mode, "arch": arch, "metric": task.metric, "trials": means,
+            "mean": float(np.mean(means)), "std": float(np.std(means, ddof=1)) if len(means) > 1 else None,
+            "splits": [s[0] for s in splits], "n_test": sum(r["n_test"] for r in trials[0]),
+            "test_skipped": sum(r.get("test_skipped", 0) for r in trials[0])}
 
 
+# =============================================================================================
+# Report: Table 2 (each upstream) and the Table-3 matrix
+# =============================================================================================
 def paper_row(name: str) -> str | None:
     return ALIASES.get(re.sub(r"[^a-z0-9]", "", name.lower()))
 
 
-def fmt_cell(c: dict | None) -> str:
-    if c is None:
-        return "-"
-    return f"{100 * c['mean']:.2f}" + (f" +- {100 * c['std']:.2f}" if c["std"] is not None else " (n=1)")
+def upstream_markdown(r: dict) -> str:
+    p = PAPER_UPSTREAM[r["arch"]]
+    return common.markdown_table(
+        ["upstream", "params (M, 527 classes)", "mAP %", "mAUC %", "d' (from mean AUC)", "eval clips (skipped)",
+         "paper params", "paper mAP", "paper mAUC", "paper d'"],
+        [[r["arch"], f"{count_parameters(ARCHS[r['arch']](527)) / 1e6:.2f}", f"{100 * r['mAP']:.2f}",
+          f"{100 * r['mAUC']:.2f}", f"{r['dprime']:.3f}", f"{r['n']} ({r['skipped']})", *map(str, p)]])
 
 
-def results_matrix(cells: dict, tasks: list, arches: list, args) -> str:
-    """Table 3 layout: one row per task, scratch / frozen / finetune per upstream, the paper's beside."""
+def at_markdown(results: dict, args) -> str:
+    """Table 3 layout: one row per task, scratch / frozen / finetune per upstream, the paper's beside; then the
+    upstreams trained here (Table 2)."""
+    cells = {(c["arch"], c["task"], c["mode"]): c for c in results["cells"]}
+    arches = sorted({k[0] for k in cells}, key=list(ARCHS).index)
     head, rows = ["task", "metric"], []
     for arch in arches:
         head += [f"{arch} {m}" for m in MODES] + [f"{arch} frozen-scratch", f"{arch} finetune-scratch",
                                                   f"paper {arch} (scratch / frozen / finetune)"]
-    for t in tasks:
-        row = [t.name + (" (speech)" if (paper_row(t.name) or t.name) in SPEECH else ""), t.metric]
+    for name, metric in dict.fromkeys((c["task"], c["metric"]) for c in results["cells"]):
+        row = [name + (" (speech)" if (paper_row(name) or name) in SPEECH else ""), metric]
         for arch in arches:
-            c = {m: cells.get((arch, t.name, m)) for m in MODES}
-            row += [fmt_cell(c[m]) for m in MODES]
+            c = {m: cells.get((arch, name, m)) for m in MODES}
+            row += [common.mean_std(c[m]["trials"], 100, 2) if c[m] else "-" for m in MODES]
             for m in ("frozen", "finetune"):
                 row.append(f"{100 * (c[m]['mean'] - c['scratch']['mean']):+.2f}" if c[m] and c["scratch"] else "-")
-            p = PAPER_T3.get(paper_row(t.name) or "", {}).get(arch)
+            p = PAPER_T3.get(paper_row(name) or "", {}).get(arch)
             row.append(" / ".join(map(str, p)) if p else "-")
         rows.append(row)
+    skipped = [f"{c['arch']} {c['task']} {c['mode']}: {c['test_skipped']}" for c in results["cells"] if c.get("test_skipped")]
     n = f"{args.trials} trial(s), mean +- std over trials (each the mean over {args.folds or 'all'} k-fold splits)"
-    return "\n".join([f"## Table 3 (Dinkel et al.): transfer to {args.task_root or 'the synthetic tasks'}", "",
-                      f"Scores in %, {n}; preset {args.preset}, lr {args.lr:g}, scratch/finetune <= {args.epochs} "
-                      f"epochs (patience {args.patience}), frozen <= {args.frozen_epochs} (patience "
-                      f"{args.frozen_patience}). One trial is a pipeline check, not a result.", "",
-                      common.markdown_table(head, rows)])
+    md = "\n".join([f"## Table 3 (Dinkel et al.): transfer to {args.task_root or 'the synthetic tasks'}", "",
+                    f"Scores in %, {n}; preset {args.preset}, lr {args.lr:g}, scratch/finetune <= {args.epochs} "
+                    f"epochs (patience {args.patience}), frozen <= {args.frozen_epochs} (patience "
+                    f"{args.frozen_patience}). One trial is a pipeline check, not a result.", "",
+                    common.markdown_table(head, rows)]
+                   + ([f"\nUnreadable test clips, excluded (per trial): {'; '.join(skipped)}"] if skipped else []))
+    for arch, up in results["upstreams"].items():
+        md += f"\n\nUpstream {arch}: {up['ckpt']}" + ("" if up.get("given") else "\n\n" + upstream_markdown(up))
+    return md
 
 
-def run_suite(args, device) -> dict:
-    """Every task x mode for each upstream; finished cells (trial x split result.json) are reused."""
-    root = Path(args.task_root) if args.task_root else common.ensure_synthetic_tasks(args.task_scale, args.seed)
-    names = args.task or common.list_tasks(root)
-    tasks = [common.read_task(root, n) for n in names]
-    out = Path(args.out)
-    common.claim_stage(out, {k: getattr(args, k) for k in ("data_root", "data", "task_root", "task_scale", "epochs",
-                   "patience", "frozen_epochs", "frozen_patience", "lr", "batch_size", "top_k", "protocol",
-                   "valid_fraction", "seed", "max_steps", "upstream_ckpt", "preset", "bn_batches",
-                   "frozen_standardize")}, args.resume, name="settings.json", hint="another --out/--name or --no-resume")
-    common.save_config(out, args)
-    cells, summary = {}, {}
-    prev = out / "results.json"
-    if prev.exists():  # keep the cells of earlier invocations (other tasks / modes / upstreams)
-        for c in json.loads(prev.read_text()).get("cells", []):
-            cells[(c["arch"], c["task"], c["mode"])] = c
-    for arch in args.arches:
-        ckpt = upstream_checkpoint(args, arch, device)
-        summary[arch] = str(ckpt)
-        st = ckpt.stat()  # cells and cached embeddings belong to one upstream: refuse another one
-        common.claim_stage(out / arch, {"upstream": str(ckpt), "size": st.st_size, "mtime_ns": st.st_mtime_ns}, True, name="settings.json", hint="another --out/--name or --no-resume")
-        for task in tasks:
-            for mode in args.mode:
-                c = run_cell(args, task, mode, arch, ckpt, out, device)
-                cells[(arch, task.name, mode)] = c
-                print(f"{arch} {task.name} {mode}: {task.metric} {fmt_cell(c)}")
-    all_tasks = tasks + [common.read_task(root, n) for n in sorted({k[1] for k in cells} - set(names))
-                         if n in common.list_tasks(root)]
-    arches = sorted({k[0] for k in cells}, key=list(ARCHS).index)
-    md = results_matrix(cells, all_tasks, arches, args)
-    for arch in arches:
-        up = Path(summary.get(arch, "")).parent / "results.md"
-        if up.is_file():
-            md += f"\n\nUpstream {arch} ({up.parent}):\n\n" + up.read_text()
-    common.write_results(out, {"upstreams": summary, "cells": list(cells.values())}, md)
-    print(md)
-    print(f"matrix: {out / 'results.md'}")
-    return {"cells": cells, "markdown": md}
+def bench_step(device, amp: str = "auto", batch_size: int = 8) -> dict:
+    """data/bench.py: `step` = one real upstream training step (wave augmentation, mix-up, log-mel + SpecAugment,
+    BCE, Adam, through train_step) and `bare` = forward + backward + Adam of the same MobileNetV2, on one fixed
+    synthetic batch of 10 s clips (the paper's AudioSet clips)."""
+    device = torch.device(device)
+    args, dtype = parse_args(["--amp", amp]), common.amp_dtype(device, amp)
+    torch.manual_seed(0)
+    model = place(MobileNetV2(527), device).train()
+    x = 0.1 * torch.randn(batch_size, 10 * common.SR, device=device)
+    y = (torch.rand(batch_size, 527, device=device) < 0.02).float()
+    opt, scaler, losses = torch.optim.Adam(model.parameters(), lr=1e-4), common.grad_scaler(device, dtype), common.Mean(device)
+
+    def bare():
+        with common.autocast(device, dtype):
+            loss = clip_loss(model(x)[0], y, True)
+        common.optimizer_step(loss, opt, scaler)
+    return {"step": lambda: train_step(model, x, y, lambda m, w, t: upstream_loss(m, w, t, args), opt, scaler, dtype,
+                                       losses), "bare": bare, "clips": batch_size}
 
 
+# =============================================================================================
+# Commands: embed (HEAR embeddings of audio files) and the experiment
+# =============================================================================================
 def embed(argv: list[str]) -> None:
-    """Write HEAR embeddings of audio files: <stem>.npy (scene, (1280,)); with --timestamps also
-    <stem>_frames.npy ((T, 1280)) and <stem>_timestamps.npy ((T,), ms)."""
+    """Write HEAR embeddings of audio files into --out: <stem>.npy (scene, (1280,)); with --timestamps also
+    <stem>_frames.npy ((T, 1280)) and <stem>_timestamps.npy ((T,), ms). --out is claimed like a run folder:
+    nothing there that embed did not write is overwritten."""
     p = argparse.ArgumentParser(prog="at_transfer.py embed", description=embed.__doc__)
     p.add_argument("--ckpt", required=True, help="an upstream final.pt (ours or psl.py's) or a fine-tuned model")
-    p.add_argument("--out-dir", default=None, help="where to write (default: beside each file)")
+    p.add_argument("--out", required=True, help="folder for the embeddings (never beside the audio unless named)")
     p.add_argument("--timestamps", action="store_true", help="also write the per-frame embeddings")
     p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-resume: remove the embeddings written there before (another --ckpt)")
     p.add_argument("files", nargs="+")
     a = p.parse_args(argv)
+    stems = [Path(f).stem for f in a.files]
+    if len(set(stems)) < len(stems):
+        raise common.DataError(f"two files named {next(s for s in stems if stems.count(s) > 1)}: their embeddings "
+                               f"would overwrite each other; embed them into separate --out folders")
     model = load_model(a.ckpt, common.pick_device(a.device))
-    for path in map(Path, a.files):
-        wave = torch.from_numpy(common.load_audio(path)).unsqueeze(0)
-        emb, ts = get_timestamp_embeddings(wave, model)
-        dest = Path(a.out_dir) if a.out_dir else path.parent
-        dest.mkdir(parents=True, exist_ok=True)
-        np.save(dest / f"{path.stem}.npy", emb[0].mean(0).cpu().numpy())
-        if a.timestamps:
-            np.save(dest / f"{path.stem}_frames.npy", emb[0].cpu().numpy())
-            np.save(dest / f"{path.stem}_timestamps.npy", ts[0].cpu().numpy())
-        print(f"{path} -> {dest / path.stem}.npy ({emb.shape[1]} frames x {emb.shape[2]})")
+    with common.claim_run(a.out, "at_transfer_embed", {"ckpt": file_id(a.ckpt), "timestamps": a.timestamps},
+                          a.resume, ("*.npy",)):
+        for path in map(Path, a.files):
+            emb, ts = get_timestamp_embeddings(torch.from_numpy(common.load_audio(path)).unsqueeze(0), model)
+            dest = Path(a.out) / path.stem
+            np.save(f"{dest}.npy", emb[0].mean(0).cpu().numpy())
+            if a.timestamps:
+                np.save(f"{dest}_frames.npy", emb[0].cpu().numpy())
+                np.save(f"{dest}_timestamps.npy", ts[0].cpu().numpy())
+            print(f"{path} -> {dest}.npy ({emb.shape[1]} frames x {emb.shape[2]})")
+
+
+def read_tasks(args) -> list:
+    """The tasks to run (--task, default every task of the root; the synthetic ones are generated once)."""
+    root = Path(args.task_root) if args.task_root else common.ensure_synthetic_tasks(args.task_scale, args.seed)
+    try:
+        return [common.read_task(root, n) for n in (args.task or common.list_tasks(root))]
+    except (OSError, KeyError, TypeError) as e:  # a tasks.json entry without a key, or its manifest missing
+        raise common.DataError(f"{root / 'tasks.json'}: a malformed task entry or a missing manifest ({e})") from None
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -895,11 +926,24 @@ def main(argv: list[str] | None = None) -> dict | None:
     if argv[:1] == ["embed"]:
         return embed(argv[1:])
     args = resolve(parse_args(argv))
-    if args.suite:
-        args.task, args.mode = None, list(MODES)
-    device = common.pick_device(args.device)
-    common.seed_everything(args.seed)
-    return run_suite(args, device)
+    common.setup_ddp()
+    device, _ = common.setup_device(args)
+    with common.claim_run(args.out, "at_transfer", run_identity(args), args.resume, OUTPUTS):
+        tasks = read_tasks(args)
+        earlier = common.read_json(Path(args.out) / "results.json") if (Path(args.out) / "results.json").exists() \
+            else {"upstreams": {}, "cells": []}  # cells of earlier invocations (other tasks / modes / upstreams)
+        cells = {(c["arch"], c["task"], c["mode"]): c for c in earlier["cells"]}
+        upstreams = earlier["upstreams"]
+        for arch in args.arches:
+            upstreams[arch] = upstream(args, arch, device)  # Sec. 4.2.1, Table 2
+            for task in tasks:
+                for mode in args.mode:  # Sec. 4.2.2, Table 3
+                    cells[(arch, task.name, mode)] = run_cell(args, task, mode, arch, upstreams[arch]["ckpt"],
+                                                              common.RunLogger(args.out), device)
+        results = {"upstreams": upstreams, "cells": list(cells.values())}
+        common.report(args.out, results, at_markdown(results, args))
+    common.cleanup_ddp()
+    return results
 
 
 if __name__ == "__main__":

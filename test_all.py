@@ -1835,10 +1835,71 @@ def test_convert_fsdkaggle2019_class_order_from_sample_submission(tmp_path):
 
 
 # =============================================================================================
-# at_transfer.py: model sizes, psl.py checkpoints as upstream, the HEAR API on a known signal,
-# the wave augmentation, head pooling, frozen mode, and a smoke run of every mode through main()
+# at_transfer.py: model sizes, psl.py checkpoints as upstream, the HEAR API on a known signal, head
+# pooling, frozen mode, end-to-end runs through main() and the CLI (exact resume after SIGKILLs, torchrun
+# DDP, bf16), bad input, and the stages (upstream, frozen embeddings) keyed by their settings
 # =============================================================================================
 import at_transfer as AT  # noqa: E402
+
+
+@pytest.fixture
+def at_thread():
+    """One intra-op thread for the in-process runs: on a shared 2-core machine two threads made a forward 10-30x
+    slower (busy-waiting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def at_corpus(tmp_path_factory) -> Path:
+    """A corpus of 1 s clips (69 training clips for 30 classes, 24 valid, 24 eval): upstream steps are cheap."""
+    return C.make_synthetic_corpus(tmp_path_factory.mktemp("at") / "synth1s", scale=0.05, seed=0, clip_seconds=1.0,
+                                   workers=1, quiet=True)
+
+
+def _at_subset(tasks: Path, name: str, keep, out: Path) -> Path:
+    """A smaller copy of a tiny task (rows filtered by keep(index, row)), its audio left where it is."""
+    t = C.read_task(tasks, name)
+    rows = [r for i, r in enumerate(t.rows) if keep(i, r)]
+    classes = [c for c in t.classes if any(r[1] == [c] for r in rows)]
+    C.write_task(out, name, rows, classes, type=t.type, metric=t.metric, kfold=t.kfold, folds=t.folds,
+                 max_seconds=t.max_seconds, audio_root=str(t.root.resolve()))
+    return out
+
+
+@pytest.fixture(scope="session")
+def at_tasks(tiny_tasks, tmp_path_factory) -> Path:
+    """sound_novel with 2 clips per fold (HEAR split 1: 6 training, 2 valid, 2 test clips of 5 s)."""
+    return _at_subset(tiny_tasks, "sound_novel", lambda i, r: i < 10, tmp_path_factory.mktemp("at") / "tasks")
+
+
+def _at_argv(corpus, tasks, out, *extra):
+    """Tiny scale: 3 upstream steps (9 per epoch, validation every 2), 3 steps per downstream split."""
+    return ["--data-root", str(corpus), "--task-root", str(tasks), "--out", str(out), "--workers", "0",
+            "--preset", "cpu", "--up-batch-size", "8", "--batch-size", "4", "--evals-per-epoch", "4",
+            "--bn-batches", "1", "--max-steps", "3", *extra]
+
+
+def _random_upstream(path: Path, n_classes: int = 30, **extra) -> Path:
+    """A MobileNetV2 upstream checkpoint as train_upstream writes it, with non-trivial BatchNorm statistics."""
+    torch.manual_seed(0)
+    up = AT.MobileNetV2(n_classes)
+    for m in up.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+    C.save_checkpoint(path, {"model": up.state_dict(), "arch": "mbv2", "script": "at_transfer", **extra,
+                             "labels": {"mids": [str(i) for i in range(n_classes)], "names": [str(i) for i in range(n_classes)]}})
+    return path
+
+
+def _metrics(out: Path) -> dict:
+    """results.json without the paths (runs in different folders have their stages in different folders)."""
+    res = json.loads((out / "results.json").read_text())
+    for up in res["upstreams"].values():
+        up.pop("ckpt")
+    return res
 
 
 def test_at_param_counts_and_psl_names():
@@ -1847,27 +1908,27 @@ def test_at_param_counts_and_psl_names():
     assert set(AT.MobileNetV2(30).state_dict()) == set(psl.MobileNetV2(30).state_dict())
 
 
-def test_at_psl_checkpoint_loads_as_upstream(tmp_path):
+def test_at_psl_checkpoint_loads_as_upstream(tmp_path, at_thread):
     """A psl.py machine-annotator checkpoint (written by psl's own save_final) is an upstream: same
-    weights, same clip probabilities, and the HEAR loader accepts it."""
+    weights, same clip probabilities, and the HEAR loader and --upstream-ckpt accept it."""
     torch.manual_seed(0)
     ma = psl.MobileNetV2(30).eval()
     labels = C.Labels([f"/m/{i}" for i in range(30)], [f"c{i}" for i in range(30)])
     fake_corpus = type("Corpus", (), {"labels": labels})()
     path = tmp_path / "teacher" / "final.pt"
     psl.save_final(path, ma, fake_corpus, None, psl.parse_args([]), {})
-    up = AT.build_upstream(C.load_checkpoint(path)).eval()
+    up = AT.build_upstream(AT.read_upstream(path)).eval()
     x = torch.randn(2, 2 * C.SR)
     with torch.no_grad():
         assert torch.allclose(up(x)[0], ma(x)[0], atol=1e-6)
     model = AT.load_model(str(path))
     assert model.sample_rate == 16000 and model.scene_embedding_size == model.timestamp_embedding_size == 1280
     args = AT.resolve(AT.parse_args(["--upstream-ckpt", str(path), "--out", str(tmp_path / "r")]))
-    assert AT.upstream_checkpoint(args, "mbv2", torch.device("cpu")) == path
+    assert args.given_arch == "mbv2" and AT.upstream(args, "mbv2", torch.device("cpu"))["ckpt"] == str(path)
 
 
 @pytest.mark.parametrize("arch", ["mbv2", "effb0"])
-def test_at_hear_api_shapes_timestamps_and_locality(arch):
+def test_at_hear_api_shapes_timestamps_and_locality(arch, at_thread):
     """(n, T, 1280) float32 embeddings, timestamps j * 320 ms; a 0.2 s tone centred on 1.92 s changes
     the embedding most at the frame stamped 1920 ms; the scene embedding is the frames' mean."""
     torch.manual_seed(0)
@@ -1887,22 +1948,25 @@ def test_at_hear_api_shapes_timestamps_and_locality(arch):
         AT.get_timestamp_embeddings(x[0], model)
 
 
-def test_at_audiomentations_defaults():
+def test_at_upstream_augmentation_is_torch_audiomentations_defaults():
+    """The wave that upstream_loss feeds the model (one clip per batch, so mix-up changes nothing): --aug-p 0
+    leaves it alone; with p 1 the clip is gained within -18..+6 dB, polarity-flipped and rolled by at most
+    --max-shift (half) of its length."""
+    w, y = torch.randn(1, 100), torch.zeros(1, 3)
+    seen = []
+    model = lambda wave, spec: seen.append(wave[0]) or (torch.full((1, 3), 0.5), None)
+    AT.upstream_loss(model, w, y, AT.parse_args(["--aug-p", "0"]))
+    assert torch.allclose(seen.pop(), w[0], atol=1e-6)
     torch.manual_seed(0)
-    w = torch.randn(4000, 100)
-    assert torch.equal(AT.audiomentations_default(w, p=0.0), w)  # nothing applied
-    out = AT.audiomentations_default(w, (-18.0, 6.0), p=1.0, max_shift=0.5)
-    ratio = out.norm(dim=1) / w.norm(dim=1)  # gain only: a roll keeps the norm
-    assert (ratio >= 10 ** (-18 / 20) - 1e-5).all() and (ratio <= 10 ** (6 / 20) + 1e-5).all()
-    idx = 0  # the polarity is flipped and the clip rolled by at most half its length
-    shifts = [k for k in range(-50, 51) if torch.allclose(-out[idx] / ratio[idx], torch.roll(w[idx], k), atol=1e-5)]
-    assert len(shifts) == 1
-    half = AT.audiomentations_default(w, p=0.5)
-    flipped = ((half * w).sum(1) < 0).float().mean()  # polarity flipped in about half the clips
-    assert 0.4 < flipped < 0.6
+    for _ in range(6):
+        AT.upstream_loss(model, w, y, AT.parse_args(["--aug-p", "1"]))
+    for out in seen:
+        ratio = out.norm() / w.norm()  # a roll keeps the norm
+        assert 10 ** (-18 / 20) - 1e-5 <= ratio <= 10 ** (6 / 20) + 1e-5
+        assert any(torch.allclose(-out / ratio, torch.roll(w[0], k), atol=1e-5) for k in range(-50, 51))
 
 
-def test_at_head_pooling_single_and_multi_label():
+def test_at_head_pooling_single_and_multi_label(at_thread):
     torch.manual_seed(0)
     for multi in (False, True):
         ds = AT.Downstream(AT.MobileNetV2(5), 3, multi)
@@ -1916,54 +1980,36 @@ def test_at_head_pooling_single_and_multi_label():
     assert isinstance(ds.backbone.classifier, torch.nn.Identity)  # the upstream classifier is replaced
 
 
-def test_stage_settings_refused_on_resume(tmp_path):
-    C.claim_stage(tmp_path / "r", {"lr": 1e-3, "epochs": 3}, True)
-    with pytest.raises(C.DataError, match="epochs"):
-        C.claim_stage(tmp_path / "r", {"lr": 1e-3, "epochs": 4}, True)
-    C.claim_stage(tmp_path / "r", {"lr": 1e-3, "epochs": 4}, False)  # --no-resume starts over
-
-
-def test_at_help_and_embed_cli(tmp_path, capsys):
+def test_at_help_and_embed_writes_only_into_its_out_folder(tmp_path, capsys, at_thread):
+    """embed writes into --out only (never beside the audio), refuses a folder holding a user's .npy (kept),
+    and two files with one name."""
     for argv in (["--help"], ["embed", "--help"]):
         with pytest.raises(SystemExit) as e:
             AT.main(argv)
         assert e.value.code == 0
     assert "--ckpt" in capsys.readouterr().out
-    torch.manual_seed(0)
-    model = AT.MobileNetV2(4)
-    path = tmp_path / "up.pt"
-    C.save_checkpoint(path, {"model": model.state_dict(), "arch": "mbv2",
-                             "labels": {"mids": list("abcd"), "names": list("abcd")}})
-    wav = tmp_path / "a.wav"
+    path = _random_upstream(tmp_path / "up.pt", 4)
+    (tmp_path / "audio").mkdir()
+    wav = tmp_path / "audio" / "a.wav"
     sf.write(wav, sine(440, 16000, 1.5), 16000)
-    AT.main(["embed", "--ckpt", str(path), "--timestamps", str(wav)])
-    scene, frames, ts = (np.load(tmp_path / f"a{s}.npy") for s in ("", "_frames", "_timestamps"))
+    (tmp_path / "audio" / "a.npy").write_text("a user's file")
+    AT.main(["embed", "--ckpt", str(path), "--out", str(tmp_path / "emb"), "--timestamps", str(wav)])
+    scene, frames, ts = (np.load(tmp_path / "emb" / f"a{s}.npy") for s in ("", "_frames", "_timestamps"))
     assert scene.shape == (1280,) and frames.shape == (5, 1280) and np.allclose(frames.mean(0), scene, atol=1e-5)
     assert np.array_equal(ts, np.arange(5) * 320.0)
+    with pytest.raises(C.DataError, match="a.npy, not written by"):
+        AT.main(["embed", "--ckpt", str(path), "--out", str(tmp_path / "audio"), str(wav)])
+    assert (tmp_path / "audio" / "a.npy").read_text() == "a user's file"
+    with pytest.raises(C.DataError, match="two files named a"):
+        AT.main(["embed", "--ckpt", str(path), "--out", str(tmp_path / "e2"), str(wav), str(tmp_path / "a.wav")])
 
 
-def _at_argv(tiny_root, tasks, out, *extra):
-    return ["--data-root", str(tiny_root), "--task-root", str(tasks), "--out", str(out), "--workers", "0",
-            "--preset", "cpu", "--up-batch-size", "8", "--batch-size", "8", "--evals-per-epoch", "1",
-            "--bn-batches", "1", *extra]
-
-
-def _at_subset(tasks: Path, name: str, keep, out: Path) -> Path:
-    """A smaller copy of a tiny task (rows filtered by keep(index, row)), its audio left where it is."""
-    t = C.read_task(tasks, name)
-    rows = [r for i, r in enumerate(t.rows) if keep(i, r)]
-    classes = [c for c in t.classes if any(r[1] == [c] for r in rows)]
-    C.write_task(out, name, rows, classes, type=t.type, metric=t.metric, kfold=t.kfold, folds=t.folds,
-                 max_seconds=t.max_seconds, audio_root=str(t.root.resolve()))
-    return out
-
-
-def test_at_smoke_upstream_and_every_mode_resume(tiny_root, tiny_tasks, tmp_path, capsys):
-    """Upstream (1 step) + a k-fold task (4 novel classes x 5 folds) in every mode through main(argv): a
-    matrix with 3 cells, the frozen embeddings cached; a second call reuses every cell and the upstream."""
-    tasks = _at_subset(tiny_tasks, "sound_novel", lambda i, r: i < 20, tmp_path / "tasks")
+def test_at_smoke_every_mode_resume_and_no_resume(at_corpus, at_tasks, tmp_path, capsys, at_thread):
+    """Upstream + a k-fold task in every mode through main(argv): a matrix with 3 cells; the upstream and the
+    frozen embeddings in stage folders beside the run; a second call trains nothing; other settings are refused;
+    --no-resume starts the run's cells afresh and keeps a user's file."""
     out = tmp_path / "run"
-    argv = _at_argv(tiny_root, tasks, out, "--max-steps", "1")
+    argv = _at_argv(at_corpus, at_tasks, out)
     AT.main(argv)
     res = json.loads((out / "results.json").read_text())
     cells = {c["mode"]: c for c in res["cells"]}
@@ -1971,44 +2017,275 @@ def test_at_smoke_upstream_and_every_mode_resume(tiny_root, tiny_tasks, tmp_path
     assert all(c["splits"] == ["fold1"] and c["metric"] == "accuracy" for c in cells.values())
     md = (out / "results.md").read_text()
     assert "sound_novel" in md and "frozen-scratch" in md and "Upstream mbv2" in md
-    assert len(list(tmp_path.glob("upstream_mbv2_full_*_cpu/final.pt"))) == 1
-    assert (out / "mbv2" / "sound_novel" / "frozen_embeddings.pt").exists()
+    up = [p.parent for p in tmp_path.glob("upstream_mbv2-*/final.pt")]
+    assert len(up) == 1 and res["upstreams"]["mbv2"]["ckpt"] == str(up[0] / "final.pt")
+    assert not list(up[0].glob("*step*.pt")) and not (up[0] / "last.pt").exists()  # only final.pt is kept
+    assert len(list(tmp_path.glob("frozen_mbv2_sound_novel-*/embeddings.pt"))) == 1
     r = json.loads((out / "mbv2" / "sound_novel" / "finetune" / "trial0_fold1" / "result.json").read_text())
-    assert (r["n_train"], r["n_valid"], r["n_test"], r["steps"]) == (12, 4, 4, 1)  # HEAR: test 1, valid 2
+    assert (r["n_train"], r["n_valid"], r["n_test"], r["test_skipped"], r["steps"]) == (6, 2, 2, 0, 3)
     n_log = len((out / "log.jsonl").read_text().splitlines())
     capsys.readouterr()
     AT.main(argv)  # resume: nothing is trained again
-    assert len((out / "log.jsonl").read_text().splitlines()) == n_log
+    assert len((out / "log.jsonl").read_text().splitlines()) == n_log and json.loads((out / "results.json").read_text()) == res
     with pytest.raises(C.DataError, match="epochs"):  # other settings in the same folder are refused
         AT.main(argv + ["--epochs", "5"])
+    (out / "notes.txt").write_text("mine")
+    AT.main(argv + ["--no-resume", "--mode", "frozen"])
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [c["mode"] for c in json.loads((out / "results.json").read_text())["cells"]] == ["frozen"]
+    assert not (out / "mbv2" / "sound_novel" / "finetune").exists()
 
 
-def test_at_frozen_leaves_backbone_unchanged_and_cache_is_exact(tiny_tasks, tmp_path):
-    torch.manual_seed(0)
-    up = AT.MobileNetV2(30)
-    for m in up.modules():  # non-trivial BatchNorm statistics, so a change would show
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-    ckpt = tmp_path / "up.pt"
-    C.save_checkpoint(ckpt, {"model": up.state_dict(), "arch": "mbv2",
-                             "labels": {"mids": [str(i) for i in range(30)], "names": [str(i) for i in range(30)]}})
+@pytest.fixture(scope="module")
+def at_reference(at_corpus, at_tasks, tmp_path_factory) -> dict:
+    """The uninterrupted run (subprocess) that the killed-and-resumed runs must equal."""
+    out = tmp_path_factory.mktemp("at_ref") / "run"
+    run_cli("at_transfer.py", *_at_argv(at_corpus, at_tasks, out, "--mode", "frozen"))
+    return _metrics(out)
+
+
+@pytest.mark.parametrize("kill_at", ["step:3", "write:4", "saved:5"])
+def test_at_killed_and_resumed_is_bit_identical(at_reference, at_corpus, at_tasks, tmp_path, kill_at):
+    """Exact resume (issue 19): SIGKILLed mid-epoch in the upstream (step 3 of 9, after the step-2 checkpoint),
+    inside the write of its step-3 last.pt, or right after its final.pt (between the upstream and the frozen
+    cell), then the same command again: results.json equals the uninterrupted run's (upstream mAP, every
+    validation, the cell), and no temp file is left."""
+    out = tmp_path / "run"
+    killed_then_resumed("at_transfer.py", _at_argv(at_corpus, at_tasks, out, "--mode", "frozen"), kill_at)
+    assert _metrics(out) == at_reference
+    assert leftovers(tmp_path) == []
+
+
+def test_at_torchrun_two_ranks_shards_and_barriers(at_corpus, at_tasks, tmp_path):
+    """torchrun with 2 gloo processes, end to end: one set of outputs, each validation logged once, and each
+    rank takes half of every epoch (the upstream's 69 clips: 5 steps of 8 per epoch instead of 9). Rank 0 alone
+    validates before it publishes final.pt, the top-k checkpoints and the frozen embeddings, so a rank that did
+    not wait at the barrier after each of them would read a missing file: removing any of them fails this test."""
+    out = tmp_path / "run"
+    run_cli("at_transfer.py", *_at_argv(at_corpus, at_tasks, out, "--mode", "frozen", "finetune"), nproc=2)
+    res = json.loads((out / "results.json").read_text())
+    assert sorted(c["mode"] for c in res["cells"]) == ["finetune", "frozen"]
+    up = [json.loads(l) for l in next(tmp_path.glob("upstream_mbv2-*/log.jsonl")).read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in up] == [(1, 0.2), (2, 0.4), (3, 0.6)]  # eval every step: 5 // 4
+    down = [(json.loads(l)["stage"], json.loads(l)["step"]) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert len(down) == len(set(down)) == 6  # 3 validations of each cell, once
+    assert len(list(tmp_path.glob("upstream_mbv2-*"))) == len(list(tmp_path.glob("frozen_*"))) == 1
+    assert leftovers(tmp_path) == []
+
+
+def test_at_epoch_batches_are_disjoint_shards(monkeypatch):
+    """loader_batches under 2 ranks: each reads its own half of the epoch's order (padded by wrapping to equal
+    step counts), from batch `skip` on."""
+    ds = [(torch.full((4,), float(i)), torch.zeros(2), i) for i in range(11)]  # the wave names its item
+    order = np.random.default_rng([0, 3]).permutation(11)
+    args, seen = AT.parse_args(["--workers", "0"]), {}
+    monkeypatch.setattr(C, "world_size", lambda: 2)
+    for r in (0, 1):
+        monkeypatch.setattr(C, "rank", lambda r=r: r)
+        read = lambda skip: [int(v) for x, _ in AT.loader_batches(ds, order, 2, skip, 3, args, torch.device("cpu"))
+                             for v in x[:, 0]]
+        seen[r] = read(0)
+        assert read(1) == seen[r][2:] and AT.epoch_steps(11, 2) == 3
+    assert seen[0] == order.tolist()[0::2] and seen[1] == order.tolist()[1::2] + [order[0]]
+    assert set(seen[0]) | set(seen[1]) == set(range(11)) and len(seen[0]) == len(seen[1]) == 6
+
+
+def test_at_frozen_alone_in_a_fresh_folder_counts_unreadable_test_clips(at_tasks, tmp_path, at_thread):
+    """Issue 20, bug 1: `--mode frozen` alone in a fresh --out computed every embedding and then died ("Parent
+    directory <out>/mbv2/<task> does not exist"). And a test fold with an unreadable clip is scored on its
+    readable clips, with n_test the readable count and the skipped one counted."""
+    task = C.read_task(at_tasks, "sound_novel")
+    audio = tmp_path / "audio"
+    for fn, _, _ in task.rows:
+        (audio / fn).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(task.root / fn, audio / fn)
+    bad = next(fn for fn, _, fold in task.rows if fold == "1")  # a test clip of HEAR split 1
+    (audio / bad).write_bytes(b"not audio")
+    C.write_task(tmp_path / "tasks", "sound_novel", task.rows, task.classes, type=task.type, metric=task.metric,
+                 kfold=True, folds=task.folds, max_seconds=task.max_seconds, audio_root=str(audio))
+    ckpt = _random_upstream(tmp_path / "up.pt")
+    out = tmp_path / "fresh" / "run"
+    AT.main(["--upstream-ckpt", str(ckpt), "--task-root", str(tmp_path / "tasks"), "--out", str(out), "--mode",
+             "frozen", "--workers", "0", "--preset", "cpu", "--batch-size", "4", "--max-steps", "2"])
+    cell = json.loads((out / "results.json").read_text())["cells"][0]
+    assert cell["mode"] == "frozen" and (cell["n_test"], cell["test_skipped"]) == (1, 1)
+    assert "Unreadable test clips" in (out / "results.md").read_text()
+
+
+def test_at_bf16_training_steps_and_float32_scores(at_tasks, at_thread):
+    """--amp bf16 on CPU: the upstream's real training step (bench_step: augmentation, mix-up, SpecAugment,
+    BCE, Adam) runs and moves the weights; a downstream's scores leave autocast as float32; bench_step's
+    bare step runs too (batch 2)."""
+    b = AT.bench_step("cpu", "bf16", batch_size=2)
+    b["step"]()
+    b["bare"]()
+    assert b["clips"] == 2
+    task = C.read_task(at_tasks, "sound_novel")
+    K = len(task.classes)
+    model = AT.Downstream(AT.MobileNetV2(1), K, False)
+    args = AT.parse_args(["--amp", "bf16"])
+    scores = AT.predict(model, C.VarLenDataset(task.root, task.rows[:3], task.targets(task.rows[:3])), K,
+                        lambda out: AT.clip_scores(out, False), args)
+    assert scores.dtype == np.float32 and np.allclose(scores.sum(1), 1, atol=1e-5)
+    losses, dtype = C.Mean(), C.amp_dtype(torch.device("cpu"), "bf16")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(2, C.SR), torch.eye(K)[:2]
+    for _ in range(2):
+        AT.train_step(model, x, y, lambda m, a, t: AT.clip_loss(m(a), t, False), opt, C.grad_scaler(torch.device("cpu"),
+                      dtype), dtype, losses)
+    assert np.isfinite(losses.read())
+
+
+def test_at_bench_step_runs_on_cpu(at_thread):
+    b = AT.bench_step(torch.device("cpu"), "none", batch_size=2)
+    b["step"]()
+    b["bare"]()
+
+
+def test_at_step_has_no_host_sync():
+    """GPU-ready step: no .item(), .cpu(), float(tensor), .numpy() or .tolist() in the per-step code."""
+    import inspect
+    for fn in (AT.train_step, AT.upstream_loss, AT.clip_loss, AT.loader_batches):
+        src = inspect.getsource(fn)
+        assert not re.search(r"\.item\(|\.cpu\(|(?<![.\w])float\(|\.numpy\(|\.tolist\(", src), fn.__name__
+
+
+def test_at_evaluation_starts_no_loader_workers(at_tasks, monkeypatch, at_thread):
+    """Issue 20: evaluation read its clips through a new 2-worker DataLoader on every call; now in-process."""
+    def no_loader(*a, **k):
+        raise AssertionError("a DataLoader was built for evaluation")
+    monkeypatch.setattr(torch.utils.data, "DataLoader", no_loader)
+    task = C.read_task(at_tasks, "sound_novel")
+    ds = C.VarLenDataset(task.root, task.rows[:2], task.targets(task.rows[:2]))
+    out = AT.predict(AT.Downstream(AT.MobileNetV2(1), 4, False), ds, 4, lambda o: o, AT.parse_args(["--workers", "2"]))
+    assert out.shape == (2, 4) and not np.isnan(out).any()
+
+
+def test_at_no_discovery_of_other_scripts_runs(tmp_path, monkeypatch):
+    """Issue 19: the CPU preset silently took the newest psl.py machine annotator under runs/ as the upstream;
+    now the upstream is the given checkpoint or a stage folder named by its own settings only."""
+    monkeypatch.chdir(tmp_path)
+    _random_upstream(tmp_path / "runs" / "psl" / "teacher_full_synth_abc" / "final.pt")
+    (tmp_path / "runs" / "psl" / "teacher_full_synth_abc" / "results.json").write_text("{}")
+    args = AT.resolve(AT.parse_args(["--preset", "cpu"]))
+    assert args.upstream_ckpt is None and args.given_arch is None
+    again = AT.resolve(AT.parse_args(["--preset", "cpu"]))
+    assert AT.run_identity(args) == AT.run_identity(again) and "ckpt" not in AT.upstream_source(args, "mbv2")
+    other = AT.resolve(AT.parse_args(["--preset", "cpu", "--up-lr", "0.01"]))
+    assert AT.upstream_source(other, "mbv2") != AT.upstream_source(args, "mbv2")
+
+
+@pytest.mark.parametrize("argv", [
+    ["--trials", "0"], ["--trials", "-1"], ["--epochs", "0"], ["--up-epochs", "0"], ["--lr", "0"], ["--lr", "nan"],
+    ["--up-lr", "-1e-3"], ["--up-lr", "inf"], ["--batch-size", "0"], ["--up-batch-size", "-8"], ["--top-k", "0"],
+    ["--bn-batches", "-1"], ["--folds", "0"], ["--patience", "0"], ["--up-patience", "0"], ["--frozen-epochs", "0"],
+    ["--frozen-patience", "0"], ["--evals-per-epoch", "0"], ["--valid-fraction", "0"], ["--valid-fraction", "1"],
+    ["--task-scale", "0"], ["--aug-p", "1.5"], ["--max-shift", "-0.1"], ["--mixup-alpha", "0"], ["--time-mask", "-1"],
+    ["--freq-mask", "x"], ["--n-masks", "-2"], ["--gain-db", "6", "-18"], ["--gain-db", "nan", "0"], ["--workers", "-1"],
+    ["--max-steps", "0"], ["--synth-scale", "0"]])
+def test_at_bad_flags_are_one_line_usage_errors(argv, tmp_path, capsys):
+    """Every numeric flag is range-checked at parse time: exit 2, one error line naming the flag, nothing written."""
+    with pytest.raises(SystemExit) as e:
+        AT.main(argv + ["--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and ": error: " in err[-1] and argv[0] in err[-1]
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "o").exists()
+
+
+def _at_bad_case(case: str, tmp: Path, tasks: Path) -> tuple[list, str]:
+    """(argv, the message expected) of one bad-input case, with its files made in tmp."""
+    base = ["--task-root", str(tasks), "--workers", "0", "--preset", "cpu", "--max-steps", "1"]
+    up = str(_random_upstream(tmp / "up.pt"))
+    if case == "psla checkpoint":
+        torch.save({"model": {"features.0.weight": torch.zeros(1)}, "config": {}}, tmp / "wa.pt")
+        return base + ["--upstream-ckpt", str(tmp / "wa.pt"), "--out", str(tmp / "o")], "not an upstream checkpoint"
+    if case == "ofa checkpoint":
+        torch.save({"model": ofa_aec.CNN10(3).state_dict(), "labels": {"mids": ["a"] * 3}}, tmp / "ofa.pt")
+        return base + ["--upstream-ckpt", str(tmp / "ofa.pt"), "--out", str(tmp / "o")], "not an upstream checkpoint"
+    if case == "random bytes as checkpoint":
+        (tmp / "x.pt").write_bytes(os.urandom(64))
+        return base + ["--upstream-ckpt", str(tmp / "x.pt"), "--out", str(tmp / "o")], "not an upstream checkpoint"
+    if case == "missing checkpoint":
+        return base + ["--upstream-ckpt", str(tmp / "none.pt"), "--out", str(tmp / "o")], "not found"
+    if case == "out is a file":
+        (tmp / "file.txt").write_text("mine")
+        return base + ["--upstream-ckpt", up, "--out", str(tmp / "file.txt")], "not a folder"
+    if case == "out under a file":
+        (tmp / "file.txt").write_text("mine")
+        return base + ["--upstream-ckpt", up, "--out", str(tmp / "file.txt" / "sub")], "cannot write"
+    if case == "another script's finished run":
+        (tmp / "o").mkdir()
+        C.write_json(tmp / "o" / "config.json", {"script": "psl", "identity": {"lr": 1}})
+        (tmp / "o" / "results.json").write_text('{"mAP": 0.5}')
+        return base + ["--upstream-ckpt", up, "--out", str(tmp / "o")], "a run folder of psl.py"
+    if case == "our file names in a user's folder":
+        (tmp / "o").mkdir()
+        (tmp / "o" / "results.json").write_text("my results")
+        return base + ["--upstream-ckpt", up, "--out", str(tmp / "o"), "--no-resume"], "not written by"
+    if case == "truncated tasks.json":
+        (tmp / "t").mkdir()
+        (tmp / "t" / "tasks.json").write_text('{"a": {"manifest": ')
+        return base[2:] + ["--task-root", str(tmp / "t"), "--upstream-ckpt", up, "--out", str(tmp / "o")], "tasks.json"
+    if case == "no tasks.json":
+        (tmp / "t").mkdir()
+        return base[2:] + ["--task-root", str(tmp / "t"), "--upstream-ckpt", up, "--out", str(tmp / "o")], "tasks.json"
+    if case == "task entry without a manifest":
+        (tmp / "t").mkdir()
+        (tmp / "t" / "tasks.json").write_text(json.dumps({"a": {"manifest": "a.tsv", "type": "single"}}))
+        return base[2:] + ["--task-root", str(tmp / "t"), "--upstream-ckpt", up, "--out", str(tmp / "o")], "tasks.json"
+    if case == "unknown task":
+        return base + ["--task", "nope", "--upstream-ckpt", up, "--out", str(tmp / "o")], "no task 'nope'"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["psla checkpoint", "ofa checkpoint", "random bytes as checkpoint",
+                                  "missing checkpoint", "out is a file", "out under a file",
+                                  "another script's finished run", "our file names in a user's folder",
+                                  "truncated tasks.json", "no tasks.json", "task entry without a manifest",
+                                  "unknown task"])
+def test_at_bad_inputs_are_one_line_and_keep_user_files(case, at_tasks, tmp_path, at_thread):
+    """Foreign checkpoints, --out a file / under one / another script's run / a user's folder, malformed task
+    lists: one line (DataError) naming the file or flag, before any training, and no user file is changed."""
+    argv, want = _at_bad_case(case, tmp_path, at_tasks)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(C.DataError, match=re.escape(want)) as e:
+        AT.main(argv)
+    assert "\n" not in str(e.value)
+    assert all(p.read_bytes() == b for p, b in before.items())  # nothing overwritten or deleted
+    assert not list(tmp_path.rglob("log.jsonl"))  # nothing trained
+
+
+def test_at_foreign_checkpoint_on_the_command_line_is_one_line(tmp_path):
+    torch.save({"encoder": {}, "config": {}}, tmp_path / "ssl.pt")  # a conformer_ssl.py pre-trained encoder
+    r = run_cli("at_transfer.py", "--upstream-ckpt", tmp_path / "ssl.pt", "--out", tmp_path / "o", check=False)
+    assert r.returncode == 1 and r.stdout.strip().splitlines() == [
+        f"error: {tmp_path / 'ssl.pt'}: not an upstream checkpoint (at_transfer.py's upstream final.pt or a psl.py "
+        f"machine annotator)"] and not (tmp_path / "o").exists()
+
+
+def test_at_frozen_leaves_backbone_unchanged_and_cache_is_exact(tiny_tasks, tmp_path, at_thread):
+    ckpt = _random_upstream(tmp_path / "up.pt")
+    up = AT.build_upstream(C.load_checkpoint(ckpt))
     task = C.read_task(_at_subset(tiny_tasks, "keywords", lambda i, r: i % 20 in (0, 1, 14, 17), tmp_path / "t"),
                        "keywords")  # 2 training, 1 valid, 1 test clip per class
     args = AT.resolve(AT.parse_args(["--workers", "0", "--preset", "cpu", "--batch-size", "16", "--max-steps", "3",
-                                     "--bn-batches", "1", "--out", str(tmp_path / "r")]))
-    dev = torch.device("cpu")
-    cache = AT.FrozenCache(task, ckpt, "mbv2", tmp_path / "cache.pt", args, dev)
+                                     "--bn-batches", "1", "--out", str(tmp_path / "r"), "--upstream-ckpt", str(ckpt)]))
+    dev, log = torch.device("cpu"), C.RunLogger(tmp_path / "r")
+    cache = AT.frozen_cache(args, task, "mbv2", str(ckpt), dev)
+    assert len(list(tmp_path.glob("frozen_mbv2_keywords-*/embeddings.pt"))) == 1  # a stage beside the run
     name, tr, va, te = C.task_splits(task)[0]
     wave = torch.from_numpy(C.load_audio(task.root / te[0][0])).unsqueeze(0)
     with torch.no_grad():
-        want = AT.build_upstream(C.load_checkpoint(ckpt)).eval().embed(wave)[0]
-    assert torch.allclose(cache.clip[cache.rows(te[:1])[0]].float(), want, atol=2e-2 * want.abs().max())  # float16
+        want = up.eval().embed(wave)[0]
+    got = cache["clip"][[r[0] for r in task.rows].index(te[0][0])].float()
+    assert torch.allclose(got, want, atol=2e-2 * want.abs().max())  # float16
     before = {k: v.clone() for k, v in up.state_dict().items() if not k.startswith("classifier")}
-    res, model = AT.run_split(args, task, "frozen", "mbv2", ckpt, cache, tr, va, te, tmp_path / "f", tmp_path, dev)
+    (tmp_path / "r").mkdir()
+    res, model = AT.run_split(args, task, "frozen", "mbv2", str(ckpt), cache, tr, va, te, tmp_path / "r" / "f", log, dev)
     after = model.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
     assert res["steps"] == 3 and 0 <= res["test"] <= 1
-    _, tuned = AT.run_split(args, task, "finetune", "mbv2", ckpt, None, tr, va, te, tmp_path / "t", tmp_path, dev)
+    _, tuned = AT.run_split(args, task, "finetune", "mbv2", str(ckpt), None, tr, va, te, tmp_path / "r" / "t", log, dev)
     assert not all(torch.equal(before[k], tuned.backbone.state_dict()[k]) for k in before)  # the control
 
 
