@@ -1561,8 +1561,12 @@ class PseudoBalancedSampler(EpochSampler):
         rounds = -(-self.num_samples // k)
         seq = np.concatenate([rng.permutation(self.classes) for _ in range(rounds)])[: self.num_samples]
         out = np.empty(self.num_samples, dtype=np.int64)
-        for c in self.classes:  # loop over classes, not samples
-            where = np.flatnonzero(seq == c)
+        order = np.argsort(seq, kind="stable")  # positions of each class's visits, in order: O(N log N)
+        bounds = np.searchsorted(seq[order], self.classes, side="left"), np.searchsorted(seq[order], self.classes, "right")
+        for c, lo, hi in zip(self.classes, *bounds):  # loop over classes, not samples
+            where = order[lo:hi]
+            if not len(where):  # fewer samples than classes: this class is not visited this epoch
+                continue
             pool = self.by_class[c]
             reps = -(-len(where) // len(pool))
             out[where] = np.concatenate([rng.permutation(pool) for _ in range(reps)])[: len(where)]
