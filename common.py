@@ -272,6 +272,8 @@ def claim_run(out: str | Path, script: str, ident: dict, resume: bool, outputs=(
             old = old if isinstance(old, dict) or old is None else {"script": "?"}
         except (ValueError, OSError):
             raise DataError(f"{cfg}: unreadable config.json (not a run folder of {script}.py?)") from None
+        if old is not None and "script" not in old and "identity" in old:
+            old["script"] = script  # a run folder written before config.json named its script
         if old is not None and old.get("script") != script:
             raise DataError(f"--out {out}: a run folder of {old.get('script')}.py, not {script}.py; use another --out")
         if old is None and owned_files(out, outputs):
