@@ -127,7 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder of the shared stages (teacher, soft labels, log-mel features); default: beside --out")
     g = p.add_argument_group("teacher (Sec. 3.2)")
     g.add_argument("--teacher", type=str, default=None, help="use this CNN10 checkpoint instead of training one")
-    g.add_argument("--teacher-seed", type=int, default=0, help="the teacher's seed (one teacher for all seeds)")
+    g.add_argument("--teacher-seed", type=common.NONNEG_INT, default=0,
+                   help="the teacher's seed (one teacher for all seeds)")
     g.add_argument("--mixup-alpha", type=common.POSITIVE, default=1.0,
                    help="teacher mix-up, lambda ~ Beta(a, a) (Sec. 3.2)")
     g = p.add_argument_group("supernet (Sec. 2.2, 2.3, 4.1)")
@@ -189,6 +190,8 @@ def resolve(a: argparse.Namespace) -> tuple[argparse.Namespace, common.Corpus]:
     a.shared_dir = a.shared_dir or str(Path(a.out).parent)
     corpus = common.load_corpus(a.data_root, a.data, a.synth_scale, a.synth_clip_seconds, 0)  # deviation 5
     a.clip_seconds = corpus.clip_seconds or 10.0  # the corpus decides the clip length (AudioSet: 10 s)
+    if a.seed < 0:  # seeds name numpy streams (seed, epoch)
+        raise common.DataError(f"--seed {a.seed}: expected a non-negative integer")
     if a.batch_size % common.world_size():
         raise common.DataError(f"--batch-size {a.batch_size}: not divisible by the {common.world_size()} processes")
     space = make_space(a, len(corpus.labels))
@@ -444,8 +447,8 @@ def budget_window(space: SearchSpace, budget_m: float, tol_m: float) -> tuple[fl
 # Data: log-mels computed once per clip and cached (deviation 4), labels, the epochs' batch order
 # =============================================================================================
 def files_id(root: Path, rows: list) -> str:
-    """Identity of a split's audio: a hash of every clip's path, size and modification time (a replaced
-    clip gives another feature cache; the folder's path alone would not)."""
+    """Identity of files (a split's audio): a hash of every file's path, size and modification time (a
+    replaced clip gives another feature cache; the folder's path alone would not)."""
     h = hashlib.sha1(str(Path(root).resolve()).encode())
     for fn, _ in rows:
         try:
@@ -483,7 +486,7 @@ class Data:
             self.ident[split] = [folder.name, hashlib.sha1(self.y[split].tobytes()).hexdigest()[:10]]
         self.train_idx = np.flatnonzero(self.ok["train"])  # unreadable clips are skipped (counted)
         self.skipped = {s: int((~ok).sum()) for s, ok in self.ok.items()}
-        self.order = (None, None)  # ((seed, epoch), that epoch's batch order)
+        self.order = (None, None)  # ((seed, epoch, batch size), that epoch's batch order)
 
     @staticmethod
     def extract(corpus, rows, frontend, sr, clip_s, frames, folder, workers) -> None:
@@ -515,9 +518,9 @@ class Data:
         once from (seed, epoch), its last batch wrapped to its start; this process's share under DDP."""
         per_epoch = -(-len(self.train_idx) // batch_size)
         epoch, offset = divmod(step, per_epoch)
-        if self.order[0] != (seed, epoch):
+        if self.order[0] != (seed, epoch, batch_size):
             perm = np.random.default_rng([seed, epoch]).permutation(len(self.train_idx))
-            self.order = ((seed, epoch), self.train_idx[np.resize(perm, per_epoch * batch_size)])
+            self.order = ((seed, epoch, batch_size), self.train_idx[np.resize(perm, per_epoch * batch_size)])
         return common.shard(self.order[1][offset * batch_size: (offset + 1) * batch_size])
 
 
@@ -602,7 +605,8 @@ def train(model: CNN10, folder: Path, args, data: Data, targets: np.ndarray, tot
             print(f"{folder.name}: resumed at step {state['step']}/{total}")
             logger.log_once(state["curve"][-1], ("step",))
         state = state or {"step": 0, "passes": 0, "macs": 0, "curve": []}
-        net = common.compiled(common.wrap_ddp_dynamic(model) if cfgs_at else common.wrap_ddp(model), args.compile)
+        # a supernet's shapes change with every sub-network: torch.compile would recompile for each one
+        net = common.wrap_ddp_dynamic(model) if cfgs_at else common.compiled(common.wrap_ddp(model), args.compile)
         validate = validate or (lambda m: {"val/mAP": evaluate(m, data, "valid", args, device)})
         y, loss = torch.from_numpy(targets), common.Mean(device)
         bar = tqdm(total=total, initial=state["step"], desc=folder.name, leave=False, disable=not common.is_main())
@@ -634,11 +638,6 @@ def train(model: CNN10, folder: Path, args, data: Data, targets: np.ndarray, tot
 # =============================================================================================
 # Paper procedures: teacher, supernet training, search, export
 # =============================================================================================
-def file_identity(path: str | Path) -> list:
-    st = os.stat(path)
-    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
-
-
 def teacher_stage(args, data: Data, space: SearchSpace, device) -> tuple[CNN10, dict, np.ndarray]:
     """Stage 1 (Sec. 3.2): CNN10 on the balanced set with mix-up + SpecAugment for 400K steps (scaled), in a
     shared stage folder keyed by its settings and data (or --teacher); its probabilities on the clean
@@ -646,7 +645,8 @@ def teacher_stage(args, data: Data, space: SearchSpace, device) -> tuple[CNN10, 
     if args.teacher:
         ck = load_cnn10(args.teacher, "--teacher")
         teacher, info = build_model(ck).to(device), ck.get("info", {})
-        folder = common.stage_dir(args.shared_dir, "soft", {"teacher": file_identity(args.teacher),
+        teacher_id = files_id(Path(args.teacher).parent, [(Path(args.teacher).name, [])])  # path, size, mtime
+        folder = common.stage_dir(args.shared_dir, "soft", {"teacher": teacher_id, "amp": args.amp,
                                                               "train": data.ident["train"]})
     else:
         keys = ("width_mult", "unit_steps", "frontend", "clip_seconds", "data", "batch_size", "lr", "mixup_alpha",
@@ -843,7 +843,8 @@ def flat_maps(res: dict) -> dict:
     (budgets in thousands of parameters: OFA_800k; widths in %: KD_r40)."""
     k = lambda b: f"{round(float(b) * 1000)}k"
     out = {"teacher": res["teacher"]["mAP"]} | {f"OFA_{k(b)}": s["mAP"] for b, s in res["searched"].items()}
-    out |= {f"{r['kind'].replace(', equal updates', '_equal')}_r{round(r['r'] * 100)}": r["mAP"] for r in res["baselines"]}
+    for r in res["baselines"]:
+        out[f"{r['kind'].replace(', equal updates', '_equal')}_r{round(r['r'] * 100)}"] = r["mAP"]
     for f in res["finetune"]:
         out |= {f"OFA_{k(f['budget'])}_+10K": f["+10K"], f"OFA_{k(f['budget'])}_+100K": f["+100K"],
                 f"Init_{k(f['budget'])}_+100K": f["Init+100K"]}

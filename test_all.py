@@ -1754,7 +1754,7 @@ def test_ofa_epoch_order_drawn_once_per_epoch_and_sharded(monkeypatch):
     rng = np.random.default_rng
     monkeypatch.setattr(ofa_aec.np.random, "default_rng", lambda seed: draws.append(seed) or rng(seed))
     batches = [data.train_batch(s, 4, seed=7) for s in range(6)]  # 3 steps per epoch, 2 epochs
-    assert draws == [[7, 0], [7, 1]]
+    assert draws == [[7, 0], [7, 1]]  # once per epoch, not once per step
     for e in (0, 1):
         epoch = np.concatenate(batches[3 * e: 3 * e + 3])
         assert len(epoch) == 12 and set(epoch) == set(data.train_idx)
@@ -1979,7 +1979,8 @@ def test_ofa_no_resume_removes_only_its_own_files_and_a_second_run_is_refused(ti
     ["--widths", "0.4,1.5"], ["--widths", "0"], ["--tolerance", "-0.1"], ["--population", "0"],
     ["--bn-recal-clips", "0"], ["--subnets-per-step", "0"], ["--eval-every", "0"], ["--mixup-alpha", "0"],
     ["--width-mult", "0"], ["--time-mask", "-1"], ["--freq-mask", "nan"], ["--n-masks", "-1"],
-    ["--baseline-widths", "2"], ["--max-steps", "0"], ["--threads", "-1"], ["counts", "--classes", "0"],
+    ["--baseline-widths", "2"], ["--max-steps", "0"], ["--threads", "-1"], ["--teacher-seed", "-1"],
+    ["counts", "--classes", "0"],
     ["counts", "--width-mult", "nan"], ["predict", "--ckpt", "x.pt", "--top", "0", "a.wav"]])
 def test_ofa_bad_flags_are_one_line_usage_errors(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -2019,6 +2020,8 @@ def _ofa_bad_case(case: str, root: Path, tmp: Path) -> tuple[list, str]:
         return base, "not written by ofa_aec.py"
     if case == "zero_channels":
         return base + ["--width-mult", "0.01"], "a block of 0 channels"
+    if case == "negative_seed":
+        return base + ["--seed", "-1"], "--seed -1: expected a non-negative integer"
     if case == "foreign_predict":
         torch.save({"model": {}}, tmp / "ck.pt")
         return ["predict", "--ckpt", str(tmp / "ck.pt"), "a.wav"], "not a CNN10 checkpoint"
@@ -2038,7 +2041,7 @@ def _ofa_bad_case(case: str, root: Path, tmp: Path) -> tuple[list, str]:
 
 @pytest.mark.parametrize("case", ["foreign_teacher", "bytes_teacher", "other_classes", "missing_teacher", "out_file",
                                   "out_under_file", "other_script_run", "user_results", "zero_channels",
-                                  "foreign_predict", "manifest_row", "synth_json"])
+                                  "negative_seed", "foreign_predict", "manifest_row", "synth_json"])
 def test_ofa_bad_inputs_are_one_line_and_delete_nothing(case, tiny_root, tmp_path):
     argv, msg = _ofa_bad_case(case, tiny_root, tmp_path)
     before = sorted((p, p.stat().st_size) for p in tmp_path.rglob("*") if p.is_file())
