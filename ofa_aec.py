@@ -78,8 +78,8 @@ PAPER_T1 = {0.8: (0.4, 1.0, 21.2, 24.8, 0.9, 26.6), 1.8: (0.6, 2.1, 22.6, 26.4, 
 # budget (M) -> searched M, OFA, +10K, +100K, Init+100K (Table 2, space [2,2,X])
 PAPER_T2 = {0.8: (0.9, 26.6, 26.7, 26.7, 24.8), 1.8: (1.8, 27.2, 27.6, 27.8, 26.6),
             2.8: (2.7, 27.7, 28.2, 28.4, 28.1), 3.8: (3.6, 27.9, 28.3, 28.5, 28.3)}
-PRESETS = {"paper": dict(width_mult=1.0, clip_seconds=10.0, unit_steps=100_000, time_mask=64),
-           "cpu": dict(width_mult=0.125, clip_seconds=1.0, unit_steps=100, time_mask=7)}  # deviation 1
+PRESETS = {"paper": dict(width_mult=1.0, synth_clip_seconds=10.0, unit_steps=100_000, time_mask=64),
+           "cpu": dict(width_mult=0.125, synth_clip_seconds=1.0, unit_steps=100, time_mask=7)}  # deviation 1
 SPACES = {"2,2,X": "EW+ED=[2,2,X]", "X,X,X": "EW+ED=[X,X,X]", "2,X,X": "EW+ED=[2,X,X]", "2,2,2": "EW-only"}
 NOT_RESULT = ("threads", "shared_dir")  # where and how fast it runs: not part of any identity
 # flags that add rows to the tables: not in the run folder's identity (a run gains rows; a finished run is
@@ -179,9 +179,9 @@ def resolve(a: argparse.Namespace) -> tuple[argparse.Namespace, common.Corpus]:
     a = copy.copy(a)
     synthetic = a.data_root is None or (Path(a.data_root) / "synth.json").exists()
     a.preset = a.preset if a.preset != "auto" else "cpu" if synthetic else "paper"
-    for k, v in PRESETS[a.preset].items():
-        if getattr(a, k if k != "clip_seconds" else "synth_clip_seconds", None) is None:
-            setattr(a, k if k != "clip_seconds" else "synth_clip_seconds", v)
+    for k, v in PRESETS[a.preset].items():  # what the flags leave unset
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     a.frontend = a.frontend if a.frontend != "auto" else "panns16k" if synthetic else "panns32k"
     a.eval_every = a.eval_every or max(1, a.unit_steps // 10)
     a.name = a.name or f"{a.preset}_{a.elastic_depth.replace(',', '')}" + ("_efc" if a.elastic_fc else "") + \
@@ -747,8 +747,10 @@ def export_stage(supernet: Supernet, space: SearchSpace, search: dict, data: Dat
     done = {b: export(supernet, space, tuple(map(tuple, s["best"]["arch"])), data, args, device,
                       Path(args.out) / "export" / f"budget_{b}M.pt") for b, s in search.items() if s["best"]}
     common.barrier()  # rank 0 wrote the checkpoints; every process reads them next
-    return {b: {**e, "mAP": evaluate(build_model(load_cnn10(e["checkpoint"], "export")).to(device), data, "eval",
-                                     args, device), "val": search[b]["best"]["val"]} for b, e in done.items()}
+    for b, e in done.items():
+        plain = build_model(load_cnn10(e["checkpoint"], "export")).to(device)
+        e.update(mAP=evaluate(plain, data, "eval", args, device), val=search[b]["best"]["val"])
+    return done
 
 
 def export(supernet: Supernet, space: SearchSpace, arch: tuple, data: Data, args, device, path: Path) -> dict:
