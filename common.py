@@ -1755,6 +1755,18 @@ def ensemble_predictions(preds: list[np.ndarray]) -> np.ndarray:
     return np.mean(np.stack(preds), axis=0)
 
 
+# --- added for ofa_aec ---
+def wrap_ddp_dynamic(model: nn.Module) -> nn.Module:
+    """wrap_ddp for a network whose training forward uses another subset of its parameters at each step (a
+    weight-sharing supernet: a depth-1 pass leaves a conv unused): DDP that finds the unused ones, whose
+    gradients then stay None, as in one process (plain DDP stops with an error at the next step)."""
+    if world_size() == 1:
+        return model
+    dev = next(model.parameters()).device
+    return nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                               find_unused_parameters=True)
+
+
 if __name__ == "__main__":
     try:
         main()

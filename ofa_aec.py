@@ -13,14 +13,21 @@ fine-tuning (Table 2), the search-space comparison (Fig. 3) and the candidate sp
 Paper, AudioSet balanced -> eval mAP % (Table 1; teacher CNN10 5.2M params: 29.6):
     ~1M params: scratch 21.2, KD 24.8, OFA 26.6    ~2M: 22.6 / 26.4 / 27.2    ~3.5M: 24.8 / 28.3 / 27.9
 
-    python ofa_aec.py                                   # cpu preset: teacher -> supernet -> search -> export -> eval
+    python ofa_aec.py                                   # cpu preset: teacher -> supernet -> search -> export
                                                         # (18.5 min on 2 shared CPU cores, load ~8)
     python ofa_aec.py --baselines --finetune            # + Table 1 baselines and Table 2 fine-tuning
     python ofa_aec.py --fig3                            # Fig. 3/4: the four search spaces (sibling runs)
     python ofa_aec.py counts                            # parameter counts at 527 classes, --elastic-fc both ways
-    python ofa_aec.py summary runs/ofa_aec/dir_s0 runs/ofa_aec/dir_s1 runs/ofa_aec/dir_s2   # mean +- std
     python ofa_aec.py predict --ckpt runs/ofa_aec/cpu_22X_s0/export/budget_0.8M.pt clip.wav
     python ofa_aec.py --data-root data/audioset         # real AudioSet, paper preset (GPU)
+    torchrun --nproc_per_node=4 ofa_aec.py --data-root data/audioset   # DDP: --batch-size is the global batch
+    python common.py seeds --row OFA runs/ofa_aec/cpu_22X_s{0,1,2} --key searched.0.8.mAP   # mean +- std
+
+A killed run continues bit-exactly when the same command is run again (every stage resumes from its
+last.pt with every RNG state); --no-resume starts the run folder afresh (only this script's files are
+removed). The teacher, its soft labels and the log-mel features are shared stages beside the run folder
+(--shared-dir), in folders named by a hash of everything that changes them (the features: of every
+clip's path, size and modification time).
 
 Deviations from the paper (numbered as in the README):
  1. CPU preset (`--preset cpu`, the default on the synthetic corpus): CNN10 at 1/8 width (8-16-32-64
@@ -49,9 +56,8 @@ import argparse
 import copy
 import hashlib
 import itertools
-import json
 import math
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,16 +78,35 @@ PAPER_T1 = {0.8: (0.4, 1.0, 21.2, 24.8, 0.9, 26.6), 1.8: (0.6, 2.1, 22.6, 26.4, 
 # budget (M) -> searched M, OFA, +10K, +100K, Init+100K (Table 2, space [2,2,X])
 PAPER_T2 = {0.8: (0.9, 26.6, 26.7, 26.7, 24.8), 1.8: (1.8, 27.2, 27.6, 27.8, 26.6),
             2.8: (2.7, 27.7, 28.2, 28.4, 28.1), 3.8: (3.6, 27.9, 28.3, 28.5, 28.3)}
-PRESETS = {"paper": dict(width_mult=1.0, clip_seconds=10.0, unit_steps=100_000, time_mask=64),
-           "cpu": dict(width_mult=0.125, clip_seconds=1.0, unit_steps=100, time_mask=7)}  # deviation 1
+PRESETS = {"paper": dict(width_mult=1.0, synth_clip_seconds=10.0, unit_steps=100_000, time_mask=64),
+           "cpu": dict(width_mult=0.125, synth_clip_seconds=1.0, unit_steps=100, time_mask=7)}  # deviation 1
 SPACES = {"2,2,X": "EW+ED=[2,2,X]", "X,X,X": "EW+ED=[X,X,X]", "2,X,X": "EW+ED=[2,X,X]", "2,2,2": "EW-only"}
-NOT_RESULT_KEYS = {"resume", "workers", "device", "amp", "threads", "baselines", "finetune", "baseline_widths", "fig3",
-                   "kd_equal", "budgets", "name", "out"}  # flags that add rows or rename, never change a result
+NOT_RESULT = ("threads", "shared_dir")  # where and how fast it runs: not part of any identity
+# flags that add rows to the tables: not in the run folder's identity (a run gains rows; a finished run is
+# returned as done only with the same rows)
+ROW_FLAGS = ("baselines", "finetune", "baseline_widths", "kd_equal", "budgets", "fig3", *NOT_RESULT)
+# every file this script writes in its run folder (claim_run: --no-resume removes these, nothing else)
+OUTPUTS = ("supernet/*.pt*", "supernet/log.jsonl", "search/candidates.json*", "export/budget_*M.*",
+           "baselines/*/*.pt*", "baselines/*/log.jsonl", "finetune/*/*/*.pt*", "finetune/*/*/log.jsonl", "fig4.png")
 
 
 # =============================================================================================
 # Arguments: every default is the paper's value (section in the help)
 # =============================================================================================
+RATIO = common.number(float, 0, 1, lo_open=True)  # a width ratio in (0, 1]
+
+
+def number_list(parse):
+    """argparse type: comma-separated numbers, each checked by `parse` (a bad one is a one-line error)."""
+    def f(text: str) -> list:
+        values = [parse(v) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers")
+        return values
+    f.__name__ = "list"
+    return f
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, "ofa_aec")
@@ -90,48 +115,57 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--preset", default="auto", choices=["auto", "paper", "cpu"],
                    help="paper: CNN10 64-128-256-512, 10 s clips, 100K-step unit; cpu: 1/8 width, 1 s clips, "
                         "100-step unit (deviation 1); auto: cpu on the synthetic corpus, else paper")
-    g.add_argument("--width-mult", type=float, default=None, help="CNN10 channel multiplier (paper 1.0, cpu 0.125)")
-    g.add_argument("--unit-steps", type=int, default=None,
+    g.add_argument("--width-mult", type=common.POSITIVE, default=None,
+                   help="CNN10 channel multiplier (paper 1.0, cpu 0.125)")
+    g.add_argument("--unit-steps", type=common.POSITIVE_INT, default=None,
                    help="steps per 100K paper iterations; every stage keeps the paper's ratio (Sec. 3.2, 3.3)")
-    g.add_argument("--threads", type=int, default=1,
+    g.add_argument("--threads", type=common.NONNEG_INT, default=1,
                    help="CPU intra-op threads (0: torch's default); 1 is fastest on a shared machine")
     g.add_argument("--frontend", default="auto", choices=["auto", "panns32k", "panns16k"],
                    help="PANNs log-mel (Sec. 3.1: 32 kHz, 64 mels); auto: panns16k on the synthetic corpus")
+    g.add_argument("--shared-dir", type=str, default=None,
+                   help="folder of the shared stages (teacher, soft labels, log-mel features); default: beside --out")
     g = p.add_argument_group("teacher (Sec. 3.2)")
     g.add_argument("--teacher", type=str, default=None, help="use this CNN10 checkpoint instead of training one")
-    g.add_argument("--teacher-dir", type=str, default=None,
-                   help="teacher folder shared by runs (default: beside --out, teacher_<preset>_u<unit>_<corpus>)")
-    g.add_argument("--teacher-seed", type=int, default=0, help="the teacher's seed (one teacher for all seeds)")
-    g.add_argument("--mixup-alpha", type=float, default=1.0, help="teacher mix-up, lambda ~ Beta(a, a) (Sec. 3.2)")
+    g.add_argument("--teacher-seed", type=common.NONNEG_INT, default=0,
+                   help="the teacher's seed (one teacher for all seeds)")
+    g.add_argument("--mixup-alpha", type=common.POSITIVE, default=1.0,
+                   help="teacher mix-up, lambda ~ Beta(a, a) (Sec. 3.2)")
     g = p.add_argument_group("supernet (Sec. 2.2, 2.3, 4.1)")
     g.add_argument("--elastic-depth", type=str, default="2,2,X", choices=list(SPACES),
                    help="depth per dynamic block: 2 fixed, X = 1 or 2 (Fig. 3; best: 2,2,X)")
-    g.add_argument("--widths", type=str, default="0.4,0.6,0.8,1.0",
-                   help="width ratios (Sec. 2.2); EW-only adds 0.2 (Sec. 4.1)")
+    g.add_argument("--widths", type=number_list(RATIO), default=[0.4, 0.6, 0.8, 1.0],
+                   help="width ratios in (0, 1] (Sec. 2.2); EW-only adds 0.2 (Sec. 4.1)")
     g.add_argument("--elastic-fc", action=argparse.BooleanOptionalAction, default=False,
                    help="FC1 outputs shrink with block 4's width (ambiguous in the paper: deviation 3)")
-    g.add_argument("--subnets-per-step", type=int, default=4, help="K sampled sub-networks per step (Sec. 3.3)")
+    g.add_argument("--subnets-per-step", type=common.POSITIVE_INT, default=4,
+                   help="K sampled sub-networks per step (Sec. 3.3)")
     g = p.add_argument_group("training (Sec. 3.3)")
-    g.add_argument("--batch-size", type=int, default=64, help="batch size (Sec. 3.3)")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (Sec. 3.3)")
-    g.add_argument("--time-mask", type=int, default=None, help="SpecAugment time stripes < T frames (64; cpu 7)")
-    g.add_argument("--freq-mask", type=int, default=8, help="SpecAugment frequency stripes < F bins (Sec. 3.3)")
-    g.add_argument("--n-masks", type=int, default=2, help="stripes per axis (Sec. 3.3)")
-    g.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default unit/10)")
+    g.add_argument("--batch-size", type=common.POSITIVE_INT, default=64,
+                   help="batch size (Sec. 3.3); under torchrun the global batch, split over the processes")
+    g.add_argument("--lr", type=common.POSITIVE, default=1e-3, help="Adam learning rate (Sec. 3.3)")
+    g.add_argument("--time-mask", type=common.NONNEG_INT, default=None,
+                   help="SpecAugment time stripes < T frames (64; cpu 7)")
+    g.add_argument("--freq-mask", type=common.NONNEG_INT, default=8,
+                   help="SpecAugment frequency stripes < F bins (Sec. 3.3)")
+    g.add_argument("--n-masks", type=common.NONNEG_INT, default=2, help="stripes per axis (Sec. 3.3)")
+    g.add_argument("--eval-every", type=common.POSITIVE_INT, default=None,
+                   help="validate (and checkpoint) every N steps (default unit/10)")
     g = p.add_argument_group("search (Sec. 2.4, 3.3)")
-    g.add_argument("--budgets", type=str, default="0.8,1.8,2.8,3.8",
+    g.add_argument("--budgets", type=number_list(common.POSITIVE), default=[0.8, 1.8, 2.8, 3.8],
                    help="parameter budgets in M at the paper's scale (scaled by the full model's size)")
-    g.add_argument("--tolerance", type=float, default=0.2, help="epsilon in M (Sec. 3.3)")
-    g.add_argument("--population", type=int, default=25, help="p candidates per budget (Sec. 3.3)")
+    g.add_argument("--tolerance", type=common.NONNEG, default=0.2, help="epsilon in M (Sec. 3.3)")
+    g.add_argument("--population", type=common.POSITIVE_INT, default=25, help="p candidates per budget (Sec. 3.3)")
     g.add_argument("--bn-recal", action=argparse.BooleanOptionalAction, default=True,
                    help="re-estimate BN statistics per candidate (once-for-all practice: deviation 2)")
-    g.add_argument("--bn-recal-clips", type=int, default=2000, help="training clips for BN re-estimation (OFA)")
+    g.add_argument("--bn-recal-clips", type=common.POSITIVE_INT, default=2000,
+                   help="training clips for BN re-estimation (OFA)")
     g = p.add_argument_group("tables (Sec. 3.4, 4.1-4.3)")
     g.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=False,
                    help="Table 1: scratch, KD and KD with the supernet's number of updates")
     g.add_argument("--kd-equal", action=argparse.BooleanOptionalAction, default=True,
                    help="with --baselines: also KD for as many updates as the supernet's shared weights (300K)")
-    g.add_argument("--baseline-widths", type=str, default="0.4,0.6,0.8",
+    g.add_argument("--baseline-widths", type=number_list(RATIO), default=[0.4, 0.6, 0.8],
                    help="baseline architectures: width r in all dynamic blocks, depth 2 (Sec. 3.2)")
     g.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=False,
                    help="Table 2: searched sub-networks +10K / +100K KD steps and Init+100K")
@@ -139,26 +173,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def floats(s: str) -> list[float]:
-    try:
-        return [float(v) for v in s.split(",") if v]
-    except ValueError:
-        raise common.DataError(f"{s!r}: expected comma-separated numbers")
-
-
-def resolve(a: argparse.Namespace, synthetic: bool) -> argparse.Namespace:
-    """Derived values, computed once after parsing (deviation 1 for the cpu preset)."""
+def resolve(a: argparse.Namespace) -> tuple[argparse.Namespace, common.Corpus]:
+    """Derived values, computed once after parsing (deviation 1 for the cpu preset), the corpus, and the
+    checks that need it (before anything is written)."""
     a = copy.copy(a)
+    synthetic = a.data_root is None or (Path(a.data_root) / "synth.json").exists()
     a.preset = a.preset if a.preset != "auto" else "cpu" if synthetic else "paper"
-    for k, v in PRESETS[a.preset].items():
-        if getattr(a, k if k != "clip_seconds" else "synth_clip_seconds", None) is None:
-            setattr(a, k if k != "clip_seconds" else "synth_clip_seconds", v)
+    for k, v in PRESETS[a.preset].items():  # what the flags leave unset
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     a.frontend = a.frontend if a.frontend != "auto" else "panns16k" if synthetic else "panns32k"
     a.eval_every = a.eval_every or max(1, a.unit_steps // 10)
     a.name = a.name or f"{a.preset}_{a.elastic_depth.replace(',', '')}" + ("_efc" if a.elastic_fc else "") + \
         f"_s{a.seed}"
     a.out = a.out or str(Path("runs/ofa_aec") / a.name)
-    return a
+    a.shared_dir = a.shared_dir or str(Path(a.out).parent)
+    corpus = common.load_corpus(a.data_root, a.data, a.synth_scale, a.synth_clip_seconds, 0)  # deviation 5
+    a.clip_seconds = corpus.clip_seconds or 10.0  # the corpus decides the clip length (AudioSet: 10 s)
+    if a.seed < 0:  # seeds name numpy streams (seed, epoch)
+        raise common.DataError(f"--seed {a.seed}: expected a non-negative integer")
+    if a.batch_size % common.world_size():
+        raise common.DataError(f"--batch-size {a.batch_size}: not divisible by the {common.world_size()} processes")
+    space = make_space(a, len(corpus.labels))
+    if min(min(b) for b in space.config(space.smallest)["blocks"]) < 1:
+        raise common.DataError(f"--width-mult {a.width_mult:g} with --widths {a.widths}: a block of 0 channels")
+    if a.teacher:
+        ck = load_cnn10(a.teacher, "--teacher")
+        if ck["config"]["n_classes"] != len(corpus.labels) or ck["frontend"] != a.frontend:
+            raise common.DataError(f"--teacher {a.teacher}: {ck['config']['n_classes']} classes, {ck['frontend']} "
+                                   f"front-end; this run has {len(corpus.labels)} classes, {a.frontend}")
+    return a, corpus
 
 
 def steps(a, paper_iters: int) -> int:
@@ -271,6 +315,19 @@ class Supernet(CNN10):
             block.width, block.depth = widths[0], len(widths)
         self.fc1.active_out = cfg["fc"]
 
+    def forward(self, mel: torch.Tensor, augment=None, cfgs: list[dict] | None = None) -> torch.Tensor:
+        """The active sub-network's logits (B, K); with `cfgs`, one training step's passes (Sec. 2.3): each
+        sub-network on the same batch with its own augmentation draw, logits (P, B, K), in one forward (so
+        that DDP syncs the summed gradients once); the full network is active again after."""
+        if cfgs is None:
+            return super().forward(mel, augment)
+        logits = []
+        for cfg in cfgs:
+            self.set_active(cfg)
+            logits.append(super().forward(mel, augment))
+        self.set_active(self.config)
+        return torch.stack(logits)
+
 
 class Tagger(nn.Module):
     """Waveform (B, N) -> probabilities (B, K): PANNs log-mel front-end -> plain CNN10 -> sigmoid."""
@@ -307,6 +364,30 @@ def build_model(ckpt: dict) -> CNN10:
     model = CNN10(**ckpt["config"])
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def load_cnn10(path: str | Path, flag: str) -> dict:
+    """A CNN10 checkpoint written by this script (a stage's final.pt, an export), or one line naming the file."""
+    try:
+        ck = common.load_checkpoint(path)
+    except common.DataError:
+        raise
+    except Exception:
+        raise common.DataError(f"{flag} {path}: not a readable checkpoint") from None
+    cfg = ck.get("config") if isinstance(ck, dict) else None
+    if not isinstance(cfg, dict) or set(cfg) != {"n_classes", "n_mels", "blocks", "fc"} or "frontend" not in ck \
+            or ck.get("script", "ofa_aec") != "ofa_aec":
+        raise common.DataError(f"{flag} {path}: not a CNN10 checkpoint of ofa_aec.py")
+    return ck
+
+
+def save_model(path: Path, model: CNN10, args, data: "Data", **extra) -> None:
+    """A self-describing plain CNN10 checkpoint: predict and --teacher rebuild the model from it alone."""
+    common.save_checkpoint(path, {"script": "ofa_aec", "model": common.unwrap(model).state_dict(),
+                                  "config": model.config, "frontend": args.frontend, "labels": data.labels,
+                                  "args": vars(args), **extra})
+
+
 
 
 # =============================================================================================
@@ -351,7 +432,7 @@ def arch_name(arch: tuple) -> str:
 
 
 def make_space(args, n_classes: int, n_mels: int = 64) -> SearchSpace:
-    return SearchSpace(n_classes, n_mels, args.width_mult, floats(args.widths), args.elastic_depth, args.elastic_fc)
+    return SearchSpace(n_classes, n_mels, args.width_mult, args.widths, args.elastic_depth, args.elastic_fc)
 
 
 def budget_window(space: SearchSpace, budget_m: float, tol_m: float) -> tuple[float, float]:
@@ -360,68 +441,93 @@ def budget_window(space: SearchSpace, budget_m: float, tol_m: float) -> tuple[fl
     return (budget_m - tol_m) * 1e6 * scale, (budget_m + tol_m) * 1e6 * scale
 
 
+
+
 # =============================================================================================
-# Data: log-mels computed once per clip and cached (deviation 4), labels, soft labels
+# Data: log-mels computed once per clip and cached (deviation 4), labels, the epochs' batch order
 # =============================================================================================
+def files_id(root: Path, rows: list) -> str:
+    """Identity of files (a split's audio): a hash of every file's path, size and modification time (a
+    replaced clip gives another feature cache; the folder's path alone would not)."""
+    h = hashlib.sha1(str(Path(root).resolve()).encode())
+    for fn, _ in rows:
+        try:
+            st = os.stat(Path(root) / fn)
+            h.update(f"{fn}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{fn}\tmissing\n".encode())
+    return h.hexdigest()[:16]
+
+
 class Data:
-    """Cached log-mels (N, n_mels, T) float16 per split, targets, and the clips that could be read."""
+    """Log-mels (N, n_mels, T) float16 per split, memory-mapped from shared stage folders keyed by the front-end,
+    the clip length and the split's files; targets; the readable clips; the training batches."""
 
     def __init__(self, corpus: common.Corpus, args, device: torch.device):
         sr = common.LOGMEL_PRESETS[args.frontend]["sr"]
-        clip_s = args.synth_clip_seconds if corpus.synthetic else 10.0
-        key = hashlib.sha1(str(corpus.root.resolve()).encode()).hexdigest()[:8]  # one cache per corpus folder
-        cache = Path(args.out).parent / f"features_{corpus.root.name}_{key}_{args.frontend}"
-        cache.mkdir(parents=True, exist_ok=True)
+        frontend = common.LogMel.preset(args.frontend).to(device)
+        self.frames = int(round(args.clip_seconds * sr)) // frontend.hop + 1
+        self.labels = {"mids": corpus.labels.mids, "names": corpus.labels.names}
         splits = {"train": corpus.train, "valid": corpus.valid or corpus.train, "eval": corpus.eval}
         if corpus.valid is None:
             print("no valid.tsv: validating and searching on the training set")
-        self.x, self.y, self.ok = {}, {}, {}
-        frontend = common.LogMel.preset(args.frontend).to(device)
-        frames = int(round(clip_s * sr)) // frontend.hop + 1
+        self.x, self.y, self.ok, self.ident = {}, {}, {}, {}
         for split, rows in splits.items():
-            path = cache / f"{args.data if split == 'train' else split}_{clip_s:g}s.npy"
-            if not path.exists():
-                self.extract(corpus, rows, frontend, sr, clip_s, frames, path, device, args.workers)
-            self.x[split] = np.load(path, mmap_mode="r")
-            self.ok[split] = np.load(path.with_suffix(".ok.npy"))
-            true = split == "eval" and corpus.true
-            y = corpus.true_targets(rows) if true else corpus.targets(rows)
-            self.y[split] = y.astype(np.float32)
-        self.frames, self.soft = frames, None
+            folder = common.stage_dir(args.shared_dir, "features", {
+                "frontend": args.frontend, "clip_seconds": args.clip_seconds, "files": files_id(corpus.root, rows)})
+            with common.RunLock(folder, wait=True):  # rank 0 extracts; a second run waits, then reuses
+                if common.is_main() and not (folder / "logmel.npy").exists():
+                    self.extract(corpus, rows, frontend, sr, args.clip_seconds, self.frames, folder, args.workers)
+            common.barrier()  # the features are complete before any rank maps them
+            self.x[split] = np.load(folder / "logmel.npy", mmap_mode="r")
+            self.ok[split] = np.load(folder / "ok.npy")
+            true = split == "eval" and corpus.true  # the synthetic corpus scores eval against the true labels
+            self.y[split] = (corpus.true_targets(rows) if true else corpus.targets(rows)).astype(np.float32)
+            self.ident[split] = [folder.name, hashlib.sha1(self.y[split].tobytes()).hexdigest()[:10]]
         self.train_idx = np.flatnonzero(self.ok["train"])  # unreadable clips are skipped (counted)
         self.skipped = {s: int((~ok).sum()) for s, ok in self.ok.items()}
+        self.order = (None, None)  # ((seed, epoch, batch size), that epoch's batch order)
 
     @staticmethod
-    def extract(corpus, rows, frontend, sr, clip_s, frames, path, device, workers) -> None:
+    def extract(corpus, rows, frontend, sr, clip_s, frames, folder, workers) -> None:
         ds = common.ClipDataset(corpus.root, rows, np.zeros((len(rows), 1), np.float32), clip_s, sr)
-        tmp = path.with_suffix(".tmp.npy")
+        tmp = folder / "logmel.tmp.npy"
         out = np.lib.format.open_memmap(tmp, "w+", np.float16, (len(rows), frontend.fb.shape[1], frames))
         ok = np.zeros(len(rows), bool)
         with torch.no_grad():
-            for batch in tqdm(common.make_loader(ds, 64, workers=workers), desc=f"log-mel {path.stem}", leave=False):
+            for batch in tqdm(common.make_loader(ds, 64, workers=workers), desc=f"log-mel {folder.name}", leave=False):
                 if batch is not None:
                     wave, _, idx = batch
-                    out[idx.numpy()] = frontend(wave.to(device)).cpu().numpy().astype(np.float16)
+                    out[idx.numpy()] = frontend(wave.to(frontend.fb.device)).cpu().numpy().astype(np.float16)
                     ok[idx.numpy()] = True
         out.flush()
         del out
-        np.save(path.with_suffix(".ok.npy"), ok)
-        tmp.replace(path)
+        np.save(folder / "ok.npy", ok)
+        tmp.replace(folder / "logmel.npy")
 
-    def batch(self, split: str, idx: np.ndarray, device) -> torch.Tensor:
+    def batch(self, split: str, idx: np.ndarray) -> torch.Tensor:
+        """Log-mels of clips `idx` as float32 (B, n_mels, T) on the CPU (pinned for a CUDA copy)."""
         order = np.argsort(idx)  # sorted reads from the memmap, original order restored
         x = np.empty((len(idx), *self.x[split].shape[1:]), np.float32)
         x[order] = self.x[split][idx[order]]
-        return torch.from_numpy(x).to(device)
+        x = torch.from_numpy(x)
+        return x.pin_memory() if torch.cuda.is_available() else x
 
     def train_batch(self, step: int, batch_size: int, seed: int) -> np.ndarray:
-        """Batch `step` of an endless stream of per-epoch permutations (deterministic, so resumable)."""
-        n = len(self.train_idx)
-        start = step * batch_size
-        epochs = range(start // n, (start + batch_size - 1) // n + 1)
-        stream = np.concatenate([np.random.default_rng([seed, e]).permutation(n) for e in epochs])
-        off = start - epochs.start * n
-        return self.train_idx[stream[off: off + batch_size]]
+        """Batch `step` of a sequence of epochs: each epoch a permutation of the readable training clips drawn
+        once from (seed, epoch), its last batch wrapped to its start; this process's share under DDP."""
+        per_epoch = -(-len(self.train_idx) // batch_size)
+        epoch, offset = divmod(step, per_epoch)
+        if self.order[0] != (seed, epoch, batch_size):
+            perm = np.random.default_rng([seed, epoch]).permutation(len(self.train_idx))
+            self.order = ((seed, epoch, batch_size), self.train_idx[np.resize(perm, per_epoch * batch_size)])
+        return common.shard(self.order[1][offset * batch_size: (offset + 1) * batch_size])
+
+
+def bn_batches(data: Data, args, device):
+    """Deviation 2: a fixed subset of up to --bn-recal-clips clean training clips, batches of 200."""
+    idx = data.train_idx[np.random.default_rng(0).permutation(len(data.train_idx))[:args.bn_recal_clips]]
+    return (data.batch("train", idx[i: i + 200]).to(device) for i in range(0, len(idx), 200))
 
 
 def spec_augment(x: torch.Tensor, args) -> torch.Tensor:
@@ -430,169 +536,142 @@ def spec_augment(x: torch.Tensor, args) -> torch.Tensor:
     return common.mask_along(x, args.time_mask, 2, args.n_masks)  # x: (B, n_mels, T)
 
 
+def mix(t: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Mix-up (Sec. 3.2): row i becomes lam_i * t_i + (1 - lam_i) * t_perm(i) (inputs and labels alike)."""
+    lam = lam.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
+    return lam * t + (1 - lam) * t[perm]
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: Data, split: str, args, device) -> np.ndarray:
+    """Probabilities (N, K) float32 of a split's clips; NaN rows for the unreadable ones."""
     model.eval()
+    dtype = common.amp_dtype(device, args.amp)
+    out = np.full(data.y[split].shape, np.nan, np.float32)
     idx = np.flatnonzero(data.ok[split])
-    out = []
     for i in range(0, len(idx), 2 * args.batch_size):
-        with common.autocast(device, common.amp_dtype(device, args.amp)):
-            out.append(torch.sigmoid(model(data.batch(split, idx[i: i + 2 * args.batch_size], device)).float()).cpu())
-    return torch.cat(out).numpy()
+        b = idx[i: i + 2 * args.batch_size]
+        with common.autocast(device, dtype):
+            logits = model(data.batch(split, b).to(device, non_blocking=True))
+        out[b] = torch.sigmoid(logits.float()).cpu().numpy()
+    return out
 
 
 def evaluate(model: nn.Module, data: Data, split: str, args, device) -> float:
-    """mAP over classes (the paper's metric) of the readable clips of a split."""
-    return common.tagging_metrics(data.y[split][data.ok[split]], predict(model, data, split, args, device))["mAP"]
+    """mAP over classes (the paper's metric) of the readable clips of a split (the others are counted)."""
+    return common.readable_scores(data.y[split], predict(model, data, split, args, device))["mAP"]
 
 
 # =============================================================================================
-# Training: one visible loop for every stage (Adam 1e-3, batch 64: Sec. 3.3)
+# Training: one step function and one visible loop for every stage (Adam 1e-3, batch 64: Sec. 3.3)
 # =============================================================================================
-STAGE_HINT = "another --name/--teacher-dir or --no-resume"  # stage folders are keyed by common.claim_stage
+def train_step(model: nn.Module, opt, scaler, x: torch.Tensor, y: torch.Tensor, args, dtype,
+               cfgs: list[dict] | None = None, mixup: bool = False) -> torch.Tensor:
+    """One optimiser step on log-mels x (B, n_mels, T) against targets y (B, K): the labels (teacher, scratch
+    baseline) or the teacher's probabilities (Eq. 2: KD students and the supernet). SpecAugment (and the
+    teacher's mix-up, Sec. 3.2) follows the input BN, as in PANNs. A supernet step runs every sub-network of
+    `cfgs` (the largest, or K sampled: Sec. 2.3) on the batch and sums their losses, so that their gradients
+    add up before the one Adam step. Returns the mean loss of a pass, on the device."""
+    model.train()
+    if mixup:  # a random partner per clip, lambda ~ Beta(a, a); the labels are mixed alike
+        lam = torch.distributions.Beta(args.mixup_alpha, args.mixup_alpha).sample((len(x),)).to(x.device)
+        perm = torch.randperm(len(x), device=x.device)
+        y = mix(y, lam, perm)
+    augment = (lambda h: mix(spec_augment(h, args), lam, perm)) if mixup else (lambda h: spec_augment(h, args))
+    with common.autocast(x.device, dtype):
+        logits = model(x, augment) if cfgs is None else model(x, augment, cfgs)  # (B, K) or (passes, B, K)
+    passes = logits.float().reshape(-1, *y.shape)
+    loss = sum(F.binary_cross_entropy_with_logits(p, y) for p in passes)
+    common.optimizer_step(loss, opt, scaler)
+    return loss.detach() / len(passes)
 
 
-def train(model: nn.Module, folder: Path, args, data: Data, total: int, step_fn, validate, device,
-          seed: int, snapshot: int | None = None) -> dict:
-    """`step_fn(step, x, idx, backward)` runs a step's forward/backward passes (gradients add up) and
-    returns (loss, passes, forward MACs); one optimiser step follows. Validation every args.eval_every
-    steps; last.pt (model, optimiser, curve, compute) is written then, so a killed stage resumes."""
-    dtype = common.amp_dtype(device, args.amp)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scaler = common.grad_scaler(device, dtype)
-    state = {"step": 0, "passes": 0, "macs": 0, "curve": []}
-    last = folder / "last.pt"
-    folder.mkdir(parents=True, exist_ok=True)
-    if last.exists():
-        ck = common.load_checkpoint(last, device)
-        model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
-        state = ck["state"]
-        if state["step"] < total:
-            print(f"{folder}: resumed at step {state['step']}/{total}")
-    logger = common.RunLogger(folder)
-    bar = tqdm(total=total, initial=min(state["step"], total), desc=folder.name, leave=False)
-    losses = []
-    while state["step"] < total:
-        idx = data.train_batch(state["step"], args.batch_size, seed)
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        with common.autocast(device, dtype):
-            loss, passes, macs = step_fn(state["step"], data.batch("train", idx, device), idx,
-                                         lambda l: scaler.scale(l).backward())
-        scaler.step(opt)
-        scaler.update()
-        losses.append(loss)
-        state["step"] += 1
-        state["passes"], state["macs"] = state["passes"] + passes, state["macs"] + macs
-        bar.update(1)
-        if state["step"] % args.eval_every == 0 or state["step"] == total:
-            record = {"stage": folder.name, "step": state["step"], "train/loss": float(np.mean(losses)),
-                      **validate(model)}
-            state["curve"].append(record)
-            logger.log(record)
-            losses = []
-            common.save_checkpoint(last, {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state})
-        if state["step"] == snapshot:  # the weights at an intermediate step (Table 2's +10K)
-            common.save_checkpoint(folder / f"step{snapshot}.pt", {"model": model.state_dict()})
-    bar.close()
-    return {k: state[k] for k in ("step", "passes", "macs", "curve")}
-
-
-def kd_loss(logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    """Eq. 2: BCE between the student's probabilities and the teacher's (no ground-truth term)."""
-    return F.binary_cross_entropy_with_logits(logits.float(), soft)
-
-
-def save_model(path: Path, model: CNN10, args, corpus: common.Corpus, **extra) -> None:
-    common.save_checkpoint(path, {"model": model.state_dict(), "config": model.config, "frontend": args.frontend,
-                                  "labels": {"mids": corpus.labels.mids, "names": corpus.labels.names},
-                                  "args": vars(args), **extra})
-
-
-def train_plain(model: CNN10, folder: Path, args, data: Data, total: int, targets: np.ndarray, device, seed: int,
-                corpus, mixup: bool = False, snapshot: int | None = None) -> tuple[CNN10, dict]:
-    """Teacher (BCE on labels, SpecAugment + mix-up), scratch baseline (BCE on labels, SpecAugment) or
-    KD student (BCE on the teacher's probabilities, SpecAugment): stage folder with final.pt."""
+def train(model: CNN10, folder: Path, args, data: Data, targets: np.ndarray, total: int, seed: int, device,
+          validate=None, cfgs_at=None, mixup: bool = False, snapshot: int | None = None) -> dict:
+    """A stage: `total` steps of train_step on batches of epochs drawn from (seed, epoch). Every
+    args.eval_every steps rank 0 validates (default: valid mAP) and writes last.pt (model, optimiser, every
+    RNG state, step, curve), so a stage killed anywhere resumes bit-exactly; final.pt at the end, which
+    every process then loads. cfgs_at(step): the supernet's sub-networks of a step."""
     final = folder / "final.pt"
-    if final.exists():
-        ck = common.load_checkpoint(final)
-        model.load_state_dict(ck["model"])
-        return model, ck["info"]
-    y_all = torch.from_numpy(targets)
-    macs = count_macs(model.config, data.frames) * args.batch_size
-
-    def step_fn(step, x, idx, backward):
-        y = y_all[idx].to(x.device)
-        mixed = {"y": y}
-
-        def augment(h):
-            h = spec_augment(h, args)
-            if mixup:  # teacher only (Sec. 3.2), labels mixed alike
-                h, mixed["y"] = common.mixup(h, y, args.mixup_alpha)
-            return h
-        loss = F.binary_cross_entropy_with_logits(model(x, augment).float(), mixed["y"])
-        backward(loss)
-        return loss.item(), 1, macs
-
-    info = train(model, folder, args, data, total, step_fn,
-                 lambda m: {"val/mAP": evaluate(m, data, "valid", args, device)}, device, seed, snapshot)
-    info["params"] = count_params(model.config)
-    save_model(final, model, args, corpus, info=info)
-    return model, info
+    if not final.exists():
+        dtype = common.amp_dtype(device, args.amp)
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        scaler = common.grad_scaler(device, dtype)
+        state = common.load_state(folder / "last.pt", model, opt, scaler)
+        logger = common.RunLogger(folder)
+        if state:  # the log line of the checkpoint resumed from (a kill may have come before it)
+            print(f"{folder.name}: resumed at step {state['step']}/{total}")
+            logger.log_once(state["curve"][-1], ("step",))
+        state = state or {"step": 0, "passes": 0, "macs": 0, "curve": []}
+        # a supernet's shapes change with every sub-network: torch.compile would recompile for each one
+        net = common.wrap_ddp_dynamic(model) if cfgs_at else common.compiled(common.wrap_ddp(model), args.compile)
+        validate = validate or (lambda m: {"val/mAP": evaluate(m, data, "valid", args, device)})
+        y, loss = torch.from_numpy(targets), common.Mean(device)
+        bar = tqdm(total=total, initial=state["step"], desc=folder.name, leave=False, disable=not common.is_main())
+        while state["step"] < total:
+            idx = data.train_batch(state["step"], args.batch_size, seed)
+            cfgs = cfgs_at(state["step"]) if cfgs_at else None
+            x, yb = common.to_device((data.batch("train", idx), y[idx]), device)
+            loss.add(train_step(net, opt, scaler, x, yb, args, dtype, cfgs, mixup))
+            cfgs = cfgs or [model.config]
+            state["step"], state["passes"] = state["step"] + 1, state["passes"] + len(cfgs)
+            state["macs"] += sum(count_macs(c, data.frames) for c in cfgs) * args.batch_size
+            bar.update()
+            if state["step"] == snapshot:  # the weights at an intermediate step (Table 2's +10K), before last.pt
+                common.save_checkpoint(folder / f"step{snapshot}.pt", {"model": model.state_dict()})
+            if state["step"] % args.eval_every == 0 or state["step"] == total:
+                record = {"stage": folder.name, "step": state["step"], "train/loss": loss.read(),
+                          **(validate(model) if common.is_main() else {})}
+                state["curve"].append(record)
+                common.save_state(folder / "last.pt", model, opt, scaler, **state)
+                logger.log(record)
+        bar.close()
+        save_model(final, model, args, data, info=state)
+        common.barrier()  # final.pt is written before any process reads it
+    ck = common.load_checkpoint(final, device)
+    model.load_state_dict(ck["model"])
+    return ck["info"]
 
 
 # =============================================================================================
-# Paper procedures: teacher, supernet training, BN recalibration, search, export
+# Paper procedures: teacher, supernet training, search, export
 # =============================================================================================
-def get_teacher(args, corpus, data: Data, space: SearchSpace, device) -> tuple[CNN10, dict, np.ndarray]:
-    """Sec. 3.2: CNN10 on the balanced set, mix-up + SpecAugment, 400K steps (scaled), or --teacher.
-    Its probabilities on the clean training clips (eval mode) are the soft labels, cached."""
+def teacher_stage(args, data: Data, space: SearchSpace, device) -> tuple[CNN10, dict, np.ndarray]:
+    """Stage 1 (Sec. 3.2): CNN10 on the balanced set with mix-up + SpecAugment for 400K steps (scaled), in a
+    shared stage folder keyed by its settings and data (or --teacher); its probabilities on the clean
+    training clips (eval mode) are the soft labels, cached beside it. Returns the teacher, its row, soft labels."""
     if args.teacher:
-        ck = common.load_checkpoint(args.teacher)
-        teacher, info, folder = build_model(ck).to(device), ck.get("info", {}), Path(args.teacher).parent
+        ck = load_cnn10(args.teacher, "--teacher")
+        teacher, info = build_model(ck).to(device), ck.get("info", {})
+        teacher_id = files_id(Path(args.teacher).parent, [(Path(args.teacher).name, [])])  # path, size, mtime
+        folder = common.stage_dir(args.shared_dir, "soft", {"teacher": teacher_id, "amp": args.amp,
+                                                              "train": data.ident["train"]})
     else:
-        folder = Path(args.teacher_dir or Path(args.out).parent / f"teacher_{args.preset}_u{args.unit_steps}_"
-                      f"{corpus.root.name}")
-        settings = {k: getattr(args, k) for k in ("width_mult", "unit_steps", "frontend", "data", "batch_size", "lr",
-                                                   "mixup_alpha", "time_mask", "freq_mask", "n_masks", "teacher_seed",
-                                                   "max_steps", "synth_clip_seconds", "eval_every")}
-        common.claim_stage(folder, {**settings, "corpus": str(corpus.root.resolve())}, hint=STAGE_HINT)
+        keys = ("width_mult", "unit_steps", "frontend", "clip_seconds", "data", "batch_size", "lr", "mixup_alpha",
+                "time_mask", "freq_mask", "n_masks", "teacher_seed", "max_steps", "eval_every", "amp")
+        folder = common.stage_dir(args.shared_dir, "teacher", {**{k: getattr(args, k) for k in keys}, **data.ident})
         common.seed_everything(args.teacher_seed)
         teacher = CNN10(**space.full()).to(device)
-        print(f"teacher: CNN10, {count_params(teacher.config):,} parameters, {steps(args, 400_000)} steps")
-        teacher, info = train_plain(teacher, folder, args, data, steps(args, 400_000), data.y["train"], device,
-                                    args.teacher_seed, corpus, mixup=True)
-    cache = folder / f"soft_{args.data}.npy"
-    if cache.exists():
-        soft = np.load(cache)
-    else:
-        soft = np.zeros_like(data.y["train"])
-        soft[data.ok["train"]] = predict(teacher, data, "train", args, device)
-        np.save(cache, soft)
-    return teacher.eval(), info, soft
+        if not (folder / "final.pt").exists():
+            print(f"teacher: CNN10, {count_params(teacher.config):,} parameters, {steps(args, 400_000)} steps")
+    with common.RunLock(folder, wait=True):  # two runs sharing the stage: the second waits, then reuses it
+        if not args.teacher:
+            info = train(teacher, folder, args, data, data.y["train"], steps(args, 400_000), args.teacher_seed,
+                         device, mixup=True)
+        if common.is_main() and not (folder / "soft.npy").exists():
+            np.save(folder / "soft.tmp.npy", np.nan_to_num(predict(teacher, data, "train", args, device)))
+            (folder / "soft.tmp.npy").replace(folder / "soft.npy")
+        common.barrier()  # the soft labels are written before any process reads them
+    row = {"mAP": evaluate(teacher, data, "eval", args, device), "params": count_params(teacher.config), "info": info}
+    print(f"teacher eval mAP {row['mAP']:.4f}")
+    return teacher.eval(), row, np.load(folder / "soft.npy")
 
 
-def recalibrate_bn(model: CNN10, data: Data, args, device) -> CNN10:
-    """Deviation 2 (once-for-all's set_running_statistics): every BN's running mean / variance become
-    the batch-size-weighted average of batch statistics over a fixed subset of clean training clips
-    (batch 200), computed in train mode for BN only; nothing else in the model changes."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    idx = data.train_idx[np.random.default_rng(0).permutation(len(data.train_idx))[:args.bn_recal_clips]]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.train()
-    seen = 0
-    with torch.no_grad():
-        for i in range(0, len(idx), 200):
-            b = idx[i: i + 200]
-            for m in bns:
-                m.momentum = len(b) / (seen + len(b))  # running = weighted mean of the batches so far
-            model(data.batch("train", b, device))
-            seen += len(b)
-    for m in bns:
-        m.momentum = 0.1
-    return model.eval()
+def candidate(supernet: Supernet, space: SearchSpace, arch: tuple, data: Data, args, device) -> CNN10:
+    plain = export_subnet(supernet, space.config(arch))
+    return common.recalibrate_bn(plain, bn_batches(data, args, device)) if args.bn_recal else plain.eval()
 
 
 def export_subnet(supernet: Supernet, cfg: dict) -> CNN10:
@@ -605,74 +684,54 @@ def export_subnet(supernet: Supernet, cfg: dict) -> CNN10:
     return plain
 
 
-def candidate(supernet: Supernet, space: SearchSpace, arch: tuple, data: Data, args, device) -> CNN10:
-    plain = export_subnet(supernet, space.config(arch))
-    return recalibrate_bn(plain, data, args, device) if args.bn_recal else plain.eval()
-
-
-def train_supernet(args, corpus, data: Data, space: SearchSpace, soft: np.ndarray, device) -> tuple[Supernet, dict]:
-    """Sec. 2.3 / 3.3: the largest sub-network alone for 100K steps, then K = 4 uniformly sampled
+def supernet_stage(args, data: Data, space: SearchSpace, soft: np.ndarray, device) -> tuple[Supernet, dict]:
+    """Stage 2 (Sec. 2.3 / 3.3): the largest sub-network alone for 100K steps, then K = 4 uniformly sampled
     sub-networks per step for 200K steps (gradients summed, one optimiser step), every pass trained by
     Eq. 2 on SpecAugmented input against the cached teacher probabilities."""
-    folder = Path(args.out) / "supernet"
-    net = Supernet(len(corpus.labels), 64, space.channels, space.fc).to(device)
-    if (folder / "final.pt").exists():
-        ck = common.load_checkpoint(folder / "final.pt")
-        net.load_state_dict(ck["model"])
-        return net, ck["info"]
-    common.seed_everything(args.seed)
-    net = Supernet(len(corpus.labels), 64, space.channels, space.fc).to(device)
     n_largest, n_sampled = steps(args, 100_000), steps(args, 200_000)
-    soft_t = torch.from_numpy(soft)
     print(f"supernet: {len(space.all())} sub-networks ({SPACES[args.elastic_depth]}), {n_largest} + {n_sampled} "
           f"steps, K = {args.subnets_per_step}")
+    common.seed_everything(args.seed)
+    net = Supernet(space.n_classes, space.n_mels, space.channels, space.fc).to(device)
 
-    def step_fn(step, x, idx, backward):
+    def cfgs_at(step: int) -> list[dict]:  # drawn from (seed, step, k): the same sub-networks after a resume
         if step < n_largest:
-            archs = [space.largest]
-        else:  # seeded by (seed, step, k): the same sub-networks after a resume
-            archs = [space.sample(np.random.default_rng([args.seed, step, k])) for k in range(args.subnets_per_step)]
-        total, macs = 0.0, 0
-        for arch in archs:
-            cfg = space.config(arch)
-            net.set_active(cfg)
-            loss = kd_loss(net(x, lambda h: spec_augment(h, args)), soft_t[idx].to(x.device))
-            backward(loss)
-            total, macs = total + loss.item(), macs + count_macs(cfg, data.frames) * len(idx)
-        net.set_active(space.config(space.largest))
-        return total / len(archs), len(archs), macs
+            return [space.config(space.largest)]
+        return [space.config(space.sample(np.random.default_rng([args.seed, step, k])))
+                for k in range(args.subnets_per_step)]
 
-    def validate(_):
-        return {f"val/mAP_{n}": evaluate(candidate(net, space, a, data, args, device), data, "valid", args, device)
+    def validate(m: Supernet) -> dict:
+        return {f"val/mAP_{n}": evaluate(candidate(m, space, a, data, args, device), data, "valid", args, device)
                 for n, a in (("largest", space.largest), ("smallest", space.smallest))}
-    info = train(net, folder, args, data, n_largest + n_sampled, step_fn, validate, device, args.seed)
-    info["largest_steps"], info["sampled_steps"] = n_largest, n_sampled
-    common.save_checkpoint(folder / "final.pt", {"model": net.state_dict(), "info": info, "args": vars(args)})
-    return net, info
+    info = train(net, Path(args.out) / "supernet", args, data, soft, n_largest + n_sampled, args.seed, device,
+                 validate, cfgs_at)
+    return net, {**info, "largest_steps": n_largest, "sampled_steps": n_sampled}
 
 
-def search_subnets(supernet: Supernet, space: SearchSpace, args, data: Data, device, folder: Path) -> dict:
-    """Sec. 2.4: per budget N, the sub-networks with N - eps <= params <= N + eps; p of them drawn
+def search_subnets(supernet: Supernet, space: SearchSpace, args, data: Data, device) -> dict:
+    """Stage 3 (Sec. 2.4): per budget N, the sub-networks with N - eps <= params <= N + eps; p of them drawn
     without replacement (all when the window holds fewer), each BN-recalibrated and scored on the
-    validation split (and, for Fig. 4, on eval); the best by validation mAP is kept."""
-    folder.mkdir(parents=True, exist_ok=True)
-    cache_path = folder / "candidates.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    validation split (and, for Fig. 4, on eval); the best by validation mAP is kept. Every score is kept
+    in candidates.json, so a killed search continues where it stopped."""
+    path = Path(args.out) / "search" / "candidates.json"
+    cache = common.read_json(path, "search cache") if path.exists() else {}
     archs = space.all()
     params = {a: space.params(a) for a in archs}
     out = {}
-    for b in floats(args.budgets):
+    for b in args.budgets:
         lo, hi = budget_window(space, b, args.tolerance)
         window = [a for a in archs if lo <= params[a] <= hi]
         rng = np.random.default_rng([args.seed, round(b * 1000)])
         chosen = window if len(window) <= args.population else \
             [window[i] for i in sorted(rng.choice(len(window), args.population, replace=False))]
-        for a in tqdm(chosen, desc=f"search {b:g}M", leave=False):
-            if arch_name(a) not in cache:
+        for a in tqdm(chosen, desc=f"search {b:g}M", leave=False, disable=not common.is_main()):
+            if arch_name(a) not in cache:  # every process scores it (the same numbers); rank 0 writes
                 m = candidate(supernet, space, a, data, args, device)
                 cache[arch_name(a)] = {"arch": a, "params": params[a], "val": evaluate(m, data, "valid", args, device),
                                        "eval": evaluate(m, data, "eval", args, device)}
-                common.write_json(cache_path, cache)
+                if common.is_main():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    common.write_json(path, cache)
         cands = [cache[arch_name(a)] for a in chosen]
         best = max(cands, key=lambda c: c["val"]) if cands else None
         out[f"{b:g}"] = {"budget_M": b, "window": [lo, hi], "in_window": len(window), "evaluated": len(cands),
@@ -683,90 +742,160 @@ def search_subnets(supernet: Supernet, space: SearchSpace, args, data: Data, dev
     return out
 
 
-def export(supernet: Supernet, space: SearchSpace, arch: tuple, data: Data, args, device, corpus, path: Path) -> dict:
+def export_stage(supernet: Supernet, space: SearchSpace, search: dict, data: Data, args, device) -> dict:
+    """Stage 4: the best sub-network of each budget exported, then evaluated from its checkpoint alone."""
+    done = {b: export(supernet, space, tuple(map(tuple, s["best"]["arch"])), data, args, device,
+                      Path(args.out) / "export" / f"budget_{b}M.pt") for b, s in search.items() if s["best"]}
+    common.barrier()  # rank 0 wrote the checkpoints; every process reads them next
+    for b, e in done.items():
+        plain = build_model(load_cnn10(e["checkpoint"], "export")).to(device)
+        e.update(mAP=evaluate(plain, data, "eval", args, device), val=search[b]["best"]["val"])
+    return done
+
+
+def export(supernet: Supernet, space: SearchSpace, arch: tuple, data: Data, args, device, path: Path) -> dict:
     """Plain CNN10 checkpoint + TorchScript (waveform -> probabilities) of a searched sub-network,
     verified: the plain module equals the sub-network inside the supernet (same BN statistics), and
     TorchScript equals the plain module (after BN recalibration)."""
     record = path.with_suffix(".json")
     if record.exists() and path.exists() and path.with_suffix(".ts").exists():
-        done = json.loads(record.read_text())
+        done = common.read_json(record, "export record")
         if done["arch"] == [list(a) for a in arch]:
             return done
     cfg = space.config(arch)
     supernet.eval().set_active(cfg)
     plain = export_subnet(supernet, cfg).eval()
-    x = data.batch("valid", np.flatnonzero(data.ok["valid"])[:8], device)
+    x = data.batch("valid", np.flatnonzero(data.ok["valid"])[:8]).to(device)
     with torch.no_grad():
         diff_super = (supernet(x) - plain(x)).abs().max().item()
-    supernet.set_active(space.config(space.largest))
+    supernet.set_active(supernet.config)
     if args.bn_recal:
-        recalibrate_bn(plain, data, args, device)
+        common.recalibrate_bn(plain, bn_batches(data, args, device))
     tagger = Tagger(args.frontend, plain).eval()
-    wave = torch.randn(2, int(args.synth_clip_seconds * common.LOGMEL_PRESETS[args.frontend]["sr"]), device=device)
+    n = int(args.clip_seconds * common.LOGMEL_PRESETS[args.frontend]["sr"])
+    wave = torch.randn(2, n, generator=torch.Generator().manual_seed(0)).to(device)  # the same after a resume
     with torch.no_grad():
         ts = torch.jit.trace(tagger, wave, check_trace=False)
         diff_ts = (ts(wave) - tagger(wave)).abs().max().item()
     if max(diff_super, diff_ts) > 1e-4:
         raise RuntimeError(f"export of {arch_name(arch)} differs: supernet {diff_super:.2e}, TorchScript {diff_ts:.2e}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ts.save(str(path.with_suffix(".ts.tmp")))  # atomic, as every checkpoint
-    path.with_suffix(".ts.tmp").replace(path.with_suffix(".ts"))
-    save_model(path, plain, args, corpus, arch=arch, params=count_params(cfg))
     done = {"arch": arch, "params": count_params(cfg), "max_diff_supernet": diff_super, "max_diff_torchscript": diff_ts,
             "checkpoint": str(path), "torchscript": str(path.with_suffix(".ts"))}
-    common.write_json(record, done)
+    if common.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ts.save(str(path.with_suffix(".ts.tmp")))  # atomic, as every checkpoint
+        path.with_suffix(".ts.tmp").replace(path.with_suffix(".ts"))
+        save_model(path, plain, args, data, arch=arch, params=count_params(cfg))
+        common.write_json(record, done)
     return done
 
 
 # =============================================================================================
-# Tables: Table 1 baselines, Table 2 fine-tuning, Fig. 3 / Fig. 4
+# Tables: Table 1 baselines, Table 2 fine-tuning
 # =============================================================================================
-def compute(info: dict) -> str:
-    return f"{info['step']} steps, {info['passes']} passes, {info['macs'] / 1e9:,.0f} GMAC"
-
-
-def baselines(args, corpus, data, space, soft, sup_info, device) -> list[dict]:
-    """Sec. 3.2: width r in every dynamic block, depth 2, trained alone from scratch (BCE + SpecAugment) or
-    by KD (Eq. 2 + SpecAugment) for 100K steps (scaled); KD-equal gets the supernet's 300K updates."""
+def baselines(args, data: Data, space: SearchSpace, soft: np.ndarray, sup_info: dict, device) -> list[dict]:
+    """Stage 5 (Sec. 3.2): width r in every dynamic block, depth 2, trained alone from scratch (BCE +
+    SpecAugment) or by KD (Eq. 2 + SpecAugment) for 100K steps (scaled); KD-equal gets the supernet's 300K."""
     rows = []
-    for r in floats(args.baseline_widths):
+    for r in args.baseline_widths:
         arch = tuple((r, 2) for _ in space.depths)
         cfg = space.config(arch)
         kinds = [("scratch", steps(args, 100_000), data.y["train"]), ("KD", steps(args, 100_000), soft)]
         for kind, n, targets in kinds + ([("KD, equal updates", sup_info["step"], soft)] if args.kd_equal else []):
             folder = Path(args.out) / "baselines" / f"{kind.split(',')[0]}{'_eq' if ',' in kind else ''}_r{r:g}"
-            common.claim_stage(folder, {"arch": arch_name(arch), "kind": kind, "steps": n, "seed": args.seed,
-                                        "teacher": args.teacher or args.teacher_dir}, hint=STAGE_HINT)
             common.seed_everything(args.seed)
-            model, info = train_plain(CNN10(**cfg).to(device), folder, args, data, n, targets, device, args.seed,
-                                      corpus)
+            model = CNN10(**cfg).to(device)
+            info = train(model, folder, args, data, targets, n, args.seed, device)
             rows.append({"kind": kind, "r": r, "arch": arch, "params": count_params(cfg),
                          "mAP": evaluate(model, data, "eval", args, device), "info": info})
     return rows
 
 
-def finetune(args, corpus, data, space, soft, searched: dict, device) -> list[dict]:
+def finetune(args, data: Data, soft: np.ndarray, searched: dict, device) -> list[dict]:
     """Sec. 4.3: continual KD fine-tuning of each searched sub-network (one +100K run, evaluated after
     10K and 100K steps, scaled) and the same architecture trained by KD from scratch (Init+100K)."""
     rows = []
     n10, n100 = steps(args, 10_000), steps(args, 100_000)
     for b, s in searched.items():
-        arch = tuple(map(tuple, s["arch"]))
         folder = Path(args.out) / "finetune" / f"budget_{b}M"
-        common.claim_stage(folder, {"arch": arch_name(arch), "seed": args.seed, "steps": [n10, n100]}, hint=STAGE_HINT)
         common.seed_everything(args.seed)
-        start = build_model(common.load_checkpoint(s["checkpoint"])).to(device)
-        model, info = train_plain(start, folder / "ft", args, data, n100, soft, device, args.seed, corpus, snapshot=n10)
+        model = build_model(load_cnn10(s["checkpoint"], "export")).to(device)
+        info = train(model, folder / "ft", args, data, soft, n100, args.seed, device, snapshot=n10)
         snap = CNN10(**model.config).to(device)
         snap.load_state_dict(common.load_checkpoint(folder / "ft" / f"step{n10}.pt")["model"])
         common.seed_everything(args.seed)
-        init, init_info = train_plain(CNN10(**space.config(arch)).to(device), folder / "init", args, data, n100, soft,
-                                      device, args.seed, corpus)
-        rows.append({"budget": b, "arch": arch, "params": s["params"], "OFA": s["mAP"],
+        init = CNN10(**model.config).to(device)
+        init_info = train(init, folder / "init", args, data, soft, n100, args.seed, device)
+        rows.append({"budget": b, "arch": s["arch"], "params": s["params"], "OFA": s["mAP"],
                      "+10K": evaluate(snap, data, "eval", args, device),
                      "+100K": evaluate(model, data, "eval", args, device),
                      "Init+100K": evaluate(init, data, "eval", args, device), "info": info, "init_info": init_info})
     return rows
+
+
+# =============================================================================================
+# Results: Table 1 / Table 2 / Fig. 4 markdown, Fig. 3 over the four search spaces
+# =============================================================================================
+def compute(info: dict) -> str:
+    return f"{info['step']} steps, {info['passes']} passes, {info['macs'] / 1e9:,.0f} GMAC"
+
+
+def flat_maps(res: dict) -> dict:
+    """Every eval mAP of a run under a dot-free key, for `python common.py seeds --key mAP.<key>`
+    (budgets in thousands of parameters: OFA_800k; widths in %: KD_r40)."""
+    k = lambda b: f"{round(float(b) * 1000)}k"
+    out = {"teacher": res["teacher"]["mAP"]} | {f"OFA_{k(b)}": s["mAP"] for b, s in res["searched"].items()}
+    for r in res["baselines"]:
+        out[f"{r['kind'].replace(', equal updates', '_equal')}_r{round(r['r'] * 100)}"] = r["mAP"]
+    for f in res["finetune"]:
+        out |= {f"OFA_{k(f['budget'])}_+10K": f["+10K"], f"OFA_{k(f['budget'])}_+100K": f["+100K"],
+                f"Init_{k(f['budget'])}_+100K": f["Init+100K"]}
+    return out
+
+
+def ofa_markdown(res: dict, args, data: Data) -> str:
+    """results.md: Table 1 (with compute), Fig. 4's candidate spread, the exports, Table 2."""
+    t_map, full, s_info, base, searched = (res["teacher"]["mAP"], res["teacher"]["params"], res["supernet"],
+                                           res["baselines"], res["searched"])
+    pct = lambda m: f"{100 * m / t_map:.1f}"
+    p_m = lambda n: f"{n:,} ({100 * n / full:.1f}%)"
+    t_info = res["teacher"]["info"]
+    t1 = [["teacher CNN10", p_m(full), f"{100 * t_map:.2f}", "100.0", compute(t_info) if "step" in t_info else "-",
+           f"5.2M: {PAPER_TEACHER}"]]
+    for b in sorted({float(k) for k in searched} | {b for b in PAPER_T1 if any(
+            abs(r["r"] - PAPER_T1[b][0]) < 1e-9 for r in base)}):
+        paper = PAPER_T1.get(b)
+        for r in base:
+            if paper and abs(r["r"] - paper[0]) < 1e-9:
+                ref = {"scratch": paper[2], "KD": paper[3]}.get(r["kind"], "-")
+                t1.append([f"{r['kind']} (r={r['r']:g}, depth 2)", p_m(r["params"]), f"{100 * r['mAP']:.2f}",
+                           pct(r["mAP"]), compute(r["info"]), f"{paper[1]}M: {ref}"])
+        if f"{b:g}" in searched:
+            s = searched[f"{b:g}"]
+            t1.append([f"OFA {b:g}M budget: {arch_name(s['arch'])}", p_m(s["params"]), f"{100 * s['mAP']:.2f}",
+                       pct(s["mAP"]), "shared: " + compute(s_info), f"{paper[4]}M: {paper[5]}" if paper else "-"])
+    md = [f"# OFA-AEC: {args.name}", "",
+          f"{args.preset} preset: CNN10 width x{args.width_mult:g} ({full:,} parameters, {len(data.labels['mids'])} "
+          f"classes), {args.frontend} log-mels, {data.frames} frames, {SPACES[args.elastic_depth]} with widths "
+          f"{args.widths}, elastic FC {args.elastic_fc}, BN recalibration {args.bn_recal}; unit = {args.unit_steps} "
+          f"steps per 100K paper iterations; data {args.data} ({len(data.train_idx)} clips; eval scored on "
+          f"{res['n']['eval']} clips; skipped unreadable: {data.skipped}); {res['minutes']:.1f} min.", "",
+          "## Table 1 (eval mAP %; compute: optimiser steps, sub-network passes, forward MACs)", "",
+          common.markdown_table(["model", "params (% of full)", "mAP %", "% of teacher", "compute", "paper"], t1), "",
+          f"## Fig. 4: candidates per budget ({SPACES[args.elastic_depth]})", "",
+          common.markdown_table(["budget", "in window", "evaluated", "eval mAP min / median / max", "eval mean",
+                                 "val mAP min / median / max", "eval std"], fig4_rows(res["search"])), "",
+          "Exported sub-networks (max |difference| to the supernet's sub-network / TorchScript):", ""]
+    md += [f"- {b}M: `{s['checkpoint']}` {arch_name(s['arch'])}, {s['params']:,} params, "
+           f"{s['max_diff_supernet']:.1e} / {s['max_diff_torchscript']:.1e}" for b, s in searched.items()]
+    if res["finetune"]:
+        md += ["", "## Table 2: continual fine-tuning (eval mAP %)", "",
+               common.markdown_table(["budget", "sub-network", "params", "OFA", "+10K", "+100K", "Init+100K", "paper"],
+                                     [[f"{r['budget']}M", arch_name(r["arch"]), f"{r['params']:,}"]
+                                      + [f"{100 * r[k]:.2f}" for k in ("OFA", "+10K", "+100K", "Init+100K")] + [
+                                       " / ".join(map(str, PAPER_T2.get(float(r["budget"]), ())[1:])) or "-"]
+                                      for r in res["finetune"]])]
+    return "\n".join(md)
 
 
 def fig4_rows(search: dict) -> list[list]:
@@ -806,129 +935,38 @@ def plot_fig4(path: Path, spaces: dict) -> bool:
     return True
 
 
-# =============================================================================================
-# main: teacher -> supernet -> search -> export -> eval [-> baselines -> fine-tuning]
-# =============================================================================================
-def run(args: argparse.Namespace) -> dict:
-    t0 = time.time()
-    device = common.pick_device(args.device)
-    synthetic = args.data_root is None or (Path(args.data_root) / "synth.json").exists()
-    args = resolve(args, synthetic)
-    if args.data_root is not None and synthetic:  # the corpus decides the clip length
-        args.synth_clip_seconds = json.loads((Path(args.data_root) / "synth.json").read_text())["clip_seconds"]
-    corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, 0)  # dev. 5
-    out = Path(args.out)
-    if not args.resume:
-        shutil.rmtree(out, ignore_errors=True)
-    if (out / "config.json").exists():
-        old = json.loads((out / "config.json").read_text())
-        diff = sorted(k for k, v in vars(args).items() if k not in NOT_RESULT_KEYS and old.get(k, v) != v)
-        if diff:
-            flags = ", ".join("--" + d.replace("_", "-") for d in diff)
-            raise common.DataError(f"{out}: was run with other settings ({flags}); pass --no-resume to start over "
-                                   "or use another --name")
-    common.save_config(out, args)
-    data = Data(corpus, args, device)
-    space = make_space(args, len(corpus.labels))
-    full = count_params(space.full())
-
-    # ---- stage 1: teacher and its soft labels
-    teacher, t_info, soft = get_teacher(args, corpus, data, space, device)
-    t_map = evaluate(teacher, data, "eval", args, device)
-    print(f"teacher eval mAP {t_map:.4f}")
-    # ---- stage 2: supernet
-    supernet, s_info = train_supernet(args, corpus, data, space, soft, device)
-    # ---- stage 3: search, stage 4: export, stage 5: eval
-    search = search_subnets(supernet, space, args, data, device, out / "search")
-    searched = {}
-    for b, s in search.items():
-        if s["best"] is not None:
-            arch = tuple(map(tuple, s["best"]["arch"]))
-            ex = export(supernet, space, arch, data, args, device, corpus, out / "export" / f"budget_{b}M.pt")
-            plain = build_model(common.load_checkpoint(ex["checkpoint"])).to(device)
-            searched[b] = {**ex, "mAP": evaluate(plain, data, "eval", args, device), "val": s["best"]["val"]}
-    base = baselines(args, corpus, data, space, soft, s_info, device) if args.baselines else []
-    ft = finetune(args, corpus, data, space, soft, searched, device) if args.finetune else []
-
-    # ---- results
-    pct = lambda m: f"{100 * m / t_map:.1f}"
-    p_m = lambda n: f"{n:,} ({100 * n / full:.1f}%)"
-    t1 = [["teacher CNN10", p_m(full), f"{100 * t_map:.2f}", "100.0", compute(t_info) if "step" in t_info else "-",
-           f"5.2M: {PAPER_TEACHER}"]]
-    for b in sorted({float(k) for k in searched} | {b for b in PAPER_T1 if any(
-            abs(r["r"] - PAPER_T1[b][0]) < 1e-9 for r in base)}):
-        paper = PAPER_T1.get(b)
-        for r in base:
-            if paper and abs(r["r"] - paper[0]) < 1e-9:
-                ref = {"scratch": paper[2], "KD": paper[3]}.get(r["kind"], "-")
-                t1.append([f"{r['kind']} (r={r['r']:g}, depth 2)", p_m(r["params"]), f"{100 * r['mAP']:.2f}",
-                           pct(r["mAP"]), compute(r["info"]), f"{paper[1]}M: {ref}"])
-        if f"{b:g}" in searched:
-            s = searched[f"{b:g}"]
-            t1.append([f"OFA {b:g}M budget: {arch_name(s['arch'])}", p_m(s["params"]), f"{100 * s['mAP']:.2f}",
-                       pct(s["mAP"]), "shared: " + compute(s_info), f"{paper[4]}M: {paper[5]}" if paper else "-"])
-    md = [f"# OFA-AEC: {args.name}", "",
-          f"{args.preset} preset: CNN10 width x{args.width_mult:g} ({full:,} parameters, "
-          f"{len(corpus.labels)} classes), "
-          f"{args.frontend} log-mels, {data.frames} frames, {SPACES[args.elastic_depth]} with widths {args.widths}, "
-          f"elastic FC {args.elastic_fc}, BN recalibration {args.bn_recal}; unit = {args.unit_steps} steps per 100K "
-          f"paper iterations; data {args.data} ({len(data.train_idx)} clips; skipped unreadable: {data.skipped}); "
-          f"{(time.time() - t0) / 60:.1f} min.", "",
-          "## Table 1 (eval mAP %; compute: optimiser steps, sub-network passes, forward MACs)", "",
-          common.markdown_table(["model", "params (% of full)", "mAP %", "% of teacher", "compute", "paper"], t1), "",
-          f"## Fig. 4: candidates per budget ({SPACES[args.elastic_depth]})", "",
-          common.markdown_table(["budget", "in window", "evaluated", "eval mAP min / median / max", "eval mean",
-                                 "val mAP min / median / max", "eval std"], fig4_rows(search)), "",
-          "Exported sub-networks (max |difference| to the supernet's sub-network / TorchScript):", ""]
-    md += [f"- {b}M: `{s['checkpoint']}` {arch_name(s['arch'])}, {s['params']:,} params, "
-           f"{s['max_diff_supernet']:.1e} / {s['max_diff_torchscript']:.1e}" for b, s in searched.items()]
-    if ft:
-        md += ["", "## Table 2: continual fine-tuning (eval mAP %)", "",
-               common.markdown_table(["budget", "sub-network", "params", "OFA", "+10K", "+100K", "Init+100K", "paper"],
-                                     [[f"{r['budget']}M", arch_name(r["arch"]), f"{r['params']:,}"]
-                                      + [f"{100 * r[k]:.2f}" for k in ("OFA", "+10K", "+100K", "Init+100K")] + [
-                                       " / ".join(map(str, PAPER_T2.get(float(r["budget"]), ())[1:])) or "-"]
-                                      for r in ft])]
-    results = {"name": args.name, "teacher": {"mAP": t_map, "params": full, "info": t_info}, "supernet": s_info,
-               "search": search, "searched": searched, "baselines": base, "finetune": ft,
-               "space": args.elastic_depth, "minutes": (time.time() - t0) / 60, "config": vars(args)}
-    common.write_results(out, results, "\n".join(md))
-    print("\n".join(md))
-    return results
-
-
-def run_fig3(args: argparse.Namespace) -> None:
+def fig3(args: argparse.Namespace) -> dict:
     """Fig. 3 / Fig. 4: one supernet per search space (shared teacher); best and spread per budget."""
-    rows, spaces = [], {}
-    for depth in SPACES:  # sibling runs (default names: the 2,2,X one is the default command's run)
-        a = copy.copy(args)
-        a.fig3, a.elastic_depth, a.name = False, depth, None
-        a.widths = "0.2,0.4,0.6,0.8,1.0" if depth == "2,2,2" else args.widths  # EW-only adds 0.2 (Sec. 4.1)
-        a.out = f"{args.out}_{depth.replace(',', '')}" if args.out else None
-        r = run(a)
-        spaces[SPACES[depth]] = r["search"]
-        rows.append([SPACES[depth]] + [f"{100 * r['searched'][b]['mAP']:.2f} ({r['searched'][b]['params']:,})"
-                                       if b in r["searched"] else "-" for b in r["search"]])
     out = Path(args.out or f"runs/ofa_aec/fig3_s{args.seed}")
-    out.mkdir(parents=True, exist_ok=True)
-    budgets = [f"{b:g}M" for b in floats(args.budgets)]
-    md = ["# Fig. 3: best searched sub-network per budget (eval mAP %, params)", "",
-          common.markdown_table(["space"] + budgets, rows), "", "# Fig. 4: candidate spread per budget", ""]
-    for name_, search in spaces.items():
-        md += [f"### {name_}", "", common.markdown_table(["budget", "in window", "evaluated", "eval min / median / max",
-                                                          "eval mean", "val min / median / max", "eval std"],
-                                                         fig4_rows(search)), ""]
-    if plot_fig4(out / "fig4.png", spaces):
-        md.append("![Fig. 4](fig4.png)")
-    common.write_results(out, {"rows": rows, "spaces": spaces}, "\n".join(md))
-    print("\n".join(md))
+    with common.claim_run(out, "ofa_aec", common.identity(args, ROW_FLAGS), args.resume, OUTPUTS):
+        rows, spaces = [], {}
+        for depth in SPACES:  # sibling runs (default names: the 2,2,X one is the default command's run)
+            a = copy.copy(args)
+            a.fig3, a.elastic_depth, a.name = False, depth, None
+            a.widths = [0.2, 0.4, 0.6, 0.8, 1.0] if depth == "2,2,2" else args.widths  # EW-only adds 0.2 (Sec. 4.1)
+            a.out = f"{args.out}_{depth.replace(',', '')}" if args.out else None
+            a.shared_dir = args.shared_dir or str(out.parent)
+            r = run(a)
+            spaces[SPACES[depth]] = r["search"]
+            rows.append([SPACES[depth]] + [f"{100 * r['searched'][b]['mAP']:.2f} ({r['searched'][b]['params']:,})"
+                                           if b in r["searched"] else "-" for b in r["search"]])
+        md = ["# Fig. 3: best searched sub-network per budget (eval mAP %, params)", "",
+              common.markdown_table(["space"] + [f"{b:g}M" for b in args.budgets], rows), "",
+              "# Fig. 4: candidate spread per budget", ""]
+        for name_, search in spaces.items():
+            md += [f"### {name_}", "", common.markdown_table(
+                ["budget", "in window", "evaluated", "eval min / median / max", "eval mean", "val min / median / max",
+                 "eval std"], fig4_rows(search)), ""]
+        if common.is_main() and plot_fig4(out / "fig4.png", spaces):
+            md.append("![Fig. 4](fig4.png)")
+        return common.report(out, {"rows": rows, "spaces": spaces}, "\n".join(md))
 
 
 def counts_main(argv: list[str]) -> str:
     """`counts`: sub-network parameter counts at the paper's scale, --elastic-fc both ways."""
     p = argparse.ArgumentParser(prog="ofa_aec.py counts", description="parameter counts of the search space")
-    p.add_argument("--classes", type=int, default=527)
-    p.add_argument("--width-mult", type=float, default=1.0)
+    p.add_argument("--classes", type=common.POSITIVE_INT, default=527)
+    p.add_argument("--width-mult", type=common.POSITIVE, default=1.0)
     a = p.parse_args(argv)
     rows = []
     spaces = {efc: SearchSpace(a.classes, 64, a.width_mult, [0.4, 0.6, 0.8, 1.0], "2,2,X", efc)
@@ -949,65 +987,109 @@ def counts_main(argv: list[str]) -> str:
     return md
 
 
-def summary_main(argv: list[str]) -> dict:
-    """`summary RUN...`: mean +- std over seeds of every Table 1 / Table 2 row the runs share."""
-    p = argparse.ArgumentParser(prog="ofa_aec.py summary", description="mean +- std of runs (seeds)")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--out", default=None, help="folder for results.json/.md (default runs/ofa_aec/summary)")
-    a = p.parse_args(argv)
-    vals: dict[str, list] = {}
-    for run_dir in a.runs:
-        r = json.loads((Path(run_dir) / "results.json").read_text())
-        vals.setdefault("teacher", []).append(r["teacher"]["mAP"])
-        for b in r["baselines"]:
-            vals.setdefault(f"{b['kind']} r={b['r']:g} ({b['params']:,} params)", []).append(b["mAP"])
-        for b, s in r["searched"].items():
-            vals.setdefault(f"OFA {b}M budget", []).append(s["mAP"])
-        for f in r["finetune"]:
-            for k in ("+10K", "+100K", "Init+100K"):
-                vals.setdefault(f"OFA {f['budget']}M {k}", []).append(f[k])
-    rows = [[k, len(v), common.mean_std(v, 100, 2),
-             " ".join(f"{100 * x:.2f}" for x in v)] for k, v in vals.items()]
-    md = "# OFA-AEC over seeds (eval mAP %, mean +- sample std)\n\n" + \
-        common.markdown_table(["row", "runs", "mean +- std", "per run"], rows)
-    out = Path(a.out or "runs/ofa_aec/summary")
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_results(out, {"runs": a.runs, "values": vals}, md)
-    print(md)
-    return vals
-
-
 def predict_main(argv: list[str]) -> None:
     """Tag audio files with an exported sub-network (checkpoint or TorchScript) or a teacher."""
     p = argparse.ArgumentParser(prog="ofa_aec.py predict", description="tag audio files")
-    p.add_argument("--ckpt", required=True, help="export/budget_*.pt, its .ts, or teacher final.pt")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--ckpt", required=True, help="export/budget_*.pt, its .ts, or a teacher's final.pt")
+    p.add_argument("--top", type=common.POSITIVE_INT, default=5)
     p.add_argument("files", nargs="+")
     a = p.parse_args(argv)
     path = Path(a.ckpt)
-    ck = common.load_checkpoint(path.with_suffix(".pt"))
+    ck = load_cnn10(path.with_suffix(".pt"), "--ckpt")
     model = torch.jit.load(str(path)) if path.suffix == ".ts" else Tagger(ck["frontend"], build_model(ck))
     model.eval()
     names, sr = ck["labels"]["names"], common.LOGMEL_PRESETS[ck["frontend"]]["sr"]
+    skipped = 0
     for f in a.files:
+        try:
+            wave = torch.from_numpy(common.load_audio(f, sr))[None]
+        except common.DataError as e:  # one unreadable file is skipped and counted
+            print(f"skipping: {e}")
+            skipped += 1
+            continue
         with torch.no_grad():
-            probs = model(torch.from_numpy(common.load_audio(f, sr))[None])[0].numpy()
+            probs = model(wave)[0].float().numpy()
         print(f"{f}: " + ", ".join(f"{names[k]} {probs[k]:.2f}" for k in np.argsort(-probs)[:a.top]))
+    if skipped:
+        print(f"{len(a.files) - skipped} files tagged, {skipped} unreadable (skipped)")
+
+
+def bench_step(device, amp: str = "auto", batch_size: int = 8) -> dict:
+    """For data/bench.py: `step()` is one real supernet training step (K = 4 sampled sub-networks, each with
+    SpecAugment and the KD loss, one Adam step: train_step) of the paper-size CNN10 on a fixed batch of 10 s
+    log-mels (the script trains on cached log-mels: no front-end in its step); `bare()` one forward +
+    backward + Adam step of the full CNN10 on the same batch."""
+    device = torch.device(device)
+    dtype = common.amp_dtype(device, amp)
+    args = argparse.Namespace(freq_mask=8, time_mask=64, n_masks=2, mixup_alpha=1.0)
+    space = SearchSpace(527, 64, 1.0, [0.4, 0.6, 0.8, 1.0], "2,2,X", False)
+    torch.manual_seed(0)
+    x, y = torch.randn(batch_size, 64, 1001, device=device), torch.rand(batch_size, 527, device=device)
+    net, bare_net = Supernet(527, 64, space.channels, space.fc).to(device), CNN10().to(device)
+    opt, bare_opt = torch.optim.Adam(net.parameters(), 1e-3), torch.optim.Adam(bare_net.parameters(), 1e-3)
+    scaler, rng = common.grad_scaler(device, dtype), np.random.default_rng(0)
+
+    def step():
+        cfgs = [space.config(space.sample(rng)) for _ in range(4)]
+        return train_step(net, opt, scaler, x, y, args, dtype, cfgs)
+
+    def bare():
+        bare_net.train()
+        with common.autocast(device, dtype):
+            loss = F.binary_cross_entropy_with_logits(bare_net(x).float(), y)
+        common.optimizer_step(loss, bare_opt, scaler)
+    return {"step": step, "bare": bare, "clips": batch_size}
+
+
+# =============================================================================================
+# main: teacher -> supernet -> search -> export -> baselines -> fine-tuning
+# =============================================================================================
+def run(args: argparse.Namespace) -> dict:
+    """The paper's stages in order, each one call; a stage whose output exists is read back, a killed one
+    resumes from its last.pt; a finished run with the same settings is returned as it is."""
+    t0 = time.time()
+    device, _ = common.setup_device(args)
+    args, corpus = resolve(args)
+    out = Path(args.out)
+    settings = {**common.identity(args, NOT_RESULT), "corpus": str(corpus.root.resolve())}
+    with common.claim_run(out, "ofa_aec", {**common.identity(args, ROW_FLAGS), "corpus": settings["corpus"]},
+                          args.resume, OUTPUTS):
+        if (out / "results.json").exists():
+            done = common.read_json(out / "results.json", "results.json")
+            if done.get("settings") == settings:
+                print(f"{out}: finished with these settings (results.md); --no-resume to run it again")
+                return done
+        data = Data(corpus, args, device)
+        space = make_space(args, len(corpus.labels))
+        teacher, t_row, soft = teacher_stage(args, data, space, device)
+        supernet, s_info = supernet_stage(args, data, space, soft, device)
+        search = search_subnets(supernet, space, args, data, device)
+        searched = export_stage(supernet, space, search, data, args, device)
+        base = baselines(args, data, space, soft, s_info, device) if args.baselines else []
+        ft = finetune(args, data, soft, searched, device) if args.finetune else []
+        res = {"name": args.name, "settings": settings, "teacher": t_row, "supernet": s_info, "search": search,
+               "searched": searched, "baselines": base, "finetune": ft, "space": args.elastic_depth,
+               "n": {s: int(ok.sum()) for s, ok in data.ok.items()}, "skipped": data.skipped,
+               "minutes": (time.time() - t0) / 60, "config": vars(args)}
+        res["mAP"] = flat_maps(res)
+        return common.report(out, res, ofa_markdown(res, args, data))
 
 
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"predict": predict_main, "counts": counts_main, "summary": summary_main}
+    commands = {"predict": predict_main, "counts": counts_main}
     if argv[:1] and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     args = parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads and common.pick_device(args.device).type == "cpu":
         torch.set_num_threads(args.threads)
+    common.setup_ddp()
     try:
-        return run_fig3(args) if args.fig3 else run(args)
+        return fig3(args) if args.fig3 else run(args)
     finally:
         torch.set_num_threads(threads)
+        common.cleanup_ddp()
 
 
 if __name__ == "__main__":

@@ -2295,7 +2295,8 @@ def test_at_frozen_leaves_backbone_unchanged_and_cache_is_exact(tiny_tasks, tmp_
 
 # =============================================================================================
 # ofa_aec.py: CNN10 size, sub-network counts vs exported modules, slicing == export ==
-# TorchScript, sampling covers the space, BN recalibration, end-to-end run with predict
+# TorchScript, sampling covers the space, BN recalibration, end-to-end run with predict; the run-time
+# idiom: exact resume after SIGKILL, torchrun DDP, bf16, the feature cache's key, bad input
 # =============================================================================================
 @pytest.fixture
 def one_thread():
@@ -2340,8 +2341,8 @@ def test_ofa_sliced_subnet_equals_export_and_torchscript(one_thread):
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.running_mean.normal_(), m.running_var.uniform_(0.5, 2), m.weight.data.normal_()
         x = torch.randn(3, 64, 101)
-        outs = set()
-        for arch in (space.smallest, space.largest, ((0.6, 1), (1.0, 2), (0.4, 2)), ((0.8, 2), (0.4, 1), (0.6, 1))):
+        outs, archs = [], (space.smallest, space.largest, ((0.6, 1), (1.0, 2), (0.4, 2)), ((0.8, 2), (0.4, 1), (0.6, 1)))
+        for arch in archs:
             cfg = space.config(arch)
             net.set_active(cfg)
             plain = ofa_aec.export_subnet(net, cfg).eval()
@@ -2349,8 +2350,11 @@ def test_ofa_sliced_subnet_equals_export_and_torchscript(one_thread):
             with torch.no_grad():
                 a, b = net(x), plain(x)
             assert torch.allclose(a, b, atol=1e-6), arch
-            outs.add(round(float(a.sum()), 3))
-        assert len(outs) == 4  # different sub-networks really compute different functions
+            outs.append(a)
+        assert len({round(float(a.sum()), 3) for a in outs}) == 4  # different sub-networks: different functions
+        with torch.no_grad():  # a training step's passes in one forward: the same sub-networks, then the full one
+            assert torch.equal(net(x, None, [space.config(a) for a in archs]), torch.stack(outs))
+        assert net.conv_block4.width == space.channels[3] and net.fc1.active_out == space.fc
     tagger = ofa_aec.Tagger("panns16k", plain).eval()
     wave = torch.randn(2, 16000)
     ts = torch.jit.trace(tagger, wave, check_trace=False)
@@ -2379,11 +2383,11 @@ def test_ofa_sampling_covers_exactly_the_configured_space():
 def test_ofa_bn_recalibration_changes_only_running_statistics(one_thread):
     torch.manual_seed(0)
     x = torch.randn(250, 64, 101) * 3 + 1
-    data = type("D", (), {"train_idx": np.arange(250), "batch": lambda self, s, idx, d: x[idx]})()
+    data = type("D", (), {"train_idx": np.arange(250), "batch": lambda self, s, idx: x[idx]})()
     args = type("A", (), {"bn_recal_clips": 2000})()
     model = ofa_aec.CNN10(30, blocks=((8, 8), (6,), (12, 12), (25,)), fc=64).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ofa_aec.recalibrate_bn(model, data, args, torch.device("cpu"))
+    C.recalibrate_bn(model, ofa_aec.bn_batches(data, args, torch.device("cpu")))
     after = model.state_dict()
     params = {n for n, _ in model.named_parameters()}
     for k, v in after.items():
@@ -2402,14 +2406,59 @@ def test_ofa_bn_recalibration_changes_only_running_statistics(one_thread):
     assert torch.allclose(after["bn0.running_var"], var, rtol=1e-4)
 
 
+def test_ofa_epoch_order_drawn_once_per_epoch_and_sharded(monkeypatch):
+    """Issue 20: an epoch's order is drawn once from (seed, epoch), not per step; every epoch visits each
+    readable clip (the last batch wraps); under DDP each process takes a disjoint share of the global batch."""
+    data = object.__new__(ofa_aec.Data)
+    data.train_idx, data.order = np.arange(0, 100, 10), (None, None)  # 10 readable clips
+    draws = []
+    rng = np.random.default_rng
+    monkeypatch.setattr(ofa_aec.np.random, "default_rng", lambda seed: draws.append(seed) or rng(seed))
+    batches = [data.train_batch(s, 4, seed=7) for s in range(6)]  # 3 steps per epoch, 2 epochs
+    assert draws == [[7, 0], [7, 1]]  # once per epoch, not once per step
+    for e in (0, 1):
+        epoch = np.concatenate(batches[3 * e: 3 * e + 3])
+        assert len(epoch) == 12 and set(epoch) == set(data.train_idx)
+        np.testing.assert_array_equal(epoch[:10], data.train_idx[rng([7, e]).permutation(10)])
+    monkeypatch.setattr(C, "world_size", lambda: 2)
+    shares = []
+    for r in (0, 1):
+        monkeypatch.setattr(C, "rank", lambda r=r: r)
+        shares.append(data.train_batch(4, 4, seed=7))
+    assert len(shares[0]) == len(shares[1]) == 2 and sorted(np.concatenate(shares)) == sorted(batches[4])
+
+
+def test_ofa_step_has_no_host_sync():
+    """GPU-ready: no .item() / .cpu() / float(tensor) / .numpy() / .tolist() in the per-step path."""
+    import inspect
+    for fn in (ofa_aec.train_step, ofa_aec.train, ofa_aec.Data.train_batch, ofa_aec.Data.batch, ofa_aec.mix,
+               ofa_aec.spec_augment, ofa_aec.Supernet.forward, ofa_aec.CNN10.forward):
+        src = inspect.getsource(fn)
+        for bad in (r"\.item\(", r"\.cpu\(", r"(?<![.\w])float\(", r"\.numpy\(", r"\.tolist\("):  # .float() casts
+            assert not re.search(bad, src), (fn.__name__, bad)
+
+
+def test_ofa_bench_step_runs_on_cpu(one_thread):
+    b = ofa_aec.bench_step("cpu", batch_size=2)
+    assert b["clips"] == 2
+    loss = b["step"]()
+    b["bare"]()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 def test_ofa_help(capsys):
     with pytest.raises(SystemExit):
         ofa_aec.main(["--help"])
     out = capsys.readouterr().out
-    assert "--elastic-depth" in out and "--bn-recal" in out and "Sec. 2.4" in out
+    assert "--elastic-depth" in out and "--bn-recal" in out and "Sec. 2.4" in out and "common.py seeds" in out
     md = ofa_aec.main(["counts"])  # the count table both ways, with the windows' sizes at 527 classes
     assert "| r=0.4, depth 2 | 1,169,618 | 944,162 |" in md and "794,666-5,219,279 | 569,210-5,219,279" in md
     assert "0.8 +- 0.2M window (scaled to this size) | 4 | 11 |" in md
+
+
+def _ofa_argv(root, out, *extra):
+    return ["--data-root", str(root), "--out", str(out), "--workers", "0", "--batch-size", "4", "--unit-steps", "1",
+            "--eval-every", "2", "--budgets", "0.8", "--population", "2", "--bn-recal-clips", "8", *extra]
 
 
 def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys, one_thread):
@@ -2418,25 +2467,28 @@ def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys, 
             "--unit-steps", "2", "--eval-every", "100", "--budgets", "0.8,1.8", "--population", "2",
             "--bn-recal-clips", "8", "--baselines", "--baseline-widths", "0.4", "--finetune"]
     res = ofa_aec.main(argv)
-    teacher = tmp_path / "teacher_cpu_u2_synth"
-    assert (teacher / "final.pt").exists() and np.load(teacher / "soft_balanced.npy").shape == (24, 30)
+    (teacher,) = tmp_path.glob("teacher-*")  # the shared stage beside the run, named by its settings
+    assert (teacher / "final.pt").exists() and np.load(teacher / "soft.npy").shape == (24, 30)
     assert res["supernet"]["step"] == 6 and res["supernet"]["passes"] == 2 + 4 * 4  # 2 largest + 4 x K=4
     assert [b["info"]["step"] for b in res["baselines"]] == [2, 2, 6]  # scratch, KD, KD with 3x updates
     for b, s in res["search"].items():
         assert s["evaluated"] == min(2, s["in_window"]) and all(
             s["window"][0] <= c["params"] <= s["window"][1] for c in s["candidates"])
     assert set(res["searched"]) == {"0.8", "1.8"} and len(res["finetune"]) == 2
+    assert set(res["mAP"]) == {"teacher", "OFA_800k", "OFA_1800k", "scratch_r40", "KD_r40", "KD_equal_r40",
+                               "OFA_800k_+10K", "OFA_800k_+100K", "Init_800k_+100K", "OFA_1800k_+10K",
+                               "OFA_1800k_+100K", "Init_1800k_+100K"}
+    assert res["n"]["eval"] == 24 and res["skipped"]["eval"] == 0
     # save -> reload -> eval: the exported checkpoint alone rebuilds the sub-network; TorchScript agrees
     s = res["searched"]["0.8"]
     ck = C.load_checkpoint(s["checkpoint"])
     plain = ofa_aec.build_model(ck)
     assert sum(p.numel() for p in plain.parameters()) == s["params"] == ck["params"]
     corpus = C.load_corpus(str(tiny_root))
-    cfg = json.loads((out / "config.json").read_text())
     wave = torch.from_numpy(np.stack([C.load_audio(tiny_root / fn) for fn, _ in corpus.eval]))
     ts = torch.jit.load(s["torchscript"])
     with torch.no_grad():
-        p_ts, p_plain = ts(wave), ofa_aec.Tagger(cfg["frontend"], plain.eval())(wave)
+        p_ts, p_plain = ts(wave), ofa_aec.Tagger(ck["frontend"], plain.eval())(wave)
     assert torch.allclose(p_ts, p_plain, atol=1e-6)
     m = C.tagging_metrics(corpus.true_targets(corpus.eval), p_plain.numpy())["mAP"]
     assert m == pytest.approx(s["mAP"], abs=2e-3)  # features cached in float16 for the run
@@ -2444,11 +2496,17 @@ def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys, 
     ofa_aec.main(["predict", "--ckpt", s["torchscript"], str(tiny_root / corpus.eval[0][0])])
     line = capsys.readouterr().out.strip()
     assert line.startswith(str(tiny_root)) and len(re.findall(r" [01]\.\d\d(?:,|$)", line)) == 5  # top 5 classes
-    # resume: a finished run recomputes nothing and gives the same numbers; other settings are refused
+    # a finished run is returned as it is; fewer rows (the flags that add rows) reuse every stage
     again = ofa_aec.main(argv)
-    assert again["searched"]["0.8"]["mAP"] == s["mAP"] and again["baselines"] == res["baselines"]
-    with pytest.raises(C.DataError, match="--lr"):
+    assert again == json.loads((out / "results.json").read_text()) and "finished with these" in capsys.readouterr().out
+    logs = [(f, f.read_text()) for f in (teacher / "log.jsonl", out / "supernet" / "log.jsonl")]
+    fewer = ofa_aec.main(argv[:-4])
+    assert fewer["searched"]["0.8"]["mAP"] == s["mAP"] and fewer["baselines"] == []
+    assert all(f.read_text() == text for f, text in logs)  # nothing trained again
+    with pytest.raises(C.DataError, match=r"--lr 0.001 \(now 0.01\)"):  # other settings are refused, naming the flag
         ofa_aec.main(argv + ["--lr", "0.01"])
+    with pytest.raises(C.DataError, match=r"--max-steps None \(now 1\)"):  # a cut-short run is another run
+        ofa_aec.main(argv + ["--max-steps", "1"])
     assert "OFA 0.8M" in (out / "results.md").read_text()
 
 
@@ -2459,9 +2517,206 @@ def test_ofa_fig3_runs_the_four_search_spaces(tiny_root, tmp_path, one_thread):
                   "--bn-recal-clips", "4", "--fig3"])
     res = json.loads((out / "results.json").read_text())
     assert list(res["spaces"]) == ["EW+ED=[2,2,X]", "EW+ED=[X,X,X]", "EW+ED=[2,X,X]", "EW-only"]
-    assert [r[0] for r in res["rows"]] == list(res["spaces"]) and len(list(tmp_path.glob("teacher_*"))) == 1
-    ew = json.loads((tmp_path / "fig3_222" / "config.json").read_text())
-    assert ew["widths"] == "0.2,0.4,0.6,0.8,1.0" and ew["elastic_depth"] == "2,2,2"
+    assert [r[0] for r in res["rows"]] == list(res["spaces"]) and len(list(tmp_path.glob("teacher-*"))) == 1
+    ew = json.loads((tmp_path / "fig3_222" / "config.json").read_text())["identity"]
+    assert ew["widths"] == [0.2, 0.4, 0.6, 0.8, 1.0] and ew["elastic_depth"] == "2,2,2"
+
+
+def _ofa_metrics(res):
+    """results.json without what names a place or a duration (the paths of the run and the minutes)."""
+    if isinstance(res, dict):
+        return {k: _ofa_metrics(v) for k, v in res.items() if k not in ("minutes", "config", "checkpoint", "torchscript")}
+    return [_ofa_metrics(v) for v in res] if isinstance(res, list) else res
+
+
+def test_ofa_exact_resume_after_sigkill(tiny_root, tmp_path, one_thread):
+    """One run SIGKILLed three times and run again with the same command each time: between the teacher and
+    the supernet (the teacher is then read from disk), mid-epoch in the supernet (after its step-2 last.pt),
+    inside a checkpoint write; its results.json is bit-identical to an uninterrupted run's, no temp file left."""
+    ofa_aec.main(_ofa_argv(tiny_root, tmp_path / "ref" / "run"))  # in this process: the same numbers
+    ref = _ofa_metrics(json.loads((tmp_path / "ref" / "run" / "results.json").read_text()))
+    out = tmp_path / "killed" / "run"
+    for kill in ("saved:3", "step:3", "write:1"):  # teacher: last.pt at steps 2, 4, final.pt; supernet: 3 steps
+        r = run_cli("ofa_aec.py", *_ofa_argv(tiny_root, out), env={"KILL_AT": kill}, check=False)
+        assert r.returncode in (-9, 137), f"{kill}: exit {r.returncode}\n{r.stdout[-3000:]}"
+        assert kill != "write:1" or "supernet: resumed at step 2/3" in r.stdout, r.stdout[-3000:]
+    run_cli("ofa_aec.py", *_ofa_argv(tiny_root, out))
+    assert _ofa_metrics(json.loads((out / "results.json").read_text())) == ref
+    assert leftovers(out.parent) == []
+
+
+SPY = '''import os, time
+_rank = os.environ.get("RANK")
+if _rank is not None:  # a torchrun process: record every write and delete; rank 0 publishes shared files late
+    _replace, _unlink = os.replace, os.unlink
+    _log = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank%s.txt" % _rank)
+
+    def _note(what, path):  # the run's own folders (torch itself may delete a temp file elsewhere)
+        if not os.path.abspath(str(path)).startswith(os.environ["SPY_ROOT"]):
+            return
+        with open(_log, "a") as f:
+            f.write("%s %s\\n" % (what, path))
+
+    def replace(src, dst, *a, **k):
+        _note("replace", dst)
+        if _rank == "0" and str(dst).endswith(("final.pt", "soft.npy", "logmel.npy", "M.pt")):
+            time.sleep(0.5)  # a process that reads it without waiting at a barrier finds nothing
+        return _replace(src, dst, *a, **k)
+
+    def unlink(path, *a, **k):
+        _note("unlink", path)
+        return _unlink(path, *a, **k)
+    os.replace, os.unlink = replace, unlink
+'''
+
+
+def test_ofa_ddp_torchrun_rank0_writes_after_barriers(tiny_root, tmp_path):
+    """torchrun, 2 gloo processes, end to end: rank 1 writes and deletes nothing; rank 0's shared files
+    (features, final.pt of each stage, soft labels, exports) are published late, so a missing barrier
+    makes rank 1 read a file that is not there yet and the run fails; one set of outputs, one log line per
+    validation."""
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(SPY)
+    out = tmp_path / "ddp" / "run"
+    run_cli("ofa_aec.py", *_ofa_argv(tiny_root, out), nproc=2,
+            env={"PYTHONPATH": os.pathsep.join([str(spy), os.environ.get("PYTHONPATH", "")]),
+                 "SPY_ROOT": str(tmp_path / "ddp")})
+    assert not (spy / "rank1.txt").exists()
+    written = (spy / "rank0.txt").read_text()
+    assert "supernet/final.pt" in written and "soft.npy" in written and "results.json" in written
+    res = json.loads((out / "results.json").read_text())
+    assert res["supernet"]["step"] == 3 and set(res["searched"]) == {"0.8"}
+    (teacher,) = (tmp_path / "ddp").glob("teacher-*")
+    for log, steps in ((teacher / "log.jsonl", [2, 4]), (out / "supernet" / "log.jsonl", [2, 3])):
+        assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == steps
+
+
+def test_ofa_amp_bf16_on_cpu_keeps_float32_scores(tiny_root, tmp_path, one_thread):
+    res = ofa_aec.main(_ofa_argv(tiny_root, tmp_path / "run", "--amp", "bf16", "--max-steps", "2"))
+    (teacher,) = tmp_path.glob("teacher-*")
+    assert np.load(teacher / "soft.npy").dtype == np.float32 and res["supernet"]["step"] == 3  # 1 + 2 steps
+    assert all(isinstance(v, float) and 0 < v < 1 for v in res["mAP"].values())
+    cands = json.loads((tmp_path / "run" / "search" / "candidates.json").read_text())
+    assert all(isinstance(c["val"], float) for c in cands.values())
+
+
+def test_ofa_feature_cache_follows_the_clips(tiny_root, tmp_path, one_thread):
+    """The log-mel cache is keyed by every clip's size and modification time, not the folder's path: an
+    eval clip replaced by silence is a new cache for the eval split (recomputed), the other splits are reused."""
+    root = tmp_path / "corpus"
+    shutil.copytree(tiny_root, root)
+    args, corpus = ofa_aec.resolve(ofa_aec.parse_args(["--data-root", str(root), "--out", str(tmp_path / "r")]))
+    before = ofa_aec.Data(corpus, args, torch.device("cpu"))
+    fn = root / corpus.eval[0][0]
+    info = sf.info(str(fn))
+    sf.write(str(fn), np.zeros(info.frames, np.float32), info.samplerate, subtype=info.subtype)
+    after = ofa_aec.Data(corpus, args, torch.device("cpu"))
+    assert after.ident["eval"] != before.ident["eval"] and after.ident["train"] == before.ident["train"]
+    assert not np.array_equal(after.x["eval"][0], before.x["eval"][0])
+    np.testing.assert_array_equal(after.x["eval"][1:], before.x["eval"][1:])
+    assert len(list(tmp_path.glob("features-*"))) == 4  # train, valid, eval before; eval after
+
+
+def test_ofa_no_resume_removes_only_its_own_files_and_a_second_run_is_refused(tiny_root, tmp_path, one_thread):
+    out = tmp_path / "run"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("the user's")
+    (out / "sub" / "data.csv").write_text("the user's")
+    argv = _ofa_argv(tiny_root, out, "--max-steps", "1")
+    ofa_aec.main(argv)
+    assert (out / "supernet" / "final.pt").exists() and (out / "export" / "budget_0.8M.ts").exists()
+    with C.RunLock(out):  # a second run on the folder is one line, not a crash
+        with pytest.raises(C.DataError, match="in use by another run"):
+            ofa_aec.main(argv)
+    ofa_aec.main(argv + ["--no-resume"])
+    assert (out / "notes.txt").read_text() == "the user's" and (out / "sub" / "data.csv").read_text() == "the user's"
+    assert (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--unit-steps", "0"], ["--unit-steps", "-3"], ["--batch-size", "0"], ["--batch-size", "nan"], ["--lr", "0"],
+    ["--lr", "nan"], ["--lr", "inf"], ["--budgets", "0.8,abc"], ["--budgets", "-1"], ["--budgets", "nan"],
+    ["--widths", "0.4,1.5"], ["--widths", "0"], ["--tolerance", "-0.1"], ["--population", "0"],
+    ["--bn-recal-clips", "0"], ["--subnets-per-step", "0"], ["--eval-every", "0"], ["--mixup-alpha", "0"],
+    ["--width-mult", "0"], ["--time-mask", "-1"], ["--freq-mask", "nan"], ["--n-masks", "-1"],
+    ["--baseline-widths", "2"], ["--max-steps", "0"], ["--threads", "-1"], ["--teacher-seed", "-1"],
+    ["counts", "--classes", "0"],
+    ["counts", "--width-mult", "nan"], ["predict", "--ckpt", "x.pt", "--top", "0", "a.wav"]])
+def test_ofa_bad_flags_are_one_line_usage_errors(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ofa_aec.main(argv + ([] if argv[0] in ("counts", "predict") else ["--out", str(tmp_path / "o")]))
+    err = capsys.readouterr().err.strip().splitlines()
+    flag = next(a for a in argv if a.startswith("--") and a != "--ckpt")
+    assert e.value.code == 2 and ": error: " in err[-1] and flag in err[-1]  # names the flag
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "o").exists()
+
+
+def _ofa_bad_case(case: str, root: Path, tmp: Path) -> tuple[list, str]:
+    """A bad input of one kind: (argv, the message it must give)."""
+    base = ["--data-root", str(root), "--workers", "0", "--out", str(tmp / "run")]
+    if case in ("foreign_teacher", "bytes_teacher", "other_classes", "missing_teacher"):
+        ck = tmp / "ck.pt"
+        if case == "foreign_teacher":  # a psl.py / psla.py checkpoint
+            torch.save({"model": {}, "config": {"arch": "mobilenetv2"}, "args": {}}, ck)
+        elif case == "bytes_teacher":
+            ck.write_bytes(os.urandom(300))
+        elif case == "other_classes":
+            m = ofa_aec.CNN10(10, blocks=((8, 8), (16, 16), (32, 32), (64, 64)), fc=64)
+            torch.save({"script": "ofa_aec", "model": m.state_dict(), "config": m.config, "frontend": "panns16k"}, ck)
+        msg = {"foreign_teacher": "not a CNN10 checkpoint of ofa_aec.py", "bytes_teacher": "not a readable checkpoint",
+               "other_classes": "10 classes", "missing_teacher": "checkpoint not found"}[case]
+        return base + ["--teacher", str(ck)], msg
+    if case in ("out_file", "out_under_file"):
+        (tmp / "file.txt").write_text("mine")
+        out = tmp / "file.txt" if case == "out_file" else tmp / "file.txt" / "sub"
+        return base[:-1] + [str(out)], "is not a folder" if case == "out_file" else "cannot write the run folder"
+    if case == "other_script_run":
+        (tmp / "run").mkdir()
+        (tmp / "run" / "config.json").write_text(json.dumps({"script": "psl", "identity": {}}))
+        return base, "a run folder of psl.py"
+    if case == "user_results":
+        (tmp / "run").mkdir()
+        (tmp / "run" / "results.json").write_text("{}")
+        return base, "not written by ofa_aec.py"
+    if case == "zero_channels":
+        return base + ["--width-mult", "0.01"], "a block of 0 channels"
+    if case == "negative_seed":
+        return base + ["--seed", "-1"], "--seed -1: expected a non-negative integer"
+    if case == "foreign_predict":
+        torch.save({"model": {}}, tmp / "ck.pt")
+        return ["predict", "--ckpt", str(tmp / "ck.pt"), "a.wav"], "not a CNN10 checkpoint"
+    bad = tmp / "corpus"  # malformed metadata: the corpus's files, audio linked
+    bad.mkdir()
+    for f in root.iterdir():
+        (bad / f.name).symlink_to(f) if f.is_dir() else shutil.copy(f, bad / f.name)
+    if case == "manifest_row":
+        with open(bad / "balanced_train.tsv", "a") as f:
+            f.write("no-tab-here\n")
+        return base[:1] + [str(bad)] + base[2:], "balanced_train.tsv:"
+    if case == "synth_json":
+        (bad / "synth.json").write_text('{"clip_seconds": 4')
+        return base[:1] + [str(bad)] + base[2:], "synth.json: not a valid JSON"
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["foreign_teacher", "bytes_teacher", "other_classes", "missing_teacher", "out_file",
+                                  "out_under_file", "other_script_run", "user_results", "zero_channels",
+                                  "negative_seed", "foreign_predict", "manifest_row", "synth_json"])
+def test_ofa_bad_inputs_are_one_line_and_delete_nothing(case, tiny_root, tmp_path):
+    argv, msg = _ofa_bad_case(case, tiny_root, tmp_path)
+    before = sorted((p, p.stat().st_size) for p in tmp_path.rglob("*") if p.is_file())
+    with pytest.raises(C.DataError, match=re.escape(msg)):  # the __main__ guard prints it as one line
+        ofa_aec.main(argv)
+    after = sorted((p, p.stat().st_size) for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock")
+    assert after == before  # nothing deleted or written (beyond the lock file of a folder it checked)
+
+
+def test_ofa_bad_input_from_the_command_line_is_one_line(tiny_root, tmp_path):
+    argv, msg = _ofa_bad_case("foreign_teacher", tiny_root, tmp_path)
+    r = run_cli("ofa_aec.py", *argv, check=False, timeout=120)
+    assert r.returncode == 1 and r.stdout.strip().splitlines()[-1].startswith("error: --teacher ") and \
+        msg in r.stdout and "Traceback" not in r.stdout, r.stdout[-2000:]
 
 
 # =============================================================================================
