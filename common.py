@@ -450,8 +450,14 @@ def to_device(batch, device: torch.device):
 
 
 def compiled(model: nn.Module, on: bool) -> nn.Module:
-    """--compile: torch.compile the training forward (the plain module is kept for saving and eval)."""
-    return torch.compile(model) if on else model
+    """--compile: torch.compile the training forward (the plain module is kept for saving and eval). Random
+    ops inside the graph draw from torch's generator as in eager mode (fallback_random), so a compiled run
+    makes the same augmentation draws."""
+    if not on:
+        return model
+    import torch._inductor.config as inductor_config
+    inductor_config.fallback_random = True
+    return torch.compile(model)
 
 
 def optimizer_step(loss: torch.Tensor, optimizer, scaler, params=None, max_norm: float | None = None) -> None:
@@ -486,12 +492,16 @@ class Mean:
         return v
 
 
-def wrap_ddp(model: nn.Module) -> nn.Module:
-    """The module to train: DistributedDataParallel under torchrun, the model itself otherwise."""
+def wrap_ddp(model: nn.Module, find_unused: bool = False) -> nn.Module:
+    """The module to train: DistributedDataParallel under torchrun, the model itself otherwise.
+    find_unused: a network whose forward uses another subset of its parameters at each step (a
+    weight-sharing supernet: a depth-1 pass leaves a conv unused; their gradients stay None, as in one
+    process; plain DDP stops with an error at the next step)."""
     if world_size() == 1:
         return model
     dev = next(model.parameters()).device
-    return nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                               find_unused_parameters=find_unused)
 
 
 def shard(indices) -> np.ndarray:
@@ -1753,18 +1763,6 @@ def average_state_dicts(states: list) -> dict:
 def ensemble_predictions(preds: list[np.ndarray]) -> np.ndarray:
     """Average of probability predictions (N, K) of several models."""
     return np.mean(np.stack(preds), axis=0)
-
-
-# --- added for ofa_aec ---
-def wrap_ddp_dynamic(model: nn.Module) -> nn.Module:
-    """wrap_ddp for a network whose training forward uses another subset of its parameters at each step (a
-    weight-sharing supernet: a depth-1 pass leaves a conv unused): DDP that finds the unused ones, whose
-    gradients then stay None, as in one process (plain DDP stops with an error at the next step)."""
-    if world_size() == 1:
-        return model
-    dev = next(model.parameters()).device
-    return nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                               find_unused_parameters=True)
 
 
 if __name__ == "__main__":

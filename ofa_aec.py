@@ -606,7 +606,7 @@ def train(model: CNN10, folder: Path, args, data: Data, targets: np.ndarray, tot
             logger.log_once(state["curve"][-1], ("step",))
         state = state or {"step": 0, "passes": 0, "macs": 0, "curve": []}
         # a supernet's shapes change with every sub-network: torch.compile would recompile for each one
-        net = common.wrap_ddp_dynamic(model) if cfgs_at else common.compiled(common.wrap_ddp(model), args.compile)
+        net = common.wrap_ddp(model, find_unused=True) if cfgs_at else common.compiled(common.wrap_ddp(model), args.compile)
         validate = validate or (lambda m: {"val/mAP": evaluate(m, data, "valid", args, device)})
         y, loss = torch.from_numpy(targets), common.Mean(device)
         bar = tqdm(total=total, initial=state["step"], desc=folder.name, leave=False, disable=not common.is_main())
