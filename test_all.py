@@ -1158,19 +1158,22 @@ def _psla_metrics(out: Path) -> dict:
 
 def test_psla_killed_anywhere_resumes_bit_identical(tiny_root, psla_ref, tmp_path):
     """Exact resume: one run SIGKILLed three times, resumed each time by the same command: mid-epoch
-    (step 3, resumed from the --save-every 2 checkpoint of step 2), during a checkpoint write (epoch 1's
-    best.pt written, not renamed), and right after the last.pt that ends the training stage (before
-    weight averaging). Its results.json metrics equal the uninterrupted run's; no temp file is left."""
+    (step 5, in epoch 2: resumed from the --save-every 2 checkpoint of step 4), during a checkpoint write
+    (weights/e002.pt written, not renamed), and right after the last.pt that ends the training stage
+    (before weight averaging). Its results.json metrics equal the uninterrupted run's; no temp file is left."""
     out = tmp_path / "run"
     args = ["--data-root", tiny_root, "--out", out, *PSLA_TINY, "--workers", "0", "--save-every", "2"]
-    for kill_at in ("step:3", "write:2"):
+    log = [json.loads(line) for line in (psla_ref / "log.jsonl").read_text().splitlines()]
+    # the third process resumes at step 4 and saves e002, [best.pt if epoch 2 beats epoch 1 on valid],
+    # last.pt: the end of the training stage
+    end_of_training = f"saved:{2 + (log[1]['valid/mAP'] > log[0]['valid/mAP'])}"
+    for kill_at in ("step:5", "write:1", end_of_training):
         r = run_cli("psla.py", *args, env={"KILL_AT": kill_at}, check=False)
         assert r.returncode in (-9, 137), f"{kill_at}: {r.stdout[-3000:]}"
-    assert (out / "best.pt.tmp").exists() and not (out / "results.json").exists()
-    log = [json.loads(line) for line in (psla_ref / "log.jsonl").read_text().splitlines()]
-    # the third process resumes at step 2 and saves e001, best, last (epoch 1), last (step 4), e002,
-    # [best, if epoch 2 beats epoch 1 on valid], last (epoch 2): the end of the training stage
-    killed_then_resumed("psla.py", args, f"saved:{6 + (log[1]['valid/mAP'] > log[0]['valid/mAP'])}")
+        if kill_at == "write:1":
+            assert (out / "weights" / "e002.pt.tmp").exists() and not (out / "weights" / "e002.pt").exists()
+    assert C.load_checkpoint(out / "last.pt")["state"]["loop"]["epoch"] == 3 and not (out / "wa.pt").exists()
+    run_cli("psla.py", *args)  # the documented resume: the same command
     assert _psla_metrics(out) == _psla_metrics(psla_ref)
     assert leftovers(out) == [] and (out / "log.jsonl").read_text().count('"epoch"') == 2
 
