@@ -587,8 +587,9 @@ def train(args, corpus: common.Corpus, rows: list, out: Path, device, amp) -> di
             log.log_once(state["history"][-1], ("epoch",))
     if common.is_main():
         print(f"{out}: EfficientNet-B{args.effnet} + {args.heads}-head attention, {len(corpus.labels)} classes, "
-              f"{count_parameters(model):,} parameters; fbank mean/std {config['norm'][0]:.4f}/{config['norm'][1]:.4f}; "
-              + (f"resumed at epoch {state['epoch']}, step {state['step']}" if saved else "from the start"))
+              f"{count_parameters(model):,} parameters; fbank mean/std {config['norm'][0]:.4f}/"
+              f"{config['norm'][1]:.4f}; " + (f"resumed at epoch {state['epoch']}, step {state['step']}" if saved
+                                                else "from the start"))
     net = common.compiled(common.wrap_ddp(model), args.compile)
     train_set = MixupClips(Clips(corpus.root, rows, targets, args.target_length), args.mixup, args.mixup_alpha,
                            args.seed)
@@ -777,9 +778,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """(network settings, weights) of a psla.py checkpoint (wa.pt, best.pt, last.pt); one line otherwise."""
     try:
         ck = common.load_checkpoint(path)
-    except common.DataError:
-        raise
-    except Exception:
+    except Exception:  # random bytes, a truncated file, an unpicklable object
         raise common.DataError(f"{path}: not a readable checkpoint") from None
     meta = ck.get("state", ck) if isinstance(ck, dict) else None
     script = meta.get("script") if isinstance(meta, dict) else None
@@ -896,7 +895,8 @@ def ensemble(preds: list[np.ndarray], targets: np.ndarray) -> dict:
     maps = [metrics(targets, p)["mAP"] for p in preds]
     m = metrics(targets, common.ensemble_predictions(preds))
     return {"models": len(preds), "avg_mAP": float(np.mean(maps)), "best_mAP": float(np.max(maps)),
-            "ensemble_mAP": m["mAP"], "ensemble_mAUC": m["mAUC"], "ensemble_dprime": m["dprime"]}
+            "ensemble_mAP": m["mAP"], "ensemble_mAUC": m["mAUC"], "ensemble_dprime": m["dprime"], "n": m["n"],
+            "skipped": m["skipped"]}
 
 
 def ensembles(out: Path, history: list[dict]) -> dict:
@@ -936,7 +936,8 @@ def ensemble_main(argv: list[str]) -> dict:
         row = ensemble(preds, targets)
         md = common.markdown_table(["committee", "# models", "avg mAP", "best mAP", "ensemble mAP", "mAUC", "d'"],
                                    [[f"{a.which} of {len(a.runs)} run(s)", row["models"], row["avg_mAP"],
-                                     row["best_mAP"], row["ensemble_mAP"], row["ensemble_mAUC"], row["ensemble_dprime"]]])
+                                     row["best_mAP"], row["ensemble_mAP"], row["ensemble_mAUC"],
+                                     row["ensemble_dprime"]]])
         return common.report(out, {"runs": a.runs, "which": a.which, **row}, "# PSLA ensemble (Table X)\n\n" + md)
 
 
@@ -978,14 +979,15 @@ def write_report(args, corpus: common.Corpus, out: Path, trained: dict, wa: dict
         rows.append(row(f"weight averaging, epochs {wa['epochs'][0]}-{wa['epochs'][1]}", wa,
                         PAPER_WA.get(args.data, "-")))
     rows.append([f"ensemble of {ens['models']} epoch checkpoints", ens["ensemble_mAP"], ens["ensemble_mAUC"],
-                 ens["ensemble_dprime"], "%.4f (%d checkpoints)" % PAPER_CHECKPOINT_ENSEMBLE.get(args.data, (0, 0))[::-1]])
+                 ens["ensemble_dprime"],
+                 "%.4f (%d checkpoints)" % PAPER_CHECKPOINT_ENSEMBLE.get(args.data, (0, 0))[::-1]])
     md = (f"# PSLA: {args.name}\n\nEfficientNet-B{args.effnet}, {args.heads} heads, {results['parameters']:,} "
           f"parameters; data {args.data} ({'synthetic' if corpus.synthetic else corpus.root}); ImageNet: "
-          f"{args.imagenet or 'no'}; balanced sampling {args.balanced_sampling}; masking F={args.freqm} T={args.timem}; "
-          f"mix-up rate {args.mixup}, alpha {args.mixup_alpha}; labels {args.label_enhance}; {results['epochs']} "
-          f"epochs, {results['steps']} steps, {results['minutes']:.1f} min.\n\nEval set. Paper column: {args.data} "
-          f"AudioSet, EfficientNet-B2, the paper's row with the same techniques: {name}; WA and checkpoint ensemble "
-          f"with all techniques (Tables IX, X).\n\n"
+          f"{args.imagenet or 'no'}; balanced sampling {args.balanced_sampling}; masking F={args.freqm} "
+          f"T={args.timem}; mix-up rate {args.mixup}, alpha {args.mixup_alpha}; labels {args.label_enhance}; "
+          f"{results['epochs']} epochs, {results['steps']} steps, {results['minutes']:.1f} min.\n\nEval set. Paper "
+          f"column: {args.data} AudioSet, EfficientNet-B2, the paper's row with the same techniques: {name}; WA and "
+          f"checkpoint ensemble with all techniques (Tables IX, X).\n\n"
           + common.markdown_table(["model", "mAP", "mAUC", "d'", common.paper_heading(corpus, "paper mAP")], rows)
           + f"\n\nCheckpoint ensemble (Table X): {ens['models']} models, avg mAP {ens['avg_mAP']:.4f}, "
             f"best mAP {ens['best_mAP']:.4f}, ensemble mAP {ens['ensemble_mAP']:.4f}\n")

@@ -981,8 +981,8 @@ def test_psla_learning_rate_schedule():
 def test_psla_end_to_end_save_reload_resume_enhance_ensemble(tiny_root, tmp_path):
     """Every stage in one process: train -> WA -> ensembles; the WA checkpoint alone rebuilds the model;
     a finished run is returned as it is; [teacher -> label enhancement] with the teacher as a shared stage
-    (keyed by its settings, reused by a second run, the student the same as with that teacher read from
-    disk); committees of runs through the common idiom; the seeds table over psla's results.json keys."""
+    (keyed by its settings; a second run reads it from disk and trains the same student); committees of
+    runs through the common idiom; the seeds table over psla's results.json keys."""
     base = ["--data-root", str(tiny_root), "--effnet", "0", "--target-length", "64", "--epochs", "2",
             "--batch-size", "8", "--workers", "0"]
     run = tmp_path / "run"
@@ -1017,12 +1017,10 @@ def test_psla_end_to_end_save_reload_resume_enhance_ensemble(tiny_root, tmp_path
     assert sum(len(m) - len(original[fn]) for fn, m in enhanced) == stats["type12"]["labels_added"]
     assert 0 <= stats["type12"]["precision"] <= 1 and res_le["steps"] == 2 and "label_enhancement" in res_le
     teacher_log = (teacher / "log.jsonl").read_text()
-    res_le2 = psla.main(base + le + ["--out", str(tmp_path / "le2")])  # the same teacher: reused, not retrained
+    from_disk = psla.main(base + le + ["--out", str(tmp_path / "le2")])  # the same teacher: read, not retrained
     assert (teacher / "log.jsonl").read_text() == teacher_log and len(list(tmp_path.glob("teacher-*"))) == 1
-    from_disk = psla.main(base + le + ["--out", str(tmp_path / "le3"), "--teacher", str(teacher)])
-    for r in (res_le2, from_disk):  # the student does not depend on the teacher having run in this process
-        assert (r["last_n"], r["best"], r["checkpoint_ensemble"]) == \
-            (res_le["last_n"], res_le["best"], res_le["checkpoint_ensemble"])
+    # the student does not depend on whether its teacher was trained in this process or read from disk
+    assert (from_disk["last_n"], from_disk["best"]) == (res_le["last_n"], res_le["best"])
     # committees of runs (Table X) through the common idiom: claim_run's folder, results.json / .md
     row = psla.main(["ensemble", str(run), str(tmp_path / "le"), "--out", str(tmp_path / "ens")])
     assert row["models"] == 2 and row["best_mAP"] >= row["avg_mAP"] and (tmp_path / "ens" / "results.md").exists()
