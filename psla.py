@@ -808,13 +808,13 @@ def teacher_identity(args, corpus: common.Corpus) -> dict | None:
     if args.teacher is None:
         files = sorted(p for p in corpus.root.iterdir() if p.suffix in (".tsv", ".csv", ".json"))
         return run_identity(teacher_args(args), corpus) | {
-            "inputs": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+            "inputs": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
     run = Path(args.teacher)
     ckpt = teacher_file(run)
     read_checkpoint(ckpt)  # another script's checkpoint: one line, before anything is written
     cfg = run / "config.json"
     ident = common.read_json(cfg, "config.json").get("identity_hash") if cfg.exists() else None
-    return {"run": str(run.resolve()), "identity": ident or (ckpt.name, ckpt.stat().st_size, ckpt.stat().st_mtime_ns)}
+    return {"run": str(run.resolve()), "identity": ident or [ckpt.name, ckpt.stat().st_size, ckpt.stat().st_mtime_ns]}
 
 
 def teacher(args, corpus: common.Corpus, key: dict, device, amp) -> Path:

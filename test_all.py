@@ -1021,6 +1021,8 @@ def test_psla_end_to_end_save_reload_resume_enhance_ensemble(tiny_root, tmp_path
     assert (teacher / "log.jsonl").read_text() == teacher_log and len(list(tmp_path.glob("teacher-*"))) == 1
     # the student does not depend on whether its teacher was trained in this process or read from disk
     assert (from_disk["last_n"], from_disk["best"]) == (res_le["last_n"], res_le["best"])
+    finished = json.loads((tmp_path / "le" / "results.json").read_text())
+    assert psla.main(base + le + ["--out", str(tmp_path / "le")]) == finished  # its identity matches: returned
     # committees of runs (Table X) through the common idiom: claim_run's folder, results.json / .md
     row = psla.main(["ensemble", str(run), str(tmp_path / "le"), "--out", str(tmp_path / "ens")])
     assert row["models"] == 2 and row["best_mAP"] >= row["avg_mAP"] and (tmp_path / "ens" / "results.md").exists()
