@@ -14,10 +14,17 @@ Full AudioSet: 0.3723 scratch ... 0.4435 single model with WA, 0.4744 ensemble o
 
     python psla.py                                          # synthetic corpus, B2, masking + mix-up + WA (5 min)
     python psla.py --effnet 0 --no-mixup --name mask        # one ablation row (see README for all)
-    python psla.py --label-enhance type12 --teacher runs/psla/mixup --name le   # Sec. V, Table VIII
+    python psla.py --label-enhance type12 --name le         # Sec. V, Table VIII: teacher (a shared stage), student
+    python psla.py --label-enhance type12 --teacher runs/psla/mixup --name le   # ... with a finished run as teacher
     python psla.py ensemble runs/psla/le_s0 runs/psla/le_s1 runs/psla/le_s2     # Table X
-    python psla.py seeds --row base runs/psla/b_s0 runs/psla/b_s1 --row le runs/psla/le_s0 ...  # mean +- std
+    python common.py seeds --row base runs/psla/b_s0 runs/psla/b_s1 --row le runs/psla/le_s0 runs/psla/le_s1 \
+        --key last_n.mAP --key wa.mAP --out runs/psla/seeds                      # mean +- std over seeds, paired
     python psla.py --data-root data/audioset --data full --imagenet url         # the paper's recipe
+    torchrun --nproc_per_node=4 psla.py --data-root data/audioset --data full --imagenet url   # on 4 GPUs (DDP)
+Stages (main): [teacher -> label enhancement] -> train -> weight averaging -> ensembles. To resume a
+run, run the same command again (--no-resume starts it afresh): last.pt, written every epoch and every
+--save-every steps, holds the data position and every RNG state, so a run killed anywhere ends with the
+results of an uninterrupted one. A finished run with the same settings is returned as it is.
 The default command is a pipeline check; README's "direction run" (a 5 s-clip B0 preset, 20 epochs,
 every ablation row x 3 seeds) is the run that says which claims hold.
 
@@ -49,13 +56,17 @@ Deviations from the paper and the official code (numbered as in the README):
     parent of 81 classes, not 149.
  9. Precision: with autocast (bf16 by default on CUDA) the backbone runs in reduced precision, the
     attention pooling and every saved or ranked score in fp32; fp16 uses loss scaling.
+10. The label-enhancement teacher is, by default, this run's recipe (same --data and seed) with the
+    original labels, trained once as a shared stage beside the run; the paper trains it on the full
+    set: pass `--teacher RUN` (a finished run, e.g. with `--data full`).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -106,6 +117,10 @@ TORCHVISION_URLS = {  # torchvision's IMAGENET1K_V1 EfficientNet weights
     7: "https://download.pytorch.org/models/efficientnet_b7_lukemelas-dcc49843.pth",
 }
 
+# What a run writes in its folder (--no-resume removes these, and nothing else)
+OUTPUTS = ("last.pt", "best.pt", "wa.pt", "weights/e*.pt", "preds/*.npy", "train_*.tsv", "label_enhancement.json",
+           "*.tmp", "weights/*.tmp", "preds/*.tmp")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,7 +154,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--label-enhance", type=str, default="none", choices=["none", "type1", "type2", "type12"],
                    help="add direct children (Type I), ancestors (Type II) or both, where the teacher scores "
                         "above the class threshold")
-    g.add_argument("--teacher", type=str, default=None, help="run folder of the teacher model (its wa.pt or last.pt)")
+    g.add_argument("--teacher", type=str, default=None,
+                   help="a finished psla.py run folder as teacher (its wa.pt, else last.pt). Default: train one, "
+                        "this recipe with the original labels, in a shared folder beside --out (deviation 10)")
     g = p.add_argument_group("optimisation (Sec. II-B); unset = the paper's values, scaled on the synthetic corpus")
     g.add_argument("--epochs", type=common.POSITIVE_INT, default=None, help="60 balanced / 30 full")
     g.add_argument("--batch-size", type=common.POSITIVE_INT, default=None, help="100")
@@ -152,16 +169,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=common.NONNEG, default=5e-7, help="Adam weight decay")
     g.add_argument("--betas", type=common.number(float, 0, 1, hi_open=True), nargs=2, default=(0.95, 0.999),
                    help="Adam betas")
+    g.add_argument("--save-every", type=common.POSITIVE_INT, default=1000,
+                   help="also write last.pt every this many steps within an epoch (resume point; results unchanged)")
     g = p.add_argument_group("aggregation (Sec. VI)")
     g.add_argument("--wa-start", type=common.POSITIVE_INT, default=None,
                    help="weight averaging from this epoch to the last (default: the first epoch at 1/4 LR)")
     g.add_argument("--last-n", type=common.POSITIVE_INT, default=None,
                    help="report the mean eval metrics of the last n epochs (5)")
     args = p.parse_args(argv)
-    if args.label_enhance != "none" and args.teacher is None:
-        p.error("--label-enhance needs --teacher RUN_DIR")
+    if args.teacher is not None and args.label_enhance == "none":
+        p.error("--teacher: only used with --label-enhance type1/type2/type12")
     if args.norm is not None and args.norm[1] <= 0:
         p.error(f"--norm: the std must be positive, got {args.norm[1]}")
+    if args.imagenet not in (None, "url") and not Path(args.imagenet).is_file():
+        p.error(f"--imagenet: {args.imagenet} is not a file (a torchvision state dict, or 'url')")
     return args
 
 
@@ -382,6 +403,8 @@ def build_model(config: dict) -> PSLANet:
     return PSLANet(**config)
 
 
+
+
 # =============================================================================================
 # Data: clips at their own length, waveform mix-up (Algorithm 1, lines 9-15), fbank statistics
 # =============================================================================================
@@ -408,11 +431,14 @@ def collate(batch):
 def clip_loader(dataset, batch_size: int, workers: int, **kw) -> torch.utils.data.DataLoader:
     """Every psla loader (training, valid/eval, teacher scores, fbank statistics): the same padding.
     Workers start from a fork server (Linux), not from this process (issue 12): the training loader
-    starts fresh workers every epoch (exact resume), and forked from a process whose heap holds GBs
-    of freed activations they share it copy-on-write, so the next steps copy every page they write
-    (1.2-1.7x a bare step over a 6-step epoch, README) and a fork can keep a stale copy of the heap
-    alive. Same seeds, same batches."""
-    return common.make_loader(dataset, batch_size, workers=workers, collate_fn=collate, context=worker_context(), **kw)
+    starts fresh workers every epoch, and forked from a process whose heap holds GBs of freed
+    activations they share it copy-on-write, so the next steps copy every page they write (1.2-1.7x a
+    bare step over a 6-step epoch, README) and a fork can keep a stale copy of the heap alive. Same
+    batches: the mix-up draws do not depend on the worker. Workers end with this process (worker_init)."""
+    loader = common.make_loader(dataset, batch_size, workers=workers, collate_fn=collate, context=worker_context(),
+                                **kw)
+    loader.worker_init_fn = partial(worker_init, os.getpid())
+    return loader
 
 
 def worker_context():
@@ -425,31 +451,66 @@ def worker_context():
     return ctx
 
 
+def worker_init(trainer: int, worker_id: int) -> None:
+    """A worker started from the fork server is the server's child, not the trainer's, so torch's own
+    check (is my parent alive?) never sees a killed trainer, and the server lives as long as any worker:
+    both outlived a SIGKILLed run by 26 minutes (issue 19). A thread ends the worker once the trainer is
+    gone (or a zombie); the server then exits too."""
+    common.seed_worker(worker_id)
+    if sys.platform.startswith("linux"):
+        threading.Thread(target=exit_without, args=(trainer,), daemon=True).start()
+
+
+def exit_without(pid: int) -> None:
+    stat = Path(f"/proc/{pid}/stat")
+    while True:
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):  # killed, not yet reaped
+                os._exit(0)
+        except OSError:  # gone
+            os._exit(0)
+        time.sleep(0.5)
+
+
 class MixupClips(torch.utils.data.Dataset):
     """Algorithm 1: with probability `rate`, mix clip i with a partner j drawn uniformly from the
     whole set (not from the balanced sampler), lam ~ Beta(alpha, alpha), on the waveform before the
-    fbank; labels are mixed with the same lam."""
+    fbank; labels are mixed with the same lam. Items are keyed (i, epoch, position in the epoch) and
+    the draws come from (seed, epoch, position): the same whatever the worker, --workers or a resume."""
 
-    def __init__(self, clips: Clips, rate: float, alpha: float):
-        self.clips, self.rate, self.alpha = clips, rate, alpha
+    def __init__(self, clips: Clips, rate: float, alpha: float, seed: int = 0):
+        self.clips, self.rate, self.alpha, self.seed = clips, rate, alpha, seed % 2**32
 
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: tuple[int, int, int]):
+        i, epoch, position = key
         item = self.clips[i]
-        if item is None or self.rate <= 0 or np.random.rand() >= self.rate:
+        rng = np.random.default_rng([self.seed, epoch, position])
+        if item is None or self.rate <= 0 or rng.random() >= self.rate:
             return item
-        partner = self.clips[np.random.randint(len(self.clips))]
+        partner = self.clips[int(rng.integers(len(self.clips)))]
         if partner is None:
             return item
-        lam = float(np.random.beta(self.alpha, self.alpha))
+        lam = float(rng.beta(self.alpha, self.alpha))
         # Clips of different lengths: the partner is cut or zero-padded to clip i's length, as in the
         # official dataloader, so the mix has clip i's length and real frames; a shorter partner is
         # silence inside the mix (its fbank is real audio), never padding that the model zeroes.
         n = len(item[0])
         other = F.pad(partner[0][:n], (0, max(0, n - len(partner[0]))))
         return lam * item[0] + (1 - lam) * other, lam * item[1] + (1 - lam) * partner[1], item[2]
+
+
+def epoch_items(args, targets: np.ndarray, epoch: int) -> list[tuple[int, int, int]]:
+    """This rank's share (common.shard) of one epoch as MixupClips keys (clip, epoch, position): Algorithm
+    1's weighted draw with replacement (--balanced-sampling) or a permutation, a function of (seed, epoch)."""
+    seed = args.seed % 2**32
+    if args.balanced_sampling:
+        order = common.WeightedSampler(common.generate_sampling_weights(targets), seed=seed).epoch_indices(epoch)
+    else:
+        order = np.random.default_rng([seed, epoch]).permutation(len(targets))
+    return [(int(order[p]), epoch, int(p)) for p in common.shard(np.arange(len(order)))]
 
 
 def fbank_statistics(corpus: common.Corpus, args, device: torch.device, max_clips: int = 500) -> tuple[float, float]:
@@ -466,6 +527,19 @@ def fbank_statistics(corpus: common.Corpus, args, device: torch.device, max_clip
     return mean, math.sqrt(s2 / n - mean ** 2)
 
 
+def model_config(args, corpus: common.Corpus, device) -> dict:
+    """The network's settings, saved in every checkpoint; the fbank mean/std as deviation 6 says."""
+    if args.norm:
+        norm = args.norm
+    elif len(corpus.labels) == 527:
+        norm = AUDIOSET_NORM
+    else:  # rank 0 computes, every rank uses its numbers
+        norm = common.from_rank0(fbank_statistics(corpus, args, device) if common.is_main() else None)
+    return dict(n_classes=len(corpus.labels), effnet=args.effnet, heads=args.heads, n_mels=args.n_mels,
+                target_length=args.target_length, norm=tuple(norm), freqm=args.freqm, timem=args.timem,
+                drop_connect=args.drop_connect)
+
+
 # =============================================================================================
 # Training and evaluation (Sec. II-B)
 # =============================================================================================
@@ -476,53 +550,134 @@ def learning_rate(args, epoch: int, step: int) -> float:
     return args.lr * 0.5 ** decays * min(1.0, (step + 1) / max(1, args.warmup_steps))
 
 
-def train_epoch(model, loader, optimizer, args, epoch: int, step: int, device, amp,
-                scaler=None) -> tuple[int, float, int, int]:
-    """One pass over the loader; returns (global step, mean loss, unreadable clips skipped, clips
-    shorter than --short-clip-seconds)."""
-    model.train()
-    losses, skipped, short, n = [], 0, 0, len(loader.sampler)
-    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not common.is_main())
-    for j, batch in enumerate(bar):
-        planned = min(loader.batch_size, n - j * loader.batch_size)
-        skipped += planned - (0 if batch is None else len(batch[2]))  # unreadable clips: skipped, counted
-        if batch is None:  # a whole batch of unreadable clips
-            continue
-        wave, target, n_samples = batch[0].to(device), batch[1].to(device), batch[3]
-        short += int(is_short(n_samples, args.short_clip_seconds, args.target_length).sum())
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(args, epoch, step)
-        with common.autocast(device, amp):
-            out = model(wave, n_samples)
-        # BCE on the clamped attention output: the head weights are unconstrained (official code)
-        loss = F.binary_cross_entropy(out.float().clamp(1e-7, 1 - 1e-7), target)
-        optimizer.zero_grad(set_to_none=True)
-        scaler = scaler or common.grad_scaler(device, amp)  # loss scaling for fp16 only
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        losses.append(loss.item())
-        step += 1
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        if args.max_steps and step >= args.max_steps:
-            break
-    return step, float(np.mean(losses)) if losses else float("nan"), skipped, short
+def train_step(net, optimizer, scaler, batch, lr: float, loss_sum: common.Mean, device, amp) -> None:
+    """One iteration: fbank -> masking -> EfficientNet -> attention pooling (all in `net`), BCE against the
+    (mixed-up) labels, Adam. No host sync: the loss is summed on the device, read at the epoch's end."""
+    wave, target, _, n_samples = common.to_device(batch, device)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with common.autocast(device, amp):
+        out = net(wave, n_samples)
+    # BCE on the clamped attention output: the head weights are unconstrained (official code)
+    loss = F.binary_cross_entropy(out.float().clamp(1e-7, 1 - 1e-7), target)
+    common.optimizer_step(loss, optimizer, scaler)
+    loss_sum.add(loss)
+
+
+def train(args, corpus: common.Corpus, rows: list, out: Path, device, amp) -> dict:
+    """Sec. II-B: Adam with warm-up and step decay, one evaluation per epoch (valid and eval splits; rank 0),
+    the weights of every epoch from --wa-start kept for weight averaging. last.pt, written at every epoch's
+    end and every --save-every steps, holds the data position (epoch, batches done) and every RNG state:
+    a run killed anywhere continues exactly. Returns the loop's state: history (one record per epoch), ..."""
+    common.seed_everything(args.seed)  # this stage starts the same whichever stages ran before it
+    t0, log, targets = time.time(), common.RunLogger(out), corpus.targets(rows)
+    config = model_config(args, corpus, device)
+    model = build_model(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                 weight_decay=args.weight_decay)
+    scaler = common.grad_scaler(device, amp)  # fp16 loss scaling (a no-op otherwise)
+    saved = common.load_state(out / "last.pt", model, optimizer, scaler)
+    if saved is None:
+        state = dict(epoch=1, offset=0, step=0, history=[], loss=(0.0, 0), skipped=0, short=0, minutes=0.0)
+        if args.imagenet:
+            load_imagenet(model, args.imagenet)  # Sec. III
+    else:
+        state = saved["loop"]
+        if state["offset"] == 0 and state["history"]:  # its log line, if a kill came between last.pt and it
+            log.log_once(state["history"][-1], ("epoch",))
+    if common.is_main():
+        print(f"{out}: EfficientNet-B{args.effnet} + {args.heads}-head attention, {len(corpus.labels)} classes, "
+              f"{count_parameters(model):,} parameters; fbank mean/std {config['norm'][0]:.4f}/"
+              f"{config['norm'][1]:.4f}; " + (f"resumed at epoch {state['epoch']}, step {state['step']}" if saved
+                                                else "from the start"))
+    net = common.compiled(common.wrap_ddp(model), args.compile)
+    train_set = MixupClips(Clips(corpus.root, rows, targets, args.target_length), args.mixup, args.mixup_alpha,
+                           args.seed)
+    evals = {split: (clip_loader(Clips(corpus.root, r, corpus.targets(r), args.target_length), 2 * args.batch_size,
+                                 args.workers), corpus.targets(r))
+             for split, r in (("eval", corpus.eval), ("valid", corpus.valid)) if r}
+    if common.is_main():
+        (out / "preds").mkdir(parents=True, exist_ok=True)
+        save_scores(out / "preds" / "eval_targets.npy", evals["eval"][1])
+    loss = common.Mean(device)
+    loss.sum += state["loss"][0]  # the epoch's loss so far (a resume mid-epoch)
+    loss.n = state["loss"][1]
+    minutes = lambda: state["minutes"] + (time.time() - t0) / 60  # with the earlier attempts
+
+    def checkpoint():  # one atomic file: model, optimizer, scaler, every RNG state, the loop's state
+        loop = state | {"loss": (float(loss.sum), loss.n), "minutes": minutes()}
+        common.save_state(out / "last.pt", model, optimizer, scaler, script="psla", config=config, loop=loop)
+
+    stop = lambda: args.max_steps is not None and state["step"] >= args.max_steps
+    while state["epoch"] <= args.epochs and not stop():
+        epoch = state["epoch"]
+        items = epoch_items(args, targets, epoch)[state["offset"] * args.batch_size:]  # resume mid-epoch
+        model.train()
+        loader = clip_loader(train_set, args.batch_size, args.workers, sampler=items, persistent=False)
+        for j, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False,
+                                       disable=not common.is_main())):
+            planned = len(items[j * args.batch_size:(j + 1) * args.batch_size])
+            state["skipped"] += planned - (0 if batch is None else len(batch[2]))  # unreadable: skipped, counted
+            if batch is not None:  # None: every clip of the batch was unreadable
+                state["short"] += int(is_short(batch[3], args.short_clip_seconds, args.target_length).sum())
+                train_step(net, optimizer, scaler, batch, learning_rate(args, epoch, state["step"]), loss, device, amp)
+            state["step"] += 1
+            state["offset"] += 1
+            if stop():
+                break
+            if state["step"] % args.save_every == 0 and j + 1 < len(loader):  # (the epoch's end saves anyway)
+                checkpoint()
+        # ---- the epoch's end: rank 0 evaluates; the weights WA needs; best.pt; last.pt, then the log line
+        record = {"epoch": epoch, "step": state["step"], "lr": learning_rate(args, epoch, state["step"]),
+                  "train/loss": loss.read(), "train/skipped": common.all_sum(state["skipped"]),
+                  "train/short": common.all_sum(state["short"])}
+        record |= common.from_rank0(evaluate(model, evals, epoch, out, args, device, amp) if common.is_main() else None)
+        state["history"].append(record)
+        if epoch >= args.wa_start:  # Sec. VI-A
+            common.save_checkpoint(out / "weights" / f"e{epoch:03d}.pt", {"model": model.state_dict()})
+        if selected(state["history"]) is record:
+            common.save_checkpoint(out / "best.pt", {"script": "psla", "model": model.state_dict(), "config": config,
+                                                     "epoch": epoch})
+        state.update(epoch=epoch + 1, offset=0, skipped=0, short=0)
+        checkpoint()
+        log.log(record)  # after last.pt: a kill in between loses this line, never doubles it
+    return state | {"config": config, "minutes": minutes(), "parameters": count_parameters(model)}
 
 
 @torch.no_grad()
-def predict(model, loader, n: int, n_classes: int, device, amp) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scores (N, K) in dataset order, batched, from a `clip_loader` (the training padding); a mask of
-    the clips that could be read; each clip's length in samples as read (0 if unreadable)."""
+def predict(model, loader, n: int, n_classes: int, device, amp) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N, K), float32, in dataset order from a `clip_loader` (the training padding), NaN rows for
+    the clips that could not be read (common.readable_scores excludes and counts them), and each clip's
+    length in samples as read (0 if unreadable)."""
     model.eval()
-    scores, ok, lengths = np.zeros((n, n_classes), dtype=np.float32), np.zeros(n, dtype=bool), np.zeros(n, np.int64)
+    scores, lengths = np.full((n, n_classes), np.nan, dtype=np.float32), np.zeros(n, np.int64)
     for batch in tqdm(loader, desc="predict", leave=False, disable=not common.is_main()):
         if batch is None:
             continue
         wave, _, idx, n_samples = batch
         with common.autocast(device, amp):
-            out = model(wave.to(device), n_samples)
-        scores[idx.numpy()], ok[idx.numpy()], lengths[idx.numpy()] = out.float().cpu().numpy(), True, n_samples.numpy()
-    return scores, ok, lengths
+            out = model(common.to_device((wave,), device)[0], n_samples)
+        scores[idx.numpy()], lengths[idx.numpy()] = out.float().cpu().numpy(), n_samples.numpy()
+    return scores, lengths
+
+
+def evaluate(model, evals: dict, epoch: int, out: Path, args, device, amp) -> dict:
+    """mAP, mAUC, d' and the skipped and short clips of each split after an epoch; the eval scores are
+    kept for the ensembles (Sec. VI-B)."""
+    record = {}
+    for split, (loader, targets) in evals.items():
+        scores, lengths = predict(model, loader, *targets.shape, device, amp)
+        m = metrics(targets, scores)
+        record |= {f"{split}/{k}": m[k] for k in ("mAP", "mAUC", "dprime", "skipped")}
+        record[f"{split}/short"] = short_clips(scores, lengths, args)
+        if split == "eval":
+            save_scores(out / "preds" / f"eval_e{epoch:03d}.npy", scores)
+    return record
+
+
+def selected(history: list[dict]) -> dict:
+    """The valid-selected epoch (the lowest training loss without a valid split); never the eval set."""
+    return max(history, key=lambda r: r["valid/mAP"] if "valid/mAP" in r else -r["train/loss"])
 
 
 def is_short(n_samples, seconds: float, target_length: int):
@@ -532,14 +687,54 @@ def is_short(n_samples, seconds: float, target_length: int):
     return n_samples < min(seconds * common.SR, clip_samples(target_length))
 
 
-def short_clips(ok: np.ndarray, lengths: np.ndarray, args, target_length: int | None = None) -> int:
-    """Readable clips shorter than --short-clip-seconds."""
+def short_clips(scores: np.ndarray, lengths: np.ndarray, args, target_length: int | None = None) -> int:
+    """Readable clips (no NaN score) shorter than --short-clip-seconds."""
+    ok = ~np.isnan(scores).any(1)
     return int((ok & is_short(lengths, args.short_clip_seconds, target_length or args.target_length)).sum())
 
 
-def metrics(targets: np.ndarray, scores: np.ndarray, ok: np.ndarray | None = None) -> dict:
-    ok = np.ones(len(targets), bool) if ok is None else ok
-    return common.tagging_metrics(targets[ok], scores[ok])
+def metrics(targets: np.ndarray, scores: np.ndarray) -> dict:
+    """mAP, mAUC, d', per-class AP over the readable clips; n scored and skipped (NaN rows)."""
+    return common.readable_scores(targets, scores)
+
+
+def save_scores(path: Path, scores: np.ndarray) -> None:
+    """An atomic .npy (temp file + rename): a kill never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, scores)
+    os.replace(tmp, path)
+
+
+def bench_step(device, amp: str = "auto", batch_size: int = 8) -> dict:
+    """For data/bench.py: `step` = one real training step (train_step: fbank, masking, drop-connect, BCE,
+    Adam) of the paper's network (B2, 4 heads, 527 classes) on a fixed batch of 10 s clips (1,056
+    frames); `bare` = forward, backward and Adam of the same network on the batch's fbanks, computed once.
+    Mix-up happens in the loader's workers, outside both."""
+    device = torch.device(device)
+    dtype = common.amp_dtype(device, amp)
+    g, n = torch.Generator().manual_seed(0), clip_samples(1056)
+    batch = (torch.randn(batch_size, n, generator=g), (torch.rand(batch_size, 527, generator=g) < 0.02).float(),
+             torch.arange(batch_size), torch.full((batch_size,), n))
+    batch = tuple(t.pin_memory() for t in batch) if device.type == "cuda" else batch
+    model = PSLANet(527).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler, loss = common.grad_scaler(device, dtype), common.Mean(device)
+    with torch.no_grad():
+        fbank = model.spectrogram(batch[0].to(device)).transpose(1, 2).unsqueeze(1)  # (B, 1, F, T)
+        fbank = fbank.contiguous(memory_format=torch.channels_last)
+    target = batch[1].to(device)
+
+    def step():
+        model.train()
+        train_step(model, optimizer, scaler, batch, 1e-4, loss, device, dtype)
+
+    def bare():
+        model.train()
+        with common.autocast(device, dtype):
+            out = model.attention(model.effnet(fbank).mean(2))
+        common.optimizer_step(F.binary_cross_entropy(out.float().clamp(1e-7, 1 - 1e-7), target), optimizer, scaler)
+    return {"step": step, "bare": bare, "clips": batch_size}
 
 
 # =============================================================================================
@@ -579,62 +774,120 @@ def enhance_labels(scores: np.ndarray, targets: np.ndarray, labels: common.Label
     added = candidates & ~pos & (scores > thresholds) & ok[:, None]  # nan thresholds compare False
     return (pos | added).astype(np.float32), thresholds
 
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(network settings, weights) of a psla.py checkpoint (wa.pt, best.pt, last.pt); one line otherwise."""
+    try:
+        ck = common.load_checkpoint(path)
+    except Exception:  # random bytes, a truncated file, an unpicklable object
+        raise common.DataError(f"{path}: not a readable checkpoint") from None
+    meta = ck.get("state", ck) if isinstance(ck, dict) else None
+    script = meta.get("script") if isinstance(meta, dict) else None
+    if script != "psla" or "model" not in ck:
+        raise common.DataError(f"{path}: not a psla.py checkpoint" + (f" (a {script}.py one)" if script else ""))
+    return meta["config"], ck["model"]
 
-def teacher_checkpoint(args) -> tuple[Path, dict]:
-    """The teacher run's wa.pt (else last.pt), checked to be a psla.py checkpoint."""
-    ckpt = next((Path(args.teacher) / f for f in ("wa.pt", "last.pt") if (Path(args.teacher) / f).exists()), None)
-    if ckpt is None:
-        raise common.DataError(f"--teacher {args.teacher}: no wa.pt or last.pt (not a psla.py run, or unfinished)")
-    saved = common.load_checkpoint(ckpt)
-    if not isinstance(saved, dict) or "config" not in saved or "model" not in saved:
-        raise common.DataError(f"--teacher {args.teacher}: {ckpt.name} is not a psla.py checkpoint"
-                               + (" (a psl.py one)" if isinstance(saved, dict) and "state" in saved else ""))
-    return ckpt, saved
+
+def teacher_file(run: Path) -> Path:
+    """A teacher run's WA model, else its last checkpoint."""
+    for name in ("wa.pt", "last.pt"):
+        if (run / name).exists():
+            return run / name
+    raise common.DataError(f"--teacher {run}: no wa.pt or last.pt (not a psla.py run, or unfinished)")
 
 
-def label_enhancement(args, corpus: common.Corpus, out: Path, device, amp) -> list:
-    """Sec. V: score the training clips with the teacher, enhance their labels (Types I, II and
-    both, for Table VIII), write the chosen set as a manifest and return its rows."""
+def teacher_args(args) -> argparse.Namespace:
+    """The teacher's recipe (Sec. V, deviation 10): this run's, with the original labels."""
+    return argparse.Namespace(**(vars(args) | {"label_enhance": "none", "teacher": None}))
+
+
+def teacher_identity(args, corpus: common.Corpus) -> dict | None:
+    """What the teacher is, for the run's identity, checked before any work: a given run (its folder and
+    identity, or its checkpoint's size and time), or the settings and input files of the teacher stage."""
+    if args.label_enhance == "none":
+        return None
+    if args.teacher is None:
+        files = sorted(p for p in corpus.root.iterdir() if p.suffix in (".tsv", ".csv", ".json"))
+        return run_identity(teacher_args(args), corpus) | {
+            "inputs": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    run = Path(args.teacher)
+    ckpt = teacher_file(run)
+    read_checkpoint(ckpt)  # another script's checkpoint: one line, before anything is written
+    cfg = run / "config.json"
+    ident = common.read_json(cfg, "config.json").get("identity_hash") if cfg.exists() else None
+    return {"run": str(run.resolve()), "identity": ident or [ckpt.name, ckpt.stat().st_size, ckpt.stat().st_mtime_ns]}
+
+
+def teacher(args, corpus: common.Corpus, key: dict, device, amp) -> Path:
+    """Sec. V, step 1: the teacher's checkpoint. A given --teacher run's, or this recipe trained on the
+    original labels (train -> WA) in a shared stage folder beside the run, named by its settings and
+    input files: runs that need the same teacher share it (the second waits for the first)."""
+    if args.teacher:
+        return teacher_file(Path(args.teacher))
+    recipe = teacher_args(args)
+    folder = common.stage_dir(Path(args.out).parent, "teacher", key)
+    with common.RunLock(folder, wait=True):
+        trained = train(recipe, corpus, corpus.train, folder, device, amp)
+        weight_averaging(recipe, corpus, folder, trained, device, amp)
+    return teacher_file(folder)
+
+
+def label_enhancement(args, corpus: common.Corpus, teacher_ckpt: Path, out: Path, device, amp) -> list:
+    """Sec. V, Algorithm 2: score the training clips with the teacher, add the labels it supports (Types
+    I, II and both, for Table VIII's statistics), write the chosen set as out/train_<type>.tsv (last: the
+    stage is done when it exists) and return its rows. Rank 0 scores; the others read the manifest."""
     path = out / f"train_{args.label_enhance}.tsv"
-    if path.exists() and args.resume:
-        return common.read_manifest(path)
-    ckpt, saved = teacher_checkpoint(args)
-    teacher = build_model(saved["config"]).to(device)
-    teacher.load_state_dict(saved["model"])
-    targets = corpus.targets(corpus.train)
-    ds = Clips(corpus.root, corpus.train, targets, saved["config"]["target_length"])
-    scores, ok, lengths = predict(teacher, clip_loader(ds, 2 * args.batch_size, args.workers),
-                                  len(ds), len(corpus.labels), device, amp)
-    # the truth files (*_true.tsv), synthetic or not, tell whether the added labels were right
-    true = corpus.true_targets(corpus.train) if all(fn in corpus.true for fn, _ in corpus.train) else None
-    stats = {}
-    for kind in ("type1", "type2", "type12"):  # Table VIII columns
-        enhanced, _ = enhance_labels(scores, targets, corpus.labels, corpus.ontology, kind, ok)
-        added = (enhanced > 0) & (targets == 0)
-        s = {"impacted_classes": int(added.any(0).sum()), "labels_added": int(added.sum()),
-             "labels_added_pct": 100.0 * added.sum() / targets.sum()}
-        if true is not None:  # the synthetic corpus knows the truth: were the added labels right?
-            missing = (true > 0) & (targets == 0)
-            s["precision"] = float((added & (true > 0)).sum() / max(1, added.sum()))
-            s["recall_of_missing"] = float((added & missing).sum() / max(1, missing.sum()))
-        stats[kind] = s
-        if kind == args.label_enhance:
-            rows = [(fn, [corpus.labels.mids[j] for j in np.flatnonzero(e)])
-                    for (fn, _), e in zip(corpus.train, enhanced)]
-    print(f"label enhancement with teacher {ckpt} (Table VIII):")
-    for kind, s in stats.items():
-        print(f"  {kind:7s} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
-    short = short_clips(ok, lengths, args, saved["config"]["target_length"])
-    common.write_json(out / "label_enhancement.json", {"teacher": str(ckpt), "chosen": args.label_enhance,
-                                                        "skipped_clips": int((~ok).sum()), "short_clips": short,
-                                                        **stats})
-    common.write_manifest(path, rows)
-    return rows
+    if common.is_main() and not path.exists():
+        config, weights = read_checkpoint(teacher_ckpt)
+        model = build_model(config).to(device)
+        model.load_state_dict(weights)
+        targets = corpus.targets(corpus.train)
+        ds = Clips(corpus.root, corpus.train, targets, config["target_length"])
+        scores, lengths = predict(model, clip_loader(ds, 2 * args.batch_size, args.workers), *targets.shape, device,
+                                  amp)
+        ok = ~np.isnan(scores).any(1)
+        # the truth files (*_true.tsv), synthetic or not, tell whether the added labels were right
+        true = corpus.true_targets(corpus.train) if all(fn in corpus.true for fn, _ in corpus.train) else None
+        stats = {}
+        for kind in ("type1", "type2", "type12"):  # Table VIII columns
+            enhanced, _ = enhance_labels(scores, targets, corpus.labels, corpus.ontology, kind, ok)
+            added = (enhanced > 0) & (targets == 0)
+            s = stats[kind] = {"impacted_classes": int(added.any(0).sum()), "labels_added": int(added.sum()),
+                               "labels_added_pct": 100.0 * added.sum() / targets.sum()}
+            if true is not None:  # were the added labels right?
+                missing = (true > 0) & (targets == 0)
+                s["precision"] = float((added & (true > 0)).sum() / max(1, added.sum()))
+                s["recall_of_missing"] = float((added & missing).sum() / max(1, missing.sum()))
+            if kind == args.label_enhance:
+                rows = [(fn, [corpus.labels.mids[j] for j in np.flatnonzero(e)])
+                        for (fn, _), e in zip(corpus.train, enhanced)]
+        common.write_json(out / "label_enhancement.json", {
+            "teacher": str(teacher_ckpt), "chosen": args.label_enhance, "skipped_clips": int((~ok).sum()),
+            "short_clips": short_clips(scores, lengths, args, config["target_length"]), **stats})
+        common.write_manifest(out / f"{path.name}.tmp", rows)
+        os.replace(out / f"{path.name}.tmp", path)
+        print(f"label enhancement ({args.label_enhance}) with teacher {teacher_ckpt}: "
+              f"{stats[args.label_enhance]['labels_added']} labels added")
+    common.barrier()  # rank 0 wrote the manifest; every rank reads it next
+    return common.read_manifest(path)
 
 
-def weight_average(out: Path, epochs: range) -> dict:
-    """Sec. VI-A: the plain mean of the weights (and BN statistics) of the given epochs, each once."""
-    return common.average_state_dicts([out / "weights" / f"e{e:03d}.pt" for e in epochs])
+def weight_averaging(args, corpus: common.Corpus, out: Path, trained: dict, device, amp) -> dict | None:
+    """Sec. VI-A: the plain mean of the weights (and BN statistics) of every epoch from --wa-start (the
+    first at 1/4 of the LR) to the last, each once, saved as wa.pt and scored on the eval set (rank 0);
+    None when training stopped before --wa-start."""
+    epochs = range(args.wa_start, trained["history"][-1]["epoch"] + 1)
+    result, preds = None, out / "preds" / "eval_wa.npy"
+    if common.is_main() and len(epochs):
+        if not preds.exists():  # written last: a resumed run that has it skips the work
+            model = build_model(trained["config"]).to(device)
+            model.load_state_dict(common.average_state_dicts([out / "weights" / f"e{e:03d}.pt" for e in epochs]))
+            common.save_checkpoint(out / "wa.pt", {"script": "psla", "model": model.state_dict(),
+                                                   "config": trained["config"], "epochs": list(epochs)})
+            ds = Clips(corpus.root, corpus.eval, corpus.targets(corpus.eval), args.target_length)
+            loader = clip_loader(ds, 2 * args.batch_size, args.workers)
+            save_scores(preds, predict(model, loader, len(ds), len(corpus.labels), device, amp)[0])
+        result = metrics(corpus.targets(corpus.eval), np.load(preds)) | {"epochs": [epochs.start, epochs.stop - 1]}
+    return common.from_rank0(result)
 
 
 def ensemble(preds: list[np.ndarray], targets: np.ndarray) -> dict:
@@ -642,13 +895,21 @@ def ensemble(preds: list[np.ndarray], targets: np.ndarray) -> dict:
     maps = [metrics(targets, p)["mAP"] for p in preds]
     m = metrics(targets, common.ensemble_predictions(preds))
     return {"models": len(preds), "avg_mAP": float(np.mean(maps)), "best_mAP": float(np.max(maps)),
-            "ensemble_mAP": m["mAP"], "ensemble_mAUC": m["mAUC"], "ensemble_dprime": m["dprime"]}
+            "ensemble_mAP": m["mAP"], "ensemble_mAUC": m["mAUC"], "ensemble_dprime": m["dprime"], "n": m["n"],
+            "skipped": m["skipped"]}
+
+
+def ensembles(out: Path, history: list[dict]) -> dict:
+    """Sec. VI-B1, Table X (upper part): the committee of every epoch's checkpoint, from their eval scores.
+    (Committees of several runs: `python psla.py ensemble RUN ...`.)"""
+    return ensemble([np.load(out / "preds" / f"eval_e{r['epoch']:03d}.npy") for r in history],
+                    np.load(out / "preds" / "eval_targets.npy"))
 
 
 def ensemble_main(argv: list[str]) -> dict:
-    """`python psla.py ensemble RUN [RUN ...]`: committees from runs' saved eval predictions."""
+    """`python psla.py ensemble RUN [RUN ...]`: committees from finished runs' saved eval predictions."""
     p = argparse.ArgumentParser(prog="psla.py ensemble", description="Table X: ensembles of saved predictions")
-    p.add_argument("runs", nargs="+", help="run folders (each has preds/)")
+    p.add_argument("runs", nargs="+", help="finished psla.py run folders (each has preds/)")
     p.add_argument("--which", default="last", choices=["last", "wa", "best", "epochs"],
                    help="per run: the last epoch (Sec. VI-B2), the WA model, the valid-selected epoch, "
                         "or every epoch's checkpoint (VI-B1)")
@@ -658,64 +919,31 @@ def ensemble_main(argv: list[str]) -> dict:
     for run in map(Path, a.runs):
         if not (run / "preds" / "eval_targets.npy").exists() or not (run / "results.json").exists():
             raise common.DataError(f"{run}: not a finished psla.py run (no results.json and preds/)")
-        res = json.loads((run / "results.json").read_text())
+        res = common.read_json(run / "results.json", "results.json")
         t = np.load(run / "preds" / "eval_targets.npy")
         if targets is not None and t.shape != targets.shape:
             raise common.DataError(f"{run}: evaluated on a different eval set than {a.runs[0]}")
         targets = t
         names = {"last": [f"eval_e{res['epochs']:03d}"], "wa": ["eval_wa"], "best": [f"eval_e{res['best_epoch']:03d}"],
                  "epochs": [f"eval_e{e:03d}" for e in range(1, res["epochs"] + 1)]}[a.which]
-        preds += [np.load(run / "preds" / f"{n}.npy") for n in names]
-    row = ensemble(preds, targets)
+        for name in names:
+            if not (run / "preds" / f"{name}.npy").exists():
+                raise common.DataError(f"{run}: no preds/{name}.npy (--which {a.which}: e.g. no weight averaging)")
+            preds.append(np.load(run / "preds" / f"{name}.npy"))
     out = Path(a.out or f"runs/psla/ensemble_{a.which}")
-    out.mkdir(parents=True, exist_ok=True)
-    md = common.markdown_table(["committee", "# models", "avg mAP", "best mAP", "ensemble mAP", "mAUC", "d'"],
-                               [[f"{a.which} of {len(a.runs)} run(s)", row["models"], row["avg_mAP"], row["best_mAP"],
-                                 row["ensemble_mAP"], row["ensemble_mAUC"], row["ensemble_dprime"]]])
-    common.write_results(out, {"runs": a.runs, "which": a.which, **row}, "# PSLA ensemble (Table X)\n\n" + md)
-    print(md)
-    return row
+    ident = {"runs": [str(Path(r).resolve()) for r in a.runs], "which": a.which}
+    with common.claim_run(out, "psla-ensemble", ident, resume=False):  # recomputed every time (seconds)
+        row = ensemble(preds, targets)
+        md = common.markdown_table(["committee", "# models", "avg mAP", "best mAP", "ensemble mAP", "mAUC", "d'"],
+                                   [[f"{a.which} of {len(a.runs)} run(s)", row["models"], row["avg_mAP"],
+                                     row["best_mAP"], row["ensemble_mAP"], row["ensemble_mAUC"],
+                                     row["ensemble_dprime"]]])
+        return common.report(out, {"runs": a.runs, "which": a.which, **row}, "# PSLA ensemble (Table X)\n\n" + md)
 
 
-def seeds_main(argv: list[str]) -> dict:
-    """`python psla.py seeds --row NAME RUN [RUN ...] ...`: a direction-run table, one row per setting,
-    mean +- sample std over its runs (seeds) of the single model, the WA model and the valid-selected
-    epoch, the paired gain of WA over the single model, and the committee of the runs' last epochs."""
-    p = argparse.ArgumentParser(prog="psla.py seeds", description="mean +- std over seeds, one row per setting")
-    p.add_argument("--row", nargs="+", action="append", required=True, metavar=("NAME", "RUN"),
-                   help="a row name followed by its run folders (one per seed)")
-    p.add_argument("--out", default="runs/psla/seeds", help="folder for results.json/.md")
-    a = p.parse_args(argv)
-    ms = common.mean_std
-    table, out_rows = {}, []
-    for name, *runs in a.row:
-        if not runs:
-            raise common.DataError(f"--row {name}: no run folders")
-        res = []
-        for run in map(Path, runs):
-            if not (run / "results.json").exists():
-                raise common.DataError(f"{run}: not a finished psla.py run (no results.json)")
-            res.append(json.loads((run / "results.json").read_text()))
-        single = [r["last_n"]["mAP"] for r in res]
-        wa = [r["wa"]["mAP"] for r in res if "wa" in r]
-        best = [r["best"]["mAP"] for r in res]
-        valid_epoch = [r["best_epoch"] for r in res]
-        committee = ensemble([np.load(Path(run) / "preds" / f"eval_e{r['epochs']:03d}.npy") for run, r in zip(runs, res)],
-                             np.load(Path(runs[0]) / "preds" / "eval_targets.npy"))
-        table[name] = {"runs": runs, "single_mAP": single, "wa_mAP": wa, "best_mAP": best, "best_epoch": valid_epoch,
-                       "wa_minus_single": [w - s for w, s in zip(wa, single)] if len(wa) == len(single) else [],
-                       "seed_ensemble": committee}
-        t = table[name]
-        out_rows.append([name, len(runs), ms(single), ms(wa) if wa else "-", ms(t["wa_minus_single"]) if t["wa_minus_single"]
-                         else "-", ms(best), " ".join(map(str, valid_epoch)), f"{committee['ensemble_mAP']:.4f}"])
-    md = common.markdown_table(["setting", "seeds", "single model mAP", "WA mAP", "WA - single (paired)",
-                                "valid-selected mAP", "best epochs", "ensemble of the seeds"], out_rows)
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    common.write_results(Path(a.out), table, "# PSLA direction run: mean +- std over seeds (eval mAP)\n\n" + md)
-    print(md)
-    return table
-
-
+# =============================================================================================
+# Report: results.json / results.md
+# =============================================================================================
 def paper_row(args) -> tuple[str, str]:
     """The paper's row with the same techniques as this run (masking/mix-up by their flags)."""
     key = (bool(args.imagenet), True if args.balanced_sampling and args.data != "balanced" else None,
@@ -725,196 +953,86 @@ def paper_row(args) -> tuple[str, str]:
     return name, "-" if value is None else f"{value:.4f}"
 
 
-# =============================================================================================
-# main: [label enhancement] -> train (per-epoch valid/eval) -> weight averaging -> results
-# =============================================================================================
-def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["ensemble"]:
-        return ensemble_main(argv[1:])
-    if argv[:1] == ["seeds"]:
-        return seeds_main(argv[1:])
-    args = parse_args(argv)
-    common.seed_everything(args.seed)
-    corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
-    resolve_schedule(args, corpus.synthetic, corpus.root)
-    settings = run_identity(args, corpus)
-    if args.teacher:
-        teacher_checkpoint(args)  # a bad --teacher fails before anything is written
-    with common.RunLock(args.out):  # a second run on this folder is refused while this one runs
-        common.claim_run_folder(args.out, settings, args.resume)
-        return train_and_evaluate(args, corpus, settings)
-
-
-def run_identity(args, corpus: common.Corpus) -> dict:
-    """Every result-affecting setting of this run, the corpus as a resolved path, and the teacher
-    (its own identity, or its checkpoint file's size and time) for label enhancement."""
-    settings = common.run_settings(args) | {"data_root": str(corpus.root.resolve())}
-    if args.teacher:
-        t = Path(args.teacher)
-        cfg = t / "config.json"
-        settings["teacher"] = str(t.resolve())
-        settings["teacher_identity"] = (json.loads(cfg.read_text()).get("identity_hash") if cfg.exists() else None) \
-            or [(f, (t / f).stat().st_size, (t / f).stat().st_mtime_ns) for f in ("wa.pt", "last.pt")
-                if (t / f).exists()]
-    return settings
-
-
-def train_and_evaluate(args, corpus: common.Corpus, settings: dict) -> dict:
-    device = common.pick_device(args.device)
-    amp = common.amp_dtype(device, args.amp)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "preds").mkdir(exist_ok=True)
-    log = common.RunLogger(out)
-    t0 = time.time()
-
-    # ---- training labels: original, or enhanced by a teacher (Sec. V)
-    train_rows = corpus.train if args.label_enhance == "none" else label_enhancement(args, corpus, out, device, amp)
-    train_targets = corpus.targets(train_rows)
-
-    # ---- model (Sec. II-C) with fbank statistics (deviation 6) and optional ImageNet init (Sec. III)
-    last = out / "last.pt"
-    state = common.load_checkpoint(last) if args.resume and last.exists() else None
-    if state is not None:
-        config = state["config"]
-    else:
-        norm = args.norm or (AUDIOSET_NORM if len(corpus.labels) == 527 else fbank_statistics(corpus, args, device))
-        config = dict(n_classes=len(corpus.labels), effnet=args.effnet, heads=args.heads, n_mels=args.n_mels,
-                      target_length=args.target_length, norm=tuple(norm), freqm=args.freqm, timem=args.timem,
-                      drop_connect=args.drop_connect)
-    args.norm = list(config["norm"])
-    common.save_config(out, args, settings)
-    model = build_model(config).to(device)
-    if state is None and args.imagenet:
-        load_imagenet(model, args.imagenet)
-    print(f"EfficientNet-B{args.effnet} + {args.heads}-head attention, {len(corpus.labels)} classes: "
-          f"{count_parameters(model):,} parameters; fbank mean/std {config['norm'][0]:.4f}/{config['norm'][1]:.4f}")
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas),
-                                 weight_decay=args.weight_decay)
-    scaler = common.grad_scaler(device, amp)  # fp16 loss scaling (a no-op otherwise)
-
-    # ---- data: Algorithm 1 (balanced sampling, mix-up) + valid/eval loaders
-    clips = Clips(corpus.root, train_rows, train_targets, args.target_length)
-    train_set = MixupClips(clips, args.mixup, args.mixup_alpha)
-    sampler = common.WeightedSampler(common.generate_sampling_weights(train_targets), seed=args.seed) \
-        if args.balanced_sampling else None
-    train_loader = clip_loader(train_set, args.batch_size, args.workers, sampler=sampler, shuffle=sampler is None,
-                               seed=args.seed, persistent=False)
-    splits = {"eval": corpus.eval} | ({"valid": corpus.valid} if corpus.valid else {})
-    eval_sets = {k: (clip_loader(Clips(corpus.root, rows, corpus.targets(rows), args.target_length),
-                                 2 * args.batch_size, args.workers), corpus.targets(rows))
-                 for k, rows in splits.items()}
-    np.save(out / "preds" / "eval_targets.npy", eval_sets["eval"][1])
-
-    # ---- training (Sec. II-B), resumable per epoch
-    epoch0, step, history, minutes0 = 0, 0, [], 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        epoch0, step, history = state["epoch"], state["step"], state["history"]
-        minutes0 = state.get("minutes", 0.0)  # time of the earlier attempts
-        common.set_rng_state(state.get("rng"))  # masking, mix-up, drop-connect continue exactly
-        if history:  # the line of this checkpoint, if a kill came between last.pt and the log
-            log.log_once(history[-1], ("epoch",))
-        print(f"resumed from {last} at epoch {epoch0}")
-    for epoch in range(epoch0 + 1, args.epochs + 1):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        train_loader.generator.manual_seed(args.seed * 100_003 + epoch)  # the epoch's order, resume-safe
-        lr = learning_rate(args, epoch, step)
-        step, loss, skipped, short = train_epoch(model, train_loader, optimizer, args, epoch, step, device, amp, scaler)
-        record = {"epoch": epoch, "step": step, "lr": lr, "train/loss": loss, "train/skipped": skipped,
-                  "train/short": short}
-        for split, (loader, targets) in eval_sets.items():
-            scores, ok, lengths = predict(model, loader, len(targets), len(corpus.labels), device, amp)
-            m = metrics(targets, scores, ok)
-            record |= {f"{split}/mAP": m["mAP"], f"{split}/mAUC": m["mAUC"], f"{split}/dprime": m["dprime"],
-                       f"{split}/skipped": int((~ok).sum()), f"{split}/short": short_clips(ok, lengths, args)}
-            if split == "eval":
-                np.save(out / "preds" / f"eval_e{epoch:03d}.npy", scores)
-        history.append(record)
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "step": step,
-                "history": history, "config": config, "args": vars(args)}
-        if epoch >= args.wa_start:
-            common.save_checkpoint(out / "weights" / f"e{epoch:03d}.pt", {"model": model.state_dict()})
-        select = "valid/mAP" if "valid" in eval_sets else "train/loss"  # never the eval set
-        best = max(history, key=lambda r: r[select] if select != "train/loss" else -r[select])
-        if best["epoch"] == epoch:
-            common.save_checkpoint(out / "best.pt", {**ckpt, "optimizer": None})
-        common.save_checkpoint(last, {**ckpt, "rng": common.rng_state(), "minutes": minutes0 + (time.time() - t0) / 60})
-        log.log(record)  # after last.pt: a kill in between loses this line, never doubles it
-        if args.max_steps and step >= args.max_steps:
-            break
-    epochs_done = history[-1]["epoch"]
-
-    # ---- weight averaging (Sec. VI-A): every epoch from the one where the LR fell to 1/4
-    wa_epochs = range(args.wa_start, epochs_done + 1)
-    results = {}
-    if len(wa_epochs) and all((out / "weights" / f"e{e:03d}.pt").exists() for e in wa_epochs):
-        model.load_state_dict(weight_average(out, wa_epochs))
-        common.save_checkpoint(out / "wa.pt", {"model": model.state_dict(), "config": config, "args": vars(args),
-                                               "epochs": list(wa_epochs)})
-        loader, targets = eval_sets["eval"]
-        scores, ok, _ = predict(model, loader, len(targets), len(corpus.labels), device, amp)
-        np.save(out / "preds" / "eval_wa.npy", scores)
-        results["wa"] = metrics(targets, scores, ok) | {"epochs": [wa_epochs.start, wa_epochs.stop - 1]}
-
-    # ---- results: mean of the last n epochs (the paper's single model), valid-selected epoch, WA,
-    #      checkpoint ensemble of every epoch (Table X, upper part)
-    targets = eval_sets["eval"][1]
-    lastn = history[-args.last_n:]
-    results["last_n"] = {k: float(np.mean([r[f"eval/{k}"] for r in lastn])) for k in ("mAP", "mAUC", "dprime")}
-    results["last_n"]["mAP_std"] = float(np.std([r["eval/mAP"] for r in lastn]))
-    best = max(history, key=lambda r: r.get("valid/mAP", -r["train/loss"]))
-    preds = [np.load(out / "preds" / f"eval_e{r['epoch']:03d}.npy") for r in history]
-    results["best"] = {"epoch": best["epoch"], **{k: best[f"eval/{k}"] for k in ("mAP", "mAUC", "dprime")}}
-    results["checkpoint_ensemble"] = ensemble(preds, targets)
-    results["last_AP"] = metrics(targets, preds[-1])["AP"]
-    results |= {"epochs": epochs_done, "best_epoch": best["epoch"], "steps": step,
-                "parameters": count_parameters(model),
-                "classes": corpus.labels.names, "minutes": minutes0 + (time.time() - t0) / 60, "config": vars(args),
-                "skipped_clips": {k.split("/")[0]: v for k, v in history[-1].items() if k.endswith("/skipped")},
-                "short_clips": {k.split("/")[0]: v for k, v in history[-1].items() if k.endswith("/short")},
-                "short_clip_seconds": args.short_clip_seconds}
-    if args.label_enhance != "none":
-        results["label_enhancement"] = json.loads((out / "label_enhancement.json").read_text())
+def write_report(args, corpus: common.Corpus, out: Path, trained: dict, wa: dict | None, ens: dict) -> dict:
+    """The paper's single model (mean eval metrics of the last n epochs), the valid-selected epoch, the
+    WA model and the checkpoint ensemble, beside the paper's row with the same techniques; label
+    enhancement's Table VIII statistics. results.json / results.md (common.report)."""
+    history, keys = trained["history"], ("mAP", "mAUC", "dprime")
+    lastn, best = history[-args.last_n:], selected(history)
+    targets, last = (np.load(out / "preds" / f) for f in ("eval_targets.npy", f"eval_e{history[-1]['epoch']:03d}.npy"))
+    results = {"last_n": {k: float(np.mean([r[f"eval/{k}"] for r in lastn])) for k in keys}
+               | {"mAP_std": float(np.std([r["eval/mAP"] for r in lastn]))},
+               "best": {"epoch": best["epoch"], **{k: best[f"eval/{k}"] for k in keys}},
+               "valid_plateau": common.plateau([r["valid/mAP"] for r in history]) if "valid/mAP" in best else None,
+               **({"wa": wa} if wa else {}), "checkpoint_ensemble": ens, "last_AP": metrics(targets, last)["AP"],
+               "epochs": history[-1]["epoch"], "best_epoch": best["epoch"], "steps": trained["step"],
+               "parameters": trained["parameters"], "classes": corpus.labels.names, "minutes": trained["minutes"],
+               "config": vars(args) | {"norm": list(trained["config"]["norm"])},
+               "skipped_clips": {k.split("/")[0]: v for k, v in history[-1].items() if k.endswith("/skipped")},
+               "short_clips": {k.split("/")[0]: v for k, v in history[-1].items() if k.endswith("/short")},
+               "short_clip_seconds": args.short_clip_seconds}
     name, paper = paper_row(args)
-    rows = [[f"single model, mean of last {len(lastn)} epochs", results["last_n"]["mAP"], results["last_n"]["mAUC"],
-             results["last_n"]["dprime"], paper],
-            [f"valid-selected epoch {best['epoch']}", results["best"]["mAP"], results["best"]["mAUC"],
-             results["best"]["dprime"], "-"]]
-    if "wa" in results:
-        rows.append([f"weight averaging, epochs {wa_epochs.start}-{wa_epochs.stop - 1}", results["wa"]["mAP"],
-                     results["wa"]["mAUC"], results["wa"]["dprime"], PAPER_WA.get(args.data, "-")])
-    ce = results["checkpoint_ensemble"]
-    rows.append([f"ensemble of {ce['models']} epoch checkpoints", ce["ensemble_mAP"], ce["ensemble_mAUC"],
-                 ce["ensemble_dprime"],
+    row = lambda what, m, ref: [what, m["mAP"], m["mAUC"], m["dprime"], ref]
+    rows = [row(f"single model, mean of last {len(lastn)} epochs", results["last_n"], paper),
+            row(f"valid-selected epoch {best['epoch']}", results["best"], "-")]
+    if wa:
+        rows.append(row(f"weight averaging, epochs {wa['epochs'][0]}-{wa['epochs'][1]}", wa,
+                        PAPER_WA.get(args.data, "-")))
+    rows.append([f"ensemble of {ens['models']} epoch checkpoints", ens["ensemble_mAP"], ens["ensemble_mAUC"],
+                 ens["ensemble_dprime"],
                  "%.4f (%d checkpoints)" % PAPER_CHECKPOINT_ENSEMBLE.get(args.data, (0, 0))[::-1]])
-    md = (f"# PSLA: {args.name}\n\nEfficientNet-B{args.effnet}, {args.heads} heads, "
-          f"{results['parameters']:,} parameters; "
-          f"data {args.data} ({'synthetic' if corpus.synthetic else corpus.root}); ImageNet: {args.imagenet or 'no'}; "
-          f"balanced sampling {args.balanced_sampling}; masking F={args.freqm} T={args.timem}; mix-up rate "
-          f"{args.mixup}, alpha {args.mixup_alpha}; labels {args.label_enhance}; {epochs_done} epochs, {step} steps, "
-          f"{results['minutes']:.1f} min.\n\nEval set. Paper column: {args.data} AudioSet, EfficientNet-B2, "
-          f"the paper's row with the same techniques: {name}; WA and checkpoint ensemble with all techniques "
-          f"(Tables IX, X).\n\n"
+    md = (f"# PSLA: {args.name}\n\nEfficientNet-B{args.effnet}, {args.heads} heads, {results['parameters']:,} "
+          f"parameters; data {args.data} ({'synthetic' if corpus.synthetic else corpus.root}); ImageNet: "
+          f"{args.imagenet or 'no'}; balanced sampling {args.balanced_sampling}; masking F={args.freqm} "
+          f"T={args.timem}; mix-up rate {args.mixup}, alpha {args.mixup_alpha}; labels {args.label_enhance}; "
+          f"{results['epochs']} epochs, {results['steps']} steps, {results['minutes']:.1f} min.\n\nEval set. Paper "
+          f"column: {args.data} AudioSet, EfficientNet-B2, the paper's row with the same techniques: {name}; WA and "
+          f"checkpoint ensemble with all techniques (Tables IX, X).\n\n"
           + common.markdown_table(["model", "mAP", "mAUC", "d'", common.paper_heading(corpus, "paper mAP")], rows)
-          + f"\n\nCheckpoint ensemble (Table X): {ce['models']} models, avg mAP {ce['avg_mAP']:.4f}, "
-            f"best mAP {ce['best_mAP']:.4f}, ensemble mAP {ce['ensemble_mAP']:.4f}\n")
+          + f"\n\nCheckpoint ensemble (Table X): {ens['models']} models, avg mAP {ens['avg_mAP']:.4f}, "
+            f"best mAP {ens['best_mAP']:.4f}, ensemble mAP {ens['ensemble_mAP']:.4f}\n")
     if args.label_enhance != "none":
-        le = results["label_enhancement"]
+        le = results["label_enhancement"] = common.read_json(out / "label_enhancement.json")
         md += "\nLabel enhancement (Table VIII; precision/recall against the true labels where known):\n\n" + \
             common.markdown_table(["type", "impacted classes", "labels added %", "precision", "recall of missing"],
                                   [[k, le[k]["impacted_classes"], le[k]["labels_added_pct"],
                                     le[k].get("precision", "-"), le[k].get("recall_of_missing", "-")]
                                    for k in ("type1", "type2", "type12")])
-    common.write_results(out, results, md)
-    print(md)
-    return results
+    return common.report(out, results, md)
+
+
+# =============================================================================================
+# main: [teacher -> label enhancement] -> train -> weight averaging -> ensembles -> report
+# =============================================================================================
+def run_identity(args, corpus: common.Corpus) -> dict:
+    """Every result-affecting setting: the flags (--save-every changes no result) and the corpus as a path."""
+    return common.identity(args, ignore=("save_every",)) | {"data_root": str(corpus.root.resolve())}
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ensemble"]:
+        return ensemble_main(argv[1:])
+    args = parse_args(argv)
+    common.setup_ddp()
+    try:
+        corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
+        resolve_schedule(args, corpus.synthetic, corpus.root)
+        device, amp = common.setup_device(args)
+        out, key = Path(args.out), teacher_identity(args, corpus)  # a bad --teacher: one line, before any work
+        with common.claim_run(out, "psla", run_identity(args, corpus) | {"teacher": key}, args.resume, OUTPUTS):
+            if args.resume and (out / "results.json").exists():  # finished with these very settings
+                return common.read_json(out / "results.json")
+            rows = corpus.train
+            if args.label_enhance != "none":
+                teacher_ckpt = teacher(args, corpus, key, device, amp)                  # Sec. V: the teacher
+                rows = label_enhancement(args, corpus, teacher_ckpt, out, device, amp)  # Algorithm 2
+            trained = train(args, corpus, rows, out, device, amp)  # Sec. II-B with III, IV (Algorithm 1)
+            wa = weight_averaging(args, corpus, out, trained, device, amp)  # Sec. VI-A
+            ens = ensembles(out, trained["history"])  # Sec. VI-B
+            return write_report(args, corpus, out, trained, wa, ens)
+    finally:
+        common.cleanup_ddp()
 
 
 if __name__ == "__main__":
