@@ -21,7 +21,8 @@ cf_L 88.1 M parameters.
     python conformer_ssl.py --task sound_novel               # a downstream task through the task reader
     python conformer_ssl.py --size L --data-root data/audioset --data full --table 1   # the paper's setting
     torchrun --nproc_per_node=4 conformer_ssl.py --size L ...   # DDP: --pt-batch-size / --batch-size per process
-    python common.py seeds --row pretrained runs/conformer_ssl/s0 runs/conformer_ssl/s1 --key rows.0.mean.pretrained
+    python conformer_ssl.py --seed 1 --name s1               # one run folder per seed (s0, s1, s2), then:
+    python common.py seeds --row 10% runs/conformer_ssl/s? --key rows.0.mean.scratch --key rows.0.mean.pretrained
 
 A killed run resumes exactly with the same command (every stage checkpoints model, optimizer, RNG
 states and its data position every --log-every updates); a finished run is returned as it is.
@@ -83,13 +84,6 @@ SHARE, UNIT = common.number(float, 0, 1, lo_open=True), common.number(float, 0, 
 # =============================================================================================
 # Arguments: every default is the paper's value (section in the help)
 # =============================================================================================
-def odd_kernel(text: str) -> int:
-    k = common.POSITIVE_INT(text)
-    if k % 2 == 0:
-        raise argparse.ArgumentTypeError(f"{k} is even (a depthwise convolution keeps the length only with odd kernels)")
-    return k
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, "conformer_ssl")
@@ -101,8 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(deviation 1). Default: cpu on the synthetic corpus, L elsewhere (AudioSet, Sec. 3.1)")
     g.add_argument("--blocks", type=P_INT, default=None, help="conformer blocks (Fig. 2b: 8-20); default from --size")
     g.add_argument("--heads", type=P_INT, default=None, help="attention heads (Fig. 2c: 4-24); default from --size")
-    g.add_argument("--kernels", type=odd_kernel, nargs=2, default=[31, 15],
-                   help="depthwise kernel of the first block, then of the others (Sec. 2.2)")
+    g.add_argument("--kernels", type=P_INT, nargs=2, default=[31, 15],
+                   help="depthwise kernel of the first block, then of the others, odd (Sec. 2.2)")
     g.add_argument("--dropout", type=UNIT, default=0.1, help="dropout in the conformer blocks (Sec. 2.2)")
     g.add_argument("--final-proj", action=argparse.BooleanOptionalAction, default=True,
                    help="linear layer after the blocks (Fig. 1); --no-final-proj = torchaudio prototype (deviation 2)")
@@ -166,6 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if abs(sum(a.phase_ratio) - 1) > 1e-6:
         p.error(f"argument --phase-ratio: {' '.join(map(str, a.phase_ratio))} does not sum to 1")
+    if any(k % 2 == 0 for k in a.kernels):  # an even depthwise kernel would shorten the sequence
+        p.error(f"argument --kernels: {a.kernels[0]} {a.kernels[1]}: the kernels must be odd")
     if a.seed < 0:
         p.error(f"argument --seed: {a.seed} is negative")
     if a.task and (a.table or a.fig):
@@ -460,17 +456,14 @@ def unlabelled_data(args, pool: int | None) -> tuple[torch.utils.data.Dataset, n
     return ds, np.random.default_rng(args.seed).integers(0, len(rows), n)
 
 
-def corpus_fraction_rows(args, corpus: common.Corpus, fraction: float) -> list:
+def corpus_data(args, corpus: common.Corpus, fraction: float) -> FTData:
     """Nested, stratified label fractions of the training set (fixed subsets, seed 0); on real
     AudioSet '1 %' is the balanced set, as in the paper (deviation 6)."""
     if not corpus.synthetic and args.data == "full" and fraction == 0.01:
-        return common.load_corpus(args.data_root, "balanced").train
-    idx = common.label_fractions(corpus.targets(corpus.train), sorted(set(FRACTIONS) | {fraction}), seed=0)[fraction]
-    return [corpus.train[i] for i in idx]
-
-
-def corpus_data(args, corpus: common.Corpus, fraction: float) -> FTData:
-    rows = corpus_fraction_rows(args, corpus, fraction)
+        rows = common.load_corpus(args.data_root, "balanced").train
+    else:
+        idx = common.label_fractions(corpus.targets(corpus.train), sorted(set(FRACTIONS) | {fraction}), seed=0)
+        rows = [corpus.train[i] for i in idx[fraction]]
     test_y = corpus.true_targets(corpus.eval) if corpus.true else corpus.targets(corpus.eval)
     return FTData(f"corpus_f{fraction:g}", corpus.root, rows, corpus.targets(rows), corpus.eval, test_y, True, "mAP",
                   args.clip_seconds, False, args.balance is not False,
@@ -506,20 +499,18 @@ def seeds_for(args, data: FTData) -> list[int]:
 def pretrain_dir(args, pool: int | None) -> Path:
     """The pre-trained encoder's stage folder, named by every setting that changes it: shared by every
     fraction, seed and run with these settings."""
-    keys = ("blocks", "dim", "heads", "ffn", "kernels", "dropout", "final_proj", "pretrain", "pt_steps", "pt_warmup",
-            "pt_lr", "pt_batch_size", "pt_seconds", "weight_decay", "mask_prob", "mask_length", "num_negatives",
-            "temperature", "seed", "max_steps", "amp")
+    keys = ("pretrain", "pt_steps", "pt_warmup", "pt_lr", "pt_batch_size", "pt_seconds", "weight_decay", "mask_prob",
+            "mask_length", "num_negatives", "temperature", "seed", "max_steps", "amp")
     source = [] if args.pretrain == "synthetic" else files_identity(Path(args.pretrain))
-    return common.stage_dir(Path(args.out).parent, "pretrain", {k: getattr(args, k) for k in keys}
+    return common.stage_dir(Path(args.out).parent, "pretrain", model_config(args) | {k: getattr(args, k) for k in keys}
                             | {"pool": pool, "world": common.world_size(), "source": source})
 
 
 def finetune_dir(args, data: FTData, encoder: Path | None, seed: int) -> Path:
     """A fine-tuning cell's stage folder (labelled set x encoder x seed), named by every setting that changes it."""
-    keys = ("blocks", "dim", "heads", "ffn", "kernels", "dropout", "final_proj", "data", "ft_steps", "ft_lr",
-            "batch_size", "phase_ratio", "init_scale", "final_scale", "jitter", "time_mask", "mixup_alpha",
-            "consistency", "head_dropout", "freeze", "weight_decay", "max_steps", "amp")
-    settings = {k: getattr(args, k) for k in keys} | {
+    keys = ("data", "ft_steps", "ft_lr", "batch_size", "phase_ratio", "init_scale", "final_scale", "jitter",
+            "time_mask", "mixup_alpha", "consistency", "head_dropout", "freeze", "weight_decay", "max_steps", "amp")
+    settings = model_config(args) | {k: getattr(args, k) for k in keys} | {
         "set": data.name, "source": data.source, "rows": len(data.train_rows), "pooling": data.pooling,
         "balance": data.balance, "encoder": files_identity(encoder) if encoder else None, "seed": seed,
         "world": common.world_size()}
@@ -549,7 +540,9 @@ def train_loop(folder: Path, model: nn.Module, opt, scaler, ds, order: np.ndarra
         pending += len(mine[j * bs: (j + 1) * bs]) - (0 if batch is None else len(batch[2]))  # unreadable clips
         if batch is not None:  # None: every clip of the batch was unreadable
             for k, v in step_fn(common.to_device(batch, device), state["step"]).items():
-                means.setdefault(k, common.Mean(v.device)).add(v)
+                if k not in means:
+                    means[k] = common.Mean(v.device)
+                means[k].add(v)
         state["step"], state["offset"] = state["step"] + 1, state["offset"] + bs * world
         bar.update(1)
         if state["step"] % args.log_every == 0 or state["step"] == total:
@@ -721,15 +714,16 @@ def finetune(args, data: FTData, encoder: Path | None, weights: dict | None, see
         dtype = common.amp_dtype(device, args.amp)
         scaler = common.grad_scaler(device, dtype)
         net = common.compiled(common.wrap_ddp(model), args.compile)
-        total, n = min(args.ft_steps, args.max_steps or args.ft_steps), args.ft_steps * args.batch_size * common.world_size()
+        total = min(args.ft_steps, args.max_steps or args.ft_steps)
+        n = args.ft_steps * args.batch_size * common.world_size()  # the global order: every process's clips in turn
         if data.varlen:  # tasks: training segments of task.max_seconds, each inheriting its clip's labels
             ds = common.SegmentDataset(data.root, data.train_rows, data.train_y, data.segment,
                                        durations=common.clip_durations(data.root, data.train_rows))
         else:
             ds = common.ClipDataset(data.root, data.train_rows, data.train_y, data.segment)
         if data.balance:  # Sec. 4.1: classes seen at about equal frequency (float64: p sums to 1)
-            weights = common.generate_sampling_weights(ds.targets.numpy().astype(np.float64))
-            order = common.WeightedSampler(weights, n, seed=seed).epoch_indices(0)
+            w = common.generate_sampling_weights(ds.targets.numpy().astype(np.float64))
+            order = common.WeightedSampler(w, n, seed=seed).epoch_indices(0)
         else:
             rng = np.random.default_rng(seed)
             order = np.concatenate([rng.permutation(len(ds)) for _ in range(-(-n // len(ds)))])
@@ -846,8 +840,8 @@ def fig2a_pools(args, corpus: common.Corpus) -> list[dict]:
     pre-training draws is never cycled: it is the unbounded stream (reused, stated in the table)."""
     drawn = min(args.pt_steps, args.max_steps or args.pt_steps) * args.pt_batch_size * common.world_size()
     pools = [(m, int(round(m * len(corpus.train)))) for m in args.pools]
-    return [{"init": f"pool {m:g}x", "clips": n, "passes": drawn / n, "effective": n if n < drawn else None,
-             "drawn": drawn} for m, n in pools]
+    return [{"init": f"pool{m:g}x".replace(".", "_"), "mult": m, "clips": n, "passes": drawn / n,
+             "effective": n if n < drawn else None, "drawn": drawn} for m, n in pools]  # init: a results.json key
 
 
 def pretrain_stage(args, data, device) -> dict:
@@ -944,7 +938,7 @@ def fig2a_markdown(res: dict, args, corpus) -> str:
     rows = [["none (scratch)", "-", "-", "-", cell(low["scores"]["scratch"]), cell(full["scores"]["scratch"])]]
     for p in res["pools"]:
         last = res["pretrain"][p["init"]]["last"]
-        rows.append([p["init"][5:], p["clips"], f"{p['passes']:.1f}" + ("" if p["effective"] else " (= stream)"),
+        rows.append([f"{p['mult']:g}x", p["clips"], f"{p['passes']:.1f}" + ("" if p["effective"] else " (= stream)"),
                      f"{last['train/loss']:.3f} / {last['train/acc']:.3f}", cell(low["scores"][p["init"]]),
                      cell(full["scores"][p["init"]])])
     return "\n\n".join([f"## Pre-training pool size (Fig. 2a): {args.size} encoder, {res['pools'][0]['drawn']} clips "
@@ -956,7 +950,8 @@ def task_markdown(res: dict, args, task) -> str:
     paper = PAPER_TABLE3.get(task.name, (task.metric, None, None))
     inits = [[r["scores"][i][0] for r in res["rows"]] if i in res["rows"][0]["scores"] else []
              for i in ("scratch", "pretrained")]
-    row = [task.name, task.metric, len(res["rows"]), *(cell(v) for v in inits), *(f"{v}" if v else "-" for v in paper[1:])]
+    row = [task.name, task.metric, len(res["rows"]), *(cell(v) for v in inits),
+           *(f"{v}" if v else "-" for v in paper[1:])]
     return "\n\n".join([f"## Downstream task {task.name} (Table 3 style), {args.size} encoder, mean over splits",
                         common.markdown_table(["task", "metric", "splits", "scratch", "pre-trained", "paper cf_S",
                                                "paper cf_L"], [row])])

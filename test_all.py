@@ -1967,7 +1967,8 @@ def test_ssl_end_to_end_save_reload_reuse(tiny_root, tmp_path, capsys, one_threa
     logs = {p: p.read_text() for p in tmp_path.rglob("log.jsonl")}
     capsys.readouterr()
     assert conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1")) == res
-    assert "pre-training" not in capsys.readouterr().out and logs == {p: p.read_text() for p in tmp_path.rglob("log.jsonl")}
+    assert "pre-training" not in capsys.readouterr().out
+    assert logs == {p: p.read_text() for p in tmp_path.rglob("log.jsonl")}  # no stage ran again
     with pytest.raises(C.DataError, match="--ft-lr 0.001 \\(now 0.1\\)"):
         conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1", "--ft-lr", "0.1"))
     # --no-resume starts the run folder afresh: only this script's files go, the shared stages are reused
@@ -2083,7 +2084,8 @@ def test_ssl_bf16_on_cpu_and_float32_scores(tiny_root, tmp_path, one_thread):
     data = conformer_ssl.corpus_data(args, C.load_corpus(str(tiny_root), "full"), 1.0)
     probs = conformer_ssl.predict(conformer_ssl.build_classifier(C.load_checkpoint(final)), data, args,
                                   torch.device("cpu"))
-    assert probs.dtype == np.float32 and conformer_ssl.score(data, probs)["score"] == res["rows"][0]["scores"]["pretrained"][0]
+    assert probs.dtype == np.float32
+    assert conformer_ssl.score(data, probs)["score"] == res["rows"][0]["scores"]["pretrained"][0]
 
 
 def test_ssl_bench_step_runs_both_steps(one_thread):
