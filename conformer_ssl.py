@@ -20,6 +20,14 @@ cf_L 88.1 M parameters.
     python conformer_ssl.py --fig 2a                         # pre-training pool size 0.25x / 1x / 4x / 16x
     python conformer_ssl.py --task sound_novel               # a downstream task through the task reader
     python conformer_ssl.py --size L --data-root data/audioset --data full --table 1   # the paper's setting
+    torchrun --nproc_per_node=4 conformer_ssl.py --size L ...   # DDP: --pt-batch-size / --batch-size per process
+    python conformer_ssl.py --seed 1 --name s1               # one run folder per seed (s0, s1, s2), then:
+    python common.py seeds --row 10% runs/conformer_ssl/s? --key rows.0.mean.scratch --key rows.0.mean.pretrained
+
+A killed run resumes exactly with the same command (every stage checkpoints model, optimizer, RNG
+states and its data position every --log-every updates); a finished run is returned as it is.
+Stages live beside the run folder, named by a hash of what changes them: pretrain-<hash>/ (one
+encoder for every fraction, seed and run with the same settings) and finetune/<set>_<init>_s<seed>-<hash>/.
 
 Deviations from the paper (numbered as in the README):
  1. The CPU preset (`--size cpu`, the synthetic default) is a 4-block, 64-d conformer with a short
@@ -44,12 +52,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import json
 import math
-import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +68,8 @@ import common
 
 # Paper numbers (Table 1, mAP on AudioSet eval, cf_L): fraction -> (scratch, pre-trained)
 PAPER_TABLE1 = {0.01: (0.138, 0.276), 0.03: (None, 0.305), 0.1: (None, 0.337), 0.3: (None, 0.356), 1.0: (0.366, 0.415)}
+PAPER_TABLE3 = {"esc50": ("accuracy", 80.7, 88.0), "fsdkaggle2019_curated": ("lwlrap", 50.3, 61.1),
+                "fsdkaggle2019_noisy": ("lwlrap", 33.2, 40.1)}
 PAPER_PARAMS = {"S": 18.4e6, "L": 88.1e6}
 # Encoder sizes (Sec. 2.2): blocks, model dim, heads, FFN dim; kernel 31 in block 1, 15 after
 SIZES = {"S": dict(blocks=12, dim=256, heads=8, ffn=1024), "L": dict(blocks=12, dim=768, heads=12, ffn=1024),
@@ -69,6 +77,8 @@ SIZES = {"S": dict(blocks=12, dim=256, heads=8, ffn=1024), "L": dict(blocks=12, 
 # CPU schedule for the synthetic corpus (deviation 1, 5); the paper's values apply with --size S / L
 SYNTH_SCHEDULE = {"pt_steps": 250, "pt_batch_size": 16, "ft_steps": 300, "batch_size": 8, "ft_lr": 1e-3}
 FRACTIONS = (0.01, 0.03, 0.1, 0.3, 1.0)
+OUTPUTS = ("table1.png",)  # written in the run folder besides config.json, log.jsonl, results.json/.md
+SHARE, UNIT = common.number(float, 0, 1, lo_open=True), common.number(float, 0, 1, hi_open=True)  # (0, 1], [0, 1)
 
 
 # =============================================================================================
@@ -78,75 +88,87 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, "conformer_ssl")
     p.set_defaults(data="full")
+    P_INT, POS, NONNEG = common.POSITIVE_INT, common.POSITIVE, common.NONNEG
     g = p.add_argument_group("encoder (Sec. 2.2)")
     g.add_argument("--size", type=str, default=None, choices=list(SIZES),
                    help="S: 12 x 256-d, 8 heads (18.4 M); L: 12 x 768-d, 12 heads (88.1 M); cpu: 4 x 64-d "
                         "(deviation 1). Default: cpu on the synthetic corpus, L elsewhere (AudioSet, Sec. 3.1)")
-    g.add_argument("--blocks", type=int, default=None, help="conformer blocks (Fig. 2b: 8-20); default from --size")
-    g.add_argument("--heads", type=int, default=None, help="attention heads (Fig. 2c: 4-24); default from --size")
-    g.add_argument("--kernels", type=int, nargs=2, default=[31, 15],
-                   help="depthwise kernel of the first block, then of the others (Sec. 2.2)")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout in the conformer blocks (Sec. 2.2)")
+    g.add_argument("--blocks", type=P_INT, default=None, help="conformer blocks (Fig. 2b: 8-20); default from --size")
+    g.add_argument("--heads", type=P_INT, default=None, help="attention heads (Fig. 2c: 4-24); default from --size")
+    g.add_argument("--kernels", type=P_INT, nargs=2, default=[31, 15],
+                   help="depthwise kernel of the first block, then of the others, odd (Sec. 2.2)")
+    g.add_argument("--dropout", type=UNIT, default=0.1, help="dropout in the conformer blocks (Sec. 2.2)")
     g.add_argument("--final-proj", action=argparse.BooleanOptionalAction, default=True,
                    help="linear layer after the blocks (Fig. 1); --no-final-proj = torchaudio prototype (deviation 2)")
     g = p.add_argument_group("pre-training (Sec. 2.2, 2.3)")
     g.add_argument("--pretrain", type=str, default="synthetic",
                    help="unlabelled data: 'synthetic' (the stream), a manifest .tsv (labels ignored), or 'none'")
-    g.add_argument("--pool-size", type=float, default=None,
-                   help="synthetic stream: a finite pool of N clips (Fig. 2a); default unbounded")
-    g.add_argument("--pt-steps", type=int, default=None, help="pre-training updates (300k; synthetic: 250)")
-    g.add_argument("--pt-warmup", type=float, default=10_000 / 300_000,
+    g.add_argument("--pool-size", type=P_INT, default=None,
+                   help="synthetic stream: pre-train on a finite pool of N clips (Fig. 2a); default unbounded")
+    g.add_argument("--pt-steps", type=P_INT, default=None, help="pre-training updates (300k; synthetic: 250)")
+    g.add_argument("--pt-warmup", type=common.FRACTION, default=10_000 / 300_000,
                    help="warm-up fraction of the updates (10k of 300k, Sec. 2.3)")
-    g.add_argument("--pt-lr", type=float, default=3e-4, help="peak learning rate (Sec. 2.3)")
-    g.add_argument("--pt-batch-size", type=int, default=None, help="clips per update (not given; synthetic: 16)")
-    g.add_argument("--pt-seconds", type=float, default=10.0, help="clip length of pre-training examples (ours)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (Sec. 2.3)")
-    g.add_argument("--mask-prob", type=float, default=0.3, help="mask probability p (Sec. 2.3; torchaudio)")
-    g.add_argument("--mask-length", type=int, default=3, help="span length L (torchaudio prototype)")
-    g.add_argument("--num-negatives", type=int, default=100, help="K distractors (Sec. 2.3)")
-    g.add_argument("--temperature", type=float, default=0.1,
+    g.add_argument("--pt-lr", type=POS, default=3e-4, help="peak learning rate (Sec. 2.3)")
+    g.add_argument("--pt-batch-size", type=P_INT, default=None,
+                   help="clips per update and process (not given; synthetic: 16)")
+    g.add_argument("--pt-seconds", type=POS, default=10.0, help="clip length of pre-training examples (ours)")
+    g.add_argument("--weight-decay", type=NONNEG, default=0.01, help="AdamW weight decay (Sec. 2.3)")
+    g.add_argument("--mask-prob", type=SHARE, default=0.3, help="mask probability p (Sec. 2.3; torchaudio)")
+    g.add_argument("--mask-length", type=P_INT, default=3, help="span length L (torchaudio prototype)")
+    g.add_argument("--num-negatives", type=P_INT, default=100, help="K distractors (Sec. 2.3)")
+    g.add_argument("--temperature", type=POS, default=0.1,
                    help="cosine / temperature; 1 = Eq. 1 literally (deviation 3; wav2vec 2.0: 0.1)")
     g.add_argument("--pretrained", type=str, default=None, help="use this pre-trained encoder (pretrain.pt)")
     g = p.add_argument_group("fine-tuning (Sec. 4)")
-    g.add_argument("--init", type=str, default="pretrained", choices=["pretrained", "scratch"],
-                   help="fine-tune the pre-trained encoder or a random one (Table 1)")
-    g.add_argument("--fractions", type=float, nargs="+", default=None,
-                   help="labelled fractions (Table 1: 0.01 0.03 0.1 0.3 1; default run: 0.1 1)")
+    g.add_argument("--fractions", type=SHARE, nargs="+", default=None,
+                   help="labelled fractions in (0, 1] (Table 1: 0.01 0.03 0.1 0.3 1; default run: 0.1 1)")
     g.add_argument("--freeze", action=argparse.BooleanOptionalAction, default=False,
                    help="frozen encoder + linear probe (the setting Sec. 4 argues against)")
     g.add_argument("--pooling", type=str, default="auto", choices=["auto", "linsoft", "mean"],
                    help="linsoft: frame sigmoid + linear-softmax pooling (AudioSet); mean: mean pool + linear "
                         "(other tasks, Sec. 4); auto picks by task")
-    g.add_argument("--ft-steps", type=int, default=None, help="fine-tuning updates (not given; synthetic: 300)")
-    g.add_argument("--ft-lr", type=float, default=None, help="peak fine-tuning LR (swept in Sec. 4.3; synthetic: 1e-3)")
-    g.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch: 640 full / 64 small tasks "
-                   "(Sec. 4.3); synthetic: 8")
-    g.add_argument("--phase-ratio", type=float, nargs=3, default=[0.3, 0.3, 0.4],
-                   help="tri-stage LR: warm-up / hold / exponential decay (Sec. 4.3)")
-    g.add_argument("--init-scale", type=float, default=0.01, help="tri-stage initial LR scale (fairseq)")
-    g.add_argument("--final-scale", type=float, default=0.01, help="tri-stage final LR scale (fairseq)")
-    g.add_argument("--jitter", type=int, default=200, help="temporal jitter +- samples (Sec. 4.1)")
-    g.add_argument("--time-mask", type=float, default=0.2, help="one time mask up to this share of the clip "
-                   "(2 s per 10 s, Sec. 4.1)")
-    g.add_argument("--mixup-alpha", type=float, default=0.5, help="mix-up Beta(a, a) on log-mels (Sec. 4.1)")
-    g.add_argument("--consistency", type=float, default=2.0, help="weight of the symmetric KL (Sec. 4.2)")
+    g.add_argument("--ft-steps", type=P_INT, default=None, help="fine-tuning updates (not given; synthetic: 300)")
+    g.add_argument("--ft-lr", type=POS, default=None, help="peak fine-tuning LR (swept in Sec. 4.3; synthetic: 1e-3)")
+    g.add_argument("--batch-size", type=P_INT, default=None, help="fine-tuning batch per process: 640 full / 64 "
+                   "small tasks (Sec. 4.3); synthetic: 8")
+    g.add_argument("--phase-ratio", type=common.FRACTION, nargs=3, default=[0.3, 0.3, 0.4],
+                   help="tri-stage LR: warm-up / hold / exponential decay, summing to 1 (Sec. 4.3)")
+    g.add_argument("--init-scale", type=SHARE, default=0.01, help="tri-stage initial LR scale (fairseq)")
+    g.add_argument("--final-scale", type=SHARE, default=0.01, help="tri-stage final LR scale (fairseq)")
+    g.add_argument("--jitter", type=common.NONNEG_INT, default=200, help="temporal jitter +- samples (Sec. 4.1)")
+    g.add_argument("--time-mask", type=common.FRACTION, default=0.2, help="one time mask up to this share of the "
+                   "clip (2 s per 10 s, Sec. 4.1)")
+    g.add_argument("--mixup-alpha", type=NONNEG, default=0.5, help="mix-up Beta(a, a) on log-mels (Sec. 4.1); 0: off")
+    g.add_argument("--consistency", type=NONNEG, default=2.0, help="weight of the symmetric KL (Sec. 4.2)")
     g.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
                    help="class-balanced sampling (Sec. 4.1, full AudioSet); default on for the tagging corpus")
-    g.add_argument("--head-dropout", type=float, default=None,
+    g.add_argument("--head-dropout", type=UNIT, default=None,
                    help="dropout on the encoder output (Sec. 4.3, small tasks); default 0 corpus / 0.1 tasks")
     g = p.add_argument_group("experiments")
     g.add_argument("--table", type=int, default=None, choices=[1], help="Table 1: fractions x {scratch, pre-trained}")
     g.add_argument("--fig", type=str, default=None, choices=["2a"], help="Fig. 2a: pre-training pool size")
-    g.add_argument("--pools", type=float, nargs="+", default=[0.25, 1, 4, 16],
+    g.add_argument("--pools", type=POS, nargs="+", default=[0.25, 1, 4, 16],
                    help="Fig. 2a pool sizes, multiples of the labelled set")
-    g.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (one pre-trained encoder)")
-    g.add_argument("--multi-seed-below", type=float, default=0.3,
+    g.add_argument("--seeds", type=common.NONNEG_INT, nargs="+", default=None,
+                   help="fine-tuning seeds (one pre-trained encoder)")
+    g.add_argument("--multi-seed-below", type=NONNEG, default=0.3,
                    help="use all --seeds for fractions below this, the first seed above (saves CPU)")
     g.add_argument("--task", type=str, default=None, help="a downstream task name from the task root (Table 3)")
     g.add_argument("--task-root", type=str, default=None, help="task root with tasks.json (default: synthetic)")
-    g.add_argument("--folds", type=int, default=None, help="use only the first N splits of a k-fold task")
-    g.add_argument("--log-every", type=int, default=25, help="log (and checkpoint) every N updates")
-    return p.parse_args(argv)
+    g.add_argument("--folds", type=P_INT, default=None, help="use only the first N splits of a k-fold task")
+    g.add_argument("--log-every", type=P_INT, default=25, help="log (and checkpoint) every N updates")
+    a = p.parse_args(argv)
+    if abs(sum(a.phase_ratio) - 1) > 1e-6:
+        p.error(f"argument --phase-ratio: {' '.join(map(str, a.phase_ratio))} does not sum to 1")
+    if any(k % 2 == 0 for k in a.kernels):  # an even depthwise kernel would shorten the sequence
+        p.error(f"argument --kernels: {a.kernels[0]} {a.kernels[1]}: the kernels must be odd")
+    if a.seed < 0:
+        p.error(f"argument --seed: {a.seed} is negative")
+    if a.task and (a.table or a.fig):
+        p.error("argument --task: a downstream task is its own experiment (no --table / --fig)")
+    if a.fig and (a.pretrained or a.pretrain == "none"):
+        p.error("argument --fig: Fig. 2a pre-trains its own pools (no --pretrained, no --pretrain none)")
+    return a
 
 
 # =============================================================================================
@@ -251,11 +273,11 @@ class PretrainModel(nn.Module):
         self.target_proj = nn.Linear(Encoder.LATENT, cfg["dim"])
 
     def forward(self, wave: torch.Tensor, mask_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> context at masked steps (N, d), targets of all steps (B, T', d), mask (B, T')."""
+        """-> context (B, T', d), targets of all steps (B, T', d), mask (B, T') on the CPU, where it is drawn."""
         mel = self.encoder.frontend(wave)
         t = mel.shape[-1] // Encoder.STACK
-        mask = mask_fn(wave.shape[0], t).to(wave.device)
-        z, c = self.encoder(mel, mask)
+        mask = mask_fn(wave.shape[0], t)
+        z, c = self.encoder(mel, mask.to(wave.device, non_blocking=True))
         return c, self.target_proj(z), mask
 
 
@@ -285,8 +307,9 @@ class Classifier(nn.Module):
             return linear_softmax_pool(torch.sigmoid(self.head(c).float()))  # (B, K) probabilities
         return self.head(c.mean(1))  # (B, K) logits
 
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        return self.forward_mel(self.encoder.frontend(wave))
+    def forward(self, x: torch.Tensor, mel: bool = False) -> torch.Tensor:
+        """Clip scores of waves (B, N), or of log-mels (B, 64, T) with mel=True (augmented in training)."""
+        return self.forward_mel(x if mel else self.encoder.frontend(x))
 
 
 def model_config(args) -> dict:
@@ -323,11 +346,11 @@ def compute_mask_indices(shape: tuple[int, int], mask_prob: float, mask_length: 
 
 
 def sample_negatives(counts: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Distractor indices (N, K) into the N masked steps listed clip by clip (counts[b] of clip b):
-    uniform with replacement over the OTHER masked steps of the same clip, never the step itself
+    """Distractor indices (N, K) into the N masked steps listed clip by clip (counts[b] of clip b, on the
+    CPU): uniform with replacement over the OTHER masked steps of the same clip, never the step itself
     (fairseq sample_negatives: draw from m - 1, shift those >= own index). Clips with < 2 masked
     steps get their own index (the caller drops them)."""
-    counts = counts.long().cpu()
+    counts = counts.long()
     offsets = torch.cumsum(counts, 0) - counts
     clip = torch.repeat_interleave(torch.arange(len(counts)), counts)  # (N,)
     own = torch.arange(len(clip)) - offsets[clip]  # position within its clip
@@ -341,21 +364,23 @@ def sample_negatives(counts: torch.Tensor, k: int, generator: torch.Generator | 
 def contrastive_loss(c: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, k: int, temperature: float,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Eq. 1: -log softmax over {z_t, K distractors} of cos(c_t, .) / temperature, positive first,
-    averaged over the masked steps. c, y: (B, T', d) context / targets; mask (B, T'). Distractors
-    equal to the positive get -inf (fairseq). Returns (loss, accuracy of picking the positive, N)."""
+    averaged over the masked steps. c, y: (B, T', d) context / targets; mask (B, T') on the CPU: every
+    index is computed there, so nothing waits for the device. Distractors equal to the positive get
+    -inf (fairseq). Returns (loss, accuracy of picking the positive, N), on c's device."""
     counts = mask.sum(1)
-    cm, ym = c[mask].float(), y[mask].float()  # (N, d), clip by clip
-    neg = sample_negatives(counts, k, generator).to(c.device)
-    keep = counts.repeat_interleave(counts).to(c.device) > 1
+    where = tuple(i.to(c.device, non_blocking=True) for i in mask.nonzero(as_tuple=True))
+    cm, ym = c[where].float(), y[where].float()  # (N, d), clip by clip
+    neg = sample_negatives(counts, k, generator).to(c.device, non_blocking=True)
+    keep = torch.nonzero(counts.repeat_interleave(counts) > 1).squeeze(1)  # steps of clips with >= 2 masked
     cand = torch.cat([ym.unsqueeze(1), ym[neg]], 1)  # (N, 1 + K, d): positive first
     logits = F.cosine_similarity(cm.unsqueeze(1), cand, dim=-1) / temperature
     same = (cand[:, 1:] == ym.unsqueeze(1)).all(-1)
     logits[:, 1:] = logits[:, 1:].masked_fill(same, float("-inf"))
-    logits = logits[keep]
-    zero = torch.zeros(len(logits), dtype=torch.long, device=c.device)
+    logits = logits[keep.to(c.device, non_blocking=True)]
+    zero = torch.zeros(len(keep), dtype=torch.long, device=c.device)
     loss = F.cross_entropy(logits, zero)
     acc = (logits.argmax(1) == 0).float().mean()
-    return loss, acc, len(logits)
+    return loss, acc, len(keep)
 
 
 def pretrain_lr(step: int, total: int, warmup_frac: float, peak: float) -> float:
@@ -383,139 +408,211 @@ def tri_stage_lr(step: int, total: int, peak: float, ratios=(0.3, 0.3, 0.4), ini
 # =============================================================================================
 # Data: unlabelled clips for pre-training; labelled sets for fine-tuning (corpus fractions, tasks)
 # =============================================================================================
+@dataclass
 class FTData:
     """One fine-tuning problem: training rows/targets, test rows/targets, how to score them."""
+    name: str
+    root: Path
+    train_rows: list
+    train_y: np.ndarray
+    test_rows: list
+    test_y: np.ndarray
+    multi: bool
+    metric: str
+    segment: float
+    varlen: bool
+    balance: bool
+    pooling: str
+    fraction: float | None  # of the corpus's training set (None: a task split)
+    source: list  # the metadata files' identity (a fine-tuning is redone when they change)
 
-    def __init__(self, name, root, train_rows, train_y, test_rows, test_y, multi, metric, segment, varlen, balance,
-                 pooling):
-        self.name, self.root = name, Path(root)
-        self.train_rows, self.train_y, self.test_rows, self.test_y = train_rows, train_y, test_rows, test_y
-        self.multi, self.metric, self.segment, self.varlen = multi, metric, segment, varlen
-        self.balance, self.pooling = balance, pooling
+
+def files_identity(*paths: Path) -> list:
+    """Path, size and mtime of metadata files, for the settings of a stage that reads them."""
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.is_file()]
 
 
-def keyed(folder: Path, key: dict) -> Path:
-    """A shared stage's folder: readable name + a hash of every setting that changes its result, so
-    runs with equal settings reuse it (one pre-trained encoder for all seeds) and others never clash."""
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return folder.with_name(f"{folder.name}_{digest}")
+class StreamClips(torch.utils.data.Dataset):
+    """Clip j of the unlabelled synthetic stream (data/synthetic.py), as (wave, no target, j). Indexed, so
+    the pre-training position is the stream offset (clips consumed), whatever the workers and ranks."""
+
+    def __init__(self, seed: int, clip_seconds: float):
+        self.seed, self.clip_seconds = seed, clip_seconds
+
+    def __getitem__(self, j: int):
+        x = common.load_data_module("synthetic").stream_clip(self.seed, int(j), self.clip_seconds)
+        return torch.from_numpy(x), torch.zeros(1), int(j)
 
 
-def unlabelled_loader(args, pool: int | None):
-    """Batches of pre-training waves: the synthetic stream (optionally a finite pool, Fig. 2a) or any
-    manifest's clips with labels ignored, drawn at random with replacement."""
-    bs = args.pt_batch_size
+def unlabelled_data(args, pool: int | None) -> tuple[torch.utils.data.Dataset, np.ndarray]:
+    """The pre-training clips and the global order of their ids (every process's batches of one update,
+    in turn): the synthetic stream (a finite pool of clips cycled, Fig. 2a) or any manifest's clips,
+    labels ignored, drawn at random with replacement."""
+    n = args.pt_steps * args.pt_batch_size * common.world_size()
     if args.pretrain == "synthetic":
-        ds = common.synthetic_stream(seed=args.seed, pool_size=pool, clip_seconds=args.pt_seconds)
-        return torch.utils.data.DataLoader(ds, batch_size=bs, num_workers=args.workers,
-                                           persistent_workers=args.workers > 0)
-    path = Path(args.pretrain)
-    if not path.is_file():
-        raise common.DataError(f"--pretrain {path}: no such manifest (or use 'synthetic')")
-    rows = common.read_manifest(path)
-    ds = common.ClipDataset(path.parent, rows, np.zeros((len(rows), 1), np.float32), args.pt_seconds)
-    idx = np.random.default_rng(args.seed).integers(0, len(rows), args.pt_steps * bs).tolist()
-    return common.make_loader(ds, bs, sampler=idx, workers=args.workers, seed=args.seed, drop_last=True)
-
-
-def corpus_fraction_rows(args, corpus: common.Corpus, fraction: float) -> list:
-    """Nested, stratified label fractions of the training set (fixed subsets, seed 0); on real
-    AudioSet '1 %' is the balanced set, as in the paper (deviation 6)."""
-    if not corpus.synthetic and args.data == "full" and fraction == 0.01:
-        return common.load_corpus(args.data_root, "balanced").train
-    idx = common.label_fractions(corpus.targets(corpus.train), sorted(set(FRACTIONS) | {fraction}), seed=0)[fraction]
-    return [corpus.train[i] for i in idx]
+        return StreamClips(args.seed, args.pt_seconds), np.arange(n) % (pool or n)
+    rows = common.read_manifest(args.pretrain)
+    ds = common.ClipDataset(Path(args.pretrain).parent, rows, np.zeros((len(rows), 1), np.float32), args.pt_seconds)
+    return ds, np.random.default_rng(args.seed).integers(0, len(rows), n)
 
 
 def corpus_data(args, corpus: common.Corpus, fraction: float) -> FTData:
-    rows = corpus_fraction_rows(args, corpus, fraction)
+    """Nested, stratified label fractions of the training set (fixed subsets, seed 0); on real
+    AudioSet '1 %' is the balanced set, as in the paper (deviation 6)."""
+    if not corpus.synthetic and args.data == "full" and fraction == 0.01:
+        rows = common.load_corpus(args.data_root, "balanced").train
+    else:
+        idx = common.label_fractions(corpus.targets(corpus.train), sorted(set(FRACTIONS) | {fraction}), seed=0)
+        rows = [corpus.train[i] for i in idx[fraction]]
     test_y = corpus.true_targets(corpus.eval) if corpus.true else corpus.targets(corpus.eval)
     return FTData(f"corpus_f{fraction:g}", corpus.root, rows, corpus.targets(rows), corpus.eval, test_y, True, "mAP",
                   args.clip_seconds, False, args.balance is not False,
-                  "linsoft" if args.pooling == "auto" else args.pooling)
+                  "linsoft" if args.pooling == "auto" else args.pooling, fraction,
+                  files_identity(*sorted(corpus.root.glob("*.tsv")), corpus.root / "class_labels_indices.csv"))
 
 
-def task_data(args, task, split) -> FTData:
+def task_data(args, task: common.Task, split) -> FTData:
     name, train, _valid, test = split
     return FTData(f"{task.name}_{name}", task.root, train, task.targets(train), test, task.targets(test),
                   task.type == "multi", task.metric, task.max_seconds, True, bool(args.balance),
-                  "mean" if args.pooling == "auto" else args.pooling)
+                  "mean" if args.pooling == "auto" else args.pooling, None,
+                  files_identity(Path(args.task_root) / "tasks.json", Path(args.task_root) / task.info["manifest"]))
+
+
+def labelled_sets(args, data) -> list[FTData]:
+    """What the encoders are fine-tuned on: the corpus at each fraction (Fig. 2a: the lowest and all of
+    it), or each split of a task (the first --folds)."""
+    if args.task:
+        return [task_data(args, data, split) for split in common.task_splits(data)[: args.folds]]
+    fractions = sorted({args.fractions[0], 1.0}) if args.fig else args.fractions
+    return [corpus_data(args, data, f) for f in fractions]
+
+
+def seeds_for(args, data: FTData) -> list[int]:
+    """All --seeds below --multi-seed-below, the first seed above (and on task splits)."""
+    return args.seeds if data.fraction is not None and data.fraction < args.multi_seed_below else args.seeds[:1]
 
 
 # =============================================================================================
 # Training and evaluation
 # =============================================================================================
-def pretrain(args, folder: Path, pool: int | None, device) -> Path:
-    """Stage 1 (Sec. 2): contrastive pre-training; resumable from last.pt; writes pretrain.pt with
-    the encoder weights and the loss / accuracy curve."""
-    key = {k: getattr(args, k) for k in ("size", "blocks", "dim", "heads", "ffn", "kernels", "dropout", "final_proj",
-                                         "pretrain", "pt_steps", "pt_warmup", "pt_lr", "pt_batch_size", "pt_seconds",
-                                         "weight_decay", "mask_prob", "mask_length", "num_negatives", "temperature",
-                                         "seed", "max_steps")}
-    key["pool"] = pool
-    folder = keyed(folder, key)
-    common.claim_stage(folder, key, args.resume, name="key.json")
-    final = folder / "pretrain.pt"
-    if final.exists():
-        return final
-    common.seed_everything(args.seed)
-    model = PretrainModel(**model_config(args)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.pt_lr, betas=(0.9, 0.98), eps=1e-6,
-                            weight_decay=args.weight_decay)  # Sec. 2.3
-    dtype = common.amp_dtype(device, args.amp)
-    scaler = common.grad_scaler(device, dtype)
-    state = {"step": 0, "curve": [], "seconds": 0.0}
-    if (folder / "last.pt").exists():
-        ck = common.load_checkpoint(folder / "last.pt", device)
-        model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
-        state = ck["state"]
-        print(f"{folder.name}: resumed at step {state['step']}/{args.pt_steps}")
-    total = args.pt_steps if args.max_steps is None else min(args.pt_steps, args.max_steps)
-    print(f"pre-training: {count_params(model):,} parameters ({args.size}), {total} updates of "
-          f"{args.pt_batch_size} x {args.pt_seconds:g} s, pool {pool or 'unbounded'}")
-    rng = np.random.default_rng([args.seed, state["step"]])
-    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + state["step"])
-    mask_fn = lambda b, t: torch.from_numpy(compute_mask_indices((b, t), args.mask_prob, args.mask_length, rng))
-    logger, bar = common.RunLogger(folder), tqdm(total=total, initial=state["step"], desc="pretrain")
-    run, t0 = {"loss": [], "acc": [], "masked": []}, time.time()
-    model.train()
-    while state["step"] < total:
-        for wave in unlabelled_loader(args, pool):  # a resumed run restarts the stream (see README)
-            if isinstance(wave, (tuple, list)):  # a manifest's (wave, target, index); None: all clips unreadable
-                wave = wave[0]
-            if wave is None:
-                continue
-            lr = pretrain_lr(state["step"], total, args.pt_warmup, args.pt_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with common.autocast(device, dtype):
-                c, y, mask = model(torch.as_tensor(wave).to(device), mask_fn)
-            loss, acc, _ = contrastive_loss(c, y, mask, args.num_negatives, args.temperature, gen)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            run["loss"].append(loss.item()), run["acc"].append(acc.item()), run["masked"].append(mask.float().mean().item())
-            state["step"] += 1
-            bar.update(1)
-            if state["step"] % args.log_every == 0 or state["step"] == total:
-                state["seconds"] += time.time() - t0
-                t0 = time.time()
-                rec = {"step": state["step"], "train/loss": float(np.mean(run["loss"])),
-                       "train/acc": float(np.mean(run["acc"])), "masked": float(np.mean(run["masked"])), "lr": lr}
-                state["curve"].append(rec)
-                logger.log({"stage": "pretrain", **rec})
-                run = {"loss": [], "acc": [], "masked": []}
-                common.save_checkpoint(folder / "last.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                            "state": state})
-            if state["step"] >= total:
-                break
+def pretrain_dir(args, pool: int | None) -> Path:
+    """The pre-trained encoder's stage folder, named by every setting that changes it: shared by every
+    fraction, seed and run with these settings."""
+    keys = ("pretrain", "pt_steps", "pt_warmup", "pt_lr", "pt_batch_size", "pt_seconds", "weight_decay", "mask_prob",
+            "mask_length", "num_negatives", "temperature", "seed", "max_steps", "amp")
+    source = [] if args.pretrain == "synthetic" else files_identity(Path(args.pretrain))
+    return common.stage_dir(Path(args.out).parent, "pretrain", model_config(args) | {k: getattr(args, k) for k in keys}
+                            | {"pool": pool, "world": common.world_size(), "source": source})
+
+
+def finetune_dir(args, data: FTData, encoder: Path | None, seed: int) -> Path:
+    """A fine-tuning cell's stage folder (labelled set x encoder x seed), named by every setting that changes it."""
+    keys = ("data", "ft_steps", "ft_lr", "batch_size", "phase_ratio", "init_scale", "final_scale", "jitter",
+            "time_mask", "mixup_alpha", "consistency", "head_dropout", "freeze", "weight_decay", "max_steps", "amp")
+    settings = model_config(args) | {k: getattr(args, k) for k in keys} | {
+        "set": data.name, "source": data.source, "rows": len(data.train_rows), "pooling": data.pooling,
+        "balance": data.balance, "encoder": files_identity(encoder) if encoder else None, "seed": seed,
+        "world": common.world_size()}
+    name = f"{data.name}_{'scratch' if encoder is None else 'pretrained'}_s{seed}"
+    return common.stage_dir(Path(args.out).parent / "finetune", name, settings)
+
+
+def train_loop(folder: Path, model: nn.Module, opt, scaler, ds, order: np.ndarray, total: int, bs: int, lr_at, step_fn,
+               args, seed: int) -> dict:
+    """The loop of both stages, resumed exactly: every --log-every updates last.pt holds the model, optimizer,
+    scaler, every RNG state and the data position (the offset into the global `order` of clips; for the
+    stream: the clips consumed). Each process trains on its shard of every update's clips. step_fn(batch,
+    step) -> {name: scalar on the device}, averaged there and read at log time. -> the loop's state."""
+    logger, world, device = common.RunLogger(folder), common.world_size(), next(model.parameters()).device
+    state = common.load_state(folder / "last.pt", model, opt, scaler)
+    if state is None:
+        state = {"step": 0, "offset": 0, "curve": [], "skipped": 0, "seconds": 0.0}
+    elif state["curve"]:  # the log line of the checkpoint, if a kill came before it was written
+        logger.log_once(state["curve"][-1], ("step",))
+    mine = common.shard(order[state["offset"]: total * bs * world])  # this process's share of the rest
+    means, pending, t0 = {}, 0, time.time()
+    bar = tqdm(total=total, initial=state["step"], desc=folder.name, leave=False, disable=not common.is_main())
+    for j, batch in enumerate(common.make_loader(ds, bs, sampler=mine, workers=args.workers, seed=seed)):
+        lr = lr_at(state["step"])
+        for g in opt.param_groups:
+            g["lr"] = lr
+        pending += len(mine[j * bs: (j + 1) * bs]) - (0 if batch is None else len(batch[2]))  # unreadable clips
+        if batch is not None:  # None: every clip of the batch was unreadable
+            for k, v in step_fn(common.to_device(batch, device), state["step"]).items():
+                if k not in means:
+                    means[k] = common.Mean(v.device)
+                means[k].add(v)
+        state["step"], state["offset"] = state["step"] + 1, state["offset"] + bs * world
+        bar.update(1)
+        if state["step"] % args.log_every == 0 or state["step"] == total:
+            state["skipped"], pending = state["skipped"] + common.all_sum(pending), 0
+            state["seconds"], t0 = state["seconds"] + time.time() - t0, time.time()
+            state["curve"].append({"step": state["step"], **{k: m.read() for k, m in means.items()}, "lr": lr,
+                                   "skipped": state["skipped"]})
+            common.save_state(folder / "last.pt", model, opt, scaler, **state)
+            logger.log(state["curve"][-1])
     bar.close()
-    common.save_checkpoint(final, {"encoder": model.encoder.state_dict(), "config": model_config(args),
-                                   "args": vars(args), "pool": pool, "curve": state["curve"],
-                                   "seconds": state["seconds"], "params": count_params(model)})
-    (folder / "last.pt").unlink(missing_ok=True)
+    return state
+
+
+def pretrain_step(net: nn.Module, opt, scaler, wave: torch.Tensor, step: int, args, dtype) -> dict:
+    """One pre-training update (Sec. 2.3). Masks and distractors are drawn from (seed, step, rank), so a
+    resumed run draws what an uninterrupted one does. -> loss, accuracy of the positive, masked share."""
+    rng = np.random.default_rng([args.seed, step, common.rank()])
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    mask_fn = lambda b, t: torch.from_numpy(compute_mask_indices((b, t), args.mask_prob, args.mask_length, rng))
+    with common.autocast(wave.device, dtype):
+        c, y, mask = net(wave, mask_fn)
+    loss, acc, _ = contrastive_loss(c, y, mask, args.num_negatives, args.temperature, gen)
+    common.optimizer_step(loss, opt, scaler)
+    return {"train/loss": loss.detach(), "train/acc": acc, "masked": mask.float().mean()}
+
+
+def pretrain(args, pool: int | None, device) -> Path:
+    """Stage 1 (Sec. 2): contrastive pre-training, resumed exactly from last.pt; writes pretrain.pt with
+    the encoder weights and the loss / accuracy curve."""
+    folder = pretrain_dir(args, pool)
+    final = folder / "pretrain.pt"
+    with common.RunLock(folder, wait=True):  # a second run needing this encoder waits, then reuses it
+        if common.from_rank0(final.exists()):
+            return final
+        common.seed_everything(args.seed)
+        model = PretrainModel(**model_config(args)).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=args.pt_lr, betas=(0.9, 0.98), eps=1e-6,
+                                weight_decay=args.weight_decay)  # Sec. 2.3
+        dtype = common.amp_dtype(device, args.amp)
+        scaler = common.grad_scaler(device, dtype)
+        net = common.compiled(common.wrap_ddp(model), args.compile)
+        total = min(args.pt_steps, args.max_steps or args.pt_steps)
+        print(f"pre-training: {count_params(model):,} parameters ({args.size}), {total} updates of "
+              f"{args.pt_batch_size} x {args.pt_seconds:g} s, pool {pool or 'unbounded'}")
+        ds, order = unlabelled_data(args, pool)
+        state = train_loop(folder, model, opt, scaler, ds, order, total, args.pt_batch_size,
+                           lambda step: pretrain_lr(step, total, args.pt_warmup, args.pt_lr),
+                           lambda batch, step: pretrain_step(net, opt, scaler, batch[0], step, args, dtype),
+                           args, args.seed)
+        common.save_checkpoint(final, {"script": "conformer_ssl", "encoder": model.encoder.state_dict(),
+                                       "config": model_config(args), "args": vars(args), "pool": pool,
+                                       "curve": state["curve"], "seconds": state["seconds"],
+                                       "skipped": state["skipped"], "params": count_params(model)})
+        if common.is_main():
+            (folder / "last.pt").unlink(missing_ok=True)
+        common.barrier()  # rank 0 wrote pretrain.pt; every rank reads it next
     return final
+
+
+def load_encoder(path: Path, args) -> dict:
+    """The encoder weights of this script's pretrain.pt, made with this run's encoder flags; else one line."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # missing, or not a torch file at all
+        raise common.DataError(f"--pretrained {path}: not readable as a checkpoint ({type(e).__name__})") from None
+    if not isinstance(ck, dict) or ck.get("script") != "conformer_ssl" or "encoder" not in ck:
+        raise common.DataError(f"--pretrained {path}: not a pre-trained encoder of conformer_ssl.py (pretrain.pt)")
+    if ck["config"] != model_config(args):
+        raise common.DataError(f"--pretrained {path}: encoder {ck['config']}, this run's flags {model_config(args)}")
+    return ck["encoder"]
 
 
 def augment(model: Classifier, wave: torch.Tensor, args) -> torch.Tensor:
@@ -556,127 +653,135 @@ def symmetric_kl(p: torch.Tensor, q: torch.Tensor, multi: bool) -> torch.Tensor:
     return ((p - q) * (p.log() - q.log())).sum(1).mean()
 
 
+def train_step(net: nn.Module, model: Classifier, opt, scaler, wave: torch.Tensor, y: torch.Tensor, data: FTData,
+               args, dtype) -> dict:
+    """One fine-tuning update (Sec. 4): two augmented views of the batch in one forward, the task loss of
+    both plus 2 x the symmetric KL between their probabilities (Sec. 4.2). -> the loss, on the device."""
+    views = 2 if args.consistency > 0 else 1
+    with common.autocast(wave.device, dtype):
+        outs = net(torch.cat([augment(model, wave, args) for _ in range(views)]), mel=True).chunk(views)
+    loss = sum(task_loss(o, y, data.pooling, data.multi) for o in outs) / views
+    if views == 2:
+        loss = loss + args.consistency * symmetric_kl(to_probs(outs[0], data.pooling, data.multi),
+                                                      to_probs(outs[1], data.pooling, data.multi), data.multi)
+    common.optimizer_step(loss, opt, scaler)
+    return {"train/loss": loss.detach()}
+
+
 @torch.no_grad()
 def predict(model: Classifier, data: FTData, args, device) -> np.ndarray:
-    """(N, K) clip probabilities of the test rows: whole clips batched, or one variable-length clip
-    at a time (tasks); an unreadable clip scores NaN and is left out of the metric."""
+    """(N, K) float32 clip probabilities of the test rows: whole clips in batches of at least the
+    fine-tuning size, or one variable-length clip at a time (tasks), read in this process; an unreadable
+    clip scores NaN (left out of the metric and counted)."""
     model.eval()
-    y = data.test_y
+    y, dtype = data.test_y, common.amp_dtype(device, args.amp)
     if data.varlen:
         ds, bs = common.VarLenDataset(data.root, data.test_rows, y), 1
     else:
-        ds, bs = common.ClipDataset(data.root, data.test_rows, y, data.segment), args.batch_size
+        ds, bs = common.ClipDataset(data.root, data.test_rows, y, data.segment), max(args.batch_size, 32)
     out = np.full(y.shape, np.nan, np.float32)
-    for batch in common.make_loader(ds, bs, workers=args.workers):
+    for batch in common.make_loader(ds, bs, workers=0):
         if batch is not None:
-            o = model(batch[0].to(device))
-            out[batch[2].numpy()] = to_probs(o, data.pooling, data.multi).cpu().numpy()
+            with common.autocast(device, dtype):
+                o = model(common.to_device(batch, device)[0])
+            out[batch[2].numpy()] = to_probs(o, data.pooling, data.multi).float().cpu().numpy()
     return out
 
 
-def score(data: FTData, probs: np.ndarray) -> float:
-    ok = ~np.isnan(probs).any(1)
-    if data.metric == "mAP" and data.multi:
-        return float(common.tagging_metrics(data.test_y[ok], probs[ok])["mAP"])
-    return float(common.task_score(data.metric, data.test_y[ok], probs[ok]))
+def score(data: FTData, probs: np.ndarray) -> dict:
+    """The test metric on the readable clips: {'score', 'n' (clips scored), 'skipped' (unreadable)}."""
+    return common.readable_scores(data.test_y, probs, lambda y, p: common.task_score(data.metric, y, p))
 
 
-def finetune(args, data: FTData, pretrained: Path | None, folder: Path, seed: int, device) -> dict:
+def finetune(args, data: FTData, encoder: Path | None, weights: dict | None, seed: int, device) -> dict:
     """Stage 2 (Sec. 4): fine-tune every weight (or only the head with --freeze) from the pre-trained
     encoder or from scratch, the same budget for both; two augmented views per batch, BCE (or CE) on
-    both plus the consistency term; tri-stage LR. Resumable; result.json holds the test score."""
-    key = {"data": data.name, "rows": len(data.train_rows), "pretrained": str(pretrained), "seed": seed,
-           **{k: getattr(args, k) for k in ("size", "blocks", "dim", "heads", "ffn", "kernels", "dropout",
-                                            "final_proj", "ft_steps", "ft_lr", "batch_size", "phase_ratio",
-                                            "init_scale", "final_scale", "jitter", "time_mask", "mixup_alpha",
-                                            "consistency", "head_dropout", "freeze", "weight_decay", "max_steps")},
-           "pooling": data.pooling, "balance": data.balance}
-    folder = keyed(folder, key)
-    common.claim_stage(folder, key, args.resume, name="key.json")
-    if (folder / "result.json").exists():
-        return json.loads((folder / "result.json").read_text())
-    common.seed_everything(seed)
-    K = data.train_y.shape[1]
-    model = Classifier(K, data.pooling, args.head_dropout, **model_config(args)).to(device)
-    if pretrained is not None:
-        model.encoder.load_state_dict(common.load_checkpoint(pretrained)["encoder"])
-    if args.freeze:
-        model.encoder.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.ft_lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=args.weight_decay)
-    total = args.ft_steps if args.max_steps is None else min(args.ft_steps, args.max_steps)
-    bs = args.batch_size
-    if data.varlen:  # tasks: training segments of task.max_seconds, each inheriting its clip's labels
-        ds = common.SegmentDataset(data.root, data.train_rows, data.train_y, data.segment,
-                                   durations=common.clip_durations(data.root, data.train_rows))
-    else:
-        ds = common.ClipDataset(data.root, data.train_rows, data.train_y, data.segment)
-    if data.balance:  # Sec. 4.1: classes seen at about equal frequency
-        weights = common.generate_sampling_weights(ds.targets.numpy().astype(np.float64))  # float64: p sums to 1
-        order = np.fromiter(common.WeightedSampler(weights, total * bs, seed=seed), np.int64)
-    else:
-        rng = np.random.default_rng(seed)
-        order = np.concatenate([rng.permutation(len(ds)) for _ in range(-(-total * bs // len(ds)))])
-    dtype = common.amp_dtype(device, args.amp)
-    scaler = common.grad_scaler(device, dtype)
-    state = {"step": 0, "curve": []}
-    if (folder / "last.pt").exists():
-        ck = common.load_checkpoint(folder / "last.pt", device)
-        model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
-        state = ck["state"]
-        print(f"{folder.name}: resumed at step {state['step']}/{total}")
-    logger = common.RunLogger(folder)
-    bar = tqdm(total=total, initial=state["step"], desc=folder.name, leave=False)
-    running = []
-    loader = common.make_loader(ds, bs, sampler=order[state["step"] * bs: total * bs].tolist(), workers=args.workers,
-                                seed=seed + state["step"])
-    for batch in loader:
-        lr = tri_stage_lr(state["step"], total, args.ft_lr, args.phase_ratio, args.init_scale, args.final_scale)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        model.train()
+    both plus the consistency term; tri-stage LR. `weights`: the encoder's, read from `encoder` (its
+    identity names the folder). Resumed exactly from last.pt; result.json holds the test score."""
+    folder = finetune_dir(args, data, encoder, seed)
+    with common.RunLock(folder, wait=True):
+        if common.from_rank0((folder / "result.json").exists()):
+            return common.read_json(folder / "result.json")
+        common.seed_everything(seed)
+        model = Classifier(data.train_y.shape[1], data.pooling, args.head_dropout, **model_config(args)).to(device)
+        if weights is not None:
+            model.encoder.load_state_dict(weights)
+        model.train().encoder.mask_emb.requires_grad_(False)  # no masking here (DDP: every trained weight is used)
         if args.freeze:
-            model.encoder.eval()
-        if batch is not None:
-            wave, y = batch[0].to(device), batch[1].to(device)
-            with common.autocast(device, dtype):  # two augmented views (Sec. 4.2)
-                outs = [model.forward_mel(augment(model, wave, args)) for _ in range(2 if args.consistency > 0 else 1)]
-            loss = sum(task_loss(o, y, data.pooling, data.multi) for o in outs) / len(outs)
-            if len(outs) == 2:  # Sec. 4.2: 2 x symmetric KL between the two views' probabilities
-                loss = loss + args.consistency * symmetric_kl(to_probs(outs[0], data.pooling, data.multi),
-                                                              to_probs(outs[1], data.pooling, data.multi), data.multi)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            running.append(loss.item())
-        state["step"] += 1
-        bar.update(1)
-        if state["step"] % args.log_every == 0 or state["step"] == total:
-            rec = {"step": state["step"], "train/loss": float(np.mean(running)) if running else float("nan"), "lr": lr}
-            state["curve"].append(rec)
-            logger.log({"stage": folder.name, **rec})
-            running = []
-            common.save_checkpoint(folder / "last.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                        "state": state})
-    bar.close()
-    probs = predict(model, data, args, device)
-    res = {"metric": data.metric, "score": score(data, probs), "steps": state["step"], "rows": len(data.train_rows),
-           "init": "scratch" if pretrained is None else "pretrained", "seed": seed, "curve": state["curve"]}
-    common.save_checkpoint(folder / "final.pt", {"model": model.state_dict(), "config": model_config(args),
-                                                 "n_classes": K, "pooling": data.pooling, "multi": data.multi,
-                                                 "args": vars(args), "result": res})
-    (folder / "last.pt").unlink(missing_ok=True)
-    common.write_json(folder / "result.json", res)
-    logger.log({"stage": folder.name, "step": state["step"], f"test/{data.metric}": res["score"]})
+            model.encoder.requires_grad_(False).eval()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=args.ft_lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=args.weight_decay)
+        dtype = common.amp_dtype(device, args.amp)
+        scaler = common.grad_scaler(device, dtype)
+        net = common.compiled(common.wrap_ddp(model), args.compile)
+        total = min(args.ft_steps, args.max_steps or args.ft_steps)
+        n = args.ft_steps * args.batch_size * common.world_size()  # the global order: every process's clips in turn
+        if data.varlen:  # tasks: training segments of task.max_seconds, each inheriting its clip's labels
+            ds = common.SegmentDataset(data.root, data.train_rows, data.train_y, data.segment,
+                                       durations=common.clip_durations(data.root, data.train_rows))
+        else:
+            ds = common.ClipDataset(data.root, data.train_rows, data.train_y, data.segment)
+        if data.balance:  # Sec. 4.1: classes seen at about equal frequency (float64: p sums to 1)
+            w = common.generate_sampling_weights(ds.targets.numpy().astype(np.float64))
+            order = common.WeightedSampler(w, n, seed=seed).epoch_indices(0)
+        else:
+            rng = np.random.default_rng(seed)
+            order = np.concatenate([rng.permutation(len(ds)) for _ in range(-(-n // len(ds)))])
+        state = train_loop(folder, model, opt, scaler, ds, order, total, args.batch_size,
+                           lambda step: tri_stage_lr(step, total, args.ft_lr, args.phase_ratio, args.init_scale,
+                                                     args.final_scale),
+                           lambda batch, step: train_step(net, model, opt, scaler, batch[0], batch[1], data, args,
+                                                          dtype), args, seed)
+        test = common.from_rank0(score(data, predict(model, data, args, device)) if common.is_main() else None)
+        res = {"metric": data.metric, "score": test["score"], "n_test": test["n"], "skipped_test": test["skipped"],
+               "skipped_train": state["skipped"], "steps": state["step"], "rows": len(data.train_rows),
+               "init": "scratch" if encoder is None else "pretrained", "seed": seed, "curve": state["curve"]}
+        common.save_checkpoint(folder / "final.pt", {"script": "conformer_ssl", "model": model.state_dict(),
+                                                     "config": model_config(args), "n_classes": data.train_y.shape[1],
+                                                     "pooling": data.pooling, "multi": data.multi, "args": vars(args),
+                                                     "result": res})
+        if common.is_main():
+            common.write_json(folder / "result.json", res)
+            (folder / "last.pt").unlink(missing_ok=True)
+            common.RunLogger(folder).log({"step": res["steps"], f"test/{data.metric}": res["score"],
+                                          "n_test": res["n_test"]})
     return res
 
 
 def build_classifier(ckpt: dict) -> Classifier:
-    """Rebuild a fine-tuned model from its checkpoint alone."""
+    """Rebuild a fine-tuned model from its checkpoint (final.pt) alone."""
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "conformer_ssl" or "n_classes" not in ckpt:
+        raise common.DataError("not a fine-tuned model of conformer_ssl.py (final.pt)")
     model = Classifier(ckpt["n_classes"], ckpt["pooling"], 0.0, **ckpt["config"])
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def bench_step(device: torch.device, amp: str = "auto", batch_size: int = 8) -> dict:
+    """data/bench.py --steps: one real fine-tuning step (train_step: jitter, log-mel, time mask, mix-up,
+    two views, BCE + consistency, AdamW) and one bare step (the classifier's forward + BCE + AdamW) on a
+    fixed batch of 10 s clips (Sec. 4); 'pretrain': one real pre-training step. The CPU preset on a CPU,
+    cf_L elsewhere."""
+    device = torch.device(device)
+    size = "cpu" if device.type == "cpu" else "L"
+    args = resolve(parse_args(["--amp", amp, "--size", size]), size == "cpu")
+    dtype, g = common.amp_dtype(device, amp), torch.Generator().manual_seed(0)
+    wave = (0.1 * torch.randn(batch_size, 10 * common.SR, generator=g)).to(device)
+    y = (torch.rand(batch_size, 30, generator=g) < 0.1).float().to(device)
+    data = FTData("bench", Path("."), [], y.cpu().numpy(), [], y.cpu().numpy(), True, "mAP", 10.0, False, False,
+                  "linsoft", 1.0, [])
+    model = Classifier(30, "linsoft", 0.0, **model_config(args)).to(device).train()
+    pt = PretrainModel(**model_config(args)).to(device).train()
+    opt, pt_opt = (torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (model, pt))
+    scaler = common.grad_scaler(device, dtype)
+
+    def bare():
+        with common.autocast(device, dtype):
+            loss = task_loss(model(wave), y, "linsoft", True)
+        common.optimizer_step(loss, opt, scaler)
+    return {"step": lambda: train_step(model, model, opt, scaler, wave, y, data, args, dtype),
+            "bare": bare, "clips": batch_size,
+            "pretrain": lambda: pretrain_step(pt, pt_opt, scaler, wave, 0, args, dtype)}
 
 
 # =============================================================================================
@@ -698,6 +803,7 @@ def resolve(args, synthetic: bool, clip_seconds: float = 10.0) -> argparse.Names
     a.head_dropout = a.head_dropout if a.head_dropout is not None else (0.1 if a.task else 0.0)
     a.clip_seconds = clip_seconds
     a.seeds = a.seeds or [a.seed]
+    a.fractions = a.fractions or (list(FRACTIONS) if a.table else [0.1, 1.0])
     corpus = "synth" if synthetic else Path(a.data_root or a.task_root).name
     a.tag = f"{a.size}_{corpus}" + ("" if (a.blocks, a.heads) == (cfg["blocks"], cfg["heads"])
                                     else f"_b{a.blocks}h{a.heads}") + ("" if a.final_proj else "_noproj")
@@ -706,44 +812,116 @@ def resolve(args, synthetic: bool, clip_seconds: float = 10.0) -> argparse.Names
     return a
 
 
-def encoder_for(args, pool: int | None, device) -> Path | None:
-    """The pre-trained encoder (trained once, shared by every fine-tuning run and seed)."""
+def load_data(args) -> tuple[argparse.Namespace, object]:
+    """The labelled data (the corpus, or a task of a task root) and the derived settings; the
+    pre-training manifest and a --pretrained encoder are checked here, before anything is written."""
+    if args.task:
+        args.task_root = str(args.task_root or common.ensure_synthetic_tasks())
+        data = common.read_task(args.task_root, args.task)
+        args = resolve(args, (Path(args.task_root) / "synth_tasks.json").exists())
+    else:
+        data = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
+        args = resolve(args, data.synthetic, data.clip_seconds or 10.0)
+        args.data_root = str(data.root)
+    if args.pretrain not in ("synthetic", "none"):
+        common.read_manifest(args.pretrain)
     if args.pretrained:
-        return Path(args.pretrained)
-    if args.pretrain == "none":
-        return None
-    data = "stream" if args.pretrain == "synthetic" else Path(args.pretrain).stem
-    folder = Path(args.out).parent / f"pretrain_{args.tag}_{data}_{f'pool{pool}' if pool else 'all'}_s{args.seed}"
-    return pretrain(args, folder, pool, device)
+        load_encoder(Path(args.pretrained), args)
+    with torch.device("meta"):
+        args.params = count_params(PretrainModel(**model_config(args)))
+    paper = f" (paper {PAPER_PARAMS[args.size] / 1e6:.1f} M)" if args.size in PAPER_PARAMS else ""
+    print(f"encoder {args.size}: {args.blocks} blocks x {args.dim}-d, {args.heads} heads: {args.params:,} "
+          f"parameters{paper}")
+    return args, data
 
 
-def finetune_many(args, data: FTData, pretrained: Path | None, seeds: list[int], device) -> list[float]:
-    pool = re.search(r"_pool\d+", pretrained.parent.name) if pretrained is not None else None
-    tag = "scratch" if pretrained is None else "pretrained" + (pool.group(0) if pool else "")
-    root = Path(args.out).parent / f"finetune_{args.tag}"
-    suffix = "_frozen" if args.freeze else ""
-    return [finetune(args, data, pretrained, root / f"{tag}{suffix}_{data.name}_s{s}", s, device)["score"]
-            for s in seeds]
+def fig2a_pools(args, corpus: common.Corpus) -> list[dict]:
+    """Fig. 2a: pools of 0.25x / 1x / 4x / 16x the labelled set. A pool at least as large as the clips
+    pre-training draws is never cycled: it is the unbounded stream (reused, stated in the table)."""
+    drawn = min(args.pt_steps, args.max_steps or args.pt_steps) * args.pt_batch_size * common.world_size()
+    pools = [(m, int(round(m * len(corpus.train)))) for m in args.pools]
+    return [{"init": f"pool{m:g}x".replace(".", "_"), "mult": m, "clips": n, "passes": drawn / n,
+             "effective": n if n < drawn else None, "drawn": drawn} for m, n in pools]  # init: a results.json key
 
 
-def mean_sd(x: list[float]) -> str:
-    if not x:
-        return "-"
-    return f"{np.mean(x):.3f} +- {np.std(x, ddof=1):.3f} (n={len(x)})" if len(x) > 1 else f"{x[0]:.3f} (n=1)"
+def pretrain_stage(args, data, device) -> dict:
+    """Stage 1 (Sec. 2): the encoders to fine-tune, {init: pretrain.pt, or None for scratch}: one
+    pre-trained on the stream (or --pool-size clips of it, or a manifest), or one per Fig. 2a pool."""
+    encoders = {"scratch": None}
+    if args.pretrained:
+        encoders["pretrained"] = Path(args.pretrained)
+    elif args.fig:
+        encoders |= {p["init"]: pretrain(args, p["effective"], device) for p in fig2a_pools(args, data)}
+    elif args.pretrain != "none":
+        encoders["pretrained"] = pretrain(args, args.pool_size, device)
+    return encoders
 
 
-def pretrain_summary(path: Path | None) -> dict:
-    if path is None:
-        return {}
+def finetune_stage(args, sets: list[FTData], encoders: dict, device) -> dict:
+    """Stage 2 (Sec. 4): every labelled set x encoder x seed, the same budget for all:
+    {(set name, init): [result per seed]}."""
+    weights = {p: load_encoder(p, args) for p in encoders.values() if p is not None}  # read once, by every rank
+    return {(d.name, init): [finetune(args, d, enc, weights.get(enc), s, device) for s in seeds_for(args, d)]
+            for d in sets for init, enc in encoders.items()}
+
+
+def pretrain_summary(path: Path) -> dict:
     ck = common.load_checkpoint(path)
     curve = ck["curve"]
-    return {"path": str(path), "params": ck["params"], "steps": curve[-1]["step"] if curve else 0,
-            "first": curve[0] if curve else None, "last": curve[-1] if curve else None,
-            "masked_share": float(np.mean([r["masked"] for r in curve])) if curve else None,
-            "seconds": ck["seconds"], "curve": curve}
+    return {"path": str(path), "params": ck["params"], "steps": curve[-1]["step"], "first": curve[0],
+            "last": curve[-1], "masked_share": float(np.mean([r["masked"] for r in curve])),
+            "seconds": ck["seconds"], "skipped": ck["skipped"]}
 
 
-def pretrain_markdown(s: dict, args) -> str:
+def results_table(args, data, sets: list[FTData], encoders: dict, cells: dict, t0: float) -> tuple[dict, str]:
+    """results.json (one row per labelled set: every init's score per seed and their mean) and the
+    paper-style table of the experiment (Table 1, Fig. 2a or a Table 3 row)."""
+    rows = []
+    for d in sets:
+        first = cells[d.name, "scratch"][0]
+        scores = {init: [r["score"] for r in cells[d.name, init]] for init in encoders}
+        rows.append({"set": d.name, "fraction": d.fraction, "clips": len(d.train_rows), "n_test": first["n_test"],
+                     "skipped_test": first["skipped_test"], "scores": scores,
+                     "skipped_train": sum(r["skipped_train"] for init in encoders for r in cells[d.name, init]),
+                     "mean": {init: float(np.mean(v)) for init, v in scores.items()}})
+    kind = "task" if args.task else "fig2a" if args.fig else "table1"
+    res = {"experiment": kind, "size": args.size, "params": args.params, "rows": rows,
+           "pretrain": {init: pretrain_summary(p) for init, p in encoders.items() if p is not None}}
+    if kind == "fig2a":
+        res["pools"] = fig2a_pools(args, data)
+    if kind == "task":
+        res |= {"task": data.name, "metric": data.metric}
+    md = {"table1": table1_markdown, "fig2a": fig2a_markdown, "task": task_markdown}[kind](res, args, data)
+    if kind == "table1" and common.is_main():
+        plot_table1(res, Path(args.out) / "table1.png")
+    skipped = sum(r["skipped_test"] + r["skipped_train"] for r in rows) + sum(
+        s["skipped"] for s in res["pretrain"].values())
+    md += f"\n\nunreadable clips skipped: {skipped} (counted in results.json)" if skipped else ""
+    return res | {"minutes": round((time.time() - t0) / 60, 2)}, md
+
+
+def cell(v: list[float]) -> str:
+    return "-" if not v else f"{v[0]:.3f} (n=1)" if len(v) == 1 else f"{common.mean_std(v, digits=3)} (n={len(v)})"
+
+
+def table1_markdown(res: dict, args, corpus) -> str:
+    rows = []
+    for r in res["rows"]:
+        sc, pr = r["scores"]["scratch"], r["scores"].get("pretrained", [])
+        paper = PAPER_TABLE1.get(r["fraction"], (None, None))
+        rows.append([f"{100 * r['fraction']:g} %", r["clips"], cell(sc), cell(pr),
+                     f"{np.mean(pr) - np.mean(sc):+.3f}" if pr else "-", *(f"{v:.3f}" if v else "-" for v in paper)])
+    title = (f"## Label efficiency (Table 1): {args.size} encoder, fine-tuned on "
+             f"{'the synthetic corpus' if corpus.synthetic else corpus.root} ({args.data}), test mAP on "
+             f"{res['rows'][0]['n_test']} clips" + (", frozen encoder" if args.freeze else ""))
+    table = common.markdown_table(["labelled", "clips", "scratch", "pre-trained", "gain", "paper scratch",
+                                   "paper pre-trained"], rows)
+    return "\n\n".join([title, table, pretrain_markdown(res["pretrain"].get("pretrained"), args),
+                        f"fine-tuning: {args.ft_steps} updates of {args.batch_size} clips for every row and init "
+                        f"(tri-stage LR, peak {args.ft_lr:g}), seeds {args.seeds}"])
+
+
+def pretrain_markdown(s: dict | None, args) -> str:
     if not s:
         return "no pre-training (--pretrain none)"
     first, last = s["first"], s["last"]
@@ -754,34 +932,29 @@ def pretrain_markdown(s: dict, args) -> str:
             f"{args.temperature:g}); masked share {s['masked_share']:.3f} (1-(1-p/L)^L = {expected:.3f})")
 
 
-def run_fractions(args, corpus: common.Corpus, fractions: list[float], device) -> dict:
-    """Table 1: fine-tune from scratch and from the pre-trained encoder on nested label fractions, the
-    same budget for both; all --seeds below --multi-seed-below, the first seed above. The table is
-    rewritten after every fraction, so a stopped run leaves its finished rows."""
-    pt = encoder_for(args, None, device)
-    summary = pretrain_summary(pt)
-    res = {"pretrain": {k: v for k, v in summary.items() if k != "curve"}, "fractions": {}}
-    rows = []
-    title = (f"## Label efficiency (Table 1): {args.size} encoder, fine-tuned on "
-             f"{'the synthetic corpus' if corpus.synthetic else corpus.root} ({args.data}), test mAP"
-             + (", frozen encoder" if args.freeze else ""))
-    for f in fractions:
-        data = corpus_data(args, corpus, f)
-        seeds = args.seeds if f < args.multi_seed_below else args.seeds[:1]
-        sc = finetune_many(args, data, None, seeds, device)
-        pr = finetune_many(args, data, pt, seeds, device) if pt is not None else []
-        paper = PAPER_TABLE1.get(f, (None, None))
-        res["fractions"][str(f)] = {"clips": len(data.train_rows), "scratch": sc, "pretrained": pr, "paper": paper}
-        rows.append([f"{100 * f:g} %", len(data.train_rows), mean_sd(sc), mean_sd(pr),
-                     f"{np.mean(pr) - np.mean(sc):+.3f}" if pr else "-", *(f"{v:.3f}" if v else "-" for v in paper)])
-        table = common.markdown_table(["labelled", "clips", "scratch", "pre-trained", "gain", "paper scratch",
-                                       "paper pre-trained"], rows)
-        md = "\n\n".join([title, table, pretrain_markdown(summary, args),
-                          f"fine-tuning: {args.ft_steps} updates of {args.batch_size} clips for every row and init "
-                          f"(tri-stage LR, peak {args.ft_lr:g}), seeds {args.seeds}"])
-        common.write_results(args.out, res, md)
-    plot_table1(res, Path(args.out) / "table1.png")
-    return {"results": res, "markdown": md}
+def fig2a_markdown(res: dict, args, corpus) -> str:
+    low, full = res["rows"][0], res["rows"][-1]
+    header = ["pool", "clips", "passes", "final pt loss / acc", f"mAP at {100 * low['fraction']:g} %", "mAP at 100 %"]
+    rows = [["none (scratch)", "-", "-", "-", cell(low["scores"]["scratch"]), cell(full["scores"]["scratch"])]]
+    for p in res["pools"]:
+        last = res["pretrain"][p["init"]]["last"]
+        rows.append([f"{p['mult']:g}x", p["clips"], f"{p['passes']:.1f}" + ("" if p["effective"] else " (= stream)"),
+                     f"{last['train/loss']:.3f} / {last['train/acc']:.3f}", cell(low["scores"][p["init"]]),
+                     cell(full["scores"][p["init"]])])
+    return "\n\n".join([f"## Pre-training pool size (Fig. 2a): {args.size} encoder, {res['pools'][0]['drawn']} clips "
+                        f"drawn in pre-training, labelled set {len(corpus.train)} clips",
+                        common.markdown_table(header, rows)])
+
+
+def task_markdown(res: dict, args, task) -> str:
+    paper = PAPER_TABLE3.get(task.name, (task.metric, None, None))
+    inits = [[r["scores"][i][0] for r in res["rows"]] if i in res["rows"][0]["scores"] else []
+             for i in ("scratch", "pretrained")]
+    row = [task.name, task.metric, len(res["rows"]), *(cell(v) for v in inits),
+           *(f"{v}" if v else "-" for v in paper[1:])]
+    return "\n\n".join([f"## Downstream task {task.name} (Table 3 style), {args.size} encoder, mean over splits",
+                        common.markdown_table(["task", "metric", "splits", "scratch", "pre-trained", "paper cf_S",
+                                               "paper cf_L"], [row])])
 
 
 def plot_table1(res: dict, path: Path) -> None:
@@ -791,112 +964,38 @@ def plot_table1(res: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return  # optional dependency: no plot
-    fr = [float(f) for f in res["fractions"]]
+    fr = [r["fraction"] for r in res["rows"]]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for init in ("scratch", "pretrained"):
-        m = [np.mean(v[init]) if v[init] else np.nan for v in res["fractions"].values()]
-        s = [np.std(v[init]) if len(v[init]) > 1 else 0 for v in res["fractions"].values()]
-        ax.errorbar(fr, m, yerr=s, marker="o", capsize=3, label=init)
+        v = [r["scores"].get(init, []) for r in res["rows"]]
+        ax.errorbar(fr, [np.mean(x) if x else np.nan for x in v], yerr=[np.std(x) if len(x) > 1 else 0 for x in v],
+                    marker="o", capsize=3, label=init)
     ax.set(xscale="log", xlabel="labelled fraction", ylabel="test mAP", title="Table 1: label efficiency")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def run_fig2a(args, corpus: common.Corpus, device) -> dict:
-    """Fig. 2a: pre-training pools of 0.25x / 1x / 4x / 16x the labelled set, each fine-tuned at a low
-    and at the full fraction. A pool larger than the clips the schedule draws is never cycled, so it
-    is the unbounded stream (reused, stated in the table)."""
-    low, full = (args.fractions or [0.1, 1.0])[0], 1.0
-    n_lab = len(corpus.train)
-    drawn = min(args.pt_steps, args.max_steps or args.pt_steps) * args.pt_batch_size
-    rows, res = [], {"labelled": n_lab, "drawn": drawn, "pools": {}}
-    scratch = {f: finetune_many(args, corpus_data(args, corpus, f), None, args.seeds if f < 1 else args.seeds[:1],
-                                device) for f in (low, full)}
-    rows.append(["none (scratch)", "-", "-", "-", mean_sd(scratch[low]), mean_sd(scratch[full])])
-    res["scratch"] = scratch
-    header = ["pool", "clips", "passes", "final pt loss / acc", f"mAP at {100 * low:g} %", "mAP at 100 %"]
-    title = (f"## Pre-training pool size (Fig. 2a): {args.size} encoder, {drawn} clips drawn in pre-training, "
-             f"labelled set {n_lab} clips")
-    for mult in args.pools:
-        pool = int(round(mult * n_lab))
-        effective = pool if pool < drawn else None
-        pt = encoder_for(args, effective, device)
-        s = pretrain_summary(pt)
-        sc = {f: finetune_many(args, corpus_data(args, corpus, f), pt, args.seeds if f < 1 else args.seeds[:1],
-                               device) for f in (low, full)}
-        res["pools"][str(mult)] = {"clips": pool, "effective": effective, "pretrain_last": s["last"], **sc}
-        rows.append([f"{mult:g}x", pool, f"{drawn / pool:.1f}" + ("" if effective else " (= stream)"),
-                     f"{s['last']['train/loss']:.3f} / {s['last']['train/acc']:.3f}", mean_sd(sc[low]),
-                     mean_sd(sc[full])])
-        md = "\n\n".join([title, common.markdown_table(header, rows)])
-        common.write_results(args.out, res, md)
-    return {"results": res, "markdown": md}
-
-
-PAPER_TABLE3 = {"esc50": ("accuracy", 80.7, 88.0), "fsdkaggle2019_curated": ("lwlrap", 50.3, 61.1),
-                "fsdkaggle2019_noisy": ("lwlrap", 33.2, 40.1)}
-
-
-def run_task(args, device) -> dict:
-    """Table 3 style: a downstream task through the task reader, mean pooling + linear, fine-tuned
-    from scratch and from the pre-trained encoder on every split (k-fold: mean over folds)."""
-    task = common.read_task(args.task_root, args.task)
-    splits = common.task_splits(task)[: args.folds]
-    pt = encoder_for(args, None, device)
-    res = {"task": task.name, "metric": task.metric, "splits": [s[0] for s in splits]}
-    for init, path in (("scratch", None), ("pretrained", pt)):
-        if init == "pretrained" and pt is None:
-            continue
-        res[init] = [finetune_many(args, task_data(args, task, sp), path, args.seeds[:1], device)[0] for sp in splits]
-    paper = PAPER_TABLE3.get(task.name, (task.metric, None, None))
-    row = [task.name, task.metric, len(splits), mean_sd(res["scratch"]), mean_sd(res.get("pretrained", [])),
-           *(f"{v}" if v else "-" for v in paper[1:])]
-    md = "\n\n".join([f"## Downstream task {task.name} (Table 3 style), {args.size} encoder",
-                      common.markdown_table(["task", "metric", "splits", "scratch", "pre-trained", "paper cf_S",
-                                             "paper cf_L"], [row])])
-    return {"results": res, "markdown": md}
-
-
 # =============================================================================================
-# main: pre-train -> fine-tune -> table, each run skipped when its output exists
+# main: pre-train -> fine-tune -> table; every stage is reused when its output exists
 # =============================================================================================
-def run(args: argparse.Namespace) -> dict:
-    device = common.pick_device(args.device)
-    if args.task:
-        args.task_root = str(args.task_root or common.ensure_synthetic_tasks())
-        args = resolve(args, (Path(args.task_root) / "synth_tasks.json").exists())
-        corpus = None
-    else:
-        corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
-        clip = json.loads((corpus.root / "synth.json").read_text())["clip_seconds"] if corpus.synthetic else 10.0
-        args = resolve(args, corpus.synthetic, clip)
-    out = Path(args.out)
-    skip = ("workers", "device", "amp", "resume", "out", "name", "log_every")
-    common.claim_stage(out, {k: v for k, v in vars(args).items() if k not in skip}, args.resume, name="key.json")
-    common.save_config(out, args)
-    model = PretrainModel(**model_config(args))
-    n = count_params(model)
-    paper = f" (paper {PAPER_PARAMS[args.size] / 1e6:.1f} M)" if args.size in PAPER_PARAMS else ""
-    print(f"encoder {args.size}: {args.blocks} blocks x {args.dim}-d, {args.heads} heads: {n:,} parameters{paper}")
-    t0 = time.time()
-    if args.task:
-        r = run_task(args, device)
-    elif args.fig:
-        r = run_fig2a(args, corpus, device)
-    else:
-        r = run_fractions(args, corpus, args.fractions or (list(FRACTIONS) if args.table else [0.1, 1.0]), device)
-    r["results"].update(params=n, size=args.size, minutes=round((time.time() - t0) / 60, 2))
-    common.write_results(out, r["results"], r["markdown"])
-    print(r["markdown"])
-    return r["results"]
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    run(args)
+    common.setup_ddp()
+    try:
+        args, data = load_data(args)
+        device, _ = common.setup_device(args)
+        identity = common.identity(args, ignore=("log_every", "tag", "params")) | {"world": common.world_size()}
+        with common.claim_run(args.out, "conformer_ssl", identity, args.resume, OUTPUTS):
+            if args.resume and (Path(args.out) / "results.json").exists():  # a finished run with these settings
+                return common.read_json(Path(args.out) / "results.json")
+            t0, sets = time.time(), labelled_sets(args, data)
+            encoders = pretrain_stage(args, data, device)  # Sec. 2
+            cells = finetune_stage(args, sets, encoders, device)  # Sec. 4
+            return common.report(args.out, *results_table(args, data, sets, encoders, cells, t0))
+    finally:
+        common.cleanup_ddp()
 
 
 if __name__ == "__main__":

@@ -3109,70 +3109,253 @@ def test_ssl_augment_one_time_mask_and_mixup_weight(one_thread):
         assert lam >= 0.5 - 1e-4 or torch.allclose(out[0], m2[0])
 
 
-def test_ssl_end_to_end_save_reload_resume(tiny_root, tmp_path, capsys, one_thread):
+def test_ssl_end_to_end_save_reload_reuse(tiny_root, tmp_path, capsys, one_thread):
     out = tmp_path / "run"
-    conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1"))
-    res = json.loads((out / "results.json").read_text())
-    assert set(res["fractions"]) == {"1.0"} and res["size"] == "cpu"
-    for f in res["fractions"].values():
-        assert all(0 < s <= 1 for s in f["scratch"] + f["pretrained"]) and len(f["pretrained"]) == 1
-    assert res["pretrain"]["steps"] == 3 and 0.15 < res["pretrain"]["masked_share"] < 0.45
+    res = conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1"))
+    assert res == json.loads((out / "results.json").read_text()) and res["size"] == "cpu"
+    (row,) = res["rows"]
+    assert row["fraction"] == 1.0 and row["n_test"] == 24 and row["skipped_test"] == row["skipped_train"] == 0
+    scores = row["scores"]["scratch"] + row["scores"]["pretrained"]
+    assert len(scores) == 2 and all(0 < s <= 1 for s in scores)
+    assert res["pretrain"]["pretrained"]["steps"] == 3 and 0.15 < res["pretrain"]["pretrained"]["masked_share"] < 0.45
     md = (out / "results.md").read_text()
     assert "0.415" in md and "accuracy of the positive" in md
-    pt = list(tmp_path.glob("pretrain_cpu_synth_stream_all_s0_*/pretrain.pt"))
-    assert len(pt) == 1
-    ck = C.load_checkpoint(pt[0])
+    (pt,) = tmp_path.glob("pretrain-*/pretrain.pt")  # the stage beside the run folder, named by its settings
+    ck = C.load_checkpoint(pt)
     assert [r["step"] for r in ck["curve"]] == [1, 2, 3] and all(np.isfinite(r["train/loss"]) for r in ck["curve"])
     # reload a fine-tuned model from its checkpoint alone: the same test score
-    finals = sorted(tmp_path.glob("finetune_cpu_synth/pretrained_corpus_f1_s0_*/final.pt"))
-    assert len(finals) == 1
-    fck = C.load_checkpoint(finals[0])
-    model = conformer_ssl.build_classifier(fck)
-    corpus = C.load_corpus(str(tiny_root), "full")
+    (final,) = tmp_path.glob("finetune/corpus_f1_pretrained_s0-*/final.pt")
+    model = conformer_ssl.build_classifier(C.load_checkpoint(final))
     args = conformer_ssl.resolve(conformer_ssl.parse_args(_ssl_argv(tiny_root, out)), True, 4.0)
-    data = conformer_ssl.corpus_data(args, corpus, 1.0)
-    score = conformer_ssl.score(data, conformer_ssl.predict(model, data, args, torch.device("cpu")))
-    assert score == pytest.approx(res["fractions"]["1.0"]["pretrained"][0], abs=1e-6)
-    # a second run with the same settings reuses every stage; other settings in the same folder are refused
-    n_logs = len(list(tmp_path.rglob("log.jsonl")))
+    data = conformer_ssl.corpus_data(args, C.load_corpus(str(tiny_root), "full"), 1.0)
+    test = conformer_ssl.score(data, conformer_ssl.predict(model, data, args, torch.device("cpu")))
+    assert test["score"] == row["scores"]["pretrained"][0] and test["n"] == 24
+    # a finished run is returned as it is; other settings in its folder are refused naming the flag
+    logs = {p: p.read_text() for p in tmp_path.rglob("log.jsonl")}
     capsys.readouterr()
-    conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1"))
-    assert "pretrain:" not in capsys.readouterr().err and len(list(tmp_path.rglob("log.jsonl"))) == n_logs
-    with pytest.raises(C.DataError, match="ft_lr"):
+    assert conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1")) == res
+    assert "pre-training" not in capsys.readouterr().out
+    assert logs == {p: p.read_text() for p in tmp_path.rglob("log.jsonl")}  # no stage ran again
+    with pytest.raises(C.DataError, match="--ft-lr 0.001 \\(now 0.1\\)"):
         conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1", "--ft-lr", "0.1"))
+    # --no-resume starts the run folder afresh: only this script's files go, the shared stages are reused
+    (out / "notes.txt").write_text("mine")
+    again = conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1", "--no-resume"))
+    assert again["rows"] == res["rows"] and again["pretrain"] == res["pretrain"]
+    assert (out / "notes.txt").read_text() == "mine" and len(list(tmp_path.glob("pretrain-*"))) == 1
 
 
-def test_ssl_pretraining_resumes_mid_run(tiny_root, tmp_path, capsys, monkeypatch, one_thread):
-    """Killed after 2 of 4 updates (checkpoint every update), pre-training continues at step 3."""
-    args = conformer_ssl.resolve(conformer_ssl.parse_args(_ssl_argv(tiny_root, tmp_path / "r", "--pt-steps", "4")),
-                                 True, 4.0)
-    real, calls = conformer_ssl.contrastive_loss, []
+def test_ssl_killed_anywhere_resumes_bit_identical(tiny_root, tmp_path, one_thread):
+    """Exact resume: SIGKILLed mid pre-training (resumes at the stream offset with the same masks), while
+    writing a fine-tuning checkpoint (RNG states restored) and right after pretrain.pt (between the
+    stages), then run again with the same command: the scores, the pre-training curve and every
+    fine-tuning curve equal an uninterrupted run's bit for bit, and no temp file is left."""
+    argv = lambda root: _ssl_argv(tiny_root, root / "run", "--fractions", "1", "--pt-lr", "0.01", "--ft-lr", "0.01",
+                                  "--init-scale", "1", "--final-scale", "1")
 
-    def dying(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(conformer_ssl, "contrastive_loss", dying)
-    with pytest.raises(KeyboardInterrupt):
-        conformer_ssl.encoder_for(args, None, torch.device("cpu"))
-    monkeypatch.setattr(conformer_ssl, "contrastive_loss", real)
-    capsys.readouterr()
-    path = conformer_ssl.encoder_for(args, None, torch.device("cpu"))
-    assert "resumed at step 2/4" in capsys.readouterr().out
-    assert [r["step"] for r in C.load_checkpoint(path)["curve"]] == [1, 2, 3, 4]
-    assert not (path.parent / "last.pt").exists()
+    def facts(root: Path):
+        res = json.loads((root / "run" / "results.json").read_text())
+        cells = {p.parent.name.rsplit("-", 1)[0]: C.read_json(p)["curve"] for p in root.glob("finetune/*/result.json")}
+        return res["rows"], res["pretrain"]["pretrained"]["first"], res["pretrain"]["pretrained"]["last"], cells
+    conformer_ssl.main(argv(tmp_path / "ref"))  # uninterrupted, in this process (one thread, as the subprocesses)
+    ref = facts(tmp_path / "ref")
+    assert len(ref[3]) == 2 and all(len(c) == 2 for c in ref[3].values())
+    # log_every 1: writes 1-3 are pre-training's last.pt, 4 pretrain.pt, 5-6 the scratch cell's last.pt
+    for kill in ("step:2", "write:6", "saved:4"):
+        root = tmp_path / kill.replace(":", "_")
+        killed_then_resumed("conformer_ssl.py", argv(root), kill)
+        assert facts(root) == ref, kill
+        assert leftovers(root) == []
+        steps = [json.loads(l)["step"] for l in next(root.glob("pretrain-*/log.jsonl")).read_text().splitlines()]
+        assert steps == [1, 2, 3], kill  # each log line once
+
+
+SPY = '''"""Test spy, loaded by every process of the torchrun test: records each rank's file writes and deletes;
+rank 0 publishes pretrain.pt late, so a rank that reads it without waiting at the barrier finds nothing."""
+import builtins, io, os, time
+if os.environ.get("RANK") is not None:
+    _rank, _open, _replace, _unlink = os.environ["RANK"], builtins.open, os.replace, os.unlink
+
+    def _note(what, path):
+        with _open(os.path.join(os.environ["SPY_DIR"], f"rank{_rank}.txt"), "a") as f:
+            f.write(f"{what} {path}\\n")
+
+    def _open_spy(file, mode="r", *a, **k):
+        if any(m in mode for m in "wax+"):
+            _note("open", file)
+        return _open(file, mode, *a, **k)
+
+    def _replace_spy(src, dst, *a, **k):
+        if _rank == "0" and str(dst).endswith("pretrain.pt"):
+            time.sleep(3)
+        _note("replace", dst)
+        return _replace(src, dst, *a, **k)
+
+    def _unlink_spy(path, *a, **k):
+        _note("unlink", path)
+        return _unlink(path, *a, **k)
+    builtins.open = io.open = _open_spy
+    os.replace, os.unlink = _replace_spy, _unlink_spy
+'''
+
+
+def test_ssl_torchrun_two_processes_rank0_writes_after_barriers(tiny_root, tmp_path):
+    """DDP: pre-train -> fine-tune -> table under torchrun with 2 gloo processes. Rank 1 writes and deletes
+    nothing; rank 0 publishes pretrain.pt 3 s late and rank 1 still reads the complete file (the barrier
+    after pretrain.pt: without it rank 1 fails to read it); one set of outputs, each log line once."""
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(SPY)
+    out = tmp_path / "ddp" / "run"
+    run_cli("conformer_ssl.py", *_ssl_argv(tiny_root, out, "--fractions", "1"), nproc=2,
+            env={"PYTHONPATH": str(spy), "SPY_DIR": str(spy)})
+    assert not (spy / "rank1.txt").exists()  # rank 1 never wrote, published or deleted a file
+    written = (spy / "rank0.txt").read_text()
+    assert "pretrain.pt" in written and "results.json" in written and "result.json" in written
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["rows"][0]["scores"]["pretrained"]) == 1 and res["pretrain"]["pretrained"]["steps"] == 3
+    (stage,) = (tmp_path / "ddp").glob("pretrain-*")
+    assert C.read_json(stage / "stage.json")["world"] == 2
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "ddp" / "finetune").iterdir()) == \
+        ["corpus_f1_pretrained_s0", "corpus_f1_scratch_s0"]
+    assert [json.loads(l)["step"] for l in (stage / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert leftovers(tmp_path / "ddp") == [] and not list((tmp_path / "ddp").rglob("last.pt"))
+
+
+def test_ssl_ranks_draw_disjoint_shards_of_every_update(monkeypatch):
+    """The stream's global order holds every process's clips of one update in turn; each rank's shard of
+    what is left after a resume is disjoint from the other's, and together they are the update's clips."""
+    args = conformer_ssl.resolve(conformer_ssl.parse_args(["--pt-steps", "4", "--pt-batch-size", "3"]), True)
+    monkeypatch.setattr(C, "world_size", lambda: 2)
+    _, order = conformer_ssl.unlabelled_data(args, None)
+    assert len(order) == 4 * 3 * 2 and len(set(order)) == 24  # the unbounded stream: never a clip twice
+    shares = []
+    for r in (0, 1):
+        monkeypatch.setattr(C, "rank", lambda r=r: r)
+        shares.append(C.shard(order[6:]))  # resumed after update 1: offset 6 clips
+    for step in range(3):
+        a, b = (set(s[3 * step: 3 * step + 3]) for s in shares)
+        assert not a & b and a | b == set(order[6 + 6 * step: 12 + 6 * step])
+    _, pool = conformer_ssl.unlabelled_data(args, 5)  # a finite pool (Fig. 2a): clip j % 5
+    assert pool.tolist() == [j % 5 for j in range(24)]
+
+
+def test_ssl_bf16_on_cpu_and_float32_scores(tiny_root, tmp_path, one_thread):
+    """AMP: both stages' steps under --amp bf16 on CPU; the saved scores are float32."""
+    out = tmp_path / "bf16"
+    res = conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1", "--amp", "bf16", "--pt-steps", "2"))
+    assert all(0 < s <= 1 for s in res["rows"][0]["scores"]["pretrained"] + res["rows"][0]["scores"]["scratch"])
+    assert np.isfinite(res["pretrain"]["pretrained"]["last"]["train/loss"])
+    (final,) = tmp_path.glob("finetune/corpus_f1_pretrained_s0-*/final.pt")
+    args = conformer_ssl.resolve(conformer_ssl.parse_args(_ssl_argv(tiny_root, out, "--amp", "bf16")), True, 4.0)
+    data = conformer_ssl.corpus_data(args, C.load_corpus(str(tiny_root), "full"), 1.0)
+    probs = conformer_ssl.predict(conformer_ssl.build_classifier(C.load_checkpoint(final)), data, args,
+                                  torch.device("cpu"))
+    assert probs.dtype == np.float32
+    assert conformer_ssl.score(data, probs)["score"] == res["rows"][0]["scores"]["pretrained"][0]
+
+
+def test_ssl_bench_step_runs_both_steps(one_thread):
+    b = conformer_ssl.bench_step(torch.device("cpu"), "none", batch_size=2)
+    for k in ("step", "bare", "pretrain"):
+        b[k]()
+    assert b["clips"] == 2
+
+
+def test_ssl_step_functions_do_not_sync_with_the_host():
+    """GPU-ready step: no .item(), .cpu(), float(tensor), .numpy() or .tolist() in the per-step path."""
+    import inspect
+    sync = re.compile(r"\.item\(|\.cpu\(|(?<![.\w])float\((?![\"'])|\.numpy\(|\.tolist\(")
+    assert sync.search("loss.item()") and sync.search("float(x)") and not sync.search("x.float() + float('inf')")
+    fns = (conformer_ssl.train_loop, conformer_ssl.train_step, conformer_ssl.pretrain_step, conformer_ssl.augment,
+           conformer_ssl.contrastive_loss, conformer_ssl.sample_negatives, conformer_ssl.task_loss,
+           conformer_ssl.symmetric_kl, conformer_ssl.to_probs, C.optimizer_step, C.Mean.add, C.to_device)
+    for fn in fns:
+        assert not sync.search(inspect.getsource(fn)), fn.__name__
+
+
+@pytest.mark.parametrize("argv", [
+    ["--pt-steps", "0"], ["--pt-steps", "-3"], ["--ft-steps", "0"], ["--batch-size", "0"], ["--pt-batch-size", "0"],
+    ["--pt-lr", "0"], ["--pt-lr", "nan"], ["--ft-lr", "-1"], ["--fractions", "1.5"], ["--fractions", "0"],
+    ["--mask-prob", "1.5"], ["--temperature", "0"], ["--dropout", "1"], ["--num-negatives", "0"], ["--pools", "0"],
+    ["--phase-ratio", "0.5", "0.5", "0.5"], ["--kernels", "4", "15"], ["--log-every", "0"], ["--pool-size", "0"],
+    ["--pt-seconds", "nan"], ["--time-mask", "2"], ["--mixup-alpha", "-1"], ["--folds", "0"], ["--pt-warmup", "2"],
+    ["--seeds", "-1"], ["--seed", "-1"], ["--task", "x", "--table", "1"], ["--fig", "2a", "--pretrain", "none"]])
+def test_ssl_bad_flags_are_one_line_usage_errors(argv, tmp_path, capsys):
+    """Bad input: every numeric flag is range-checked at parse time: exit 2, one line naming it, nothing written."""
+    with pytest.raises(SystemExit) as e:
+        conformer_ssl.main(argv + ["--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and ": error: argument " in err[-1] and argv[0] in err[-1], err
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "o").exists()
+
+
+def _ssl_bad_inputs(tiny_root: Path, tmp: Path) -> list:
+    """(argv, expected message) cases of bad files and folders (made here)."""
+    torch.save({"model": {}, "state": {}}, tmp / "psl_final.pt")  # another script's checkpoint
+    (tmp / "bytes.pt").write_bytes(os.urandom(300))
+    cfg = conformer_ssl.model_config(conformer_ssl.resolve(conformer_ssl.parse_args(["--size", "S"]), True))
+    torch.save({"script": "conformer_ssl", "encoder": {}, "config": cfg}, tmp / "pretrain_S.pt")
+    (tmp / "a_file").write_text("mine")
+    (tmp / "psl_run").mkdir()
+    (tmp / "psl_run" / "config.json").write_text(json.dumps({"script": "psl", "identity": {}}))
+    (tmp / "user_dir").mkdir()
+    (tmp / "user_dir" / "results.json").write_text("mine")
+    (tmp / "bad.tsv").write_text("filename\tlabels\nclip.wav no-tab-here\n")
+    bad_root = tmp / "bad_root"
+    bad_root.mkdir()
+    for p in tiny_root.glob("*.*"):
+        shutil.copy(p, bad_root / p.name)
+    (bad_root / "balanced_train.tsv").write_text("filename\tlabels\nx.wav\t/m/unknown\n")
+    ok = ["--data-root", str(tiny_root), "--out", str(tmp / "o")]
+    return [(ok + ["--pretrained", str(tmp / "psl_final.pt")], "not a pre-trained encoder of conformer_ssl.py"),
+            (ok + ["--pretrained", str(tmp / "bytes.pt")], "not readable as a checkpoint"),
+            (ok + ["--pretrained", str(tmp / "missing.pt")], "not readable as a checkpoint"),
+            (ok + ["--pretrained", str(tmp / "pretrain_S.pt")], "this run's flags"),
+            (ok + ["--pretrain", str(tmp / "missing.tsv")], "manifest not found"),
+            (ok + ["--pretrain", str(tmp / "bad.tsv")], "bad.tsv:2: expected"),
+            (["--data-root", str(tmp / "nowhere"), "--out", str(tmp / "o")], "data root not found"),
+            (["--data-root", str(bad_root), "--out", str(tmp / "o")], "row 1 (x.wav): unknown label id"),
+            (["--task", "nope", "--task-root", str(bad_root), "--out", str(tmp / "o")], "tasks.json: not found"),
+            (ok[:2] + ["--out", str(tmp / "a_file")], "exists and is not a folder"),
+            (ok[:2] + ["--out", str(tmp / "a_file" / "sub")], "cannot write the run folder"),
+            (ok[:2] + ["--out", "/proc/conformer_ssl_run"], "cannot write the run folder"),
+            (ok[:2] + ["--out", str(tmp / "psl_run")], "a run folder of psl.py"),
+            (ok[:2] + ["--out", str(tmp / "user_dir"), "--no-resume"], "holds results.json, not written by")]
+
+
+def test_ssl_bad_inputs_are_one_line_errors_and_touch_no_user_file(tiny_root, tmp_path):
+    """Bad input: foreign or broken checkpoints, missing / malformed metadata, --out a file, under a file,
+    unwritable, another script's run or a user's folder: one line naming it, before any work; no file of
+    the user's is changed or removed, no run or stage folder is made."""
+    cases = _ssl_bad_inputs(tiny_root, tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for argv, match in cases:
+        with pytest.raises(C.DataError, match=re.escape(match)) as e:
+            conformer_ssl.main(argv + ["--workers", "0", "--pt-steps", "1", "--ft-steps", "1"])
+        assert "\n" not in str(e.value), argv
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("pretrain-*"))
+
+
+def test_ssl_second_run_on_the_same_folder_is_refused(tiny_root, tmp_path):
+    """Two runs on one folder: the second is refused with one line (the run folder's lock), writing nothing."""
+    out = tmp_path / "locked"
+    with C.RunLock(out):
+        with pytest.raises(C.DataError, match="in use by another run"):
+            conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1"))
+    assert [p.name for p in out.iterdir()] == [".lock"] and not list(tmp_path.glob("pretrain-*"))
 
 
 def test_ssl_downstream_task_through_the_task_reader(tiny_tasks, tmp_path, one_thread):
     """Table 3 style: a single-label k-fold task, mean pooling + linear, one fold, both inits."""
     out = tmp_path / "task"
-    conformer_ssl.main(_ssl_argv(tiny_tasks, out, "--task", "sound_novel", "--task-root", str(tiny_tasks),
-                                 "--folds", "1")[2:])
-    res = json.loads((out / "results.json").read_text())
-    assert res["task"] == "sound_novel" and res["metric"] == "accuracy" and len(res["splits"]) == 1
-    assert all(0 <= s <= 1 for s in res["scratch"] + res["pretrained"]) and res["size"] == "cpu"
-    ck = C.load_checkpoint(next(tmp_path.glob("finetune_cpu_synth/pretrained_sound_novel_*/final.pt")))
+    res = conformer_ssl.main(_ssl_argv(tiny_tasks, out, "--task", "sound_novel", "--task-root", str(tiny_tasks),
+                                       "--folds", "1")[2:])
+    assert res["task"] == "sound_novel" and res["metric"] == "accuracy" and len(res["rows"]) == 1
+    scores = res["rows"][0]["scores"]
+    assert all(0 <= s <= 1 for s in scores["scratch"] + scores["pretrained"]) and res["size"] == "cpu"
+    ck = C.load_checkpoint(next(tmp_path.glob("finetune/sound_novel_*_pretrained_s0-*/final.pt")))
     assert ck["pooling"] == "mean" and ck["multi"] is False
 
 
