@@ -632,67 +632,6 @@ def main(argv: list[str] | None = None) -> None:
     seeds_table(a.row, a.key or ["mAP"], a.out)
 
 
-# ---------------------------------------------------------------------------------------------
-# Old idiom (TRANSITION ONLY: deleted once every script uses claim_run / stage_dir / save_state)
-# ---------------------------------------------------------------------------------------------
-def run_settings(args, ignore=()):
-    return identity(args, (*ignore, "max_steps", "teacher_dir"))
-
-
-_flag_diff = flag_diff
-
-
-def claim_run_folder(out: str | Path, settings: dict, resume: bool, what: str = "run") -> None:
-    """Before a run writes anything: refuse to resume a folder made with other settings (one line
-    naming the differing flags); with resume off, start afresh by removing a folder this program
-    made (it has our config.json with an identity), never anything else."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder")
-    cfg = out / "config.json"
-    old = json.loads(cfg.read_text()).get("identity") if cfg.exists() else None
-    if old is not None and old != settings and resume:
-        raise DataError(f"{out}: this {what} was made with other settings: {_flag_diff(old, settings)}; "
-                        f"use another --out, or --no-resume to start it afresh")
-    if not resume and old is not None and is_main():
-        for p in out.iterdir():  # our own outputs; the lock file is kept (held by this run)
-            if p.name != ".lock":
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def claim_stage(folder: str | Path, settings: dict, resume: bool = True, name: str = "stage.json",
-                hint: str = "another --out or --no-resume") -> None:
-    """A stage (or run) folder keyed by the settings that change its result, saved as <folder>/<name>:
-    a folder made with other settings is refused with one line naming them; resume=False starts
-    afresh a folder this program keyed (it holds <name>), never anything else."""
-    folder, settings = Path(folder), json.loads(json.dumps(settings, default=str))
-    path = folder / name
-    if path.exists() and not resume:
-        shutil.rmtree(folder)
-    elif path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff:
-            raise DataError(f"{folder}: made with other settings ({', '.join(diff)}); use {hint}")
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(path, settings)
-
-
-def save_config(out: str | Path, args: argparse.Namespace, settings: dict | None = None) -> None:
-    """config.json = every flag (+ the identity, settings and their hash, that claim_run_folder checks)."""
-    if is_main():
-        Path(out).mkdir(parents=True, exist_ok=True)
-        ident = {} if settings is None else {"identity": settings, "identity_hash": settings_hash(settings)}
-        write_json(Path(out) / "config.json", {**vars(args), **ident})
-
-
-def write_results(out: str | Path, results: dict, markdown: str) -> None:
-    """results.json (machine-readable) and results.md (the paper-style table)."""
-    if is_main():
-        write_json(Path(out) / "results.json", results)
-        (Path(out) / "results.md").write_text(markdown.rstrip() + "\n")
-
-
 def paper_heading(corpus, what: str = "paper") -> str:
     """Column heading for the paper's AudioSet numbers: plain on an AudioSet-like corpus (real, 527
     classes), flagged on any other corpus, where they are a reference, not a comparison."""

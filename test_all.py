@@ -3613,13 +3613,13 @@ def test_run_identity_refuses_other_settings_and_no_resume_is_fresh(tiny_root, t
     assert "\n" not in str(e.value) and (out / "log.jsonl").read_text() == "stale\n"  # nothing written
     with pytest.raises(C.DataError, match="--lr"):
         psla.main(base + ["--lr", "0.5"])
-    C.claim_run_folder(out, settings, resume=True)  # same settings: resumes
-    C.claim_run_folder(out, {"other": 1}, resume=False)  # --no-resume: fresh
-    assert not (out / "log.jsonl").exists() and not (out / "config.json").exists()
+    C.claim_run(out, "psla", settings, True, psla.OUTPUTS).__exit__()  # same settings: resumes
+    C.claim_run(out, "psla", {"other": 1}, False, psla.OUTPUTS).__exit__()  # --no-resume: fresh
+    assert not (out / "log.jsonl").exists()  # the earlier run's log went with it
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    C.claim_run_folder(mine, settings, resume=False)
+    C.claim_run(mine, "psla", settings, False, psla.OUTPUTS).__exit__()
     assert (mine / "notes.txt").read_text() == "keep"  # never deletes what it did not make
 
 
