@@ -926,28 +926,24 @@ def main(argv: list[str] | None = None) -> dict | None:
     if argv[:1] == ["embed"]:
         return embed(argv[1:])
     args = resolve(parse_args(argv))
-    common.setup_ddp()
-    device, _ = common.setup_device(args)
-    with common.claim_run(args.out, "at_transfer", run_identity(args), args.resume, OUTPUTS):
-        tasks = read_tasks(args)
-        earlier = common.read_json(Path(args.out) / "results.json") if (Path(args.out) / "results.json").exists() \
-            else {"upstreams": {}, "cells": []}  # cells of earlier invocations (other tasks / modes / upstreams)
-        cells = {(c["arch"], c["task"], c["mode"]): c for c in earlier["cells"]}
-        upstreams = earlier["upstreams"]
-        for arch in args.arches:
-            upstreams[arch] = upstream(args, arch, device)  # Sec. 4.2.1, Table 2
-            for task in tasks:
-                for mode in args.mode:  # Sec. 4.2.2, Table 3
-                    cells[(arch, task.name, mode)] = run_cell(args, task, mode, arch, upstreams[arch]["ckpt"],
-                                                              common.RunLogger(args.out), device)
-        results = {"upstreams": upstreams, "cells": list(cells.values())}
-        common.report(args.out, results, at_markdown(results, args))
-    common.cleanup_ddp()
+    with common.distributed():
+        device, _ = common.setup_device(args)
+        with common.claim_run(args.out, "at_transfer", run_identity(args), args.resume, OUTPUTS):
+            tasks = read_tasks(args)
+            done = Path(args.out) / "results.json"  # cells of earlier invocations (other tasks / modes / upstreams)
+            earlier = common.read_json(done) if done.exists() else {"upstreams": {}, "cells": []}
+            cells = {(c["arch"], c["task"], c["mode"]): c for c in earlier["cells"]}
+            upstreams = earlier["upstreams"]
+            for arch in args.arches:
+                upstreams[arch] = upstream(args, arch, device)  # Sec. 4.2.1, Table 2
+                for task in tasks:
+                    for mode in args.mode:  # Sec. 4.2.2, Table 3
+                        cells[(arch, task.name, mode)] = run_cell(args, task, mode, arch, upstreams[arch]["ckpt"],
+                                                                  common.RunLogger(args.out), device)
+            results = {"upstreams": upstreams, "cells": list(cells.values())}
+            common.report(args.out, results, at_markdown(results, args))
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.DataError as e:
-        sys.exit(f"error: {e}")
+    common.cli(main)

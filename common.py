@@ -174,6 +174,25 @@ def cleanup_ddp() -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def distributed():
+    """`with common.distributed():` around a script's stages: torchrun's process group (setup_ddp)
+    for the block, destroyed however it ends; a plain `python` run has none."""
+    setup_ddp()
+    try:
+        yield
+    finally:
+        cleanup_ddp()
+
+
+def cli(main) -> None:
+    """A script's entry point: bad input (DataError) is one line and a non-zero exit, no traceback."""
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -1705,7 +1724,4 @@ def ensemble_predictions(preds: list[np.ndarray]) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    cli(main)

@@ -982,8 +982,7 @@ def plot_table1(res: dict, path: Path) -> None:
 # =============================================================================================
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    common.setup_ddp()
-    try:
+    with common.distributed():
         args, data = load_data(args)
         device, _ = common.setup_device(args)
         identity = common.identity(args, ignore=("log_every", "tag", "params")) | {"world": common.world_size()}
@@ -994,12 +993,7 @@ def main(argv: list[str] | None = None) -> dict:
             encoders = pretrain_stage(args, data, device)  # Sec. 2
             cells = finetune_stage(args, sets, encoders, device)  # Sec. 4
             return common.report(args.out, *results_table(args, data, sets, encoders, cells, t0))
-    finally:
-        common.cleanup_ddp()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.DataError as e:
-        sys.exit(f"error: {e}")
+    common.cli(main)

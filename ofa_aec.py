@@ -1084,16 +1084,12 @@ def main(argv: list[str] | None = None):
     threads = torch.get_num_threads()
     if args.threads and common.pick_device(args.device).type == "cpu":
         torch.set_num_threads(args.threads)
-    common.setup_ddp()
     try:
-        return fig3(args) if args.fig3 else run(args)
+        with common.distributed():
+            return fig3(args) if args.fig3 else run(args)
     finally:
         torch.set_num_threads(threads)
-        common.cleanup_ddp()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.DataError as e:
-        sys.exit(f"error: {e}")
+    common.cli(main)

@@ -866,15 +866,9 @@ def main(argv: list[str] | None = None):
         raise common.DataError("psl.py seeds is now: python common.py seeds --row NAME RUN... --row ... --key mAP")
     teacher_only = argv[:1] == ["teacher"]
     args = parse_args(argv[1:] if teacher_only else argv)
-    common.setup_ddp()
-    try:
+    with common.distributed():
         return run_teacher(args) if teacher_only else run_table(args) if args.table else run(args)
-    finally:
-        common.cleanup_ddp()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.DataError as e:
-        sys.exit(f"error: {e}")
+    common.cli(main)

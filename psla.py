@@ -1014,8 +1014,7 @@ def main(argv=None) -> dict:
     if argv[:1] == ["ensemble"]:
         return ensemble_main(argv[1:])
     args = parse_args(argv)
-    common.setup_ddp()
-    try:
+    with common.distributed():
         corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
         resolve_schedule(args, corpus.synthetic, corpus.root)
         device, amp = common.setup_device(args)
@@ -1031,12 +1030,7 @@ def main(argv=None) -> dict:
             wa = weight_averaging(args, corpus, out, trained, device, amp)  # Sec. VI-A
             ens = ensembles(out, trained["history"])  # Sec. VI-B
             return write_report(args, corpus, out, trained, wa, ens)
-    finally:
-        common.cleanup_ddp()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.DataError as e:  # bad input: one line, non-zero exit
-        sys.exit(f"error: {e}")
+    common.cli(main)
