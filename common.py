@@ -583,6 +583,34 @@ def readable_scores(y_true: np.ndarray, scores: np.ndarray, metric=None) -> dict
     return m | {"n": int(ok.sum()), "skipped": int((~ok).sum())}
 
 
+def apply_preset(args: argparse.Namespace, presets: dict, script: str) -> argparse.Namespace:
+    """--preset auto|paper|cpu (every script, issue 20): `auto` is the paper's schedule where the paper's
+    compute exists (a CUDA GPU) and the CPU preset otherwise, whatever the corpus; the preset fills every
+    flag left at None (a flag given on the command line wins). Prints one line: the preset and why."""
+    device = pick_device(getattr(args, "device", "auto"))
+    if args.preset != "auto":
+        why = "--preset " + args.preset
+    elif device.type == "cuda":
+        args.preset, why = "paper", f"auto: a GPU ({torch.cuda.get_device_name(device)})"
+    else:
+        args.preset, why = "cpu", f"auto: no CUDA GPU ({device.type}); --preset paper for the paper's schedule"
+    given = [k for k in presets[args.preset] if getattr(args, k) is not None]
+    for k, v in presets[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if is_main():
+        print(f"{script}: preset {args.preset} ({why})" + (f"; given flags kept: {', '.join(given)}" if given else ""),
+              flush=True)
+    return args
+
+
+def plateau_report(values: list[float], higher: bool = True, tol: float = 0.005) -> dict:
+    """A stage's convergence line for its log and results.json: whether validation reached a plateau
+    (`plateau`: the last quarter gained <= tol over the best before it), the best and the last values."""
+    return {"plateau": plateau(values, higher, tol), "tolerance": tol, "validations": len(values),
+            "best": (max if higher else min)(values) if values else None, "last": values[-1] if values else None}
+
+
 def plateau(values: list[float], higher: bool = True, tol: float = 0.005) -> bool:
     """Whether a validation curve reached a plateau: its last quarter of validations (at least 2) gained
     no more than `tol` over the best before them (at least 4 validations in all)."""

@@ -851,6 +851,22 @@ def test_shard_plateau_readable_scores():
     assert m == {"score": 1.0, "n": 2, "skipped": 1}
 
 
+def test_apply_preset_by_device_flags_win_and_plateau_report(capsys):
+    """--preset auto is cpu without a CUDA GPU (whatever the corpus), paper when asked; a given flag
+    wins over the preset; one line names the preset and the reason."""
+    import argparse
+    presets = {"cpu": {"epochs": 3, "lr": 1e-3}, "paper": {"epochs": 100, "lr": 1e-4}}
+    a = C.apply_preset(argparse.Namespace(preset="auto", device="cpu", epochs=None, lr=0.5), presets, "x")
+    assert (a.preset, a.epochs, a.lr) == ("cpu", 3, 0.5)
+    assert capsys.readouterr().out == "x: preset cpu (auto: no CUDA GPU (cpu); --preset paper for the paper's " \
+                                      "schedule); given flags kept: lr\n"
+    a = C.apply_preset(argparse.Namespace(preset="paper", device="cpu", epochs=None, lr=None), presets, "x")
+    assert (a.preset, a.epochs, a.lr) == ("paper", 100, 1e-4) and "(--preset paper)" in capsys.readouterr().out
+    r = C.plateau_report([0.1, 0.3, 0.3, 0.299, 0.3])
+    assert r == {"plateau": True, "tolerance": 0.005, "validations": 5, "best": 0.3, "last": 0.3}
+    assert not C.plateau_report([0.1, 0.2, 0.3, 0.4])["plateau"] and C.plateau_report([])["best"] is None
+
+
 def test_seeds_table_mean_std_and_paired(tmp_path):
     runs = {}
     for row, vals in (("base", [0.5, 0.6, 0.7]), ("new", [0.6, 0.8, 0.7])):
