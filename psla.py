@@ -32,11 +32,11 @@ Deviations from the paper and the official code (numbered as in the README):
  1. The synthetic default trains from scratch (no ImageNet weights exist offline); the paper's
     path is `--imagenet PATH|url` (torchvision's published EfficientNet weights, not the
     efficientnet_pytorch files the authors used; same architecture and parameter count).
- 2. On the synthetic corpus the schedule is scaled to a CPU budget, keeping its shape: 6 epochs,
+ 2. Without a CUDA GPU (--preset cpu) the schedule is scaled to a CPU budget, keeping its shape: 6 epochs,
     batch 16, LR halved every epoch after epoch 3, WA over epochs 5-6 (LR at 1/4), 9 warm-up steps,
     "single model" = mean of the last 2 epochs.
     The paper's values (60/30 epochs, batch 100, halving every 5 after 35/10, 1,000 warm-up
-    steps) apply on real data or when given as flags.
+    steps) come with --preset paper (the default on a GPU) or as single flags.
  3. Frequency pooling is a mean over the whole frequency axis (the official AvgPool(4, 1) only
     works for 128 bins); warm-up is a smooth linear ramp (the official one trains at LR 0 for 50
     steps and rises in steps of 50); weight averaging counts every epoch once (the official code
@@ -157,7 +157,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--teacher", type=str, default=None,
                    help="a finished psla.py run folder as teacher (its wa.pt, else last.pt). Default: train one, "
                         "this recipe with the original labels, in a shared folder beside --out (deviation 10)")
-    g = p.add_argument_group("optimisation (Sec. II-B); unset = the paper's values, scaled on the synthetic corpus")
+    g = p.add_argument_group("optimisation (Sec. II-B); unset = the preset's values")
+    g.add_argument("--preset", default="auto", choices=["auto", "paper", "cpu"],
+                   help="auto: paper on a CUDA GPU (Sec. II-B for --data), else cpu (deviation 2), whatever the corpus")
     g.add_argument("--epochs", type=common.POSITIVE_INT, default=None, help="60 balanced / 30 full")
     g.add_argument("--batch-size", type=common.POSITIVE_INT, default=None, help="100")
     g.add_argument("--lr", type=common.POSITIVE, default=None, help="1e-3 balanced / 1e-4 full")
@@ -186,12 +188,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def resolve_schedule(args: argparse.Namespace, synthetic: bool, root: Path | None = None) -> None:
-    """Derived values, computed once: unset optimisation flags take the paper's (or scaled) values."""
-    preset = SYNTH_SCHEDULE if synthetic else PAPER_SCHEDULE[args.data]
-    for k, v in preset.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+def resolve_schedule(args: argparse.Namespace, root: Path | None = None) -> None:
+    """Derived values, computed once: unset optimisation flags take the preset's values (--preset: the
+    paper's schedule for --data on a GPU, the CPU schedule of deviation 2 otherwise, whatever the corpus)."""
+    common.apply_preset(args, {"cpu": SYNTH_SCHEDULE, "paper": PAPER_SCHEDULE[args.data]}, "psla")
     if args.balanced_sampling is None:
         args.balanced_sampling = args.data != "balanced"  # as the official recipes
     if args.wa_start is None:  # first epoch whose LR is 1/4 of the initial one (41 / 16 in the paper)
@@ -633,6 +633,7 @@ def train(args, corpus: common.Corpus, rows: list, out: Path, device, amp) -> di
                   "train/short": common.all_sum(state["short"])}
         record |= common.from_rank0(evaluate(model, evals, epoch, out, args, device, amp) if common.is_main() else None)
         state["history"].append(record)
+        record["plateau"] = convergence(state["history"])["plateau"]  # so far (issue 20): in every log line
         if epoch >= args.wa_start:  # Sec. VI-A
             common.save_checkpoint(out / "weights" / f"e{epoch:03d}.pt", {"model": model.state_dict()})
         if selected(state["history"]) is record:
@@ -641,7 +642,18 @@ def train(args, corpus: common.Corpus, rows: list, out: Path, device, amp) -> di
         state.update(epoch=epoch + 1, offset=0, skipped=0, short=0)
         checkpoint()
         log.log(record)  # after last.pt: a kill in between loses this line, never doubles it
-    return state | {"config": config, "minutes": minutes(), "parameters": count_parameters(model)}
+    conv = convergence(state["history"])
+    if common.is_main():
+        print(f"{out}: {'a plateau' if conv['plateau'] else 'NO plateau'} in validation "
+              f"(last quarter of {conv['validations']} epochs within {conv['tolerance']} of the best before)")
+    return state | {"config": config, "minutes": minutes(), "parameters": count_parameters(model), "convergence": conv}
+
+
+def convergence(history: list[dict]) -> dict:
+    """Whether the stage reached a plateau (issue 20): valid mAP per epoch, else the training loss."""
+    if history and "valid/mAP" in history[-1]:
+        return common.plateau_report([r["valid/mAP"] for r in history])
+    return common.plateau_report([r["train/loss"] for r in history], higher=False)
 
 
 @torch.no_grad()
@@ -963,7 +975,7 @@ def write_report(args, corpus: common.Corpus, out: Path, trained: dict, wa: dict
     results = {"last_n": {k: float(np.mean([r[f"eval/{k}"] for r in lastn])) for k in keys}
                | {"mAP_std": float(np.std([r["eval/mAP"] for r in lastn]))},
                "best": {"epoch": best["epoch"], **{k: best[f"eval/{k}"] for k in keys}},
-               "valid_plateau": common.plateau([r["valid/mAP"] for r in history]) if "valid/mAP" in best else None,
+               "convergence": trained["convergence"],
                **({"wa": wa} if wa else {}), "checkpoint_ensemble": ens, "last_AP": metrics(targets, last)["AP"],
                "epochs": history[-1]["epoch"], "best_epoch": best["epoch"], "steps": trained["step"],
                "parameters": trained["parameters"], "classes": corpus.labels.names, "minutes": trained["minutes"],
@@ -985,7 +997,8 @@ def write_report(args, corpus: common.Corpus, out: Path, trained: dict, wa: dict
           f"parameters; data {args.data} ({'synthetic' if corpus.synthetic else corpus.root}); ImageNet: "
           f"{args.imagenet or 'no'}; balanced sampling {args.balanced_sampling}; masking F={args.freqm} "
           f"T={args.timem}; mix-up rate {args.mixup}, alpha {args.mixup_alpha}; labels {args.label_enhance}; "
-          f"{results['epochs']} epochs, {results['steps']} steps, {results['minutes']:.1f} min.\n\nEval set. Paper "
+          f"{results['epochs']} epochs, {results['steps']} steps, {results['minutes']:.1f} min; validation "
+          f"{'reached' if results['convergence']['plateau'] else 'did NOT reach'} a plateau.\n\nEval set. Paper "
           f"column: {args.data} AudioSet, EfficientNet-B2, the paper's row with the same techniques: {name}; WA and "
           f"checkpoint ensemble with all techniques (Tables IX, X).\n\n"
           + common.markdown_table(["model", "mAP", "mAUC", "d'", common.paper_heading(corpus, "paper mAP")], rows)
@@ -1016,7 +1029,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     with common.distributed():
         corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
-        resolve_schedule(args, corpus.synthetic, corpus.root)
+        resolve_schedule(args, corpus.root)
         device, amp = common.setup_device(args)
         out, key = Path(args.out), teacher_identity(args, corpus)  # a bad --teacher: one line, before any work
         with common.claim_run(out, "psla", run_identity(args, corpus) | {"teacher": key}, args.resume, OUTPUTS):

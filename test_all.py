@@ -1402,15 +1402,18 @@ def test_psla_enhance_labels_on_a_toy_ontology():
 
 
 def test_psla_learning_rate_schedule():
-    a = psla.parse_args(["--data", "balanced"])
-    psla.resolve_schedule(a, synthetic=False)
+    a = psla.parse_args(["--data", "balanced", "--preset", "paper"])
+    psla.resolve_schedule(a)
     assert (a.epochs, a.lr, a.batch_size, a.wa_start, a.balanced_sampling) == (60, 1e-3, 100, 41, False)
     lr = lambda e, s=10_000: psla.learning_rate(a, e, s)
     assert lr(35) == 1e-3 and lr(36) == 5e-4 and lr(40) == 5e-4 and lr(41) == 2.5e-4 and lr(46) == 1.25e-4
     assert np.isclose(psla.learning_rate(a, 1, 0), 1e-6) and np.isclose(psla.learning_rate(a, 1, 499), 5e-4)
-    f = psla.parse_args(["--data", "full"])
-    psla.resolve_schedule(f, synthetic=False)
+    f = psla.parse_args(["--data", "full", "--preset", "paper"])
+    psla.resolve_schedule(f)
     assert (f.epochs, f.lr, f.wa_start, f.balanced_sampling) == (30, 1e-4, 16, True)
+    c = psla.parse_args(["--data", "full", "--device", "cpu"])  # auto without a GPU: the CPU schedule, on any corpus (issue 20)
+    psla.resolve_schedule(c)
+    assert (c.preset, c.epochs, c.lr, c.wa_start) == ("cpu", 6, 1e-3, 5)
 
 
 def test_psla_end_to_end_save_reload_resume_enhance_ensemble(tiny_root, tmp_path):
@@ -1425,7 +1428,9 @@ def test_psla_end_to_end_save_reload_resume_enhance_ensemble(tiny_root, tmp_path
     for f in ("config.json", "log.jsonl", "results.json", "results.md", "last.pt", "best.pt", "wa.pt",
               "weights/e002.pt", "preds/eval_e001.npy", "preds/eval_e002.npy", "preds/eval_wa.npy"):
         assert (run / f).exists(), f
-    assert res["epochs"] == 2 and len(open(run / "log.jsonl").readlines()) == 2
+    log = [json.loads(line) for line in open(run / "log.jsonl")]  # one line per epoch, each with its plateau
+    assert res["epochs"] == 2 and len(log) == 2 and log[-1]["plateau"] == res["convergence"]["plateau"]
+    assert res["convergence"]["validations"] == 2 and not res["convergence"]["plateau"]  # too short to tell
     for key in ("last_n", "best", "wa"):
         assert 0 < res[key]["mAP"] <= 1 and 0 <= res[key]["mAUC"] <= 1
     assert res["checkpoint_ensemble"]["models"] == 2 and len(res["last_AP"]) == 30 and res["wa"]["n"] == 24
@@ -3628,7 +3633,7 @@ def test_paper_column_is_flagged_off_audioset(tiny_root):
 def _psla_identity(root, argv):
     a = psla.parse_args(argv)
     corpus = C.load_corpus(str(root))
-    psla.resolve_schedule(a, corpus.synthetic, corpus.root)
+    psla.resolve_schedule(a, corpus.root)
     return a, psla.run_identity(a, corpus) | {"teacher": None}
 
 
