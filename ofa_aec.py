@@ -30,11 +30,13 @@ removed). The teacher, its soft labels and the log-mel features are shared stage
 clip's path, size and modification time).
 
 Deviations from the paper (numbered as in the README):
- 1. CPU preset (`--preset cpu`, the default on the synthetic corpus): CNN10 at 1/8 width (8-16-32-64
+ 1. CPU preset (`--preset cpu`, the default without a CUDA GPU): CNN10 at 1/8 width (8-16-32-64
     channels, FC 64), 1 s synthetic clips (101 frames), 100 steps per 100K paper iterations (teacher
     400, supernet 100 + 200, baselines 100, fine-tuning +10 / +100: the paper's ratios), time masks
     < 7 frames (64 of 1,001 frames scaled to 101). Budgets and tolerance are fractions of the full
-    model's size (0.8M of 5.22M = 15.3 %, ...). `--preset paper` restores 64-128-256-512, 10 s clips,
+    model's size (0.8M of 5.22M = 15.3 %, ...), so they hold other architectures than the paper's
+    windows (`counts`: the 0.8 +- 0.2M window holds 10 sub-networks at 1/8 width and 30 classes, 4 at
+    the paper's size). `--preset paper` (the default on a GPU) restores 64-128-256-512, 10 s clips,
     100K steps, T = 64.
  2. BatchNorm statistics are re-estimated for every candidate (once-for-all practice, not the paper's
     text) on a fixed subset of up to 2,000 clean training clips, batch 200, batch-size-weighted
@@ -114,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("preset and front-end")
     g.add_argument("--preset", default="auto", choices=["auto", "paper", "cpu"],
                    help="paper: CNN10 64-128-256-512, 10 s clips, 100K-step unit; cpu: 1/8 width, 1 s clips, "
-                        "100-step unit (deviation 1); auto: cpu on the synthetic corpus, else paper")
+                        "100-step unit (deviation 1); auto: paper on a CUDA GPU, else cpu, whatever the corpus")
     g.add_argument("--width-mult", type=common.POSITIVE, default=None,
                    help="CNN10 channel multiplier (paper 1.0, cpu 0.125)")
     g.add_argument("--unit-steps", type=common.POSITIVE_INT, default=None,
@@ -178,10 +180,7 @@ def resolve(a: argparse.Namespace) -> tuple[argparse.Namespace, common.Corpus]:
     checks that need it (before anything is written)."""
     a = copy.copy(a)
     synthetic = a.data_root is None or (Path(a.data_root) / "synth.json").exists()
-    a.preset = a.preset if a.preset != "auto" else "cpu" if synthetic else "paper"
-    for k, v in PRESETS[a.preset].items():  # what the flags leave unset
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    common.apply_preset(a, PRESETS, "ofa_aec")  # what the flags leave unset
     a.frontend = a.frontend if a.frontend != "auto" else "panns16k" if synthetic else "panns32k"
     a.eval_every = a.eval_every or max(1, a.unit_steps // 10)
     a.name = a.name or f"{a.preset}_{a.elastic_depth.replace(',', '')}" + ("_efc" if a.elastic_fc else "") + \
@@ -625,14 +624,28 @@ def train(model: CNN10, folder: Path, args, data: Data, targets: np.ndarray, tot
                 record = {"stage": folder.name, "step": state["step"], "train/loss": loss.read(),
                           **(validate(model) if common.is_main() else {})}
                 state["curve"].append(record)
+                record["plateau"] = convergence(state["curve"])["plateau"]  # so far (issue 20): in every log line
                 common.save_state(folder / "last.pt", model, opt, scaler, **state)
                 logger.log(record)
         bar.close()
+        state["convergence"] = conv = convergence(state["curve"])
+        if common.is_main():
+            print(f"{folder.name}: {'a plateau' if conv['plateau'] else 'NO plateau'} in validation (last quarter of "
+                  f"{conv['validations']} validations within {conv['tolerance']} of the best before)")
         save_model(final, model, args, data, info=state)
         common.barrier()  # final.pt is written before any process reads it
     ck = common.load_checkpoint(final, device)
     model.load_state_dict(ck["model"])
     return ck["info"]
+
+
+def convergence(curve: list[dict]) -> dict:
+    """Whether a stage reached a plateau (issue 20): its validation mAP (the supernet's: the largest
+    sub-network's), else the training loss."""
+    key = next((k for k in curve[-1] if k.startswith("val/")), None) if curve else None
+    if key:
+        return common.plateau_report([r[key] for r in curve])
+    return common.plateau_report([r["train/loss"] for r in curve], higher=False)
 
 
 # =============================================================================================
@@ -853,6 +866,10 @@ def flat_maps(res: dict) -> dict:
     return out
 
 
+def plateau_word(info: dict) -> str:
+    return {True: "yes", False: "NO"}.get(info.get("convergence", {}).get("plateau"), "unknown (given)")
+
+
 def ofa_markdown(res: dict, args, data: Data) -> str:
     """results.md: Table 1 (with compute), Fig. 4's candidate spread, the exports, Table 2."""
     t_map, full, s_info, base, searched = (res["teacher"]["mAP"], res["teacher"]["params"], res["supernet"],
@@ -879,7 +896,9 @@ def ofa_markdown(res: dict, args, data: Data) -> str:
           f"classes), {args.frontend} log-mels, {data.frames} frames, {SPACES[args.elastic_depth]} with widths "
           f"{args.widths}, elastic FC {args.elastic_fc}, BN recalibration {args.bn_recal}; unit = {args.unit_steps} "
           f"steps per 100K paper iterations; data {args.data} ({len(data.train_idx)} clips; eval scored on "
-          f"{res['n']['eval']} clips; skipped unreadable: {data.skipped}); {res['minutes']:.1f} min.", "",
+          f"{res['n']['eval']} clips; skipped unreadable: {data.skipped}); {res['minutes']:.1f} min. Validation "
+          f"plateau (last quarter within {common.plateau_report([])['tolerance']} mAP of the best before): teacher "
+          f"{plateau_word(t_info)}, supernet {plateau_word(s_info)}.", "",
           "## Table 1 (eval mAP %; compute: optimiser steps, sub-network passes, forward MACs)", "",
           common.markdown_table(["model", "params (% of full)", "mAP %", "% of teacher", "compute", "paper"], t1), "",
           f"## Fig. 4: candidates per budget ({SPACES[args.elastic_depth]})", "",

@@ -2769,6 +2769,11 @@ def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys, 
                                "OFA_800k_+10K", "OFA_800k_+100K", "Init_800k_+100K", "OFA_1800k_+10K",
                                "OFA_1800k_+100K", "Init_1800k_+100K"}
     assert res["n"]["eval"] == 24 and res["skipped"]["eval"] == 0
+    # issue 20: every stage reports whether validation reached a plateau (one validation: too few to tell)
+    for info in (res["teacher"]["info"], res["supernet"]):
+        assert info["convergence"]["validations"] == 1 and info["convergence"]["plateau"] is False
+    assert all("plateau" in json.loads(line) for line in (out / "supernet" / "log.jsonl").read_text().splitlines())
+    assert "Validation plateau" in (out / "results.md").read_text()
     # save -> reload -> eval: the exported checkpoint alone rebuilds the sub-network; TorchScript agrees
     s = res["searched"]["0.8"]
     ck = C.load_checkpoint(s["checkpoint"])
