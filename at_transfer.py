@@ -12,10 +12,12 @@ Paper, Table 2 (AudioSet eval): MBv2 3.0 M params, mAP 40.6, mAUC 97.1, d' 2.695
 2.546. Table 3 pattern: frozen beats scratch on every sound task (e.g. ESC-50 59.90 -> 92.20), frozen is far
 worse on speech (SPCV2 96.18 -> 49.13), fine-tuning beats scratch on speech by 0.3-0.7 points (VL: scratch wins).
 
-    python at_transfer.py                                   # CPU preset: upstream + synthetic suite, 3 modes
+    python at_transfer.py                                   # upstream + synthetic suite, 3 modes (CPU: cpu preset)
     python at_transfer.py --upstream-ckpt runs/psl/dir_ma/final.pt --task-scale 0.4 --epochs 24 --patience 6 \
         --trials 3 --name direction                          # the direction run (README): a converged psl.py MA
-    python at_transfer.py --task-root data/tasks --upstream both --preset paper   # converted public datasets
+    python at_transfer.py --data-root data/audioset --task-root data/tasks --upstream both   # AudioSet + converted
+                                                            # public datasets (paper preset on a GPU)
+    python at_transfer.py --task-root data/tasks --mode scratch   # the scratch column alone: no upstream
     torchrun --nproc_per_node=2 at_transfer.py ...          # DDP: each rank trains on its shard of every epoch
     python at_transfer.py embed --ckpt runs/at_transfer/upstream_mbv2-<hash>/final.pt --out emb a.wav b.wav
     python common.py seeds --row NAME RUN... --key cells.0.mean   # a cell over runs with other --seed
@@ -23,34 +25,46 @@ worse on speech (SPCV2 96.18 -> 49.13), fine-tuning beats scratch on speech by 0
 The upstream is trained once in a stage folder beside the run, `upstream_<arch>-<hash of its settings>`,
 or given (`--upstream-ckpt`: ours or a psl.py machine annotator); the frozen column's embeddings are a stage
 too (`frozen_<arch>_<task>-<hash>`). Run the same command again after a kill: it continues exactly where it
-stopped (`--no-resume`: the run's cells afresh). More `--trials`, tasks or modes extend a run folder.
+stopped (`--no-resume`: the run's cells afresh). More `--trials`, tasks or modes extend a run folder; the
+upstream is not part of a run's key (scratch cells read none), but every frozen / fine-tuned cell of an
+architecture in one folder reads the same upstream (upstreams.json; another one is refused in one line).
+
+Presets (`--preset auto`: paper on a CUDA GPU, cpu otherwise, whatever the corpus; printed at start with the
+reason; a flag given on the command line wins). Validation of the upstream is per epoch (`--evals-per-epoch`), so
+a command works unchanged on another corpus. Every training stage logs, in its last validation line and its
+result, whether validation reached a plateau (common.plateau_report), the upstream first.
+Per dataset (PAPER_RECIPE, Sec. 4.2.2, printed where it overrides tasks.json): FSD18 is trained with BCE, FSD19 /
+Vox1 / FSC / VL on 4 s segments. A task is a "speech" row by tasks.json's "domain" (data/prepare.py writes it).
 
 Deviations from the paper (numbered as in the README, which gives the measurements behind them):
  1. The upstream validates on the held-out valid.tsv; the paper on the balanced subset, which is inside the
-    full training set (`--valid-on train`).
- 2. CPU preset (`--preset cpu`, the default on the synthetic corpus without a GPU): upstream 3 epochs,
-    2 validations per epoch, lr 1e-3 (1e-4 barely moves in a few epochs); scratch / fine-tune <= 12 epochs,
-    patience 4, lr 1e-3, batch 16 (the tasks at scale 0.2 have 60-308 training clips); frozen <= 500 epochs,
-    patience 50 (a linear head on cached embeddings); the first HEAR split of k-fold tasks; 1 trial (a
-    pipeline check). `--preset paper` gives every value of Sec. 4.2.
+    full training set (`--valid-on balanced`: balanced_train.tsv; also the choice without a valid.tsv).
+ 2. CPU preset (`--preset cpu`, the default without a CUDA GPU): upstream 3 epochs, 2 validations per epoch,
+    lr 1e-3 (1e-4 barely moves in a few epochs); scratch / fine-tune <= 12 epochs, patience 4, lr 1e-3, batch
+    16 (the tasks at scale 0.2 have 60-308 training clips); frozen <= 500 epochs, patience 50 (a linear head on
+    cached embeddings); the first HEAR split of k-fold tasks; 1 trial (a pipeline check); deviations 6 and 7
+    on. `--preset paper` gives every value of Sec. 4.2, with 6 and 7 off.
  3. Not given in the paper, our choices: 2 SpecAugment masks per axis (widths 96 / 12 are the paper's); a
-    plain Linear head; single-label scores are the softmax of the mean frame logits; the synthetic tasks'
-    speech-like classes are the "speech" rows.
+    plain Linear head; single-label scores are the softmax of the mean frame logits; a task without a
+    Table 3 row gets the pattern of the paper's rows of its domain (tasks.json "domain") in the paper column.
  4. Evaluation stacks equal-length clips without padding (batch size 1 in the paper: identical in eval
     mode). Frozen training averages only the real frames of a clip's shorter last segment.
  5. k-fold tasks use the HEAR rotation (test fold i, validation fold i+1); `--protocol paper` selects
     checkpoints on the test fold as the paper's text says.
- 6. BatchNorm statistics are re-estimated on 4 clean training batches before every validation and after the
-    top-4 averaging (`--bn-batches 0`: the paper): at lr 1e-3 the running averages lag the weights, and an
-    average's statistics fit none of its members (upstream valid mAP 0.18 after one epoch; 0.25 re-estimated).
- 7. The frozen head reads the embeddings standardised per dimension with the training frames' mean / std, as
-    HEAR's and BYOL-A's linear evaluations do (`--no-frozen-standardize`: raw): our upstream's raw embeddings
-    are dominated by one direction, and a linear head on them plateaued at loss 1.1 on 60 clips.
+ 6. CPU preset: BatchNorm statistics are re-estimated on 4 clean training batches before every validation and
+    after the top-4 averaging (`--bn-batches 0`, the paper and its preset: off): at lr 1e-3 the running averages
+    lag the weights, and an average's statistics fit none of its members (upstream valid mAP 0.18 after one
+    epoch; 0.25 re-estimated).
+ 7. CPU preset: the frozen head reads the embeddings standardised per dimension with the training frames' mean /
+    std, as HEAR's and BYOL-A's linear evaluations do (`--no-frozen-standardize`, the paper and its preset: raw):
+    our upstream's raw embeddings are dominated by one direction, and a linear head on them plateaued at loss 1.1
+    on 60 clips.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -93,17 +107,34 @@ ALIASES = {"esc50": "ESC-50", "us8k": "US8K", "urbansound8k": "US8K", "fsd18": "
            "voxlingua107": "VL", "fsc": "FSC", "fluentspeechcommands": "FSC", "spcv1": "SPCV1", "scv1": "SPCV1",
            "speechcommandsv1": "SPCV1", "spcv111": "SPCV1", "scv111": "SPCV1", "spcv2": "SPCV2", "scv2": "SPCV2",
            "scv235": "SPCV2", "speechcommandsv2": "SPCV2", "speechcommands": "SPCV2"}
-SPEECH = {"Vox1", "VL", "FSC", "SPCV1", "SPCV2", "keywords", "speaker"}  # bottom half of Table 3
+SPEECH = {"Vox1", "VL", "FSC", "SPCV1", "SPCV2"}  # bottom half of Table 3 (tasks.json without a "domain")
+# Sec. 4.2.2 per dataset, where it differs from what the converters write: BCE for FSD18 (single-label data, but
+# "replaced by BCE for multi-label datasets (FSD50k, FSD18, FSD19)"); 4 s training segments for FSD19 ("4 seconds
+# for the Vox1, FSD19, FSC, and VL datasets"; 10 s for FSD18 and FSD50k, as converted)
+PAPER_RECIPE = {"FSD18": {"loss": "bce"}, "FSD19-C": {"max_seconds": 4.0}, "FSD19-N": {"max_seconds": 4.0},
+                "Vox1": {"max_seconds": 4.0}, "FSC": {"max_seconds": 4.0}, "VL": {"max_seconds": 4.0}}
 MODES = ("scratch", "frozen", "finetune")
-# deviation 2: the CPU preset; `--preset paper` = Sec. 4.2.1 / 4.2.2
+# the paper column of a task without a Table 3 row: the pattern of Table 3's rows of its domain (speech or not)
+PAPER_PATTERN = {False: "sound rows: frozen > scratch, finetune > scratch",
+                 True: "speech rows: frozen << scratch, finetune >= scratch"}
+# deviation 2: the CPU preset; `--preset paper` = Sec. 4.2.1 / 4.2.2 (the BatchNorm re-estimation and the frozen
+# standardisation of deviations 6 / 7 are CPU-preset measures: off in the paper preset)
 PRESETS = {"cpu": dict(up_epochs=3, evals_per_epoch=2, up_lr=1e-3, epochs=12, patience=4, lr=1e-3, batch_size=16,
-                       frozen_epochs=500, frozen_patience=50, trials=1, folds=1, task_scale=0.2),
+                       frozen_epochs=500, frozen_patience=50, trials=1, folds=1, task_scale=0.2, bn_batches=4,
+                       frozen_standardize=True),
            "paper": dict(up_epochs=100, evals_per_epoch=6, up_lr=1e-4, epochs=150, patience=15, lr=1e-4,
-                         batch_size=64, frozen_epochs=150, frozen_patience=15, trials=4, folds=None, task_scale=1.0)}
+                         batch_size=64, frozen_epochs=150, frozen_patience=15, trials=4, folds=None, task_scale=1.0,
+                         bn_batches=0, frozen_standardize=False)}
 # what the script writes in its run folder (claim_run: --no-resume removes these, and nothing else)
-OUTPUTS = ("*.tmp", "*/*/*/trial*/result.json", "*/*/*/trial*/topk.json", "*/*/*/trial*/*.pt", "*/*/*/trial*/*.tmp")
+OUTPUTS = ("*.tmp", "upstreams.json", "*/*/*/trial*/result.json", "*/*/*/trial*/topk.json", "*/*/*/trial*/*.pt",
+           "*/*/*/trial*/*.tmp")
 # not part of a run's identity: which cells to run (a run folder collects cells; more --trials extend it)
 NOT_IDENTITY = ("task", "mode", "suite", "upstream", "arches", "trials", "upstream_ckpt", "given_arch")
+# the upstream's own settings: part of its stage key (upstream_source), not of the run's (one task matrix is one run
+# folder, whatever upstream it used; the cells that read an upstream record which one in upstreams.json)
+UPSTREAM_ONLY = ("data_root", "data", "synth_scale", "synth_clip_seconds", "up_epochs", "up_lr", "up_batch_size",
+                 "evals_per_epoch", "up_patience", "valid_on", "mixup_alpha", "mixup_domain", "time_mask", "freq_mask",
+                 "n_masks", "gain_db", "max_shift", "aug_p")
 
 
 # =============================================================================================
@@ -115,8 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.set_defaults(data="full")  # upstream on balanced + unbalanced (Sec. 4.2.1)
     pos_int, nonneg_int, pos, prob = common.POSITIVE_INT, common.NONNEG_INT, common.POSITIVE, common.FRACTION
     p.add_argument("--preset", type=str, default="auto", choices=["auto", "cpu", "paper"],
-                   help="schedule: paper = Sec. 4.2; cpu = deviation 2; auto = cpu on the synthetic corpus "
-                        "without a GPU, else paper. Explicit flags override the preset")
+                   help="schedule: paper = Sec. 4.2; cpu = deviation 2; auto = paper on a CUDA GPU, cpu otherwise "
+                        "(whatever the corpus). Explicit flags override the preset")
     g = p.add_argument_group("upstream audio tagging (Sec. 3, 4.2.1)")
     g.add_argument("--upstream", type=str, default="mbv2", choices=["mbv2", "effb0", "both"],
                    help="MobileNetV2 (3.0 M) or EfficientNet-B0 (4.6 M) (Table 2)")
@@ -128,9 +159,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--up-batch-size", type=pos_int, default=32, help="batch size (Sec. 4.2)")
     g.add_argument("--evals-per-epoch", type=pos_int, default=None, help="validations per epoch (~6; cpu: 2)")
     g.add_argument("--up-patience", type=pos_int, default=5, help="early stop after N validations without gain")
-    g.add_argument("--valid-on", type=str, default="valid", choices=["valid", "train"],
-                   help="upstream validation split; paper: the balanced subset inside the training data (dev. 1)")
+    g.add_argument("--valid-on", type=str, default="valid", choices=["valid", "balanced", "train"],
+                   help="upstream validation split: valid.tsv (ours, deviation 1), or balanced_train.tsv, the paper's "
+                        "'balanced subset' inside the training data ('train' is an older name of it); without a "
+                        "valid.tsv: balanced_train.tsv")
     g.add_argument("--mixup-alpha", type=pos, default=1.0, help="mix-up lambda ~ Beta(a, a) (Sec. 4.2.1)")
+    g.add_argument("--mixup-domain", type=str, default="spectral", choices=["spectral", "wave"],
+                   help="mix the log-mels (the paper: 'in the spectral-domain, we use mixup') or the waveforms "
+                        "(earlier versions of this script)")
     g.add_argument("--time-mask", type=nonneg_int, default=96, help="SpecAugment time mask, frames (Sec. 4.2.1)")
     g.add_argument("--freq-mask", type=nonneg_int, default=12, help="SpecAugment frequency mask, bins (Sec. 4.2.1)")
     g.add_argument("--n-masks", type=nonneg_int, default=2, help="SpecAugment masks per axis (not given; ours)")
@@ -153,15 +189,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--frozen-epochs", type=pos_int, default=None, help="frozen head: at most N epochs (150; cpu: 500)")
     g.add_argument("--frozen-patience", type=pos_int, default=None,
                    help="frozen head: early stop after N epochs without gain (15; cpu: 50)")
-    g.add_argument("--frozen-standardize", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--frozen-standardize", action=argparse.BooleanOptionalAction, default=None,
                    help="frozen head on embeddings standardised per dimension with the training frames' statistics "
-                        "(ours, as HEAR / BYOL-A linear evaluation; deviation 7); --no-frozen-standardize: raw")
+                        "(ours, as HEAR / BYOL-A linear evaluation; deviation 7; cpu: on); --no-frozen-standardize: "
+                        "raw (the paper; paper preset)")
     g.add_argument("--lr", type=pos, default=None, help="Adam, no scheduler (1e-4; cpu: 1e-3)")
     g.add_argument("--batch-size", type=pos_int, default=None, help="training batch size (64, Sec. 4.2; cpu: 16)")
     g.add_argument("--top-k", type=pos_int, default=4, help="weight-average the k best checkpoints (Sec. 4.2.2)")
-    g.add_argument("--bn-batches", type=nonneg_int, default=4,
+    g.add_argument("--bn-batches", type=nonneg_int, default=None,
                    help="re-estimate BatchNorm statistics on N training batches before each validation and after "
-                        "the averaging (ours, deviation 6; 0 = off, the paper)")
+                        "the averaging (ours, deviation 6; cpu: 4; 0 = off, the paper and its preset)")
     g.add_argument("--trials", type=pos_int, default=None, help="repeated runs per cell, mean +- std (4; cpu: 1)")
     g.add_argument("--protocol", type=str, default="hear", choices=["hear", "paper"],
                    help="k-fold checkpoint selection: HEAR rotation or the test fold (paper; deviation 5)")
@@ -177,19 +214,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve(a: argparse.Namespace) -> argparse.Namespace:
     """Derived values, computed once after parsing: the preset fills every flag left at None; a given upstream
     checkpoint is read now (a foreign one is one line, before any work). Nothing is looked up elsewhere."""
-    a = copy.copy(a)
-    if a.preset == "auto":
-        gpu = common.pick_device(a.device).type != "cpu"
-        a.preset = "cpu" if a.data_root is None and not gpu else "paper"
-    for k, v in PRESETS[a.preset].items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    given_arch = read_upstream(a.upstream_ckpt)["arch"] if a.upstream_ckpt else None  # a bad file: one line, first
+    a = common.apply_preset(copy.copy(a), PRESETS, "at_transfer")  # by the device, whatever the corpus
+    a.valid_on = "balanced" if a.valid_on == "train" else a.valid_on
     if a.suite:
         a.task, a.mode = None, list(MODES)
     a.arches = ["mbv2", "effb0"] if a.upstream == "both" else [a.upstream]
     tasks = "synth_tasks" if a.task_root is None else Path(a.task_root).name
     a.out = a.out or str(Path("runs/at_transfer") / (a.name or f"{tasks}_{a.preset}"))
-    a.given_arch = read_upstream(a.upstream_ckpt)["arch"] if a.upstream_ckpt else None
+    a.given_arch = given_arch
+    trained = [arch for arch in a.arches if arch != a.given_arch] if set(a.mode) - {"scratch"} else []
+    if trained and common.is_main():  # say what the upstream learns from (a --task-root alone: the synthetic corpus)
+        print(f"at_transfer: upstream {', '.join(trained)} trained here on "
+              + (f"{a.data_root} ({a.data})" if a.data_root else "the synthetic corpus (no --data-root"
+                 + (f"; for the tasks of {a.task_root} give --data-root DIR or --upstream-ckpt FILE)" if a.task_root
+                    else ")")), flush=True)
     return a
 
 
@@ -204,19 +243,35 @@ def upstream_source(args, arch: str) -> dict:
     its stage folder), with the identity of the corpus's metadata files (the synthetic one: its flags)."""
     if args.given_arch == arch:
         return {"ckpt": file_id(args.upstream_ckpt)}
-    keys = ("data_root", "data", "synth_scale", "synth_clip_seconds", "seed", "amp", "max_steps", "up_epochs", "up_lr",
-            "up_batch_size", "evals_per_epoch", "up_patience", "valid_on", "mixup_alpha", "time_mask", "freq_mask",
-            "n_masks", "gain_db", "max_shift", "aug_p", "top_k", "bn_batches")
+    keys = (*UPSTREAM_ONLY, "seed", "amp", "max_steps", "top_k", "bn_batches")
     root = Path(args.data_root) if args.data_root else None
     meta = {p.name: file_id(p)[1:] for p in sorted(root.glob("*.[tc]sv"))} if root and root.is_dir() else {}
     return {k: getattr(args, k) for k in keys} | {"arch": arch, "metadata": meta}
 
 
 def run_identity(args) -> dict:
-    """A run folder's identity: every flag but which cells it runs, each architecture's upstream, tasks.json."""
+    """A run folder's identity: every flag but which cells it runs and the upstream's own settings, and tasks.json.
+    Which upstream the frozen / fine-tuned cells read is checked per architecture by claim_upstreams."""
     tasks = file_id(Path(args.task_root) / "tasks.json") if args.task_root else None
-    return common.identity(args, NOT_IDENTITY) | {"tasks_json": tasks, "upstreams": {
-        arch: common.settings_hash(upstream_source(args, arch)) for arch in ARCHS}}
+    return common.identity(args, NOT_IDENTITY + UPSTREAM_ONLY) | {"tasks_json": tasks}
+
+
+def claim_upstreams(args) -> None:
+    """<run>/upstreams.json: the key of the upstream that each architecture's frozen / fine-tuned cells read. A run
+    folder holds one task matrix: scratch cells read no upstream (any command may add them); cells that read one
+    are refused, in one line, when the folder's cells of that architecture read another."""
+    path = Path(args.out) / "upstreams.json"
+    if not set(args.mode) - {"scratch"}:
+        return
+    old = common.read_json(path, "upstream record") if path.exists() else {}
+    new = {arch: common.settings_hash(upstream_source(args, arch)) for arch in args.arches}
+    for arch, key in new.items():
+        if old.get(arch, key) != key:
+            raise common.DataError(f"{args.out}: its frozen / finetune cells of {arch} read another upstream (key "
+                                   f"{old[arch]}, now {key}: --upstream-ckpt or an upstream flag differs); use another "
+                                   f"--out, or --no-resume to start it afresh")
+    if common.is_main() and new.items() - old.items():
+        common.write_json(path, old | new)
 
 
 # =============================================================================================
@@ -562,15 +617,22 @@ def pad_embeddings(embs: list) -> tuple[torch.Tensor, torch.Tensor]:
 # Training: one step and one visible loop for the upstream and every downstream mode
 # =============================================================================================
 def upstream_loss(model: nn.Module, wave: torch.Tensor, y: torch.Tensor, args) -> torch.Tensor:
-    """Sec. 4.2.1: torch-audiomentations' defaults on the wave (Gain -18..+6 dB, PolarityInversion, Shift up to
-    half the clip with roll-over, each with p 0.5), mix-up Beta(1, 1) on every sample, SpecAugment on the log-mel
-    (B, mel, T), BCE on the clip probabilities."""
+    """Sec. 4.2.1: in the wave domain torch-audiomentations' defaults (Gain -18..+6 dB, PolarityInversion, Shift up
+    to half the clip with roll-over, each with p 0.5); in the spectral domain mix-up Beta(1, 1) on every sample
+    (of the log-mels (B, mel, T); --mixup-domain wave: of the waves) and SpecAugment; BCE on the clip
+    probabilities against the mixed labels."""
     p = args.aug_p
     wave = common.wave_augment(wave, tuple(args.gain_db), p, int(args.max_shift * wave.shape[1]), gain_p=p, shift_p=p)
-    wave, y = common.mixup(wave, y, args.mixup_alpha)
-    spec_augment = lambda x: common.mask_along(common.mask_along(x, args.freq_mask, 1, args.n_masks),
-                                               args.time_mask, 2, args.n_masks)
-    return clip_loss(model(wave, spec_augment)[0], y, True)
+    mixed = {"y": y.float()}
+    if args.mixup_domain == "wave":
+        wave, mixed["y"] = common.mixup(wave, mixed["y"], args.mixup_alpha)
+
+    def spectral(x):  # the log-mel (B, mel, T), inside the model's forward
+        if args.mixup_domain == "spectral":
+            x, mixed["y"] = common.mixup(x, mixed["y"], args.mixup_alpha)
+        return common.mask_along(common.mask_along(x, args.freq_mask, 1, args.n_masks), args.time_mask, 2, args.n_masks)
+    out = model(wave, spectral)[0]
+    return clip_loss(out, mixed["y"], True)
 
 
 def train_step(model: nn.Module, x, y: torch.Tensor, loss_fn, opt, scaler, dtype, losses: common.Mean) -> None:
@@ -615,8 +677,11 @@ def fit(net: nn.Module, trainable: nn.Module, batches, steps_per_epoch: int, los
                 gain = state["best"] is None or (metric > state["best"] if higher else metric < state["best"])
                 state.update(best=metric if gain else state["best"], bad_evals=0 if gain else state["bad_evals"] + 1,
                              curve=state["curve"] + [metric])
+                last = state["step"] >= total or state["bad_evals"] >= patience  # the stage's last validation
                 logger.log_once({"stage": stage, "step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 2),
-                                 "train/loss": losses.read(), "val/metric": metric}, ("stage", "step"))
+                                 "train/loss": losses.read(), "val/metric": metric,
+                                 **({"plateau": common.plateau_report(state["curve"], higher)} if last else {})},
+                                ("stage", "step"))
                 topk.update(metric, {"model": trainable.state_dict()}, state["step"])
                 common.save_state(folder / "last.pt", trainable, opt, scaler, **state)
             if state["step"] >= total or state["bad_evals"] >= patience:
@@ -627,7 +692,7 @@ def fit(net: nn.Module, trainable: nn.Module, batches, steps_per_epoch: int, los
     if calibrate and common.is_main():
         calibrate(net)
     return {"best_val": state["best"], "steps": state["step"], "epochs": round(state["step"] / steps_per_epoch, 2),
-            "averaged": [p.name for p in topk.paths], "plateau": common.plateau(state["curve"], higher)}
+            "averaged": [p.name for p in topk.paths], "plateau": common.plateau_report(state["curve"], higher)}
 
 
 # =============================================================================================
@@ -652,24 +717,20 @@ def train_upstream(args, arch: str, folder: Path, device) -> None:
     SpecAugment of upstream_loss, Adam; validation every ~1/6 epoch, early stop 5, top-4 averaging; then mAP /
     mAUC / d' on eval (Table 2): results.json, then final.pt (which marks the stage done)."""
     common.seed_everything(args.seed)  # the stage's own seed: its result does not depend on what ran before
-    corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
+    corpus, ds, sampler, vrows = upstream_data(args)
     model = place(ARCHS[arch](len(corpus.labels)), device)
     if common.is_main():
         print(f"upstream {arch}: {count_parameters(model):,} parameters ({count_parameters(ARCHS[arch](527)) / 1e6:.2f} M "
-              f"with 527 classes; paper {PAPER_UPSTREAM[arch][0]} M), {len(corpus.train)} clips of {args.data}")
-    targets = corpus.targets(corpus.train)
-    ds = common.ClipDataset(corpus.root, corpus.train, targets, corpus.clip_seconds or 10.0)
-    sampler = common.PseudoBalancedSampler(targets, seed=args.seed)  # label-balancing sampling ([31, 3])
+              f"with 527 classes; paper {PAPER_UPSTREAM[arch][0]} M), {len(corpus.train)} clips of {args.data} in "
+              f"{corpus.root}, validated on {len(vrows)} clips", flush=True)
     steps = epoch_steps(len(ds), args.up_batch_size)
     batches = lambda epoch, skip: loader_batches(ds, sampler.epoch_indices(epoch), args.up_batch_size, skip, epoch,
                                                  args, device)
-    if args.valid_on == "valid" and corpus.valid is None and common.is_main():
-        print("no valid.tsv: validating on the training set (the paper's choice)")
-    vrows = corpus.valid if args.valid_on == "valid" and corpus.valid is not None else corpus.train
     calibrate = (lambda m: common.recalibrate_bn(m, clean_inputs(ds, args, args.up_batch_size, device))) \
         if args.bn_batches else None
+    y_valid = corpus.targets(vrows)
     info = fit(model, model, batches, steps, lambda m, x, y: upstream_loss(m, x, y, args),
-               lambda m: tag_eval(m, corpus, vrows, corpus.targets(vrows), args)["mAP"], folder,
+               lambda m: tag_eval(m, corpus, vrows, y_valid, args)["mAP"], folder,
                common.RunLogger(folder), "upstream", args, epochs=args.up_epochs,
                eval_every=max(1, steps // args.evals_per_epoch), patience=args.up_patience, lr=args.up_lr,
                calibrate=calibrate)
@@ -684,6 +745,23 @@ def train_upstream(args, arch: str, folder: Path, device) -> None:
         for f in [*folder.glob("*.pt"), folder / "topk.json"]:  # last and top-k: not needed once final.pt is in place
             if f.name != "final.pt":
                 f.unlink(missing_ok=True)
+
+
+def upstream_data(args) -> tuple:
+    """The upstream's start-up (no audio is opened): the corpus, the training clips with their multi-hot targets
+    (uint8: 1.1 GB for full AudioSet's 2.06 M clips x 527 classes, a quarter of float32), the label-balancing
+    sampler ([31, 3]) and the validation rows: valid.tsv, or the paper's "balanced subset" (balanced_train.tsv, not
+    the whole training set: 22 k clips of AudioSet's 2.06 M) with --valid-on balanced or without a valid.tsv."""
+    corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
+    targets = corpus.targets(corpus.train, dtype=np.uint8)
+    ds = common.ClipDataset(corpus.root, corpus.train, targets, corpus.clip_seconds or 10.0)
+    sampler = common.PseudoBalancedSampler(targets, seed=args.seed)
+    if args.valid_on == "valid" and corpus.valid is not None:
+        return corpus, ds, sampler, corpus.valid
+    if args.valid_on == "valid" and common.is_main():
+        print(f"{corpus.root}: no valid.tsv: the upstream validates on balanced_train.tsv (the paper's 'balanced "
+              f"subset')", flush=True)
+    return corpus, ds, sampler, common.read_manifest(corpus.root / "balanced_train.tsv")
 
 
 @torch.no_grad()
@@ -727,7 +805,7 @@ def frozen_cache(args, task, arch: str, ckpt: str, device) -> dict:
 def run_split(args, task, mode: str, arch: str, ckpt: str | None, cache: dict | None, train_rows: list,
               valid_rows: list, test_rows: list, folder: Path, logger: common.RunLogger, device) -> tuple[dict, Downstream]:
     """Train one downstream model on one split and score the averaged model on its test clips (rank 0, shared)."""
-    multi, K = task.type == "multi", len(task.classes)
+    multi, K = bce(task), len(task.classes)
     model = place(Downstream(make_backbone(arch, ckpt if mode != "scratch" else None), K, multi), device)
     metric = lambda y, s: common.task_score(task.metric, y, s)
     if mode == "frozen":
@@ -805,7 +883,13 @@ def run_cell(args, task, mode: str, arch: str, ckpt: str, logger: common.RunLogg
                 for f in folder.glob("*.pt"):  # the top-k and last checkpoints are not needed once the split is scored
                     f.unlink()
     means = [float(np.mean([r["test"] for r in t])) for t in trials]
-    return {"task": task.name, "mode": mode, "arch": arch, "metric": task.metric, "trials": means,
+    runs = [r for t in trials for r in t]
+    reached = sum(bool(r.get("plateau", {}).get("plateau")) for r in runs)
+    if common.is_main():
+        print(f"{arch} {task.name} {mode}: validation reached a plateau in {reached} of {len(runs)} runs", flush=True)
+    return {"task": task.name, "domain": domain(task.name, task.info), "mode": mode, "arch": arch,
+            "metric": task.metric, "loss": "bce" if bce(task) else "cross-entropy", "trials": means,
+            "plateau": {"reached": reached, "runs": len(runs)},
             "mean": float(np.mean(means)), "std": float(np.std(means, ddof=1)) if len(means) > 1 else None,
             "splits": [s[0] for s in splits], "n_test": sum(r["n_test"] for r in trials[0]),
             "test_skipped": sum(r.get("test_skipped", 0) for r in trials[0])}
@@ -824,7 +908,8 @@ def upstream_markdown(r: dict) -> str:
         ["upstream", "params (M, 527 classes)", "mAP %", "mAUC %", "d' (from mean AUC)", "eval clips (skipped)",
          "paper params", "paper mAP", "paper mAUC", "paper d'"],
         [[r["arch"], f"{count_parameters(ARCHS[r['arch']](527)) / 1e6:.2f}", f"{100 * r['mAP']:.2f}",
-          f"{100 * r['mAUC']:.2f}", f"{r['dprime']:.3f}", f"{r['n']} ({r['skipped']})", *map(str, p)]])
+          f"{100 * r['mAUC']:.2f}", f"{r['dprime']:.3f}", f"{r['n']} ({r['skipped']})", *map(str, p)]]) \
+        + (f"\n\nUpstream training: {plateau_line(r['train']['plateau'])}" if "train" in r else "")
 
 
 def at_markdown(results: dict, args) -> str:
@@ -836,15 +921,16 @@ def at_markdown(results: dict, args) -> str:
     for arch in arches:
         head += [f"{arch} {m}" for m in MODES] + [f"{arch} frozen-scratch", f"{arch} finetune-scratch",
                                                   f"paper {arch} (scratch / frozen / finetune)"]
+    domains = {c["task"]: c.get("domain") or domain(c["task"], {}) for c in results["cells"]}
     for name, metric in dict.fromkeys((c["task"], c["metric"]) for c in results["cells"]):
-        row = [name + (" (speech)" if (paper_row(name) or name) in SPEECH else ""), metric]
+        row = [name + (" (speech)" if domains[name] == "speech" else ""), metric]
         for arch in arches:
             c = {m: cells.get((arch, name, m)) for m in MODES}
             row += [common.mean_std(c[m]["trials"], 100, 2) if c[m] else "-" for m in MODES]
             for m in ("frozen", "finetune"):
                 row.append(f"{100 * (c[m]['mean'] - c['scratch']['mean']):+.2f}" if c[m] and c["scratch"] else "-")
             p = PAPER_T3.get(paper_row(name) or "", {}).get(arch)
-            row.append(" / ".join(map(str, p)) if p else "-")
+            row.append(" / ".join(map(str, p)) if p else PAPER_PATTERN[domains[name] == "speech"])
         rows.append(row)
     skipped = [f"{c['arch']} {c['task']} {c['mode']}: {c['test_skipped']}" for c in results["cells"] if c.get("test_skipped")]
     n = f"{args.trials} trial(s), mean +- std over trials (each the mean over {args.folds or 'all'} k-fold splits)"
@@ -854,9 +940,24 @@ def at_markdown(results: dict, args) -> str:
                     f"{args.frozen_patience}). One trial is a pipeline check, not a result.", "",
                     common.markdown_table(head, rows)]
                    + ([f"\nUnreadable test clips, excluded (per trial): {'; '.join(skipped)}"] if skipped else []))
+    open_runs = [f"{c['arch']} {c['task']} {c['mode']}: {c['plateau']['runs'] - c['plateau']['reached']} of "
+                 f"{c['plateau']['runs']}" for c in results["cells"]
+                 if isinstance(c.get("plateau"), dict) and c["plateau"]["reached"] < c["plateau"]["runs"]]
+    if open_runs:
+        md += "\n\nRuns whose validation had not reached a plateau when they stopped (not converged): " + \
+              "; ".join(open_runs)
     for arch, up in results["upstreams"].items():
         md += f"\n\nUpstream {arch}: {up['ckpt']}" + ("" if up.get("given") else "\n\n" + upstream_markdown(up))
     return md
+
+
+def plateau_line(p: dict | bool | None) -> str:
+    """A stage's convergence (common.plateau_report) in words."""
+    if not isinstance(p, dict):
+        return f"plateau: {p}"
+    return (f"validation {'reached a plateau' if p['plateau'] else 'had NOT reached a plateau (not converged)'}: "
+            f"best {p['best']:.4f}, last {p['last']:.4f} over {p['validations']} validations (tolerance "
+            f"{p['tolerance']:g})") if p["validations"] else "no validation"
 
 
 def bench_step(device, amp: str = "auto", batch_size: int = 8) -> dict:
@@ -913,12 +1014,38 @@ def embed(argv: list[str]) -> None:
 
 
 def read_tasks(args) -> list:
-    """The tasks to run (--task, default every task of the root; the synthetic ones are generated once)."""
+    """The tasks to run (--task, default every task of the root; the synthetic ones are generated once), each with
+    the paper's per-dataset recipe (PAPER_RECIPE) in place of what tasks.json says, printed where it differs."""
     root = Path(args.task_root) if args.task_root else common.ensure_synthetic_tasks(args.task_scale, args.seed)
     try:
-        return [common.read_task(root, n) for n in (args.task or common.list_tasks(root))]
+        tasks = [common.read_task(root, n) for n in (args.task or common.list_tasks(root))]
     except (OSError, KeyError, TypeError) as e:  # a tasks.json entry without a key, or its manifest missing
         raise common.DataError(f"{root / 'tasks.json'}: a malformed task entry or a missing manifest ({e})") from None
+    return [paper_recipe(t) for t in tasks]
+
+
+def paper_recipe(task):
+    """The task with Sec. 4.2.2's recipe for its dataset (PAPER_RECIPE: the loss, the training segment length); its
+    entry (task.info, part of the frozen cache's key) says so."""
+    recipe = {k: v for k, v in PAPER_RECIPE.get(paper_row(task.name) or "", {}).items() if task.info.get(k) != v}
+    if not recipe:
+        return task
+    if common.is_main():
+        print(f"at_transfer: {task.name}: the paper's recipe for {paper_row(task.name)}: "
+              + ", ".join(f"{k} {v}" for k, v in recipe.items()) + " (Sec. 4.2.2; tasks.json: "
+              + ", ".join(f"{k} {task.info.get(k, 'unset')}" for k in recipe) + ")", flush=True)
+    return dataclasses.replace(task, max_seconds=recipe.get("max_seconds", task.max_seconds), info=task.info | recipe)
+
+
+def bce(task) -> bool:
+    """BCE on per-frame sigmoids (multi-label tasks, and FSD18 as the paper trains it), else softmax cross-entropy."""
+    return task.type == "multi" or task.info.get("loss") == "bce"
+
+
+def domain(task_name: str, info: dict) -> str:
+    """sound, speech or music: tasks.json's "domain" (data/prepare.py writes it); an older entry without one is
+    speech when its name is one of Table 3's speech datasets."""
+    return info.get("domain") or ("speech" if paper_row(task_name) in SPEECH else "sound")
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -934,11 +1061,14 @@ def main(argv: list[str] | None = None) -> dict | None:
             earlier = common.read_json(done) if done.exists() else {"upstreams": {}, "cells": []}
             cells = {(c["arch"], c["task"], c["mode"]): c for c in earlier["cells"]}
             upstreams = earlier["upstreams"]
+            claim_upstreams(args)
             for arch in args.arches:
-                upstreams[arch] = upstream(args, arch, device)  # Sec. 4.2.1, Table 2
+                if set(args.mode) - {"scratch"}:  # scratch cells read no upstream: none is trained or needed
+                    upstreams[arch] = upstream(args, arch, device)  # Sec. 4.2.1, Table 2
                 for task in tasks:
                     for mode in args.mode:  # Sec. 4.2.2, Table 3
-                        cells[(arch, task.name, mode)] = run_cell(args, task, mode, arch, upstreams[arch]["ckpt"],
+                        ckpt = upstreams[arch]["ckpt"] if mode != "scratch" else None
+                        cells[(arch, task.name, mode)] = run_cell(args, task, mode, arch, ckpt,
                                                                   common.RunLogger(args.out), device)
             results = {"upstreams": upstreams, "cells": list(cells.values())}
             common.report(args.out, results, at_markdown(results, args))

@@ -2320,6 +2320,10 @@ def test_at_smoke_every_mode_resume_and_no_resume(at_corpus, at_tasks, tmp_path,
     up = [p.parent for p in tmp_path.glob("upstream_mbv2-*/final.pt")]
     assert len(up) == 1 and res["upstreams"]["mbv2"]["ckpt"] == str(up[0] / "final.pt")
     assert not list(up[0].glob("*step*.pt")) and not (up[0] / "last.pt").exists()  # only final.pt is kept
+    plateau = json.loads((up[0] / "results.json").read_text())["train"]["plateau"]  # issue 20: the upstream's line
+    assert plateau["validations"] == 2 and plateau["last"] is not None
+    assert json.loads((up[0] / "log.jsonl").read_text().splitlines()[-1])["plateau"] == plateau
+    assert "Upstream training: validation" in (up[0] / "results.md").read_text()
     assert len(list(tmp_path.glob("frozen_mbv2_sound_novel-*/embeddings.pt"))) == 1
     r = json.loads((out / "mbv2" / "sound_novel" / "finetune" / "trial0_fold1" / "result.json").read_text())
     assert (r["n_train"], r["n_valid"], r["n_test"], r["test_skipped"], r["steps"]) == (6, 2, 2, 0, 3)
@@ -2581,6 +2585,192 @@ def test_at_frozen_leaves_backbone_unchanged_and_cache_is_exact(tiny_tasks, tmp_
     assert res["steps"] == 3 and 0 <= res["test"] <= 1
     _, tuned = AT.run_split(args, task, "finetune", "mbv2", str(ckpt), None, tr, va, te, tmp_path / "r" / "t", log, dev)
     assert not all(torch.equal(before[k], tuned.backbone.state_dict()[k]) for k in before)  # the control
+
+
+# ---- issue 20: at_transfer.py with a user's own data, at real scale ----
+def test_at_upstream_validates_on_the_balanced_subset(at_corpus, tmp_path, monkeypatch, capsys):
+    """Issue 20, bug 3: `--valid-on train` (the paper's "balanced subset") and the no-valid.tsv fallback validated on
+    corpus.train, i.e. balanced + unbalanced for --data full (1.9 M clips on AudioSet); now balanced_train.tsv."""
+    import dataclasses
+    balanced = C.read_manifest(at_corpus / "balanced_train.tsv")
+    full = C.load_corpus(str(at_corpus), "full")
+    assert len(full.train) > len(balanced) and full.valid is not None
+    seen = []
+
+    class Validated(Exception):
+        pass
+
+    def fake_fit(net, trainable, batches, steps, loss_fn, validate, *a, **k):
+        validate(net)
+        raise Validated
+
+    monkeypatch.setattr(AT, "fit", fake_fit)
+    monkeypatch.setattr(AT, "tag_eval", lambda m, corpus, rows, y, args: seen.append(rows) or {"mAP": 0.0})
+    load = C.load_corpus
+    for flags, valid in ((["--valid-on", "train"], True), (["--valid-on", "balanced"], True), ([], False), ([], True)):
+        monkeypatch.setattr(C, "load_corpus", lambda *a, **k: load(*a, **k) if valid else
+                            dataclasses.replace(load(*a, **k), valid=None))  # a corpus without valid.tsv
+        args = AT.resolve(AT.parse_args(["--data-root", str(at_corpus), "--data", "full", "--preset", "cpu",
+                                         "--workers", "0", "--out", str(tmp_path / "r"), *flags]))
+        with pytest.raises(Validated):
+            AT.train_upstream(args, "mbv2", tmp_path / "up", torch.device("cpu"))
+    assert seen[0] == seen[1] == seen[2] == balanced and seen[3] == full.valid
+    assert "no valid.tsv: the upstream validates on balanced_train.tsv" in capsys.readouterr().out
+
+
+def test_at_docstring_commands_name_their_upstream_corpus():
+    """Issue 20, bug 4: the docstring's "converted public datasets" command had no --data-root, so it trained both
+    upstreams for 100 epochs on the synthetic corpus. Every documented command with --task-root that needs an
+    upstream names its corpus (--data-root) or gives one (--upstream-ckpt)."""
+    for doc in (AT.__doc__, Path("README.md").read_text().split("## at_transfer.py")[1].split("\n## ")[0]):
+        cmds = [l for l in doc.splitlines() if "at_transfer.py" in l and "--task-root" in l]
+        assert cmds
+        for line in cmds:
+            assert "--data-root" in line or "--upstream-ckpt" in line or "--mode scratch" in line, line
+
+
+def test_at_presets_by_device_not_by_corpus(tmp_path, monkeypatch, capsys):
+    """Issue 20, bug 5: adding --data-root silently switched a CPU run to the paper preset (100 / 150 epochs, lr
+    1e-4, 4 trials); now the device decides (common.apply_preset), printed with the reason. The paper preset turns
+    off the CPU-preset measures (BatchNorm re-estimation, frozen standardisation: deviations 6 / 7); a given flag
+    wins."""
+    base = ["--out", str(tmp_path / "r")]
+    a = AT.resolve(AT.parse_args(base + ["--data-root", str(tmp_path)]))
+    assert (a.preset, a.up_epochs, a.epochs, a.lr, a.trials, a.bn_batches, a.frozen_standardize) == \
+        ("cpu", 3, 12, 1e-3, 1, 4, True)
+    assert "at_transfer: preset cpu (auto: no CUDA GPU" in capsys.readouterr().out
+    a = AT.resolve(AT.parse_args(base + ["--preset", "paper"]))
+    assert (a.up_epochs, a.epochs, a.lr, a.trials, a.folds, a.bn_batches, a.frozen_standardize) == \
+        (100, 150, 1e-4, 4, None, 0, False)
+    a = AT.resolve(AT.parse_args(base + ["--preset", "paper", "--bn-batches", "2", "--frozen-standardize"]))
+    assert (a.bn_batches, a.frozen_standardize) == (2, True)
+    monkeypatch.setattr(C, "pick_device", lambda name="auto": torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "a GPU")
+    a = AT.resolve(AT.parse_args(base))  # the synthetic corpus on a GPU: the paper's schedule
+    assert (a.preset, a.up_epochs, a.bn_batches, a.frozen_standardize) == ("paper", 100, 0, False)
+
+
+def test_at_task_root_alone_says_what_the_upstream_learns_from(tmp_path, capsys):
+    """Issue 20, bug 5: `--task-root X` alone trained the upstream on the synthetic corpus without saying so."""
+    AT.resolve(AT.parse_args(["--task-root", str(tmp_path), "--out", str(tmp_path / "r"), "--preset", "cpu"]))
+    out = capsys.readouterr().out
+    assert "upstream mbv2 trained here on the synthetic corpus (no --data-root" in out and "--upstream-ckpt" in out
+    AT.resolve(AT.parse_args(["--task-root", str(tmp_path), "--out", str(tmp_path / "r"), "--mode", "scratch"]))
+    assert "upstream" not in capsys.readouterr().out  # scratch cells read no upstream
+
+
+def test_at_scratch_needs_no_upstream_and_one_matrix_is_one_folder(at_tasks, tmp_path, capsys, at_thread):
+    """Issue 20, bug 5: scratch-only runs trained an upstream, and the upstream was part of the run key, so the
+    scratch column (no upstream) and the frozen column (--upstream-ckpt) of one task matrix went to two run
+    folders. Now scratch trains none; both columns fill one folder; a second upstream for frozen / finetune cells of
+    the same architecture is refused in one line. Every stage reports its plateau (log line, result.json, cell)."""
+    out = tmp_path / "runs" / "run"
+    base = ["--task-root", str(at_tasks), "--out", str(out), "--workers", "0", "--preset", "cpu", "--batch-size", "4",
+            "--max-steps", "2", "--bn-batches", "1"]
+    AT.main(base + ["--mode", "scratch"])
+    assert not list((tmp_path / "runs").glob("upstream_*"))  # none trained
+    assert not (out / "upstreams.json").exists()
+    ckpt = _random_upstream(tmp_path / "up.pt")
+    res = AT.main(base + ["--mode", "frozen", "--upstream-ckpt", str(ckpt)])
+    assert sorted(c["mode"] for c in res["cells"]) == ["frozen", "scratch"] and list(res["upstreams"]) == ["mbv2"]
+    assert json.loads((out / "upstreams.json").read_text())["mbv2"]
+    other = _random_upstream(tmp_path / "other.pt", 20)
+    with pytest.raises(C.DataError, match="read another upstream"):
+        AT.main(base + ["--mode", "finetune", "--upstream-ckpt", str(other)])
+    AT.main(base + ["--mode", "scratch", "--upstream-ckpt", str(other), "--trials", "1"])  # scratch: any upstream
+    # plateau reports: the last validation line of each stage, each split's result.json, each cell
+    lines = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    for stage in {l["stage"] for l in lines}:
+        last = [l for l in lines if l["stage"] == stage][-1]
+        assert set(last["plateau"]) == {"plateau", "tolerance", "validations", "best", "last"}, stage
+    r = json.loads((out / "mbv2" / "sound_novel" / "scratch" / "trial0_fold1" / "result.json").read_text())
+    assert r["plateau"]["validations"] == 1 and r["plateau"]["plateau"] is False  # 1 validation: too few to tell
+    assert all(c["plateau"] == {"reached": 0, "runs": 1} for c in res["cells"])
+    assert "not reached a plateau" in (out / "results.md").read_text()
+
+
+def test_at_speech_rows_by_tasks_json_domain(tmp_path):
+    """Issue 20, bug 7: a task was a speech row only by its name (keywords, spcv1, ...); now by tasks.json's
+    "domain" (data/prepare.py writes it), with the paper's speech or sound pattern in the paper column of a task
+    that has no Table 3 row. An older entry without a domain falls back to Table 3's speech datasets by name."""
+    rows = [(f"{i}.wav", ["yes" if i % 2 else "no"], "train") for i in range(4)]
+    C.write_task(tmp_path, "my_commands", rows, ["no", "yes"], type="single", metric="accuracy", kfold=False,
+                 folds=["train", "valid", "test"], domain="speech")
+    C.write_task(tmp_path, "keywords", rows, ["no", "yes"], type="single", metric="accuracy", kfold=False,
+                 folds=["train", "valid", "test"], domain="sound")  # a user's sound task named like ours
+    t = C.read_task(tmp_path, "my_commands")
+    assert AT.domain(t.name, t.info) == "speech"
+    assert AT.domain("keywords", C.read_task(tmp_path, "keywords").info) == "sound"
+    assert AT.domain("scv2_35", {}) == "speech" and AT.domain("esc50", {}) == "sound"
+    cell = lambda task, mode, **k: {"task": task, "mode": mode, "arch": "mbv2", "metric": "accuracy", "trials": [0.5],
+                                    "mean": 0.5, **k}
+    results = {"upstreams": {}, "cells": [cell("my_commands", "scratch", domain="speech"),
+                                          cell("keywords", "scratch", domain="sound"), cell("scv2_35", "scratch"),
+                                          cell("mine", "frozen", domain="music")]}
+    md = AT.at_markdown(results, AT.resolve(AT.parse_args(["--preset", "cpu", "--out", str(tmp_path / "r")])))
+    line = {l.split("|")[1].strip(): l for l in md.splitlines() if l.startswith("| ")}
+    assert "my_commands (speech)" in line and "speech rows: frozen << scratch" in line["my_commands (speech)"]
+    assert "keywords" in line and "sound rows: frozen > scratch" in line["keywords"]
+    assert "scv2_35 (speech)" in line and "96.18 / 49.13 / 96.81" in line["scv2_35 (speech)"]
+    assert "sound rows" in line["mine"]
+
+
+def test_at_mixup_is_spectral(monkeypatch, at_thread):
+    """Issue 20, faithful recipe: the paper mixes in the spectral domain ("in the spectral-domain, we use mixup with
+    beta(1, 1)"); the script mixed the waveforms. Now the model sees the unmixed waves, the log-mels are mixed, and
+    the loss reads the labels of that mix-up; --mixup-domain wave keeps the old path."""
+    w, y = torch.randn(3, 100), torch.eye(3)
+    seen, mixups = {}, []
+    mixup = C.mixup
+    monkeypatch.setattr(C, "mixup", lambda x, t, alpha: mixups.append((x, mixup(x, t, alpha))) or mixups[-1][1])
+    monkeypatch.setattr(AT, "clip_loss", lambda out, t, multi: seen.setdefault("y", t).sum())
+
+    def model(wave, spectral):
+        seen["wave"] = wave
+        seen["mel"] = spectral(torch.arange(3.0).view(3, 1, 1).expand(3, 4, 5).clone())  # clip i's log-mel: all i
+        return torch.full((3, 3), 0.5), None
+
+    AT.upstream_loss(model, w, y, AT.parse_args(["--aug-p", "0", "--time-mask", "0", "--freq-mask", "0"]))
+    assert torch.equal(seen["wave"], w)  # no mix-up of the waves
+    (x, (x_mixed, y_mixed)), = mixups
+    assert x.shape == (3, 4, 5) and torch.equal(seen["mel"], x_mixed) and not torch.equal(x_mixed, x)
+    assert seen["y"] is y_mixed and not torch.equal(y_mixed, y)  # the loss reads the mixed labels
+    seen.clear()
+    AT.upstream_loss(model, w, y, AT.parse_args(["--aug-p", "0", "--mixup-domain", "wave"]))
+    assert torch.equal(mixups[-1][0], w) and torch.equal(seen["wave"], mixups[-1][1][0]) and seen["y"] is mixups[-1][1][1]
+
+
+def test_at_paper_recipe_per_dataset(tmp_path, capsys):
+    """Issue 20, faithful recipe: FSDKaggle2018 (single-label data) is trained with BCE and FSDKaggle2019 on 4 s
+    segments, as Sec. 4.2.2 says (the converters write single-label / 10 s); printed, and in the task's entry (the
+    frozen cache's key). Other tasks are read as tasks.json says."""
+    rows = [(f"{i}.wav", ["a" if i % 2 else "b"], "train") for i in range(4)]
+    kw = dict(metric="accuracy", kfold=False, folds=["train", "valid", "test"])
+    C.write_task(tmp_path, "fsdkaggle2018", rows, ["a", "b"], type="single", max_seconds=10.0, **kw)
+    C.write_task(tmp_path, "fsdkaggle2019_curated", rows, ["a", "b"], type="multi", max_seconds=10.0, **kw)
+    C.write_task(tmp_path, "esc50", rows, ["a", "b"], type="single", max_seconds=5.0, **kw)
+    args = AT.resolve(AT.parse_args(["--task-root", str(tmp_path), "--out", str(tmp_path / "r"), "--preset", "cpu"]))
+    fsd18, fsd19, esc = AT.read_tasks(args)
+    assert AT.bce(fsd18) and fsd18.max_seconds == 10.0 and fsd18.info["loss"] == "bce"
+    assert AT.bce(fsd19) and fsd19.max_seconds == 4.0 and fsd19.info["max_seconds"] == 4.0
+    assert not AT.bce(esc) and esc.max_seconds == 5.0 and esc.info == C.read_task(tmp_path, "esc50").info
+    out = capsys.readouterr().out
+    assert "fsdkaggle2018: the paper's recipe for FSD18: loss bce" in out and "max_seconds 4.0" in out
+    model = AT.Downstream(AT.MobileNetV2(1), 2, AT.bce(fsd18))
+    assert model.multilabel  # sigmoid per frame, BCE (Downstream / clip_loss)
+
+
+def test_at_startup_at_audioset_scale_stays_small(tmp_path):
+    """Issue 20, at scale: the upstream's start-up holds the training targets as uint8 (a quarter of float32)."""
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "class_labels_indices.csv").write_text("index,mid,display_name\n0,/m/a,a\n1,/m/b,b\n")
+    for split, n in (("balanced_train", 4), ("unbalanced_train", 6), ("eval", 2)):
+        C.write_manifest(root / f"{split}.tsv", [(f"{split}{i}.wav", ["/m/a" if i % 2 else "/m/b"]) for i in range(n)])
+    args = AT.resolve(AT.parse_args(["--data-root", str(root), "--preset", "cpu", "--out", str(tmp_path / "r")]))
+    corpus, ds, sampler, vrows = AT.upstream_data(args)
+    assert len(corpus.train) == 10 and ds.targets.dtype == torch.uint8 and len(vrows) == 4
+    assert sorted(sampler.epoch_indices(0)) == list(range(10))
 
 
 # =============================================================================================
