@@ -3168,7 +3168,7 @@ def test_ssl_end_to_end_save_reload_reuse(tiny_root, tmp_path, capsys, one_threa
     logs = {p: p.read_text() for p in tmp_path.rglob("log.jsonl")}
     capsys.readouterr()
     assert conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1")) == res
-    assert "pre-training" not in capsys.readouterr().out
+    assert "pre-training: " not in capsys.readouterr().out  # the stage's line ("pre-training data:" is the plan)
     assert logs == {p: p.read_text() for p in tmp_path.rglob("log.jsonl")}  # no stage ran again
     with pytest.raises(C.DataError, match="--ft-lr 0.001 \\(now 0.1\\)"):
         conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1", "--ft-lr", "0.1"))
@@ -3200,8 +3200,9 @@ def test_ssl_killed_anywhere_resumes_bit_identical(tiny_root, tmp_path, one_thre
         killed_then_resumed("conformer_ssl.py", argv(root), kill)
         assert facts(root) == ref, kill
         assert leftovers(root) == []
-        steps = [json.loads(l)["step"] for l in next(root.glob("pretrain-*/log.jsonl")).read_text().splitlines()]
-        assert steps == [1, 2, 3], kill  # each log line once
+        lines = [json.loads(l) for l in next(root.glob("pretrain-*/log.jsonl")).read_text().splitlines()]
+        assert [r["step"] for r in lines] == [1, 2, 3, 3], kill  # each log line once, the plateau line last
+        assert "plateau/train/acc" in lines[-1] and not any("plateau/train/acc" in r for r in lines[:-1]), kill
 
 
 SSL_SPY = '''"""Test spy, loaded by every process of the torchrun test: records each rank's file writes and deletes;
@@ -3252,7 +3253,7 @@ def test_ssl_torchrun_two_processes_rank0_writes_after_barriers(tiny_root, tmp_p
     assert C.read_json(stage / "stage.json")["world"] == 2
     assert sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "ddp" / "finetune").iterdir()) == \
         ["corpus_f1_pretrained_s0", "corpus_f1_scratch_s0"]
-    assert [json.loads(l)["step"] for l in (stage / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(l)["step"] for l in (stage / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 3]  # + plateau
     assert leftovers(tmp_path / "ddp") == [] and not list((tmp_path / "ddp").rglob("last.pt"))
 
 
