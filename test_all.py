@@ -3368,7 +3368,7 @@ def test_ssl_end_to_end_save_reload_reuse(tiny_root, tmp_path, capsys, one_threa
     logs = {p: p.read_text() for p in tmp_path.rglob("log.jsonl")}
     capsys.readouterr()
     assert conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1")) == res
-    assert "pre-training" not in capsys.readouterr().out
+    assert "pre-training: " not in capsys.readouterr().out  # the stage's line ("pre-training data:" is the plan)
     assert logs == {p: p.read_text() for p in tmp_path.rglob("log.jsonl")}  # no stage ran again
     with pytest.raises(C.DataError, match="--ft-lr 0.001 \\(now 0.1\\)"):
         conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1", "--ft-lr", "0.1"))
@@ -3400,8 +3400,9 @@ def test_ssl_killed_anywhere_resumes_bit_identical(tiny_root, tmp_path, one_thre
         killed_then_resumed("conformer_ssl.py", argv(root), kill)
         assert facts(root) == ref, kill
         assert leftovers(root) == []
-        steps = [json.loads(l)["step"] for l in next(root.glob("pretrain-*/log.jsonl")).read_text().splitlines()]
-        assert steps == [1, 2, 3], kill  # each log line once
+        lines = [json.loads(l) for l in next(root.glob("pretrain-*/log.jsonl")).read_text().splitlines()]
+        assert [r["step"] for r in lines] == [1, 2, 3, 3], kill  # each log line once, the plateau line last
+        assert "plateau/train/acc" in lines[-1] and not any("plateau/train/acc" in r for r in lines[:-1]), kill
 
 
 SSL_SPY = '''"""Test spy, loaded by every process of the torchrun test: records each rank's file writes and deletes;
@@ -3452,7 +3453,7 @@ def test_ssl_torchrun_two_processes_rank0_writes_after_barriers(tiny_root, tmp_p
     assert C.read_json(stage / "stage.json")["world"] == 2
     assert sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "ddp" / "finetune").iterdir()) == \
         ["corpus_f1_pretrained_s0", "corpus_f1_scratch_s0"]
-    assert [json.loads(l)["step"] for l in (stage / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(l)["step"] for l in (stage / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 3]  # + plateau
     assert leftovers(tmp_path / "ddp") == [] and not list((tmp_path / "ddp").rglob("last.pt"))
 
 
@@ -3591,6 +3592,128 @@ def test_ssl_downstream_task_through_the_task_reader(tiny_tasks, tmp_path, one_t
     assert all(0 <= s <= 1 for s in scores["scratch"] + scores["pretrained"]) and res["size"] == "cpu"
     ck = C.load_checkpoint(next(tmp_path.glob("finetune/sound_novel_*_pretrained_s0-*/final.pt")))
     assert ck["pooling"] == "mean" and ck["multi"] is False
+
+
+# ---- issue 20: conformer_ssl on a user's own data (bug 2, presets, plateau lines, faithful recipe, scale) ----
+def _ssl_real_corpus(root: Path) -> Path:
+    """A tiny real-layout corpus written here (not by the synthetic generator): 3 classes of its own ids,
+    1 s tones / noise at 16 kHz, balanced 6 + unbalanced 6 + eval 6 clips, no synth.json."""
+    (root / "audio").mkdir(parents=True)
+    (root / "class_labels_indices.csv").write_text("index,mid,display_name\n0,/x/low,Low\n1,/x/high,High\n"
+                                                   "2,/x/hiss,Hiss\n")
+    rng, t = np.random.default_rng(0), np.arange(C.SR) / C.SR
+    kinds = {"/x/low": lambda: np.sin(2 * np.pi * 220 * t), "/x/high": lambda: np.sin(2 * np.pi * 2000 * t),
+             "/x/hiss": lambda: rng.standard_normal(C.SR)}
+    for split in ("balanced_train", "unbalanced_train", "eval"):
+        lines = ["filename\tlabels"]
+        for i in range(6):
+            mids = [list(kinds)[i % 3]] + (["/x/hiss"] if split == "unbalanced_train" and i % 2 else [])
+            fn = f"audio/{split}_{i}.wav"
+            sf.write(root / fn, (0.1 * sum(kinds[m]() for m in mids)).astype(np.float32), C.SR)
+            lines.append(f"{fn}\t{','.join(mids)}")
+        (root / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_ssl_data_root_pretrains_on_its_own_audio(tmp_path, capsys, one_thread):
+    """Bug 2 (issue 20): with a real-layout --data-root, pre-training draws that corpus's clips (labels
+    ignored), not the synthetic stream, and says so at start, in the stage's key and in results.json."""
+    root = _ssl_real_corpus(tmp_path / "mine")
+    res = conformer_ssl.main(_ssl_argv(root, tmp_path / "runs" / "run", "--fractions", "1", "--pt-seconds", "1"))
+    out = capsys.readouterr().out
+    assert f"pre-training data: {root} (--data full: 12 clips, labels ignored)" in out
+    assert "synthetic stream" not in out
+    pt = res["pretrain"]["pretrained"]
+    assert pt["data"].startswith(str(root)) and pt["steps"] == 3 and pt["skipped"] == 0
+    (stage,) = (tmp_path / "runs").glob("pretrain-*")
+    key = C.read_json(stage / "stage.json")
+    assert key["pretrain"] == "corpus" and key["source"][0] == "full"
+    assert {Path(f[0]).name for f in key["source"][1:]} == {"balanced_train.tsv", "unbalanced_train.tsv", "eval.tsv"}
+    _, order = conformer_ssl.unlabelled_data(*(lambda a: (a, None, conformer_ssl.unlabelled_source(
+        a, C.load_corpus(str(root), "full"))))(conformer_ssl.resolve(conformer_ssl.parse_args(
+            _ssl_argv(root, tmp_path / "o", "--pretrain", "corpus")), False)))
+    assert len(order) == 3 * 2 and order.max() < 12  # indices into the corpus's 12 training clips
+    # told otherwise: the stream, and --pretrain corpus without a corpus is one line
+    a = conformer_ssl.load_data(conformer_ssl.parse_args(_ssl_argv(root, tmp_path / "o", "--pretrain", "synthetic")))
+    assert a[2].rows is None and "synthetic stream" in capsys.readouterr().out
+    with pytest.raises(C.DataError, match="--pretrain corpus: no --data-root"):
+        conformer_ssl.unlabelled_source(SimpleNamespace(pretrain="corpus", data_root=None, seed=0), None)
+
+
+def test_ssl_preset_by_device_not_by_corpus(capsys):
+    """Bug 6's part (issue 20): a non-synthetic root alone no longer means cf_L with 300k + 40k updates:
+    --preset auto is the CPU preset on a CPU whatever the corpus, the paper's on request; given flags win."""
+    parse = lambda *a: conformer_ssl.parse_args(["--data-root", "/data/real", "--device", "cpu", *a])
+    a = conformer_ssl.resolve(parse(), False)
+    assert (a.preset, a.size, a.pt_steps, a.pt_batch_size, a.ft_steps, a.ft_lr, a.batch_size) == \
+        ("cpu", "cpu", 250, 16, 300, 1e-3, 8)
+    assert "conformer_ssl: preset cpu (auto: no CUDA GPU" in capsys.readouterr().out
+    p = conformer_ssl.resolve(parse("--preset", "paper"), False)
+    assert (p.size, p.dim, p.pt_steps, p.pt_batch_size, p.ft_steps, p.ft_lr, p.batch_size) == \
+        ("L", 768, 300_000, 64, 40_000, 1e-4, 640)
+    t = conformer_ssl.resolve(parse("--preset", "paper", "--task", "esc50", "--task-root", "/t", "--size", "S", "--ft-steps", "9"), False)
+    assert (t.size, t.dim, t.batch_size, t.ft_steps, t.head_dropout) == ("S", 256, 64, 9, 0.1)
+    assert "given flags kept: size, ft_steps" in capsys.readouterr().out
+    s = conformer_ssl.resolve(conformer_ssl.parse_args(["--device", "cpu"]), True)  # the default command
+    assert (s.size, s.pt_steps, s.ft_steps, s.batch_size, s.tag) == ("cpu", 250, 300, 8, "cpu_synth")
+
+
+@pytest.mark.parametrize("size,exact", [("S", 18_428_416), ("L", 88_132_608)])
+def test_ssl_latent_targets_sizes_and_shapes(size, exact):
+    """--targets latent (Eq. 1: c_t against z_t itself): no target projection, the final linear maps the
+    context to the 256-d latents: 18.4 M / 88.1 M as the paper; --no-final-proj only where d = 256."""
+    cfg = conformer_ssl.SIZES[size]
+    with torch.device("meta"):
+        n = conformer_ssl.count_params(conformer_ssl.PretrainModel(**cfg, targets="latent"))
+        no_proj = conformer_ssl.count_params(conformer_ssl.PretrainModel(**cfg, targets="latent", final_proj=False))
+    assert n == exact and round(n / 1e6, 1) == conformer_ssl.PAPER_PARAMS[size] / 1e6
+    if size == "S":
+        assert no_proj == 18_362_624 and round(no_proj / 1e6, 1) == 18.4
+    argv = ["--size", size, "--targets", "latent", "--no-final-proj", "--device", "cpu"]
+    if size == "L":
+        with pytest.raises(C.DataError, match="keep the final linear"):
+            conformer_ssl.resolve(conformer_ssl.parse_args(argv), True)
+    torch.manual_seed(0)
+    cpu = dict(conformer_ssl.SIZES["cpu"], targets="latent")
+    model = conformer_ssl.PretrainModel(**cpu)
+    mask_fn = lambda b, t: torch.from_numpy(conformer_ssl.compute_mask_indices((b, t), 0.3, 3, np.random.default_rng(0)))
+    c, y, mask = model(0.1 * torch.randn(2, C.SR), mask_fn)
+    z, _ = model.encoder(model.encoder.frontend(0.1 * torch.randn(2, C.SR)))
+    assert c.shape[-1] == y.shape[-1] == 256 and isinstance(model.target_proj, torch.nn.Identity)
+    assert conformer_ssl.Classifier(3, "linsoft", **cpu).head.in_features == 256
+
+
+def test_ssl_class_balance_only_on_the_full_training_set(tiny_root):
+    """Sec. 4.1 balances full AudioSet: by default only fraction 1 of --data full is class-balanced
+    (before issue 20: every fraction); --balance / --no-balance force it on / off everywhere."""
+    corpus = C.load_corpus(str(tiny_root), "full")
+    arg = lambda *a: conformer_ssl.resolve(conformer_ssl.parse_args(["--device", "cpu", *a]), True, 4.0)
+    a = arg()
+    assert [conformer_ssl.corpus_data(a, corpus, f).balance for f in (0.01, 0.1, 1.0)] == [False, False, True]
+    assert not conformer_ssl.corpus_data(arg("--data", "balanced"), C.load_corpus(str(tiny_root)), 1.0).balance
+    assert conformer_ssl.corpus_data(arg("--balance"), corpus, 0.1).balance
+    assert not conformer_ssl.corpus_data(arg("--no-balance"), corpus, 1.0).balance
+
+
+def test_ssl_lean_fractions_and_balanced_order_equal_the_common_ones(tiny_root):
+    """AudioSet-scale start-up (issue 20): label_fractions_lean gives label_fractions' indices (random
+    matrices with empty rows and classes, the tiny corpus); balanced_order gives WeightedSampler's draws;
+    uint8 targets give the same sampling weights as float64 ones."""
+    corpus = C.load_corpus(str(tiny_root), "full")
+    mats = [corpus.targets(corpus.train, dtype=np.uint8)]
+    for trial in range(12):
+        rng = np.random.default_rng(trial)
+        t = (rng.random((int(rng.integers(1, 300)), int(rng.integers(1, 15)))) < 0.2 * rng.random()).astype(np.uint8)
+        t[:, int(rng.integers(t.shape[1]))] = 0
+        mats.append(t)
+    for i, t in enumerate(mats):
+        a, b = C.label_fractions(t, seed=i % 3), C.label_fractions_lean(t, seed=i % 3)
+        assert list(a) == list(b) and all(np.array_equal(a[f], b[f]) for f in a), i
+    y = mats[0]
+    w = C.generate_sampling_weights(y)
+    assert np.array_equal(w, C.generate_sampling_weights(y.astype(np.float64)))
+    ref = C.WeightedSampler(w, 5000, seed=3).epoch_indices(0)
+    assert np.array_equal(conformer_ssl.balanced_order(w, 5000, 3, chunk=777), ref)
 
 
 # =============================================================================================
