@@ -1251,19 +1251,6 @@ def _rarest_label(targets: np.ndarray) -> np.ndarray:
     return np.where(t.any(1), np.argmin(np.where(t, t.sum(0), np.inf), axis=1), -1)
 
 
-def _stratified_order(targets: np.ndarray, seed: int, first=()) -> np.ndarray:
-    """A row order whose every prefix is (near) stratified: rows of each key, shuffled (rows in
-    `first` at the front of their key), are interleaved by their relative position within their key."""
-    rng = np.random.default_rng(seed)
-    key = _rarest_label(targets)
-    pos, first = np.empty(len(key)), set(first)
-    for k in np.unique(key):
-        idx = rng.permutation(np.flatnonzero(key == k))
-        idx = np.array(sorted(idx, key=lambda i: i not in first), dtype=np.int64)
-        pos[idx] = (np.arange(len(idx)) + rng.random()) / len(idx)
-    return np.lexsort((rng.random(len(key)), pos))
-
-
 def stratified_split(rows: list, targets: np.ndarray, fraction: float, seed: int = 0) -> tuple[list, list]:
     """(rest, held_out): a seeded held-out part of round(fraction * N) rows, each (rarest) label
     contributing its share (largest remainders get the rounding)."""
@@ -1282,19 +1269,50 @@ def stratified_split(rows: list, targets: np.ndarray, fraction: float, seed: int
 
 def label_fractions(targets: np.ndarray, fractions=(0.01, 0.03, 0.1, 0.3, 1.0),
                     seed: int = 0) -> dict[float, np.ndarray]:
-    """Sorted row indices per fraction: nested (each a superset of the smaller), stratified, and
-    every class with a positive present at the smallest fraction (which may then exceed it)."""
-    t = np.asarray(targets) > 0
+    """Sorted row indices per fraction: nested (each a superset of the smaller), stratified (rows
+    grouped by their rarest label, lowest index among ties), and every class with a positive present at
+    the smallest fraction (which may then exceed it). The labels are read as (row, class) pairs in row
+    blocks, never as (N, K) temporaries: 7 s on full AudioSet's 2.06 M x 527 uint8 targets (an earlier
+    dense version: 66 s and 12.9 GB, the same indices)."""
+    n, k_all = len(targets), targets.shape[1]
+    block, rs, cs = 1 << 16, [], []
+    for i in range(0, n, block):  # (row, class) pairs of the positives, rows ascending
+        r, c = np.nonzero(np.asarray(targets[i:i + block]) > 0)
+        rs.append(r + i)
+        cs.append(c)
+    r, c = (np.concatenate(rs), np.concatenate(cs)) if rs else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    counts = np.bincount(c, minlength=k_all)
+    by_class = np.argsort(c, kind="stable")  # pairs grouped by class, rows ascending within a class
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    rows_of = lambda k: r[by_class[starts[k]:starts[k + 1]]]  # = np.flatnonzero(t[:, k])
     rng = np.random.default_rng([seed, 1])
-    cover: list[int] = []
-    for k in np.argsort(t.sum(0), kind="stable"):  # rarest class first: one random positive each
-        if t[:, k].any() and not t[cover, k].any():
-            cover.append(int(rng.choice(np.flatnonzero(t[:, k]))))
-    covered = set(cover)
-    rest = [i for i in _stratified_order(t, seed, cover).tolist() if i not in covered]
-    order = cover + rest
-    return {f: np.sort(np.array(order[: max(len(cover), int(round(f * len(t))))], dtype=np.int64))
-            for f in sorted(fractions)}
+    cover, covered_class = [], np.zeros(k_all, bool)
+    row_start = np.searchsorted(r, np.arange(n + 1))  # row i's pairs: [row_start[i], row_start[i + 1])
+    for k in np.argsort(counts, kind="stable"):  # rarest class first: one random positive each
+        if counts[k] and not covered_class[k]:
+            i = int(rng.choice(rows_of(k)))
+            cover.append(i)
+            covered_class[c[row_start[i]:row_start[i + 1]]] = True
+    # stratified order: key = each row's rarest label (lowest index among ties), -1 without labels
+    rank = np.empty(k_all, np.int64)
+    rank[np.lexsort((np.arange(k_all), counts))] = np.arange(k_all)
+    has = np.diff(row_start) > 0
+    key = np.full(n, -1, np.int64)
+    if len(r):
+        best = np.minimum.reduceat(rank[c], row_start[:-1][has])
+        key[has] = np.argsort(rank)[best]
+    rng2, first = np.random.default_rng(seed), np.array(cover, np.int64)
+    pos = np.empty(n)
+    grouped = np.argsort(key, kind="stable")
+    bounds = np.searchsorted(key[grouped], np.unique(key), side="left").tolist() + [n]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        idx = rng2.permutation(grouped[lo:hi])
+        front = np.isin(idx, first)
+        idx = np.concatenate([idx[front], idx[~front]])  # rows in `first` at the front, in drawn order
+        pos[idx] = (np.arange(len(idx)) + rng2.random()) / len(idx)
+    strat = np.lexsort((rng2.random(n), pos))
+    order = np.concatenate([first, strat[~np.isin(strat, first)]])
+    return {f: np.sort(order[: max(len(cover), int(round(f * n)))].astype(np.int64)) for f in sorted(fractions)}
 
 
 # =============================================================================================
@@ -1539,9 +1557,18 @@ class WeightedSampler(EpochSampler):
         w = np.asarray(weights, dtype=np.float64)  # float32 sums made p.sum() != 1 for numpy
         self.p = w / w.sum()
 
-    def epoch_indices(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
-        return rng.choice(len(self.p), self.num_samples, replace=True, p=self.p)
+    def epoch_indices(self, epoch: int, chunk: int = 1 << 20) -> np.ndarray:
+        """numpy's `rng.choice(len(p), n, p=p)`, the same indices (uniforms searched in the normalised
+        CDF), drawn in chunks with sorted queries: 3x faster for 25.6 M draws over full AudioSet, no
+        n-sized temporaries beyond the result."""
+        cdf = self.p.cumsum()
+        cdf /= cdf[-1]
+        rng, out = np.random.default_rng([self.seed, epoch]), np.empty(self.num_samples, np.int64)
+        for i in range(0, self.num_samples, chunk):
+            u = rng.random(min(chunk, self.num_samples - i))
+            o = np.argsort(u)
+            out[i + o] = cdf.searchsorted(u[o], side="right")
+        return out
 
 
 class PseudoBalancedSampler(EpochSampler):
@@ -1550,7 +1577,9 @@ class PseudoBalancedSampler(EpochSampler):
 
     def __init__(self, targets: np.ndarray, num_samples: int | None = None, seed: int = 0):
         super().__init__(num_samples or len(targets), seed)
-        self.by_class = [np.flatnonzero(targets[:, k] > 0) for k in range(targets.shape[1])]
+        rows, cls = np.nonzero(np.asarray(targets) > 0)  # (row, class) pairs, rows ascending
+        order = np.argsort(cls, kind="stable")  # grouped by class, rows ascending within: one sort, not K scans
+        self.by_class = np.split(rows[order], np.cumsum(np.bincount(cls, minlength=targets.shape[1]))[:-1])
         self.classes = np.array([k for k, ix in enumerate(self.by_class) if len(ix)])
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
@@ -1749,53 +1778,6 @@ def average_state_dicts(states: list) -> dict:
 def ensemble_predictions(preds: list[np.ndarray]) -> np.ndarray:
     """Average of probability predictions (N, K) of several models."""
     return np.mean(np.stack(preds), axis=0)
-
-
-# --- added for conformer_ssl (issue 20) ---
-def label_fractions_lean(targets: np.ndarray, fractions=(0.01, 0.03, 0.1, 0.3, 1.0),
-                         seed: int = 0) -> dict[float, np.ndarray]:
-    """label_fractions, the same indices, at AudioSet scale: the labels are read as (row, class) pairs in
-    row blocks, never as (N, K) float64 temporaries (label_fractions: 66 s and 12.9 GB peak on 2.06 M x
-    527 uint8 targets, in _rarest_label's np.where); every random draw is made in the same order."""
-    n, k_all = len(targets), targets.shape[1]
-    block, rs, cs = 1 << 16, [], []
-    for i in range(0, n, block):  # (row, class) pairs of the positives, rows ascending
-        r, c = np.nonzero(np.asarray(targets[i:i + block]) > 0)
-        rs.append(r + i)
-        cs.append(c)
-    r, c = (np.concatenate(rs), np.concatenate(cs)) if rs else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    counts = np.bincount(c, minlength=k_all)
-    by_class = np.argsort(c, kind="stable")  # pairs grouped by class, rows ascending within a class
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    rows_of = lambda k: r[by_class[starts[k]:starts[k + 1]]]  # = np.flatnonzero(t[:, k])
-    rng = np.random.default_rng([seed, 1])
-    cover, covered_class = [], np.zeros(k_all, bool)
-    row_start = np.searchsorted(r, np.arange(n + 1))  # row i's pairs: [row_start[i], row_start[i + 1])
-    for k in np.argsort(counts, kind="stable"):  # rarest class first: one random positive each
-        if counts[k] and not covered_class[k]:
-            i = int(rng.choice(rows_of(k)))
-            cover.append(i)
-            covered_class[c[row_start[i]:row_start[i + 1]]] = True
-    # _stratified_order: key = each row's rarest label (lowest index among ties), -1 without labels
-    rank = np.empty(k_all, np.int64)
-    rank[np.lexsort((np.arange(k_all), counts))] = np.arange(k_all)
-    has = np.diff(row_start) > 0
-    key = np.full(n, -1, np.int64)
-    if len(r):
-        best = np.minimum.reduceat(rank[c], row_start[:-1][has])
-        key[has] = np.argsort(rank)[best]
-    rng2, first = np.random.default_rng(seed), np.array(cover, np.int64)
-    pos = np.empty(n)
-    grouped = np.argsort(key, kind="stable")
-    bounds = np.searchsorted(key[grouped], np.unique(key), side="left").tolist() + [n]
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        idx = rng2.permutation(grouped[lo:hi])
-        front = np.isin(idx, first)
-        idx = np.concatenate([idx[front], idx[~front]])  # rows in `first` at the front, in drawn order
-        pos[idx] = (np.arange(len(idx)) + rng2.random()) / len(idx)
-    strat = np.lexsort((rng2.random(n), pos))
-    order = np.concatenate([first, strat[~np.isin(strat, first)]])
-    return {f: np.sort(order[: max(len(cover), int(round(f * n)))].astype(np.int64)) for f in sorted(fractions)}
 
 
 if __name__ == "__main__":

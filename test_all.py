@@ -3695,10 +3695,30 @@ def test_ssl_class_balance_only_on_the_full_training_set(tiny_root):
     assert not conformer_ssl.corpus_data(arg("--no-balance"), corpus, 1.0).balance
 
 
-def test_ssl_lean_fractions_and_balanced_order_equal_the_common_ones(tiny_root):
-    """AudioSet-scale start-up (issue 20): label_fractions_lean gives label_fractions' indices (random
-    matrices with empty rows and classes, the tiny corpus); balanced_order gives WeightedSampler's draws;
-    uint8 targets give the same sampling weights as float64 ones."""
+def _dense_label_fractions(targets, fractions=(0.01, 0.03, 0.1, 0.3, 1.0), seed=0):
+    """The reference: label_fractions as first written, on dense (N, K) arrays (66 s and 12.9 GB on
+    AudioSet), class by class and row by row."""
+    t = np.asarray(targets) > 0
+    rng = np.random.default_rng([seed, 1])
+    cover = []
+    for k in np.argsort(t.sum(0), kind="stable"):
+        if t[:, k].any() and not t[cover, k].any():
+            cover.append(int(rng.choice(np.flatnonzero(t[:, k]))))
+    key = np.where(t.any(1), np.argmin(np.where(t, t.sum(0), np.inf), axis=1), -1)
+    rng2, pos, first = np.random.default_rng(seed), np.empty(len(key)), set(cover)
+    for k in np.unique(key):
+        idx = rng2.permutation(np.flatnonzero(key == k))
+        idx = np.array(sorted(idx, key=lambda i: i not in first), dtype=np.int64)
+        pos[idx] = (np.arange(len(idx)) + rng2.random()) / len(idx)
+    order = cover + [i for i in np.lexsort((rng2.random(len(key)), pos)).tolist() if i not in first]
+    return {f: np.sort(np.array(order[: max(len(cover), int(round(f * len(t))))], dtype=np.int64))
+            for f in sorted(fractions)}
+
+
+def test_label_fractions_and_weighted_sampler_at_scale_equal_their_references(tiny_root):
+    """AudioSet-scale start-up (issue 20): label_fractions (sparse, in row blocks) gives the dense
+    reference's indices (random matrices with empty rows and classes, the tiny corpus); WeightedSampler's
+    chunked draws are numpy's rng.choice(p=...) draws; uint8 targets give float64's sampling weights."""
     corpus = C.load_corpus(str(tiny_root), "full")
     mats = [corpus.targets(corpus.train, dtype=np.uint8)]
     for trial in range(12):
@@ -3707,13 +3727,13 @@ def test_ssl_lean_fractions_and_balanced_order_equal_the_common_ones(tiny_root):
         t[:, int(rng.integers(t.shape[1]))] = 0
         mats.append(t)
     for i, t in enumerate(mats):
-        a, b = C.label_fractions(t, seed=i % 3), C.label_fractions_lean(t, seed=i % 3)
+        a, b = C.label_fractions(t, seed=i % 3), _dense_label_fractions(t, seed=i % 3)
         assert list(a) == list(b) and all(np.array_equal(a[f], b[f]) for f in a), i
     y = mats[0]
     w = C.generate_sampling_weights(y)
     assert np.array_equal(w, C.generate_sampling_weights(y.astype(np.float64)))
-    ref = C.WeightedSampler(w, 5000, seed=3).epoch_indices(0)
-    assert np.array_equal(conformer_ssl.balanced_order(w, 5000, 3, chunk=777), ref)
+    ref = np.random.default_rng([3, 0]).choice(len(w), 5000, replace=True, p=w / w.sum())
+    assert np.array_equal(C.WeightedSampler(w, 5000, seed=3).epoch_indices(0, chunk=777), ref)
 
 
 # =============================================================================================
