@@ -1267,6 +1267,17 @@ def stratified_split(rows: list, targets: np.ndarray, fraction: float, seed: int
     return [r for r, h in zip(rows, held) if not h], [r for r, h in zip(rows, held) if h]
 
 
+def positive_pairs(targets: np.ndarray, block: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """(row, class) index pairs of the positive labels of (N, K) targets, rows ascending, read in row
+    blocks: no (N, K) boolean temporary (1.1 GB on full AudioSet)."""
+    rs, cs = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for i in range(0, len(targets), block):
+        r, c = np.nonzero(np.asarray(targets[i:i + block]) > 0)
+        rs.append(r + i)
+        cs.append(c)
+    return np.concatenate(rs), np.concatenate(cs)
+
+
 def label_fractions(targets: np.ndarray, fractions=(0.01, 0.03, 0.1, 0.3, 1.0),
                     seed: int = 0) -> dict[float, np.ndarray]:
     """Sorted row indices per fraction: nested (each a superset of the smaller), stratified (rows
@@ -1275,12 +1286,7 @@ def label_fractions(targets: np.ndarray, fractions=(0.01, 0.03, 0.1, 0.3, 1.0),
     blocks, never as (N, K) temporaries: 7 s on full AudioSet's 2.06 M x 527 uint8 targets (an earlier
     dense version: 66 s and 12.9 GB, the same indices)."""
     n, k_all = len(targets), targets.shape[1]
-    block, rs, cs = 1 << 16, [], []
-    for i in range(0, n, block):  # (row, class) pairs of the positives, rows ascending
-        r, c = np.nonzero(np.asarray(targets[i:i + block]) > 0)
-        rs.append(r + i)
-        cs.append(c)
-    r, c = (np.concatenate(rs), np.concatenate(cs)) if rs else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    r, c = positive_pairs(targets)
     counts = np.bincount(c, minlength=k_all)
     by_class = np.argsort(c, kind="stable")  # pairs grouped by class, rows ascending within a class
     starts = np.concatenate([[0], np.cumsum(counts)])
@@ -1577,7 +1583,7 @@ class PseudoBalancedSampler(EpochSampler):
 
     def __init__(self, targets: np.ndarray, num_samples: int | None = None, seed: int = 0):
         super().__init__(num_samples or len(targets), seed)
-        rows, cls = np.nonzero(np.asarray(targets) > 0)  # (row, class) pairs, rows ascending
+        rows, cls = positive_pairs(targets)
         order = np.argsort(cls, kind="stable")  # grouped by class, rows ascending within: one sort, not K scans
         self.by_class = np.split(rows[order], np.cumsum(np.bincount(cls, minlength=targets.shape[1]))[:-1])
         self.classes = np.array([k for k, ix in enumerate(self.by_class) if len(ix)])

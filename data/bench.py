@@ -133,6 +133,20 @@ STARTUP = {  # name -> code run in a fresh process on the fake AudioSet (ROOT), 
     "uint8 targets + pseudo-balanced sampler, one epoch (full)":
         "c = C.load_corpus(ROOT, 'full'); s = C.PseudoBalancedSampler(c.targets(c.train, dtype='uint8')); "
         "i = s.epoch_indices(0)",
+    # each script's own start-up before its first training step (nothing that opens audio)
+    "psla.py --data full (uint8 targets, Algorithm 1 weights, the first epoch's items)":
+        "import psla; a = psla.parse_args(['--data-root', ROOT, '--data', 'full', '--device', 'cpu']); "
+        "c = C.load_corpus(ROOT, 'full'); psla.resolve_schedule(a, c.root); t = c.targets(c.train, dtype='uint8'); "
+        "i = psla.epoch_items(a, t, 1); ds = psla.MixupClips(psla.Clips(c.root, c.train, t, a.target_length), "
+        "a.mixup, a.mixup_alpha, a.seed)",
+    "at_transfer.py upstream --data full (corpus, targets, sampler, first epoch, validation rows)":
+        "import at_transfer as AT; a = AT.resolve(AT.parse_args(['--data-root', ROOT, '--preset', 'cpu', "
+        "'--workers', '0', '--out', '/tmp/at_startup/run'])); c, ds, s, v = AT.upstream_data(a); i = s.epoch_indices(0)",
+    "conformer_ssl.py --preset paper --data full --table 1 (fractions, weights, 25.6 M balanced draws, stream)":
+        "import conformer_ssl as S; a, c, u = S.load_data(S.parse_args(['--data-root', ROOT, '--data', 'full', "
+        "'--table', '1', '--preset', 'paper'])); sets = S.labelled_sets(a, c); "
+        "w = C.generate_sampling_weights(sets[-1].train_y); "
+        "o = C.WeightedSampler(w, a.ft_steps * a.batch_size, seed=0).epoch_indices(0); _, po = S.unlabelled_data(a, None, u)",
 }
 
 
@@ -143,13 +157,13 @@ def startup_benchmark(root: str | Path, cases: dict = STARTUP) -> list[dict]:
     rows = []
     for name, code in cases.items():
         prog = (f"import sys, time, resource; sys.path.insert(0, {str(here)!r}); import common as C; "
-                f"ROOT = {str(root)!r}; t = time.perf_counter(); {code}; "
-                f"print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+                f"ROOT = {str(root)!r}; _t0 = time.perf_counter(); {code}; "
+                f"print('STARTUP', time.perf_counter() - _t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
         out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, cwd=here)
         if out.returncode:
             rows.append({"case": name, "error": out.stderr.strip().splitlines()[-1]})
         else:
-            sec, kb = out.stdout.split()[-2:]
+            sec, kb = [line for line in out.stdout.splitlines() if line.startswith("STARTUP ")][-1].split()[1:]
             rows.append({"case": name, "seconds": round(float(sec), 1), "peak_rss_gb": round(int(kb) / 1e6, 2)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -171,10 +185,13 @@ def main(argv=None) -> None:
     g.add_argument("--audioset-scale", metavar="DIR", default=None,
                    help="write full AudioSet's manifests (2.08 M rows, audio never opened) in DIR once, and time "
                         "what happens before the first training step, each case in a fresh process")
+    g.add_argument("--cases", nargs="+", default=None, metavar="WORD",
+                   help="only the start-up cases whose name contains one of these words (e.g. psla conformer)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.audioset_scale:
-        startup_benchmark(fake_audioset(a.audioset_scale))
+        startup_benchmark(fake_audioset(a.audioset_scale),
+                          {k: v for k, v in STARTUP.items() if not a.cases or any(w in k for w in a.cases)})
         return
     if a.steps:
         step_benchmark(a.scripts, a.device, a.amp, a.batch_size, a.repeats)
@@ -185,7 +202,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except C.DataError as e:
-        sys.exit(f"error: {e}")
+    C.cli(main)
