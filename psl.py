@@ -470,7 +470,8 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
     net = common.compiled(common.wrap_ddp(model), args.compile)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     scaler = common.grad_scaler(device, dtype)
-    steps_per_epoch = math.ceil(len(common.shard(sample(0))) / args.batch_size)
+    first = sample(0)  # drawn once: the epoch length, then epoch 0 (full AudioSet's pseudo-balanced epoch: ~18 s)
+    steps_per_epoch = math.ceil(len(common.shard(first)) / args.batch_size)
     total = epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, epochs * steps_per_epoch)
     eval_every = eval_interval(steps_per_epoch, eval_every)
     patience_steps = math.ceil(args.patience * steps_per_epoch)  # patience counts epochs (Sec. 3.3)
@@ -488,7 +489,7 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
     stop = lambda: state["step"] >= total or state["step"] - state["best_step"] >= patience_steps
     while not stop():
         epoch, skip = divmod(state["step"], steps_per_epoch)
-        indices = common.shard(sample(epoch))[skip * args.batch_size:]  # this rank's share; resume mid-epoch
+        indices = common.shard(first if epoch == 0 else sample(epoch))[skip * args.batch_size:]  # resume mid-epoch
         loader = common.make_loader(dataset, args.batch_size, sampler=indices, workers=args.workers,
                                     seed=args.seed * 100_003 + epoch)
         for j, batch in enumerate(loader):

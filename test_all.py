@@ -984,6 +984,9 @@ def test_psl_all_stages_save_reload_predict(psl_tiny, tmp_path, capsys):
     (teacher,), (relabel,) = tmp_path.glob("teacher-*"), tmp_path.glob("relabel-*")  # shared stages, beside --out
     assert (teacher / "final.pt").exists() and np.load(relabel / "soft.npy").shape == (48, 30)  # 24 clips x 2 chunks
     assert json.loads((relabel / "stage.json").read_text())["teacher"] == psl.file_sha1(teacher / "final.pt")
+    ma = json.loads((teacher / "results.json").read_text())["convergence"]  # issue 20: the MA's plateau report
+    assert res["convergence"] == {"machine_annotator": ma, "student": res["student"]["convergence"]}
+    assert ma["validations"] == 1 and not ma["plateau"] and "machine annotator: NO" in (out / "results.md").read_text()
     # reload the averaged student from its checkpoint alone and evaluate it again: same numbers
     ck = C.load_checkpoint(out / "student" / "final.pt")
     model = psl.build_model(ck)
@@ -3450,7 +3453,7 @@ def test_damaged_clips_are_skipped_counted_and_reported(damaged_root, tmp_path):
     teacher = json.loads(next(tmp_path.glob("teacher-*")).joinpath("results.json").read_text())
     assert np.isfinite(teacher["mAP"])
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-    assert all("skipped" in r for r in log)
+    assert all("skipped" in r for r in log if "end" not in r) and log[-1]["end"]  # + the student's plateau line
     run = tmp_path / "psla"
     r = psla.main(["--data-root", str(damaged_root), "--out", str(run), "--effnet", "0", "--target-length", "128",
                    "--epochs", "1", "--batch-size", "24", "--workers", "0", "--amp", "bf16"])  # one step: every clip
@@ -3543,6 +3546,20 @@ def test_psl_patience_counts_epochs_and_stages_validate_separately(tmp_path):
     assert psl.eval_interval(60_000, "10000b") == 10_000 and psl.eval_interval(3, "10000b") == 3
     p = psl.parse_args(["--eval-every", "7b", "--ma-eval-every", "0.25"])
     assert (p.eval_every, p.ma_eval_every) == ("7b", 0.25)
+
+
+def test_psl_first_epoch_is_drawn_once(tmp_path, monkeypatch):
+    """Issue 20, start-up at AudioSet scale: train() drew epoch 0's indices twice (once for the epoch length);
+    a pseudo-balanced epoch of full AudioSet takes ~18 s. Every epoch is drawn once, the same indices."""
+    calls, seen = [], []
+    sample = lambda e: calls.append(e) or np.random.default_rng(e).permutation(8)
+    loader = C.make_loader
+    monkeypatch.setattr(C, "make_loader", lambda ds, bs, sampler=None, **k: seen.append(list(sampler)) or
+                        loader(ds, bs, sampler, **k))
+    torch.manual_seed(0)
+    psl.train(psl.MobileNetV2(2), _ToyChunks(), 2, sample, tmp_path / "s", tmp_path, _toy_train_args(tmp_path), epochs=2,
+              alpha=1.0, augment=False, poly_decay=False, validate=lambda m: 0.5, eval_every=1.0)
+    assert calls == [0, 1] and seen == [list(sample(0)), list(sample(1))]
 
 
 def test_psl_preset_is_decided_by_the_machine_not_the_corpus(psl_tiny, tmp_path, monkeypatch, capsys):
@@ -3861,7 +3878,7 @@ def test_psl_short_clips_counted_in_every_stage(psl_tiny, tmp_path, capsys):
     (teacher,) = tmp_path.glob("teacher-*")
     assert json.loads((teacher / "results.json").read_text())["short_clips"] == {"train": 2, "eval": 1}
     for log in (teacher / "log.jsonl", out / "log.jsonl"):
-        assert [json.loads(l)["short"] for l in log.read_text().splitlines()] == [2]
+        assert [json.loads(l)["short"] for l in log.read_text().splitlines() if "end" not in l] == [2]
 
 
 def test_prepare_keeps_symlinked_clips_as_given(tmp_path):
