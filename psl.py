@@ -13,10 +13,18 @@ Paper, AudioSet balanced subset, eval mAP (%) / d' (Table 2):
 
     python psl.py --segment 2 --data balanced               # synthetic corpus, all stages (8 min, 2 cores)
     python psl.py --table 2                                 # weak / PSL-10s / 5s / 2s, shared teacher
-    python psl.py --data-root data/audioset --segment 2     # real AudioSet (paper schedule)
+    python psl.py --data-root data/audioset --segment 2     # real AudioSet (on a GPU: the paper's schedule)
+    python psl.py --data-root DIR --preset cpu --ma-eval-every 1 --eval-every 1   # any corpus: validate per epoch
     torchrun --nproc_per_node=2 psl.py --segment 2          # DDP (gloo on CPU, nccl on GPUs)
     python psl.py predict --ckpt runs/psl/psl_2s_balanced/student/final.pt clip.wav
     python psl.py teacher --teacher-epochs 20               # stage 1 alone: prints the shared MA's folder
+
+--preset auto|paper|cpu decides the schedule of the flags left unset (one line at start says which and
+why): auto = the paper's (Sec. 3.2, 3.3) on a CUDA GPU, the CPU one (deviation 4) otherwise, whatever the
+corpus. Validation intervals are epochs of the stage's own training set (--eval-every 0.5 = twice per
+epoch on any corpus) or batches with a `b` suffix (10000b, the paper's). Every training stage (the MA
+first: a PSL student is capped by it) says in its last log line and results.json whether its validation
+mAP reached a plateau (common.plateau_report: the last quarter of validations within 0.005 of the best).
     python common.py seeds --row weak RUN RUN RUN --row psl RUN RUN RUN --key mAP   # mean +- std over seeds
 
 A killed run resumes exactly (bit-identical results) when the same command is run again; --no-resume
@@ -32,11 +40,12 @@ Deviations from the paper (numbered as in the README):
     validates on balanced_train.tsv (the paper's "balanced subset"), also the MA trained on full.
  2. Evaluation splits every clip into n-second chunks and averages the chunk scores (Sec. 3.3);
     the official code scores whole clips (`--eval-mode clip`).
- 3. Adam lr 1e-4 as in Sec. 3.2; the official configs use 1e-3 (`--lr 1e-3`).
- 4. On the synthetic corpus the schedule is scaled to a CPU budget (derived once after parsing):
-    MA 5 epochs, student 6 epochs, validation every half epoch, and lr 1e-3 (the official value:
-    at 1e-4 a 3-epoch MA reached only 0.21 validation mAP and gave every clip one label). The
-    paper's values (30 / 300 epochs, every 10,000 batches, lr 1e-4) apply on real data or as flags.
+ 3. Adam lr 1e-4 as in Sec. 3.2 (preset paper); the official configs use 1e-3 (`--lr 1e-3`).
+ 4. Without a CUDA GPU (--preset auto -> cpu, on any corpus) the schedule is scaled to a CPU budget:
+    MA 5 epochs, student 6 epochs, validation every half epoch of the stage's training set (0.5), and
+    lr 1e-3 (the official value: at 1e-4 a 3-epoch MA reached only 0.21 validation mAP and gave every
+    clip one label). The paper's values (30 / 300 epochs, every 10,000 batches, lr 1e-4) are
+    --preset paper (auto on a GPU) or flags; a flag given on the command line wins over either preset.
  5. Not given in the paper, our choices: SpecAugment widths, gain range, time-shift range,
     polynomial power 1; mix-up is applied to waveforms. Soft labels are precomputed once per
     (teacher, data, segment) instead of online (equivalent: the teacher is deterministic in eval mode)
@@ -46,9 +55,11 @@ Deviations from the paper (numbered as in the README):
  7. Chunks of real clips: durations rounded to 0.1 s (as the official code; at least 0.1 s), and a
     remainder shorter than 0.5 s joins the chunk before it (a 160,001-sample clip is 10.0 s; a 4.3 s
     clip at 2 s is 2 + 2.3 s), so no chunk is almost pure padding.
- 8. Validation every 10,000 batches (Sec. 3.2) or once per epoch when an epoch is shorter, set per
-    stage (--ma-eval-every, --eval-every); early-stop patience counts epochs (15, Sec. 3.3), not
-    validations (15 validations of 10,000 batches = ~227 epochs of 10 s chunks on balanced AudioSet).
+ 8. Validation every 10,000 batches (Sec. 3.2; --preset paper: 10000b) or once per epoch when an epoch
+    is shorter, set per stage (--ma-eval-every, --eval-every; a plain number is epochs of the stage's
+    training set, so a command works unchanged on another corpus); early-stop patience counts epochs
+    (15, Sec. 3.3), not validations (15 validations of 10,000 batches = ~227 epochs of 10 s chunks on
+    balanced AudioSet).
  9. Precision: with autocast (bf16 by default on CUDA) the backbone runs in reduced precision, the
     classifier and every saved or ranked score (eval, top-k averaging, soft labels) in fp32.
 
@@ -81,7 +92,13 @@ PAPER = {("weak", 10): (17.69, 1.994), ("psl", 10): (31.13, 2.454), ("psl", 5): 
          ("ts", 10): (27.12, 2.190), ("ts", 5): (28.24, 2.273), ("ts", 2): (28.13, 2.203)}
 TABLES = {2: [("weak", 10), ("psl", 10), ("psl", 5), ("psl", 2)],
           3: [("weak", 10), ("weak", 5), ("weak", 2), ("ts", 10), ("ts", 5), ("ts", 2)]}
-SYNTH_SCHEDULE = {"teacher_epochs": 5, "epochs": 6, "evals_per_epoch": 2, "lr": 1e-3}  # deviation 4
+# --preset (common.apply_preset: auto = paper on a CUDA GPU, cpu otherwise, whatever the corpus); the flags left
+# unset take these values. Validation intervals: epochs of the stage's own training set (0.5 = twice per epoch,
+# the same command on any corpus) or batches with a `b` suffix (the paper's 10,000, at least once per epoch).
+PRESETS = {"paper": {"teacher_epochs": 30, "epochs": 300, "lr": 1e-4,  # Sec. 3.2, 3.3
+                     "ma_eval_every": "10000b", "eval_every": "10000b"},  # deviation 8
+           "cpu": {"teacher_epochs": 5, "epochs": 6, "lr": 1e-3,  # deviation 4
+                   "ma_eval_every": 0.5, "eval_every": 0.5}}
 OUTPUTS = ("student/*.pt", "student/*.tmp", "student/topk.json")  # what a run writes in its folder (+ results, log)
 
 
@@ -109,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--teacher", type=str, default=None,
                    help="use this MA checkpoint (a psl.py final.pt) instead of training one")
     g.add_argument("--teacher-epochs", type=common.POSITIVE_INT, default=None,
-                   help="MA epochs with polynomial decay (30; synthetic: 5)")
+                   help="MA epochs with polynomial decay (preset paper: 30; cpu: 5)")
     g.add_argument("--poly-power", type=common.NONNEG, default=1.0, help="polynomial lr decay power (not given; ours)")
     g.add_argument("--mixup-alpha", type=common.POSITIVE, default=1.0,
                    help="mix-up lambda ~ Beta(a, a) (Sec. 3.3, [17])")
@@ -119,16 +136,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--freq-mask", type=common.NONNEG_INT, default=10, help="SpecAugment: max mel bins per mask (ours)")
     g.add_argument("--time-mask", type=common.NONNEG_INT, default=50, help="SpecAugment: max frames per mask (ours)")
     g.add_argument("--n-masks", type=common.NONNEG_INT, default=2, help="SpecAugment: masks per axis (ours)")
-    g = p.add_argument_group("training (Sec. 3.2, 3.3)")
+    g = p.add_argument_group("training (Sec. 3.2, 3.3); unset = the preset's values")
+    g.add_argument("--preset", type=str, default="auto", choices=["auto", "paper", "cpu"],
+                   help="schedule of the flags left unset: paper (Sec. 3.2, 3.3) or cpu (deviation 4); "
+                        "auto = paper on a CUDA GPU, cpu otherwise, whatever the corpus")
     g.add_argument("--batch-size", type=common.POSITIVE_INT, default=32, help="batch size (Sec. 3.2)")
     g.add_argument("--lr", type=common.POSITIVE, default=None,
-                   help="Adam learning rate: 1e-4 (Sec. 3.2); official code and synthetic corpus: 1e-3")
-    g.add_argument("--epochs", type=common.POSITIVE_INT, default=None, help="max student epochs (300; synthetic: 6)")
-    g.add_argument("--eval-every", type=common.POSITIVE_INT, default=None,
-                   help="student: validate every N batches (10,000, Sec. 3.2, or once per epoch when an epoch is "
-                        "shorter; synthetic: half an epoch)")
-    g.add_argument("--ma-eval-every", type=common.POSITIVE_INT, default=None,
-                   help="machine annotator: validate every N batches (same default as --eval-every)")
+                   help="Adam learning rate (preset paper: 1e-4, Sec. 3.2; cpu: 1e-3, the official code's)")
+    g.add_argument("--epochs", type=common.POSITIVE_INT, default=None,
+                   help="max student epochs (preset paper: 300; cpu: 6)")
+    g.add_argument("--eval-every", type=every, default=None,
+                   help="student: validate every X epochs of its chunks (0.5 = twice per epoch), or every N batches "
+                        "as Nb, at least once per epoch (preset paper: 10000b, Sec. 3.2; cpu: 0.5)")
+    g.add_argument("--ma-eval-every", type=every, default=None,
+                   help="machine annotator: validate every X epochs of its clips, or Nb batches (as --eval-every)")
     g.add_argument("--patience", type=common.POSITIVE, default=15,
                    help="early stop after N epochs without a validation gain (student, Sec. 3.3; MA alike)")
     g.add_argument("--top-k", type=common.POSITIVE_INT, default=4,
@@ -140,6 +161,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def every(text: str) -> float | str:
+    """argparse type of --eval-every / --ma-eval-every: a positive number of epochs (a float, relative to the
+    stage's training set) or a positive number of batches written `Nb` (kept as the string 'Nb')."""
+    if text.strip().lower().endswith("b"):
+        return f"{common.POSITIVE_INT(text.strip()[:-1])}b"
+    return common.POSITIVE(text)
+
+
 def run_name(a: argparse.Namespace) -> str:
     kind = "weak" if a.alpha == 0 else "psl" if a.alpha == 1 else f"ts{a.alpha:g}"
     corpus = "" if a.data_root is None else Path(a.data_root).name + "_"
@@ -147,22 +176,18 @@ def run_name(a: argparse.Namespace) -> str:
 
 
 def resolve(a: argparse.Namespace, corpus: common.Corpus) -> argparse.Namespace:
-    """Derived values, computed once after parsing (deviation 4 for the synthetic corpus); a bad --teacher
-    file is one line here, before any work."""
+    """Derived values, computed once after parsing: the preset fills the unset schedule flags (printed once,
+    with the reason: the machine decides, not the corpus); a bad --teacher file is one line here, before any
+    work."""
     a = copy.copy(a)
+    if any(getattr(a, k) is None for k in PRESETS["cpu"]):  # not yet applied (run_table applies it once)
+        common.apply_preset(a, PRESETS, "psl")
     if a.labels == "weak":
         a.alpha = 0.0
     a.out = a.out or str(Path("runs/psl") / (a.name or run_name(a)))
     a.stages = a.stages or str(Path(a.out).parent)
     a.clip_seconds = corpus.clip_seconds or 10.0  # nominal; real clips are measured (common.clip_durations)
-    a.synthetic = corpus.synthetic  # validation intervals are derived per stage in train() (eval_interval)
     a.eval_segment = a.segment if a.eval_mode == "chunks" else None  # clips split into n-second chunks (Sec. 3.3)
-    if a.teacher_epochs is None:
-        a.teacher_epochs = SYNTH_SCHEDULE["teacher_epochs"] if corpus.synthetic else 30
-    if a.epochs is None:
-        a.epochs = SYNTH_SCHEDULE["epochs"] if corpus.synthetic else 300
-    if a.lr is None:
-        a.lr = SYNTH_SCHEDULE["lr"] if corpus.synthetic else 1e-4
     if a.teacher:  # a missing file or another script's checkpoint: one line, before any work
         read_checkpoint(a.teacher)
     a.teacher_sha1 = file_sha1(a.teacher) if a.teacher else None  # the MA's content is part of the identity
@@ -394,13 +419,14 @@ def evaluate(model: nn.Module, corpus: common.Corpus, rows: list, y_true: np.nda
     return common.readable_scores(y_true, scores) | {"short_clips": ds.short_clips}
 
 
-def eval_interval(steps_per_epoch: int, synthetic: bool) -> int:
-    """Batches between validations: every 10,000 batches (Sec. 3.2, ~1/6 of a full-AudioSet epoch) but at
-    least once per epoch, so a small corpus still validates, early-stops and keeps top-k (deviation 8);
-    the synthetic corpus: every half epoch (deviation 4)."""
-    if synthetic:
-        return max(1, steps_per_epoch // SYNTH_SCHEDULE["evals_per_epoch"])
-    return max(1, min(10_000, steps_per_epoch))
+def eval_interval(steps_per_epoch: int, every: float | str) -> int:
+    """Batches between validations from --eval-every / --ma-eval-every: X epochs (a float: 0.5 = every half
+    epoch, rounded down, at least 1 batch), or 'Nb' = every N batches but at least once per epoch, so that a
+    small corpus still validates, early-stops and keeps top-k (the paper's 10000b: ~1/6 of a full-AudioSet
+    epoch, Sec. 3.2; deviation 8)."""
+    if isinstance(every, str):
+        return max(1, min(int(every[:-1]), steps_per_epoch))
+    return max(1, math.floor(every * steps_per_epoch + 1e-9))  # 1e-9: 0.29 * 100 is 29 batches, not 28
 
 
 def bce(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -430,12 +456,13 @@ def train_step(net: nn.Module, wave: torch.Tensor, y: torch.Tensor, opt, scaler,
 
 
 def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_dir: Path, args, *, epochs: int,
-          alpha: float, augment: bool, poly_decay: bool, validate, eval_every: int | None = None) -> dict:
+          alpha: float, augment: bool, poly_decay: bool, validate, eval_every: float | str) -> dict:
     """One visible loop for MA and student. `sample(epoch)` gives one epoch's indices (the same on every
-    rank; each rank trains on its common.shard). Validation every `eval_every` batches (None: eval_interval),
+    rank; each rank trains on its common.shard). Validation every `eval_every` (epochs or 'Nb': eval_interval),
     early stop after args.patience epochs without a gain, top-k checkpoints weight-averaged into the
     returned model (Sec. 3.2). Resumes exactly from folder/last.pt (weights, optimizer, every RNG state; the
-    data position is the step)."""
+    data position is the step). The stage ends with one log line saying whether its validation mAP reached a
+    plateau (common.plateau_report; also `convergence` in the returned info, hence in results.json)."""
     device = next(model.parameters()).device
     dtype = common.amp_dtype(device, args.amp)
     if device.type == "cuda":
@@ -443,15 +470,17 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
     net = common.compiled(common.wrap_ddp(model), args.compile)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     scaler = common.grad_scaler(device, dtype)
-    steps_per_epoch = math.ceil(len(common.shard(sample(0))) / args.batch_size)
+    first = sample(0)  # drawn once: the epoch length, then epoch 0 (full AudioSet's pseudo-balanced epoch: ~18 s)
+    steps_per_epoch = math.ceil(len(common.shard(first)) / args.batch_size)
     total = epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, epochs * steps_per_epoch)
-    eval_every = eval_every or eval_interval(steps_per_epoch, args.synthetic)
+    eval_every = eval_interval(steps_per_epoch, eval_every)
     patience_steps = math.ceil(args.patience * steps_per_epoch)  # patience counts epochs (Sec. 3.3)
     mel_augment = spec_augment(args) if augment else None  # one callable per stage (torch.compile guards on it)
     folder.mkdir(parents=True, exist_ok=True)
     topk, logger = common.TopKCheckpoints(folder, args.top_k), common.RunLogger(log_dir)
     state = common.load_state(folder / "last.pt", model, opt, scaler) or \
-        {"step": 0, "best": -1.0, "best_step": 0, "skipped": 0, "record": None}
+        {"step": 0, "best": -1.0, "best_step": 0, "skipped": 0, "record": None, "history": []}
+    state.setdefault("history", [])  # every validation's mAP, for the plateau report (a last.pt from before it)
     if state.get("record"):  # the line of this checkpoint, if a kill came between last.pt and the log
         logger.log_once(state["record"], ("stage", "step"))
         print(f"{folder.name}: resumed at step {state['step']}/{total}")
@@ -460,7 +489,7 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
     stop = lambda: state["step"] >= total or state["step"] - state["best_step"] >= patience_steps
     while not stop():
         epoch, skip = divmod(state["step"], steps_per_epoch)
-        indices = common.shard(sample(epoch))[skip * args.batch_size:]  # this rank's share; resume mid-epoch
+        indices = common.shard(first if epoch == 0 else sample(epoch))[skip * args.batch_size:]  # resume mid-epoch
         loader = common.make_loader(dataset, args.batch_size, sampler=indices, workers=args.workers,
                                     seed=args.seed * 100_003 + epoch)
         for j, batch in enumerate(loader):
@@ -480,6 +509,7 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
                 state["skipped"], pending = state["skipped"] + common.all_sum(pending), 0
                 if metric > state["best"]:
                     state["best"], state["best_step"] = metric, state["step"]
+                state["history"].append(metric)
                 state["record"] = {"stage": folder.name, "step": state["step"],
                                    "epoch": round(state["step"] / steps_per_epoch, 2), "train/loss": loss.read(),
                                    "val/mAP": metric, "lr": lr, "skipped": state["skipped"],
@@ -493,10 +523,19 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
             if stop():
                 break
     bar.close()
+    conv = common.plateau_report(state["history"])  # did validation level off, or was the stage cut short?
+    logger.log_once({"stage": folder.name, "step": state["step"], "end": True, **conv}, ("stage", "end"))
+    if common.is_main():
+        stage, n = folder.name.split("-")[0], conv["validations"]  # teacher (the MA) or student
+        why = (f"only {n} validations, 4 needed" if n < 4 else f"the last quarter of {n} validations gained "
+               f"{'at most' if conv['plateau'] else 'more than'} {conv['tolerance']} over the best before it")
+        print(f"{stage}: validation mAP {'reached a plateau' if conv['plateau'] else 'did NOT reach a plateau'} "
+              f"({why})" + ("" if conv["plateau"] or stage == "student" else
+                           "; a PSL student is capped by its MA: more --teacher-epochs?"), flush=True)
     common.barrier()  # every top-k file is written before any rank reads them
     model.load_state_dict(common.average_state_dicts(topk.paths))  # top-k weight averaging (Sec. 3.2)
     return {"best_val_mAP": state["best"], "steps": state["step"], "skipped_clips": state["skipped"],
-            "averaged": [p.name for p in topk.paths]}
+            "averaged": [p.name for p in topk.paths], "convergence": conv}
 
 
 def save_final(path: Path, model: nn.Module, corpus: common.Corpus, segment: float | None, args, info: dict) -> None:
@@ -558,7 +597,9 @@ def train_teacher(args, device) -> Path:
         model = MobileNetV2(len(corpus.labels)).to(device)
         ds = chunk_dataset(corpus, corpus.train, np.zeros((len(corpus.train), 0), np.float32), None, args.clip_seconds)
         if final.exists():  # killed after final.pt, before its evaluation
-            model.load_state_dict(common.load_checkpoint(final)["model"])
+            ck = common.load_checkpoint(final)
+            model.load_state_dict(ck["model"])
+            info = ck["info"]
         else:
             weak = weak_targets(corpus, corpus.train)  # (N_clips, K) uint8
             ds.targets = ChunkTargets(weak, ds.clip_index)  # [zeros | weak]: alpha 0 trains on the weak half
@@ -575,7 +616,8 @@ def train_teacher(args, device) -> Path:
         if common.is_main():  # the MA's own eval numbers on whole clips (paper, full AudioSet: 40.53 / 2.695)
             m = evaluate(model, corpus, corpus.eval, eval_targets(corpus), None, args)
             results = {k: m[k] for k in ("mAP", "mAUC", "dprime", "AP", "n")} | {
-                "skipped_clips": m["skipped"], "short_clips": {"train": ds.short_clips, "eval": m["short_clips"]}}
+                "skipped_clips": m["skipped"], "short_clips": {"train": ds.short_clips, "eval": m["short_clips"]},
+                "convergence": info["convergence"]}  # did the MA's validation mAP reach a plateau?
             common.report(folder, results, teacher_markdown(results, args, corpus))
         common.barrier()  # rank 0 wrote final.pt and results.json; the others read final.pt next (relabel)
     return final
@@ -739,10 +781,16 @@ def train_student(corpus: common.Corpus, chunks: common.SegmentDataset, weak: np
 # Results: results.json and the paper-style tables
 # =============================================================================================
 def teacher_markdown(m: dict, args, corpus: common.Corpus) -> str:
-    return common.markdown_table(["model", "mAP %", "mAUC", "d'", "eval clips (skipped)",
-                                  common.paper_heading(corpus, "paper mAP %"), "paper d'"],
-                                 [[f"MA ({args.ma_data})", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
-                                   f"{m['dprime']:.3f}", f"{m['n']} ({m['skipped_clips']})", "40.53", "2.695"]])
+    table = common.markdown_table(["model", "mAP %", "mAUC", "d'", "eval clips (skipped)",
+                                   common.paper_heading(corpus, "paper mAP %"), "paper d'"],
+                                  [[f"MA ({args.ma_data})", f"{100 * m['mAP']:.2f}", f"{m['mAUC']:.4f}",
+                                    f"{m['dprime']:.3f}", f"{m['n']} ({m['skipped_clips']})", "40.53", "2.695"]])
+    return table + "\n\n" + plateau_markdown({"machine annotator": m["convergence"]})
+
+
+def convergence(ckpt: Path) -> dict | None:
+    """A psl.py checkpoint's plateau report (its stage's `convergence`; None for a file from before it)."""
+    return common.load_checkpoint(ckpt).get("info", {}).get("convergence")
 
 
 def student_results(args, corpus: common.Corpus, m: dict, info: dict, analysis: dict | None) -> dict:
@@ -764,7 +812,19 @@ def psl_markdown(r: dict, corpus: common.Corpus) -> str:
                                   [[f"{r['method']}-{r['segment']:g}s", f"{100 * r['mAP']:.2f}", f"{r['mAUC']:.4f}",
                                     f"{r['dprime']:.3f}", f"{r['n']} ({r['skipped_clips']['eval']})",
                                     *(map(str, paper) if paper else ("-", "-"))]])
-    return "\n\n".join([title, table] + ([analysis_markdown(r["analysis"], r["segment"])] if r["analysis"] else []))
+    conv = r.get("convergence") or {}
+    return "\n\n".join([title, table] + ([analysis_markdown(r["analysis"], r["segment"])] if r["analysis"] else [])
+                       + [plateau_markdown({"machine annotator": conv.get("machine_annotator"),
+                                            "student": conv.get("student")})])
+
+
+def plateau_markdown(stages: dict) -> str:
+    """One line: did each stage's validation mAP reach a plateau (common.plateau_report)?"""
+    say = lambda c: "-" if c is None else (
+        f"{'yes' if c['plateau'] else 'NO'} (best {c['best']:.4f}, last {c['last']:.4f}, {c['validations']} "
+        f"validations)" if c["validations"] else "NO (no validation)")
+    return "Validation mAP reached a plateau (last quarter within 0.005 of the best before it): " + \
+        "; ".join(f"{k}: {say(c)}" for k, c in stages.items())
 
 
 # =============================================================================================
@@ -792,6 +852,7 @@ def run(args: argparse.Namespace) -> dict:
         student, info = train_student(corpus, chunks, weak, soft, out, args, device)
         m = evaluate(student, corpus, corpus.eval, eval_targets(corpus), args.eval_segment, args)
         results = student_results(args, corpus, m, info, analysis)
+        results["convergence"] = {"machine_annotator": teacher and convergence(teacher), "student": info["convergence"]}
         return common.report(out, results, psl_markdown(results, corpus))
 
 
@@ -799,6 +860,7 @@ def run_table(args: argparse.Namespace) -> dict:
     """Rows of Table 2 or 3 as sibling runs (each resumable, sharing the MA and the relabel caches)."""
     corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
     out = Path(args.out or f"runs/psl/table{args.table}")
+    args = common.apply_preset(copy.copy(args), PRESETS, "psl")  # once for every row (printed once)
     base = copy.copy(args)
     base.table, base.out, base.name = None, None, None
     rows = []

@@ -897,7 +897,7 @@ def psl_tiny(tmp_path_factory):
 
 def _argv(root, out, *extra):
     return ["--data-root", str(root), "--out", str(out), "--workers", "0",
-            "--batch-size", "8", "--eval-every", "1", *extra]
+            "--batch-size", "8", "--eval-every", "1b", *extra]
 
 
 def test_psl_param_count():
@@ -984,6 +984,9 @@ def test_psl_all_stages_save_reload_predict(psl_tiny, tmp_path, capsys):
     (teacher,), (relabel,) = tmp_path.glob("teacher-*"), tmp_path.glob("relabel-*")  # shared stages, beside --out
     assert (teacher / "final.pt").exists() and np.load(relabel / "soft.npy").shape == (48, 30)  # 24 clips x 2 chunks
     assert json.loads((relabel / "stage.json").read_text())["teacher"] == psl.file_sha1(teacher / "final.pt")
+    ma = json.loads((teacher / "results.json").read_text())["convergence"]  # issue 20: the MA's plateau report
+    assert res["convergence"] == {"machine_annotator": ma, "student": res["student"]["convergence"]}
+    assert ma["validations"] == 1 and not ma["plateau"] and "machine annotator: NO" in (out / "results.md").read_text()
     # reload the averaged student from its checkpoint alone and evaluate it again: same numbers
     ck = C.load_checkpoint(out / "student" / "final.pt")
     model = psl.build_model(ck)
@@ -1055,7 +1058,7 @@ def test_psl_teacher_subcommand_is_shared_by_student_runs(psl_tiny, tmp_path, ca
     corpus = C.load_corpus(str(psl_tiny), "full")
     s = lambda *x: C.settings_hash(psl.teacher_settings(psl.resolve(psl.parse_args(_argv(psl_tiny, "o", *x)), corpus),
                                                         corpus))
-    assert s() == s("--lr", "1e-3") == s("--alpha", "0.5", "--segment", "5")  # lr 1e-3: the synthetic default
+    assert s() == s("--lr", "1e-3") == s("--alpha", "0.5", "--segment", "5")  # lr 1e-3: the cpu preset's
     assert len({s(), s("--teacher-epochs", "2"), s("--lr", "1e-4"), s("--gain-db", "3"), s("--max-steps", "3")}) == 5
 
 
@@ -1067,7 +1070,7 @@ def test_psl_killed_anywhere_resumes_bit_identical(psl_tiny, tmp_path):
     trained its MA in the same process, the resumed runs read it from disk, and a run given that MA as
     --teacher (its own relabel cache, computed again) trains the same student too."""
     argv = lambda out, stages, *x: _argv(psl_tiny, out, "--segment", "2", "--max-steps", "3", "--teacher-epochs", "1",
-                                         "--eval-every", "2", "--top-k", "2", "--stages", stages, *x)
+                                         "--eval-every", "2b", "--top-k", "2", "--stages", stages, *x)
     run_cli("psl.py", *argv(tmp_path / "ref", tmp_path / "s_ref"))
     out = tmp_path / "run"
     for kill_at in ("saved:3", "step:3"):  # the MA's 3rd save is its final.pt; then the student's 3rd step
@@ -1080,7 +1083,8 @@ def test_psl_killed_anywhere_resumes_bit_identical(psl_tiny, tmp_path):
     assert json.loads((out / "results.json").read_text()) == ref
     a, b = (C.load_checkpoint(tmp_path / r / "student" / "final.pt")["model"] for r in ("ref", "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [2, 3]  # each once
+    assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [2, 3, 3]  # each once
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["end"]  # + the plateau line, once
     assert leftovers(tmp_path) == []
     (ma,) = (tmp_path / "s_ref").glob("teacher-*")
     run_cli("psl.py", *argv(tmp_path / "given", tmp_path / "s_given", "--teacher", ma / "final.pt"))
@@ -1178,7 +1182,8 @@ def test_psl_torchrun_ddp_barriers_shards_and_rank0_writes(psl_tiny, tmp_path):
     ref = psl.predict_chunks(psl.build_model(C.load_checkpoint(teacher / "final.pt")), ds, args)  # one process
     np.testing.assert_allclose(np.load(relabel / "soft.npy"), ref, atol=1e-3)  # both ranks' rows, float16
     for log, steps in ((teacher / "log.jsonl", [2]), (out / "log.jsonl", [1, 2])):  # MA: every half epoch
-        assert [json.loads(l)["step"] for l in log.read_text().splitlines()] == steps, log
+        lines = [json.loads(l) for l in log.read_text().splitlines()]
+        assert [r["step"] for r in lines if "end" not in r] == steps and lines[-1]["end"], log  # + the plateau line
     assert json.loads((out / "results.json").read_text())["skipped_clips"]["student_train"] == 0
 
 
@@ -1213,6 +1218,7 @@ def test_psl_step_has_no_host_sync():
 PSL_BAD_FLAGS = [["--segment", "0"], ["--segment", "-2"], ["--segment", "nan"], ["--alpha", "1.5"], ["--alpha", "nan"],
                  ["--batch-size", "0"], ["--lr", "0"], ["--lr", "inf"], ["--epochs", "0"], ["--teacher-epochs", "-1"],
                  ["--top-k", "0"], ["--threshold", "2"], ["--patience", "0"], ["--eval-every", "0"],
+                 ["--eval-every", "0b"], ["--eval-every", "2.5b"], ["--ma-eval-every", "nan"], ["--preset", "gpu"],
                  ["--ma-eval-every", "-3"], ["--mixup-alpha", "0"], ["--gain-db", "-1"], ["--max-shift-s", "nan"],
                  ["--freq-mask", "-1"], ["--max-steps", "0"], ["--synth-scale", "0"], ["--workers", "-1"],
                  ["--table", "4"], ["--labels", "strong"], ["--poly-power", "-1"], ["teacher", "--lr", "-1"],
@@ -3790,7 +3796,7 @@ def test_damaged_clips_are_skipped_counted_and_reported(damaged_root, tmp_path):
     teacher = json.loads(next(tmp_path.glob("teacher-*")).joinpath("results.json").read_text())
     assert np.isfinite(teacher["mAP"])
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-    assert all("skipped" in r for r in log)
+    assert all("skipped" in r for r in log if "end" not in r) and log[-1]["end"]  # + the student's plateau line
     run = tmp_path / "psla"
     r = psla.main(["--data-root", str(damaged_root), "--out", str(run), "--effnet", "0", "--target-length", "128",
                    "--epochs", "1", "--batch-size", "24", "--workers", "0", "--amp", "bf16"])  # one step: every clip
@@ -3878,12 +3884,89 @@ def test_psl_patience_counts_epochs_and_stages_validate_separately(tmp_path):
     a = _toy_train_args(tmp_path, "--patience", "1")
     torch.manual_seed(0)
     info = psl.train(psl.MobileNetV2(2), _ToyChunks(), 2, lambda e: np.arange(8), tmp_path / "s", tmp_path, a,
-                     epochs=10, alpha=1.0, augment=False, poly_decay=False, validate=lambda m: 0.5, eval_every=1)
+                     epochs=10, alpha=1.0, augment=False, poly_decay=False, validate=lambda m: 0.5, eval_every="1b")
     assert info["steps"] == 5
-    assert psl.eval_interval(60_000, False) == 10_000 and psl.eval_interval(3, False) == 3
-    assert psl.eval_interval(10, True) == 5
-    p = psl.parse_args(["--eval-every", "7", "--ma-eval-every", "9"])
-    assert (p.eval_every, p.ma_eval_every) == (7, 9)
+    assert psl.eval_interval(60_000, "10000b") == 10_000 and psl.eval_interval(3, "10000b") == 3
+    p = psl.parse_args(["--eval-every", "7b", "--ma-eval-every", "0.25"])
+    assert (p.eval_every, p.ma_eval_every) == ("7b", 0.25)
+
+
+def test_psl_first_epoch_is_drawn_once(tmp_path, monkeypatch):
+    """Issue 20, start-up at AudioSet scale: train() drew epoch 0's indices twice (once for the epoch length);
+    a pseudo-balanced epoch of full AudioSet takes ~18 s. Every epoch is drawn once, the same indices."""
+    calls, seen = [], []
+    sample = lambda e: calls.append(e) or np.random.default_rng(e).permutation(8)
+    loader = C.make_loader
+    monkeypatch.setattr(C, "make_loader", lambda ds, bs, sampler=None, **k: seen.append(list(sampler)) or
+                        loader(ds, bs, sampler, **k))
+    torch.manual_seed(0)
+    psl.train(psl.MobileNetV2(2), _ToyChunks(), 2, sample, tmp_path / "s", tmp_path, _toy_train_args(tmp_path), epochs=2,
+              alpha=1.0, augment=False, poly_decay=False, validate=lambda m: 0.5, eval_every=1.0)
+    assert calls == [0, 1] and seen == [list(sample(0)), list(sample(1))]
+
+
+def test_psl_preset_is_decided_by_the_machine_not_the_corpus(psl_tiny, tmp_path, monkeypatch, capsys):
+    """Issue 20, bug 6: a real corpus on a CPU took the paper's schedule (MA 30 epochs, students 300, lr 1e-4).
+    Now --preset auto is cpu without a CUDA GPU and paper with one, whatever the corpus; the cpu preset is the
+    former synthetic schedule (the default command's numbers are unchanged); a given flag wins; one line."""
+    real = tmp_path / "real"  # the same files without synth.json: a user's corpus
+    shutil.copytree(psl_tiny, real, ignore=shutil.ignore_patterns("synth.json", "audio"))
+    (real / "audio").symlink_to(psl_tiny / "audio")
+    sched = lambda a: (a.preset, a.teacher_epochs, a.epochs, a.lr, a.ma_eval_every, a.eval_every)
+    cpu = ("cpu", 5, 6, 1e-3, 0.5, 0.5)
+    for root in (psl_tiny, real):
+        corpus = C.load_corpus(str(root), "balanced")
+        assert corpus.synthetic == (root == psl_tiny)
+        assert sched(psl.resolve(psl.parse_args(["--data-root", str(root), "--device", "cpu"]), corpus)) == cpu
+        a = psl.resolve(psl.parse_args(["--data-root", str(root), "--preset", "paper", "--lr", "3e-4"]), corpus)
+        assert sched(a) == ("paper", 30, 300, 3e-4, "10000b", "10000b")
+    out = capsys.readouterr().out.splitlines()
+    assert out.count("psl: preset cpu (auto: no CUDA GPU (cpu); --preset paper for the paper's schedule)") == 2
+    assert out.count("psl: preset paper (--preset paper); given flags kept: lr") == 2
+    monkeypatch.setattr(C, "pick_device", lambda name="auto": torch.device("cuda"))  # a GPU machine
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "H100")
+    corpus = C.load_corpus(str(psl_tiny), "balanced")
+    assert sched(psl.resolve(psl.parse_args([]), corpus))[:4] == ("paper", 30, 300, 1e-4)  # synthetic, on a GPU
+    assert "psl: preset paper (auto: a GPU (H100))" in capsys.readouterr().out
+
+
+def test_psl_validation_interval_is_relative_to_the_epoch():
+    """Issue 20, bug 6: --eval-every / --ma-eval-every count epochs of the stage's own training set (the README's
+    direction run said `--ma-eval-every 38`, one epoch of 1,188 clips only): 0.5 is half of any corpus's epoch,
+    exactly the former synthetic rule (steps // 2); 'Nb' counts batches, at least once per epoch (deviation 8)."""
+    assert all(psl.eval_interval(spe, 0.5) == max(1, spe // 2) for spe in range(1, 500))  # the former rule
+    assert [psl.eval_interval(spe, 1.0) for spe in (38, 45, 18, 60_000)] == [38, 45, 18, 60_000]
+    assert psl.eval_interval(100, 0.29) == 29 and psl.eval_interval(100, 2.0) == 200
+    assert psl.eval_interval(60_000, "10000b") == 10_000 and psl.eval_interval(38, "10000b") == 38
+    assert psl.parse_args(["--ma-eval-every", "1"]).ma_eval_every == 1.0  # epochs, not batches
+    readme = (HERE / "README.md").read_text()
+    part = readme[readme.index("## psl.py"):]
+    part = part[:part.index("\n## ", 1)]  # psl.py's section: its commands carry no corpus-specific batch counts
+    given = re.findall(r"--(?:ma-)?eval-every (\S+)", "".join(re.findall(r"```(?:bash)?\n(.*?)```", part, re.S)))
+    assert given and all(re.fullmatch(r"[0-9.]+", v) for v in given), given
+
+
+def test_psl_every_stage_reports_its_plateau(tmp_path, capsys):
+    """Issue 20: each training stage ends with a log line and a `convergence` entry saying whether validation
+    mAP reached a plateau (common.plateau_report); a rerun of a finished stage does not log it twice."""
+    curves = {"flat": [0.2, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], "rising": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}
+    for name, curve in curves.items():
+        a = _toy_train_args(tmp_path / name, "--patience", "100")
+        torch.manual_seed(0)
+        vals = iter(curve)
+        train = lambda: psl.train(psl.MobileNetV2(2), _ToyChunks(), 2, lambda e: np.arange(8), tmp_path / name / "student",
+                                  tmp_path / name, a, epochs=2, alpha=1.0, augment=False, poly_decay=False,
+                                  validate=lambda m: next(vals), eval_every=0.25)  # every step: 8 validations
+        info = train()
+        assert info["convergence"] == C.plateau_report(curve) and info["convergence"]["plateau"] == (name == "flat")
+        lines = [json.loads(l) for l in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        assert len(lines) == 9 and lines[-1]["end"] and lines[-1]["plateau"] == (name == "flat")
+        assert {k: lines[-1][k] for k in info["convergence"]} == info["convergence"]
+        assert train()["convergence"] == info["convergence"]  # finished: resumed at its end, the same report
+        assert len((tmp_path / name / "log.jsonl").read_text().splitlines()) == 9  # the end line once
+    out = capsys.readouterr().out
+    assert "student: validation mAP reached a plateau (the last quarter of 8 validations gained at most 0.005" in out
+    assert "student: validation mAP did NOT reach a plateau (the last quarter of 8 validations gained more" in out
 
 
 def test_scores_are_fp32_under_bf16_autocast():
@@ -4138,7 +4221,7 @@ def test_psl_short_clips_counted_in_every_stage(psl_tiny, tmp_path, capsys):
     (teacher,) = tmp_path.glob("teacher-*")
     assert json.loads((teacher / "results.json").read_text())["short_clips"] == {"train": 2, "eval": 1}
     for log in (teacher / "log.jsonl", out / "log.jsonl"):
-        assert [json.loads(l)["short"] for l in log.read_text().splitlines()] == [2]
+        assert [json.loads(l)["short"] for l in log.read_text().splitlines() if "end" not in l] == [2]
 
 
 def test_prepare_keeps_symlinked_clips_as_given(tmp_path):
