@@ -139,6 +139,13 @@ STARTUP = {  # name -> code run in a fresh process on the fake AudioSet (ROOT), 
         "c = C.load_corpus(ROOT, 'full'); psla.resolve_schedule(a, c.root); t = c.targets(c.train, dtype='uint8'); "
         "i = psla.epoch_items(a, t, 1); ds = psla.MixupClips(psla.Clips(c.root, c.train, t, a.target_length), "
         "a.mixup, a.mixup_alpha, a.seed)",
+    "psl.py --data full, MA + relabel plan at 10 s (weak targets, pseudo-balanced epoch, chunk list, cache key)":
+        "import numpy as np, psl; c = C.load_corpus(ROOT, 'full'); a = psl.resolve(psl.parse_args(['--data-root', "
+        "ROOT, '--data', 'full', '--preset', 'paper', '--device', 'cpu']), c); s = psl.teacher_settings(a, c); "
+        "w = psl.weak_targets(c, c.train); i = C.PseudoBalancedSampler(w).epoch_indices(0); "
+        "v = c.targets(psl.validation_split(c, a)); n = len(c.train); ds = C.SegmentDataset(c.root, c.train, "
+        "np.zeros((n, 0), np.float32), 11.0, 10.0, durations=[10.0] * n, min_last=psl.MIN_CHUNK_S); "
+        "r = psl.corpus_identity(c.root, ds.rows)",
     "at_transfer.py upstream --data full (corpus, targets, sampler, first epoch, validation rows)":
         "import at_transfer as AT; a = AT.resolve(AT.parse_args(['--data-root', ROOT, '--preset', 'cpu', "
         "'--workers', '0', '--out', '/tmp/at_startup/run'])); c, ds, s, v = AT.upstream_data(a); i = s.epoch_indices(0)",
