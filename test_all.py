@@ -2357,14 +2357,17 @@ def at_reference(at_corpus, at_tasks, tmp_path_factory) -> dict:
     return _metrics(out)
 
 
-@pytest.mark.parametrize("kill_at", ["step:3", "write:4", "saved:5"])
-def test_at_killed_and_resumed_is_bit_identical(at_reference, at_corpus, at_tasks, tmp_path, kill_at):
-    """Exact resume (issue 19): SIGKILLed mid-epoch in the upstream (step 3 of 9, after the step-2 checkpoint),
-    inside the write of its step-3 last.pt, or right after its final.pt (between the upstream and the frozen
-    cell), then the same command again: results.json equals the uninterrupted run's (upstream mAP, every
-    validation, the cell), and no temp file is left."""
+def test_at_killed_and_resumed_is_bit_identical(at_reference, at_corpus, at_tasks, tmp_path):
+    """Exact resume (issue 19): one run SIGKILLed three times, each time run again with the same command:
+    mid-epoch in the upstream (step 3 of 9, after the step-2 checkpoint), inside the resumed run's second
+    checkpoint write, right after the next run's third saved checkpoint; then to the end: results.json
+    equals the uninterrupted run's (upstream mAP, every validation, the cell), and no temp file is left."""
     out = tmp_path / "run"
-    killed_then_resumed("at_transfer.py", _at_argv(at_corpus, at_tasks, out, "--mode", "frozen"), kill_at)
+    argv = _at_argv(at_corpus, at_tasks, out, "--mode", "frozen")
+    for kill_at in ("step:3", "write:2", "saved:3"):
+        r = run_cli("at_transfer.py", *argv, env={"KILL_AT": kill_at}, check=False)
+        assert r.returncode in (-9, 137), f"{kill_at}: expected a SIGKILL, exit {r.returncode}:\n{r.stdout[-3000:]}"
+    run_cli("at_transfer.py", *argv)
     assert _metrics(out) == at_reference
     assert leftovers(tmp_path) == []
 
@@ -2925,14 +2928,6 @@ def test_ofa_step_has_no_host_sync():
         src = inspect.getsource(fn)
         for bad in (r"\.item\(", r"\.cpu\(", r"(?<![.\w])float\(", r"\.numpy\(", r"\.tolist\("):  # .float() casts
             assert not re.search(bad, src), (fn.__name__, bad)
-
-
-def test_ofa_bench_step_runs_on_cpu(one_thread):
-    b = ofa_aec.bench_step("cpu", batch_size=2)
-    assert b["clips"] == 2
-    loss = b["step"]()
-    b["bare"]()
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
 def test_ofa_help(capsys):
