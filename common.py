@@ -381,6 +381,39 @@ def read_json(path: str | Path, what: str = "file") -> dict:
         raise DataError(f"{path}: not a valid JSON {what}") from None
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows each flag's default (unless it is None or the help
+    already names one)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if (action.default not in (None, argparse.SUPPRESS) and "default" not in h and action.option_strings
+                and not isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            d = action.default
+            d = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else d
+            h += f" (default: {d})"
+        return h
+
+
+def figure(path: str | Path, draw, size=(6.4, 4.2)) -> Path:
+    """Draw one figure with matplotlib (headless: Agg) by calling draw(ax) and save it as PNG at `path`.
+    Scripts plot only numbers they read from results.json; draw returns nothing."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        draw(ax)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    print(f"figure: {path}", flush=True)
+    return Path(path)
+
+
 def peak_memory_gb() -> float:
     """Peak resident memory of this process and its finished children (loader workers), in GB."""
     import resource
@@ -664,7 +697,7 @@ def seeds_table(rows: list[list[str]], keys: list[str], out: str | Path) -> dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="common.py", description="project-wide commands")
+    p = argparse.ArgumentParser(prog="common.py", description="project-wide commands", formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("seeds", help="mean +- sample std over seeds of any results.json key, paired differences",
                        description="One row per setting: its run folders (one per seed, in the same seed order in "
@@ -1726,10 +1759,46 @@ def save_checkpoint(path: str | Path, obj: dict) -> None:
     kill_point("saved")
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    if not Path(path).exists():
+def load_checkpoint(path: str | Path, map_location="cpu", script: str | None = None) -> dict:
+    """A checkpoint file as a dict; anything else (missing, not a torch file, another script's checkpoint
+    when `script` is given and the file names its script) is one line (DataError)."""
+    if not Path(path).is_file():
         raise DataError(f"{path}: checkpoint not found")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a wav, a text file, a truncated download: one line, not an unpickling traceback
+        raise DataError(f"{path}: not a PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(ck, dict):
+        raise DataError(f"{path}: not a checkpoint of this project (a {type(ck).__name__}, not a dict)")
+    if script and ck.get("script") not in (None, script):
+        raise DataError(f"{path}: a checkpoint of {ck['script']}, not of {script}")
+    return ck
+
+
+def load_weights(model: nn.Module, state: dict, path: str | Path, strict: bool = True):
+    """model.load_state_dict with a foreign checkpoint as one line naming the file and the first mismatch
+    (missing, unexpected or differently shaped tensors), not a page of size-mismatch messages."""
+    own = unwrap(model).state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    if shapes or (strict and (missing or unexpected)):
+        first = (f"{shapes[0]} is {tuple(state[shapes[0]].shape)} there, {tuple(own[shapes[0]].shape)} here" if shapes
+                 else f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+        raise DataError(f"{path}: not a checkpoint of this model ({len(shapes)} shapes differ, {len(missing)} "
+                        f"missing, {len(unexpected)} unexpected tensors; {first})")
+    return unwrap(model).load_state_dict(state, strict=strict)
+
+
+def synthetic_classes_warning(mids) -> str | None:
+    """The warning a prediction prints when its checkpoint knows only the synthetic corpus's classes (every
+    label id is /synth/...): real audio then comes out as the nearest toy class (speech as 'Music/Impact')."""
+    mids = list(mids)
+    if mids and all(str(m).startswith("/synth/") for m in mids):
+        return ("warning: this checkpoint was trained on the synthetic corpus and knows only its "
+                f"{len(mids)} toy classes (tones, noises, impacts...); real audio gets the nearest toy class. "
+                "Train with --data-root on a labelled corpus to tag real sounds.")
+    return None
 
 
 class TopKCheckpoints:
