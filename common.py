@@ -388,7 +388,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         h = action.help or ""
         if (action.default not in (None, argparse.SUPPRESS) and "default" not in h and action.option_strings
-                and not isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+                and not isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._StoreTrueAction,
+                                            argparse._StoreFalseAction))):
             d = action.default
             d = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else d
             h += f" (default: {d})"

@@ -177,7 +177,7 @@ def startup_benchmark(root: str | Path, cases: dict = STARTUP) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=C.HelpFormatter)
     p.add_argument("--root", default=str(C.SYNTH_ROOT), help="data root (default: the synthetic corpus)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader figure")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # common.py, when run as a script
-from common import (AUDIOSET_META, METRICS, SR, DataError, TaskRow, multi_hot, read_class_labels, tasks_json,  # noqa: E402
+from common import (AUDIOSET_META, HelpFormatter, METRICS, SR, DataError, TaskRow, multi_hot, read_class_labels, tasks_json,  # noqa: E402
                     sample_300h, write_json, write_manifest)
 
 
@@ -421,26 +421,31 @@ CONVERTERS = {"esc50": convert_esc50, "urbansound8k": convert_urbansound8k,
 # Command line
 # =============================================================================================
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="dataset", required=True)
-    s = sub.add_parser("audioset", help="official AudioSet segment CSVs + downloaded clips -> a corpus")
+    s = sub.add_parser("audioset", help="official AudioSet segment CSVs + downloaded clips -> a corpus",
+                       formatter_class=HelpFormatter)
     s.add_argument("--csv-dir", required=True, help="folder with balanced_train_segments.csv etc.")
     s.add_argument("--audio-dir", required=True, help="folder (searched recursively) with the clips")
     s.add_argument("--out", default="data/audioset", help="corpus folder (may be data/audioset itself)")
     for name, fn in CONVERTERS.items():
-        doc = (fn.__doc__ or convert_speechcommands.__doc__).split("\n")[0]
-        s = sub.add_parser(name, help=doc, description=fn.__doc__ or convert_speechcommands.__doc__)
+        doc = fn.__doc__ or convert_speechcommands.__doc__
+        first = " ".join(doc.split("\n\n")[0].split())  # the first sentence of the first paragraph, whole
+        first = re.split(r"(?<=\.) (?=[A-Z])", first)[0]
+        if name.startswith("speechcommands"):
+            first = f"Speech Commands v{name[-1]}: <word>/<file>.wav folders -> task " + ("scv1_11" if name[-1] == "1" else "scv2_35")
+        s = sub.add_parser(name, help=first, description=doc, formatter_class=HelpFormatter)
         s.add_argument("src", help="the dataset folder as downloaded and unpacked (audio is not copied)")
         s.add_argument("--out", default="data/tasks", help="task root: <out>/tasks.json + <out>/<task>/<task>.tsv")
     s = sub.add_parser("csv", help="your own table: filename,label(s),split-or-fold -> a task",
-                       description=convert_csv.__doc__)
+                       description=convert_csv.__doc__, formatter_class=HelpFormatter)
     s.add_argument("table", help="the CSV file")
     s.add_argument("--audio-root", required=True, help="folder the filenames are relative to")
     s.add_argument("--name", required=True, help="task name (letters, digits, _ . -)")
     s.add_argument("--metric", default=None, choices=list(METRICS), help="default: mAP if multi-label, else accuracy")
     s.add_argument("--multilabel", action="store_true", help="labels separated by ';' or '|' within the field")
     s.add_argument("--domain", default="sound", choices=["sound", "speech", "music"], help="marks speech rows")
-    s.add_argument("--sample-rate", type=int, default=SR, help="the audio's sample rate (default 16000)")
+    s.add_argument("--sample-rate", type=int, default=SR, help="the audio's sample rate")
     s.add_argument("--max-seconds", type=float, default=10.0, help="longest training segment in seconds")
     s.add_argument("--out", default="data/tasks", help="task root: <out>/tasks.json + <out>/<name>/<name>.tsv")
     a = p.parse_args(argv)

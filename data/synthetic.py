@@ -31,7 +31,7 @@ import torch
 from scipy.signal import lfilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # common.py, when run as a script
-from common import (SR, SYNTH_ROOT, TASKS_ROOT, DataError, load_data_module, multi_hot, rank,  # noqa: E402
+from common import (SR, SYNTH_ROOT, TASKS_ROOT, DataError, HelpFormatter, load_data_module, multi_hot, rank,  # noqa: E402
                     read_class_labels, read_manifest, resample, world_size, write_json, write_manifest)
 
 write_task = load_data_module("prepare").write_task  # the task layout, shared with the converters
@@ -773,24 +773,29 @@ def probe(root: str | Path, tasks: list[str] | None = None) -> dict:
 # Command line
 # =============================================================================================
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    F = HelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=F)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("corpus", help="generate the upstream corpus and print its summary")
-    s.add_argument("--root", default=str(SYNTH_ROOT))
-    s.add_argument("--scale", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--clip-seconds", type=float, default=10.0)
-    s.add_argument("--workers", type=int, default=2)
-    s = sub.add_parser("summary", help="print a corpus's per-class counts and label-noise statistics")
-    s.add_argument("--root", default=str(SYNTH_ROOT))
-    s = sub.add_parser("tasks", help="generate the synthetic downstream tasks (one summary line each)")
-    s.add_argument("--root", default=str(TASKS_ROOT))
-    s.add_argument("--scale", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--workers", type=int, default=2)
+    s = sub.add_parser("corpus", help="generate the upstream corpus and print its summary", formatter_class=F,
+                       description="Generate the synthetic upstream corpus (our AudioSet layout) and print its summary.")
+    s.add_argument("--root", default=str(SYNTH_ROOT), help="corpus folder to write")
+    s.add_argument("--scale", type=float, default=1.0, help="corpus size: 1.0 = ~1,600 clips (every split scaled)")
+    s.add_argument("--seed", type=int, default=0, help="generator seed (a different seed: another corpus)")
+    s.add_argument("--clip-seconds", type=float, default=10.0, help="clip length in seconds")
+    s.add_argument("--workers", type=int, default=2, help="processes writing clips")
+    s = sub.add_parser("summary", help="print a corpus's per-class counts and label-noise statistics", formatter_class=F,
+                       description="Print a corpus's per-class counts and label-noise statistics.")
+    s.add_argument("--root", default=str(SYNTH_ROOT), help="corpus folder to read")
+    s = sub.add_parser("tasks", help="generate the synthetic downstream tasks (one summary line each)", formatter_class=F,
+                       description="Generate the synthetic downstream tasks (sound_novel, tagging, keywords, speaker).")
+    s.add_argument("--root", default=str(TASKS_ROOT), help="task root to write (tasks.json + one folder per task)")
+    s.add_argument("--scale", type=float, default=1.0, help="task size: 1.0 = the default sizes")
+    s.add_argument("--seed", type=int, default=0, help="generator seed")
+    s.add_argument("--workers", type=int, default=2, help="processes writing clips")
     s.add_argument("--only", nargs="+", choices=TASK_ORDER, default=None, help="build only these tasks")
-    s = sub.add_parser("probe", help="linear-probe scores of the tasks (a difficulty check; ~1.5 min)")
-    s.add_argument("--root", default=str(TASKS_ROOT))
+    s = sub.add_parser("probe", help="linear-probe scores of the tasks (a difficulty check)", formatter_class=F,
+                       description="Linear-probe scores of the tasks on fixed log-mel statistics: how hard each task is.")
+    s.add_argument("--root", default=str(TASKS_ROOT), help="task root to read")
     s.add_argument("--only", nargs="+", default=None, help="probe only these tasks")
     a = p.parse_args(argv)
     t = time.time()
