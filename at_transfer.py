@@ -143,7 +143,7 @@ UPSTREAM_ONLY = ("data_root", "data", "synth_scale", "synth_clip_seconds", "up_e
 # =============================================================================================
 # Arguments: every default is the paper's value (section in the help); None = from --preset
 # =============================================================================================
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="at_transfer.py", description=__doc__, formatter_class=common.HelpFormatter)
     common.add_common_args(p, "at_transfer")
     p.set_defaults(data="full")  # upstream on balanced + unbalanced (Sec. 4.2.1)
@@ -208,6 +208,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--folds", type=pos_int, default=None, help="run only the first N k-fold splits (all; cpu: 1)")
     g.add_argument("--valid-fraction", type=common.number(float, 0, 1, lo_open=True, hi_open=True), default=0.1,
                    help="held-out share of the development data when a task has no validation split (Sec. 4.2.2)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.gain_db[0] > a.gain_db[1]:
         p.error(f"argument --gain-db: LOW {a.gain_db[0]:g} is above HIGH {a.gain_db[1]:g}")
@@ -1013,12 +1018,7 @@ def embed_checkpoint(ckpt: str, arch: str | None) -> Path:
     return found if found.is_file() or not beside.is_file() else beside
 
 
-def embed(argv: list[str]) -> None:
-    """Write HEAR embeddings of audio files into --out: <stem>.npy (scene, (1280,)); with --timestamps also
-    <stem>_frames.npy ((T, 1280)) and <stem>_timestamps.npy ((T,), ms). --out is claimed like a run folder:
-    nothing there that embed did not write is overwritten.
-
-    python at_transfer.py embed --ckpt runs/at_transfer/synth_tasks_cpu --out runs/at_transfer/emb a.wav b.wav"""
+def embed_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="at_transfer.py embed", description=embed.__doc__,
                                 formatter_class=common.HelpFormatter)
     p.add_argument("--ckpt", required=True,
@@ -1032,7 +1032,17 @@ def embed(argv: list[str]) -> None:
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-resume: remove the embeddings written there before (another --ckpt)")
     p.add_argument("files", nargs="+", help="audio files (wav / flac / ogg; any rate, mixed to mono, resampled to 16 kHz)")
-    a = p.parse_args(argv)
+    return p
+
+
+def embed(argv: list[str]) -> None:
+    """Write HEAR embeddings of audio files into --out: <stem>.npy (scene, (1280,)); with --timestamps also
+    <stem>_frames.npy ((T, 1280)) and <stem>_timestamps.npy ((T,), ms). --out is claimed like a run folder:
+    nothing there that embed did not write is overwritten.
+
+    python at_transfer.py embed --ckpt runs/at_transfer/synth_tasks_cpu --out runs/at_transfer/emb
+        data/synth_tasks_scale0.2_seed0/keywords/audio/keywords_00000.wav   (after `python at_transfer.py`)"""
+    a = embed_parser().parse_args(argv)
     stems = [Path(f).stem for f in a.files]
     if len(set(stems)) < len(stems):
         raise common.DataError(f"two files named {next(s for s in stems if stems.count(s) > 1)}: their embeddings "
@@ -1111,6 +1121,14 @@ def matrix_groups(runs: list[str]) -> list[dict]:
     return groups
 
 
+def plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="at_transfer.py plot", description=plot.__doc__,
+                                formatter_class=common.HelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or a common.py seeds folder) with results.json")
+    p.add_argument("--out", default=None, help="PNG to write (default: matrix.png in the first RUN)")
+    return p
+
+
 def plot(argv: list[str]) -> Path:
     """Draw the transfer matrix (Table 3 layout): one group of bars per task, scratch / frozen / finetune, from each
     RUN's results.json: a run folder of this script (bars: the mean over its trials, +- the sample std when there
@@ -1120,11 +1138,7 @@ def plot(argv: list[str]) -> Path:
     synthetic ones) the paper's ESC-50 (sound) or SPCV2 (speech) row, to compare the pattern, not the numbers.
 
     python at_transfer.py plot runs/at_transfer/synth_tasks_cpu --out docs/figures/at_transfer.png"""
-    p = argparse.ArgumentParser(prog="at_transfer.py plot", description=plot.__doc__,
-                                formatter_class=common.HelpFormatter)
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or a common.py seeds folder) with results.json")
-    p.add_argument("--out", default=None, help="PNG to write (default: matrix.png in the first RUN)")
-    a = p.parse_args(argv)
+    a = plot_parser().parse_args(argv)
     groups = matrix_groups(a.runs)
     colours = {"scratch": "tab:gray", "frozen": "tab:blue", "finetune": "tab:orange"}
     width = 0.27
