@@ -2514,8 +2514,8 @@ def _at_bad_case(case: str, tmp: Path, tasks: Path) -> tuple[list, str]:
         torch.save({"model": ofa_aec.CNN10(3).state_dict(), "labels": {"mids": ["a"] * 3}}, tmp / "ofa.pt")
         return base + ["--upstream-ckpt", str(tmp / "ofa.pt"), "--out", str(tmp / "o")], "not an upstream checkpoint"
     if case == "random bytes as checkpoint":
-        (tmp / "x.pt").write_bytes(os.urandom(64))
-        return base + ["--upstream-ckpt", str(tmp / "x.pt"), "--out", str(tmp / "o")], "not an upstream checkpoint"
+        (tmp / "x.pt").write_bytes(os.urandom(64))  # common.load_checkpoint's line for a file torch cannot read
+        return base + ["--upstream-ckpt", str(tmp / "x.pt"), "--out", str(tmp / "o")], "x.pt: not a PyTorch checkpoint"
     if case == "missing checkpoint":
         return base + ["--upstream-ckpt", str(tmp / "none.pt"), "--out", str(tmp / "o")], "not found"
     if case == "out is a file":
