@@ -13,14 +13,17 @@ Paper, Table 2 (AudioSet eval): MBv2 3.0 M params, mAP 40.6, mAUC 97.1, d' 2.695
 worse on speech (SPCV2 96.18 -> 49.13), fine-tuning beats scratch on speech by 0.3-0.7 points (VL: scratch wins).
 
     python at_transfer.py                                   # upstream + synthetic suite, 3 modes (CPU: cpu preset)
-    python at_transfer.py --upstream-ckpt runs/psl/dir_ma/final.pt --task-scale 0.4 --epochs 24 --patience 6 \
-        --trials 3 --name direction                          # the direction run (README): a converged psl.py MA
+    python at_transfer.py --task keywords --mode frozen     # one cell (a run folder collects cells)
     python at_transfer.py --data-root data/audioset --task-root data/tasks --upstream both   # AudioSet + converted
                                                             # public datasets (paper preset on a GPU)
     python at_transfer.py --task-root data/tasks --mode scratch   # the scratch column alone: no upstream
-    torchrun --nproc_per_node=2 at_transfer.py ...          # DDP: each rank trains on its shard of every epoch
-    python at_transfer.py embed --ckpt runs/at_transfer/upstream_mbv2-<hash>/final.pt --out emb a.wav b.wav
-    python common.py seeds --row NAME RUN... --key cells.0.mean   # a cell over runs with other --seed
+    torchrun --nproc_per_node=2 at_transfer.py --task keywords    # DDP: each rank trains on its shard of every epoch
+    python at_transfer.py embed --ckpt runs/at_transfer/synth_tasks_cpu --out runs/at_transfer/emb --timestamps \
+        data/synth_tasks_scale0.2_seed0/keywords/audio/keywords_00000.wav   # HEAR embeddings of wav files
+    python at_transfer.py plot runs/at_transfer/synth_tasks_cpu   # the task x mode matrix as a PNG in the run
+
+Sub-commands `embed` and `plot` have their own --help. The direction run (a converged upstream, 3 trials) and every
+measurement are in docs/at_transfer.md.
 
 The upstream is trained once in a stage folder beside the run, `upstream_<arch>-<hash of its settings>`,
 or given (`--upstream-ckpt`: ours or a psl.py machine annotator); the frozen column's embeddings are a stage
@@ -36,7 +39,7 @@ result, whether validation reached a plateau (common.plateau_report), the upstre
 Per dataset (PAPER_RECIPE, Sec. 4.2.2, printed where it overrides tasks.json): FSD18 is trained with BCE, FSD19 /
 Vox1 / FSC / VL on 4 s segments. A task is a "speech" row by tasks.json's "domain" (data/prepare.py writes it).
 
-Deviations from the paper (numbered as in the README, which gives the measurements behind them):
+Deviations from the paper (numbered as in docs/at_transfer.md, which gives the measurements behind them):
  1. The upstream validates on the held-out valid.tsv; the paper on the balanced subset, which is inside the
     full training set (`--valid-on balanced`: balanced_train.tsv; also the choice without a valid.tsv).
  2. CPU preset (`--preset cpu`, the default without a CUDA GPU): upstream 3 epochs, 2 validations per epoch,
@@ -140,8 +143,8 @@ UPSTREAM_ONLY = ("data_root", "data", "synth_scale", "synth_clip_seconds", "up_e
 # =============================================================================================
 # Arguments: every default is the paper's value (section in the help); None = from --preset
 # =============================================================================================
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="at_transfer.py", description=__doc__, formatter_class=common.HelpFormatter)
     common.add_common_args(p, "at_transfer")
     p.set_defaults(data="full")  # upstream on balanced + unbalanced (Sec. 4.2.1)
     pos_int, nonneg_int, pos, prob = common.POSITIVE_INT, common.NONNEG_INT, common.POSITIVE, common.FRACTION
@@ -205,6 +208,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--folds", type=pos_int, default=None, help="run only the first N k-fold splits (all; cpu: 1)")
     g.add_argument("--valid-fraction", type=common.number(float, 0, 1, lo_open=True, hi_open=True), default=0.1,
                    help="held-out share of the development data when a task has no validation split (Sec. 4.2.2)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.gain_db[0] > a.gain_db[1]:
         p.error(f"argument --gain-db: LOW {a.gain_db[0]:g} is above HIGH {a.gain_db[1]:g}")
@@ -502,12 +510,15 @@ def load_model(model_file_path: str = "", device: str = "cpu") -> Tagger:
     """An upstream (ours or a psl.py MA) or the backbone of a fine-tuned downstream checkpoint, in eval
     mode, with sample_rate, scene_embedding_size and timestamp_embedding_size."""
     ck = common.load_checkpoint(model_file_path)
-    if isinstance(ck, dict) and "task" in ck:  # a downstream final.pt: take its backbone
+    if "task" in ck and ck.get("arch") in ARCHS and isinstance(ck.get("model"), dict):  # a downstream: its backbone
         model = ARCHS[ck["arch"]](1)
         model.classifier = nn.Identity()
-        model.load_state_dict({k[9:]: v for k, v in ck["model"].items() if k.startswith("backbone.")})
-    else:
-        model = build_upstream(read_upstream(model_file_path))
+        common.load_weights(model, {k[9:]: v for k, v in ck["model"].items() if k.startswith("backbone.")},
+                            model_file_path)
+    else:  # ours or a psl.py MA; anything else is one line
+        ck = read_upstream(model_file_path)
+        model = build_upstream(ck)
+    model.label_ids = list((ck.get("labels") or {}).get("mids") or [])  # the upstream's classes (empty if unknown)
     model.sample_rate = common.SR
     model.scene_embedding_size = model.timestamp_embedding_size = model.embed_dim
     return model.to(device).eval()
@@ -983,25 +994,67 @@ def bench_step(device, amp: str = "auto", batch_size: int = 8) -> dict:
 # =============================================================================================
 # Commands: embed (HEAR embeddings of audio files) and the experiment
 # =============================================================================================
+def embed_checkpoint(ckpt: str, arch: str | None) -> Path:
+    """--ckpt of embed: a checkpoint file, an upstream stage folder (its final.pt) or a run folder of this script
+    (the upstream its frozen / fine-tuned cells read, from its results.json; --arch picks one of two)."""
+    path = Path(ckpt)
+    if not path.is_dir():
+        return path
+    if (path / "final.pt").is_file():
+        return path / "final.pt"
+    if not (path / "results.json").is_file():
+        raise common.DataError(f"{path}: a folder without final.pt or results.json (not an upstream stage or a "
+                               f"finished run of at_transfer.py)")
+    ups = common.read_json(path / "results.json", "results.json").get("upstreams")
+    if not isinstance(ups, dict) or not ups:
+        raise common.DataError(f"{path}: its results.json names no upstream (a scratch-only run, or not a run of "
+                               f"at_transfer.py): give --ckpt FILE")
+    if arch is None and len(ups) > 1:
+        raise common.DataError(f"{path}: the run has the upstreams {', '.join(ups)}: pick one with --arch")
+    if (arch or next(iter(ups))) not in ups:
+        raise common.DataError(f"{path}: the run has no {arch} upstream (it has {', '.join(ups)})")
+    found = Path(ups[arch or next(iter(ups))]["ckpt"])
+    beside = path.parent / found.parent.name / found.name  # the stage beside the run, wherever the run was made
+    return found if found.is_file() or not beside.is_file() else beside
+
+
+def embed_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="at_transfer.py embed", description=embed.__doc__,
+                                formatter_class=common.HelpFormatter)
+    p.add_argument("--ckpt", required=True,
+                   help="a run folder of at_transfer.py (its upstream), an upstream stage folder or final.pt (ours or "
+                        "a psl.py machine annotator)")
+    p.add_argument("--arch", default=None, choices=list(ARCHS),
+                   help="which upstream of a run folder that has two (--upstream both)")
+    p.add_argument("--out", required=True, help="folder for the embeddings (never beside the audio unless named)")
+    p.add_argument("--timestamps", action="store_true", help="also write the per-frame embeddings and their times")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-resume: remove the embeddings written there before (another --ckpt)")
+    p.add_argument("files", nargs="+", help="audio files (wav / flac / ogg; any rate, mixed to mono, resampled to 16 kHz)")
+    return p
+
+
 def embed(argv: list[str]) -> None:
     """Write HEAR embeddings of audio files into --out: <stem>.npy (scene, (1280,)); with --timestamps also
     <stem>_frames.npy ((T, 1280)) and <stem>_timestamps.npy ((T,), ms). --out is claimed like a run folder:
-    nothing there that embed did not write is overwritten."""
-    p = argparse.ArgumentParser(prog="at_transfer.py embed", description=embed.__doc__)
-    p.add_argument("--ckpt", required=True, help="an upstream final.pt (ours or psl.py's) or a fine-tuned model")
-    p.add_argument("--out", required=True, help="folder for the embeddings (never beside the audio unless named)")
-    p.add_argument("--timestamps", action="store_true", help="also write the per-frame embeddings")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="--no-resume: remove the embeddings written there before (another --ckpt)")
-    p.add_argument("files", nargs="+")
-    a = p.parse_args(argv)
+    nothing there that embed did not write is overwritten.
+
+    python at_transfer.py embed --ckpt runs/at_transfer/synth_tasks_cpu --out runs/at_transfer/emb
+        data/synth_tasks_scale0.2_seed0/keywords/audio/keywords_00000.wav   (after `python at_transfer.py`)"""
+    a = embed_parser().parse_args(argv)
     stems = [Path(f).stem for f in a.files]
     if len(set(stems)) < len(stems):
         raise common.DataError(f"two files named {next(s for s in stems if stems.count(s) > 1)}: their embeddings "
                                f"would overwrite each other; embed them into separate --out folders")
-    model = load_model(a.ckpt, common.pick_device(a.device))
-    with common.claim_run(a.out, "at_transfer_embed", {"ckpt": file_id(a.ckpt), "timestamps": a.timestamps},
+    ckpt = embed_checkpoint(a.ckpt, a.arch)
+    model = load_model(ckpt, common.pick_device(a.device))
+    print(f"embed: {ckpt}", flush=True)
+    if common.synthetic_classes_warning(getattr(model, "label_ids", [])):
+        print(f"note: this upstream learnt only the synthetic corpus's {len(model.label_ids)} toy classes: its "
+              f"embeddings of real audio are not general ones (train it with --data-root, or give a psl.py machine "
+              f"annotator of a real corpus)", flush=True)
+    with common.claim_run(a.out, "at_transfer_embed", {"ckpt": file_id(ckpt), "timestamps": a.timestamps},
                           a.resume, ("*.npy",)):
         for path in map(Path, a.files):
             emb, ts = get_timestamp_embeddings(torch.from_numpy(common.load_audio(path)).unsqueeze(0), model)
@@ -1011,6 +1064,109 @@ def embed(argv: list[str]) -> None:
                 np.save(f"{dest}_frames.npy", emb[0].cpu().numpy())
                 np.save(f"{dest}_timestamps.npy", ts[0].cpu().numpy())
             print(f"{path} -> {dest}.npy ({emb.shape[1]} frames x {emb.shape[2]})")
+    print(f"embeddings: {a.out} ({len(a.files)} file(s); peak memory {common.peak_memory_gb():.1f} GB)", flush=True)
+
+
+# =============================================================================================
+# plot: the Table 3 matrix (task x scratch / frozen / finetune) from results.json, the paper's values beside
+# =============================================================================================
+PLOT_REFERENCE = {"sound": "ESC-50", "speech": "SPCV2"}  # the paper's row shown for a task without its own row
+
+
+def matrix_groups(runs: list[str]) -> list[dict]:
+    """The bars of the figure, read from results.json only: one group per (row, arch, task) with each mode's
+    samples (in %; a run's trials, or one value per run folder / seed), the paper's Table 3 values of the task's
+    own row where it has one, and the reference rows of the paper for the domains of the other tasks."""
+    res = [(r, common.read_json(Path(r) / "results.json", "results.json (not a finished run?)")) for r in runs]
+    table: dict[tuple, dict] = {}  # (row, arch, task) -> {"metric", "domain", "plateau", mode: [samples]}
+
+    def add(row, cell, samples):
+        g = table.setdefault((row, cell["arch"], cell["task"]), {"metric": cell["metric"], "open": set(),
+                                                                 "domain": cell.get("domain") or domain(cell["task"], {})})
+        g.setdefault(cell["mode"], []).extend(100 * float(v) for v in samples)
+        p = cell.get("plateau")
+        if isinstance(p, dict) and p["reached"] < p["runs"]:
+            g["open"].add(cell["mode"])  # a run of the cell stopped before its validation reached a plateau
+
+    for r, data in res:
+        if "cells" in data:  # a run folder: its trials (one run), or each run's cell mean (several run folders)
+            for cell in data["cells"]:
+                add("", cell, cell["trials"] if len(runs) == 1 else [cell["mean"]])
+            continue
+        for row, t in data.items():  # common.py seeds: {row: {"cells.<i>.mean": [per seed], "runs": [...]}}
+            keys = [k for k in t if re.fullmatch(r"cells\.\d+\.mean", k)] if isinstance(t, dict) else []
+            if not keys or not t.get("runs"):
+                raise common.DataError(f"{r}: row {row!r} has no cells.<i>.mean key with its runs (make the table "
+                                       f"with python common.py seeds ... --key cells.0.mean)")
+            cells = common.read_json(Path(t["runs"][0]) / "results.json", "results.json of a seeds row's run")["cells"]
+            for k in keys:
+                add(row if len(data) > 1 else "", cells[int(k.split(".")[1])], t[k])
+    if not table:
+        raise common.DataError(f"{', '.join(runs)}: no cells to plot")
+    groups, refs = [], {}
+    arches = {k[1] for k in table}
+    for (row, arch, task), g in table.items():
+        label = (f"{row}: " if row else "") + task + (f" ({arch})" if len(arches) > 1 else "")
+        paper = PAPER_T3.get(paper_row(task) or "", {}).get(arch)
+        groups.append({"label": f"{label}\n{g['metric']}", "ours": True, "open": g["open"],
+                       **{m: g[m] for m in MODES if m in g}})
+        if paper:
+            groups.append({"label": f"paper {paper_row(task)}\n({arch})", "ours": False,
+                           **{m: [v] for m, v in zip(MODES, paper)}})
+        elif g["domain"] in PLOT_REFERENCE:
+            refs[(arch, PLOT_REFERENCE[g["domain"]])] = g["domain"]
+    for (arch, name), dom in refs.items():
+        groups.append({"label": f"paper {name}\n{dom}, {arch}", "ours": False,
+                       **{m: [v] for m, v in zip(MODES, PAPER_T3[name][arch])}})
+    return groups
+
+
+def plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="at_transfer.py plot", description=plot.__doc__,
+                                formatter_class=common.HelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or a common.py seeds folder) with results.json")
+    p.add_argument("--out", default=None, help="PNG to write (default: matrix.png in the first RUN)")
+    return p
+
+
+def plot(argv: list[str]) -> Path:
+    """Draw the transfer matrix (Table 3 layout): one group of bars per task, scratch / frozen / finetune, from each
+    RUN's results.json: a run folder of this script (bars: the mean over its trials, +- the sample std when there
+    are >= 2), several run folders (one value per run, e.g. other --seed), or a folder written by `python common.py
+    seeds ... --key cells.0.mean ...` (one value per seed). Hatched bars are the paper's Table 3 (MobileNetV2 /
+    EfficientNet-B0 upstream on AudioSet): the task's own row for a public dataset; for a task without a row (the
+    synthetic ones) the paper's ESC-50 (sound) or SPCV2 (speech) row, to compare the pattern, not the numbers.
+
+    python at_transfer.py plot runs/at_transfer/synth_tasks_cpu --out docs/figures/at_transfer.png"""
+    a = plot_parser().parse_args(argv)
+    groups = matrix_groups(a.runs)
+    colours = {"scratch": "tab:gray", "frozen": "tab:blue", "finetune": "tab:orange"}
+    width = 0.27
+
+    def draw(ax):
+        for ours in (True, False):
+            for j, m in enumerate(MODES):
+                idx = [i for i, g in enumerate(groups) if g["ours"] == ours and g.get(m)]
+                if not idx:
+                    continue
+                vals = [groups[i][m] for i in idx]
+                means = [float(np.mean(v)) for v in vals]
+                err = [float(np.std(v, ddof=1)) if len(v) > 1 else float("nan") for v in vals]
+                bars = ax.bar([i + (j - 1) * width for i in idx], means, width, color=colours[m],
+                              yerr=err if any(e == e for e in err) else None, capsize=3,
+                              hatch=None if ours else "//", edgecolor="white" if ours else "black",
+                              alpha=1.0 if ours else 0.45, label=f"{'ours' if ours else 'paper'} {m}")
+                ax.bar_label(bars, [f"{v:.0f}" + ("*" if m in groups[i].get("open", ()) else "")
+                                    for v, i in zip(means, idx)], fontsize=7, padding=1)
+        ax.set_xticks(range(len(groups)), [g["label"] for g in groups], fontsize=8)
+        ax.set_ylabel("test score, % (the task's metric)")
+        ax.set_ylim(0, 110)
+        ax.set_title("Transfer matrix (Table 3 layout): scratch / frozen / finetune; hatched: the paper", fontsize=9)
+        ax.legend(fontsize=7, ncol=2, loc="upper left")
+        if any(g.get("open") for g in groups):
+            ax.text(1.0, -0.2, "* a run of the cell stopped before its validation reached a plateau",
+                    transform=ax.transAxes, ha="right", fontsize=7)
+    return common.figure(a.out or Path(a.runs[0]) / "matrix.png", draw, size=(max(6.4, 1.3 * len(groups)), 4.6))
 
 
 def read_tasks(args) -> list:
@@ -1052,6 +1208,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["embed"]:
         return embed(argv[1:])
+    if argv[:1] == ["plot"]:
+        return plot(argv[1:])
     args = resolve(parse_args(argv))
     with common.distributed():
         device, _ = common.setup_device(args)

@@ -2149,6 +2149,7 @@ def test_convert_fsdkaggle2019_class_order_from_sample_submission(tmp_path):
 # DDP, bf16), bad input, and the stages (upstream, frozen embeddings) keyed by their settings
 # =============================================================================================
 import at_transfer as AT  # noqa: E402
+import shlex  # noqa: E402
 
 
 @pytest.fixture
@@ -2513,8 +2514,8 @@ def _at_bad_case(case: str, tmp: Path, tasks: Path) -> tuple[list, str]:
         torch.save({"model": ofa_aec.CNN10(3).state_dict(), "labels": {"mids": ["a"] * 3}}, tmp / "ofa.pt")
         return base + ["--upstream-ckpt", str(tmp / "ofa.pt"), "--out", str(tmp / "o")], "not an upstream checkpoint"
     if case == "random bytes as checkpoint":
-        (tmp / "x.pt").write_bytes(os.urandom(64))
-        return base + ["--upstream-ckpt", str(tmp / "x.pt"), "--out", str(tmp / "o")], "not an upstream checkpoint"
+        (tmp / "x.pt").write_bytes(os.urandom(64))  # common.load_checkpoint's line for a file torch cannot read
+        return base + ["--upstream-ckpt", str(tmp / "x.pt"), "--out", str(tmp / "o")], "x.pt: not a PyTorch checkpoint"
     if case == "missing checkpoint":
         return base + ["--upstream-ckpt", str(tmp / "none.pt"), "--out", str(tmp / "o")], "not found"
     if case == "out is a file":
@@ -2628,17 +2629,6 @@ def test_at_upstream_validates_on_the_balanced_subset(at_corpus, tmp_path, monke
             AT.train_upstream(args, "mbv2", tmp_path / "up", torch.device("cpu"))
     assert seen[0] == seen[1] == seen[2] == balanced and seen[3] == full.valid
     assert "no valid.tsv: the upstream validates on balanced_train.tsv" in capsys.readouterr().out
-
-
-def test_at_docstring_commands_name_their_upstream_corpus():
-    """Issue 20, bug 4: the docstring's "converted public datasets" command had no --data-root, so it trained both
-    upstreams for 100 epochs on the synthetic corpus. Every documented command with --task-root that needs an
-    upstream names its corpus (--data-root) or gives one (--upstream-ckpt)."""
-    for doc in (AT.__doc__, Path("README.md").read_text().split("## at_transfer.py")[1].split("\n## ")[0]):
-        cmds = [l for l in doc.splitlines() if "at_transfer.py" in l and "--task-root" in l]
-        assert cmds
-        for line in cmds:
-            assert "--data-root" in line or "--upstream-ckpt" in line or "--mode scratch" in line, line
 
 
 def test_at_presets_by_device_not_by_corpus(tmp_path, monkeypatch, capsys):
@@ -2783,6 +2773,151 @@ def test_at_startup_at_audioset_scale_stays_small(tmp_path):
     corpus, ds, sampler, vrows = AT.upstream_data(args)
     assert len(corpus.train) == 10 and ds.targets.dtype == torch.uint8 and len(vrows) == 4
     assert sorted(sampler.epoch_indices(0)) == list(range(10))
+
+
+# --- issue 21: the figure, the docs page, newcomer items ------------------------------------------------------
+def _at_fake_run(out: Path, cells: dict, upstreams: dict | None = None) -> Path:
+    """A finished run folder's results.json: cells {(task, mode): trials in [0, 1]} (no training)."""
+    out.mkdir(parents=True, exist_ok=True)
+    C.write_json(out / "results.json", {"upstreams": upstreams or {}, "cells": [
+        {"task": t, "domain": "speech" if t == "keywords" else "sound", "mode": m, "arch": "mbv2",
+         "metric": "mAP" if t == "tagging" else "accuracy", "trials": v, "mean": float(np.mean(v)),
+         "plateau": {"reached": 0 if (t, m) == ("tagging", "scratch") else len(v), "runs": len(v)}}
+        for (t, m), v in cells.items()]})
+    return out
+
+
+def _at_drawn(monkeypatch, argv) -> tuple:
+    """Run `plot` and keep its Axes (common.figure closes the figure; the Axes stays readable)."""
+    seen, figure = {}, C.figure
+
+    def spy(path, draw, **kw):
+        return figure(path, lambda ax: (draw(ax), seen.setdefault("ax", ax)), **kw)
+    monkeypatch.setattr(C, "figure", spy)
+    path = AT.main(["plot", *argv])
+    bars = {c.get_label(): c for c in seen["ax"].containers if hasattr(c, "patches")}
+    return path, bars
+
+
+def test_at_plot_draws_the_matrix_of_results_json(tmp_path, monkeypatch):
+    """The figure: bar heights are results.json's cell means (trials' mean) in %, error bars their sample std; the
+    paper's Table 3 row beside a public task (esc50) and the paper's SPCV2 row beside a synthetic speech task."""
+    cells = {(t, m): [0.1 * (i + 1) + 0.01 * j, 0.1 * (i + 1) + 0.01 * j + 0.04] for i, t in
+             enumerate(["esc50", "keywords"]) for j, m in enumerate(AT.MODES)}
+    run = _at_fake_run(tmp_path / "run", cells)
+    path, bars = _at_drawn(monkeypatch, [str(run), "--out", str(tmp_path / "f.png")])
+    assert path == tmp_path / "f.png" and path.stat().st_size > 10_000
+    for m in AT.MODES:
+        h = [b.get_height() for b in bars[f"ours {m}"].patches]
+        assert np.allclose(h, [100 * np.mean(cells[(t, m)]) for t in ("esc50", "keywords")])
+        segs = bars[f"ours {m}"].errorbar.lines[2][0].get_segments()  # the vertical error lines
+        assert np.allclose([s[1, 1] - s[0, 1] for s in segs], [2 * 100 * np.std(cells[(t, m)], ddof=1)
+                                                               for t in ("esc50", "keywords")])
+        assert np.allclose([b.get_height() for b in bars[f"paper {m}"].patches],
+                           [AT.PAPER_T3["ESC-50"]["mbv2"][AT.MODES.index(m)], AT.PAPER_T3["SPCV2"]["mbv2"][AT.MODES.index(m)]])
+
+
+def test_at_plot_reads_a_seeds_table_and_the_default_png(tmp_path, monkeypatch):
+    """`common.py seeds ... --key cells.<i>.mean` over run folders (one per seed): one value per seed, mean +- std;
+    without --out the PNG goes into the first RUN."""
+    runs = [_at_fake_run(tmp_path / f"s{s}", {("tagging", "scratch"): [0.2 + 0.1 * s], ("tagging", "frozen"): [0.5 - 0.1 * s]})
+            for s in range(3)]
+    C.seeds_table([["seeds", *map(str, runs)]], ["cells.0.mean", "cells.1.mean"], tmp_path / "seeds")
+    path, bars = _at_drawn(monkeypatch, [str(tmp_path / "seeds")])
+    assert path == tmp_path / "seeds" / "matrix.png" and path.exists()
+    assert np.allclose([b.get_height() for b in bars["ours scratch"].patches], [30.0])
+    assert np.allclose([b.get_height() for b in bars["ours frozen"].patches], [40.0])
+    assert "ours finetune" not in bars  # no such cell in results.json: nothing drawn
+    _at_fake_run(tmp_path / "bad", {})
+    C.write_json(tmp_path / "bad" / "results.json", {"x": {"mAP": [0.1], "runs": [str(runs[0])]}})
+    with pytest.raises(C.DataError, match=re.escape("no cells.<i>.mean key")):
+        AT.main(["plot", str(tmp_path / "bad")])
+
+
+def test_at_every_parser_has_help_and_defaults_and_its_own_usage(capsys):
+    """Every flag of the experiment, embed and plot has help text, shown with its default (common.HelpFormatter);
+    `embed --help` / `plot --help` are their own, not the experiment's."""
+    for parser in (AT.build_parser(), AT.embed_parser(), AT.plot_parser()):
+        assert parser.formatter_class is C.HelpFormatter
+        assert all(a.help for a in parser._actions), [a.dest for a in parser._actions if not a.help]
+    for argv, want in ((["--help"], "(default: 32)"), (["embed", "--help"], "usage: at_transfer.py embed"),
+                       (["plot", "--help"], "usage: at_transfer.py plot")):
+        with pytest.raises(SystemExit) as e:
+            AT.main(argv)
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and want in out and ("--up-lr" in out) == (argv == ["--help"])
+
+
+def test_at_embed_reads_a_run_folder_and_says_where_and_how_much_memory(tmp_path, capsys, at_thread):
+    """`embed --ckpt RUN`: the upstream the run's cells read (results.json; the stage beside the run wherever it
+    was made), the embeddings' folder and the peak memory printed, a note when the upstream knows only the
+    synthetic corpus's classes. Before: a folder was 'not a PyTorch checkpoint'."""
+    up = _random_upstream(tmp_path / "runs" / "upstream_mbv2-abc" / "final.pt", 3)
+    ck = torch.load(up, weights_only=False)
+    ck["labels"]["mids"] = ["/synth/a", "/synth/b", "/synth/c"]
+    torch.save(ck, up)
+    run = _at_fake_run(tmp_path / "runs" / "synth_tasks_cpu", {("sound_novel", "frozen"): [0.5]},
+                       {"mbv2": {"ckpt": "elsewhere/upstream_mbv2-abc/final.pt"}})
+    wav = tmp_path / "w.wav"
+    sf.write(wav, sine(440, 16000, 1.0), 16000)
+    AT.main(["embed", "--ckpt", str(run), "--out", str(tmp_path / "emb"), str(wav)])
+    out = capsys.readouterr().out
+    assert f"embed: {up}" in out and "synthetic corpus's 3 toy classes" in out
+    assert f"embeddings: {tmp_path / 'emb'} (1 file(s); peak memory" in out and (tmp_path / "emb" / "w.npy").exists()
+    with pytest.raises(C.DataError, match="names no upstream"):
+        AT.main(["embed", "--ckpt", str(_at_fake_run(tmp_path / "scratch_only", {})), "--out", str(tmp_path / "e2"), str(wav)])
+
+
+@pytest.mark.parametrize("case", ["wav", "random bytes", "dict with task but no arch", "downstream of another model",
+                                  "psla checkpoint", "missing"])
+def test_at_embed_foreign_checkpoint_is_one_line(case, tmp_path, at_thread):
+    """embed --ckpt with a file that is not an upstream: one line (a dict with 'task' but no 'arch' was a KeyError
+    traceback, a downstream of other tensors a page of load_state_dict messages)."""
+    wav, ck = tmp_path / "a.wav", tmp_path / "ck.pt"
+    sf.write(wav, sine(440, 16000, 1.0), 16000)
+    if case == "wav":
+        ck = wav
+    elif case == "random bytes":
+        ck.write_bytes(np.random.default_rng(0).bytes(500))
+    elif case == "dict with task but no arch":
+        torch.save({"task": "x", "model": {}}, ck)
+    elif case == "downstream of another model":
+        torch.save({"task": "x", "arch": "mbv2", "model": {"backbone.x": torch.zeros(1)}}, ck)
+    elif case == "psla checkpoint":
+        torch.save({"script": "psla", "model": {"x": torch.zeros(1)}}, ck)
+    with pytest.raises(C.DataError) as e:
+        AT.main(["embed", "--ckpt", str(ck), "--out", str(tmp_path / "emb"), str(wav)])
+    assert "\n" not in str(e.value) and str(ck) in str(e.value) and not (tmp_path / "emb").exists()
+
+
+def _at_doc_commands() -> list[list[str]]:
+    """Every `python at_transfer.py ...` command of the docstring and of docs/at_transfer.md's bash blocks
+    (continuation lines joined, comments dropped), as argv lists."""
+    page = (HERE / "docs" / "at_transfer.md").read_text()
+    bash = "\n".join(re.findall(r"```bash\n(.*?)```", page, re.S))
+    doc = "\n".join(l.strip() for l in AT.__doc__.splitlines() if l.startswith("    "))
+    cmds = []
+    for text in (doc, bash):
+        text = text.replace("\\\n", " ")
+        for line in text.splitlines():
+            line = line.split(" # ")[0].strip()
+            if re.match(r"(python|torchrun .*?) ?at_transfer\.py", line) or line.startswith("python at_transfer.py"):
+                cmds.append(shlex.split(line.split("at_transfer.py", 1)[1]))
+    return cmds
+
+
+def test_at_documented_commands_parse_and_name_their_upstream_corpus():
+    """Every documented command parses with the script's own parsers (sub-commands included; no placeholder
+    paths such as upstream_mbv2-<hash>). Issue 20, bug 4: every command with --task-root that needs an upstream
+    names its corpus (--data-root) or gives one (--upstream-ckpt)."""
+    cmds = _at_doc_commands()
+    assert len(cmds) >= 8 and any(c[:1] == ["plot"] for c in cmds) and any(c[:1] == ["embed"] for c in cmds)
+    for argv in cmds:
+        assert not any("<" in a or a == "..." for a in argv), argv
+        parser = {"embed": AT.embed_parser, "plot": AT.plot_parser}.get(argv[0] if argv else "", AT.build_parser)()
+        parser.parse_args(argv[1:] if argv and argv[0] in ("embed", "plot") else argv)
+        if "--task-root" in argv:
+            assert "--data-root" in argv or "--upstream-ckpt" in argv or "scratch" in argv, argv
 
 
 # =============================================================================================
