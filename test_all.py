@@ -2792,6 +2792,7 @@ def test_at_startup_at_audioset_scale_stays_small(tmp_path):
 # =============================================================================================
 import argparse  # noqa: E402
 import shlex  # noqa: E402
+import subprocess  # noqa: E402
 
 
 @pytest.fixture
@@ -2941,7 +2942,8 @@ def test_ofa_help(capsys):
     assert "--elastic-depth" in out and "--bn-recal" in out and "Sec. 2.4" in out and "common.py seeds" in out
     md = ofa_aec.main(["counts"])  # the count table both ways, with the windows' sizes at 527 classes
     assert "| r=0.4, depth 2 | 1,169,618 | 944,162 |" in md and "794,666-5,219,279 | 569,210-5,219,279" in md
-    assert "0.8 +- 0.2M window (scaled to this size) | 4 | 11 |" in md
+    for b, fixed, elastic in ((0.8, 4, 11), (1.8, 25, 23), (2.8, 10, 12), (3.8, 8, 8)):  # docs/ofa_aec.md's table
+        assert f"{b:g} +- 0.2M window (scaled to this size) | {fixed} | {elastic} |" in md
 
 
 def test_ofa_every_parser_has_help_and_defaults_and_its_own_help(capsys):
@@ -2965,25 +2967,35 @@ def test_ofa_every_parser_has_help_and_defaults_and_its_own_help(capsys):
                     in text or "default" in action.help, (name, action.dest)
 
 
-def _ofa_doc_commands() -> list[list[str]]:
+def _ofa_doc_commands(tmp: Path) -> list[list[str]]:
     """Every `python ofa_aec.py ...` / `torchrun ... ofa_aec.py ...` command of the docstring (its indented
-    lines) and of docs/ofa_aec.md's bash blocks, as argv after the script's name."""
-    text = ofa_aec.__doc__
-    docs = HERE / "docs" / "ofa_aec.md"
-    if docs.exists():
-        text += "\n".join(re.findall(r"```bash\n(.*?)```", docs.read_text(), re.S))
+    lines) and of docs/ofa_aec.md's bash blocks (run by bash from the repository root with python and torchrun
+    recording their arguments), as argv after the script's name."""
     cmds = []
-    for line in text.splitlines():
-        m = re.search(r"(?:python|torchrun[^#]*?) ofa_aec\.py\b([^#;&|]*)", line)
+    for line in ofa_aec.__doc__.splitlines():
+        m = re.search(r"(?:python|torchrun[^#]*?) ofa_aec\.py\b([^#]*)", line)
         if m:
             cmds.append(shlex.split(m.group(1)))
+    blocks = re.findall(r"```bash\n(.*?)```", (HERE / "docs" / "ofa_aec.md").read_text(), re.S)
+    rec = tmp / "recorded"
+    record = f'printf "%s\\037" "$@" >> {rec}; echo >> {rec}'
+    script = f"python() {{ {record}; }}\ntorchrun() {{ {record}; }}\n" + "\n".join(blocks)
+    r = subprocess.run(["bash", "-c", script], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for line in rec.read_text().splitlines():
+        argv = line.rstrip("\037").split("\037")
+        script_at = next((i for i, a in enumerate(argv) if a.endswith("ofa_aec.py")), None)
+        if script_at is not None:
+            cmds.append(argv[script_at + 1:])
     return cmds
 
 
-def test_ofa_documented_commands_parse():
+def test_ofa_documented_commands_parse(tmp_path):
     """The docstring's and docs page's commands use flags and sub-commands that exist (parsed, not run)."""
-    cmds = _ofa_doc_commands()
-    assert len(cmds) >= 10 and ["counts"] in cmds and any(c[:1] == ["plot"] for c in cmds)
+    cmds = _ofa_doc_commands(tmp_path)
+    assert len(cmds) >= 20 and ["counts"] in cmds and ["--seed", "2", "--budgets", "0.8", "--baselines",
+                                                      "--baseline-widths", "0.4", "--finetune"] in cmds  # a loop's
+    assert ["plot", "runs/ofa_aec/cpu_22X_s0", "--out", "docs/figures/ofa_aec.png"] in cmds  # the figure's command
     subs = {"counts": ofa_aec.counts_parser, "predict": ofa_aec.predict_parser, "plot": ofa_aec.plot_parser}
     for argv in cmds:
         p = subs[argv[0]]() if argv[:1] and argv[0] in subs else ofa_aec.build_parser()
