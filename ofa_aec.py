@@ -14,14 +14,18 @@ Paper, AudioSet balanced -> eval mAP % (Table 1; teacher CNN10 5.2M params: 29.6
     ~1M params: scratch 21.2, KD 24.8, OFA 26.6    ~2M: 22.6 / 26.4 / 27.2    ~3.5M: 24.8 / 28.3 / 27.9
 
     python ofa_aec.py                                   # cpu preset: teacher -> supernet -> search -> export
-                                                        # (18.5 min on 2 shared CPU cores, load ~8)
+                                                        # (~19 min on a 2-core CPU, --threads 1)
     python ofa_aec.py --baselines --finetune            # + Table 1 baselines and Table 2 fine-tuning
     python ofa_aec.py --fig3                            # Fig. 3/4: the four search spaces (sibling runs)
     python ofa_aec.py counts                            # parameter counts at 527 classes, --elastic-fc both ways
-    python ofa_aec.py predict --ckpt runs/ofa_aec/cpu_22X_s0/export/budget_0.8M.pt clip.wav
+    python ofa_aec.py plot runs/ofa_aec/cpu_22X_s0      # accuracy against parameters, the paper's beside (PNG)
+    python ofa_aec.py predict --ckpt runs/ofa_aec/cpu_22X_s0/export/budget_0.8M.pt data/synth_scale1_clip1_seed0/audio/eval/eval_00000.wav
+    python ofa_aec.py --seed 1                          # more seeds (the teacher is shared), then mean +- std:
+    python ofa_aec.py --seed 2
+    python common.py seeds --row OFA runs/ofa_aec/cpu_22X_s0 runs/ofa_aec/cpu_22X_s1 runs/ofa_aec/cpu_22X_s2 --key mAP.OFA_800k --out runs/ofa_aec/seeds
+    python ofa_aec.py plot runs/ofa_aec/seeds           # the seeds table: mean +- std error bars
     python ofa_aec.py --data-root data/audioset         # real AudioSet, paper preset (GPU)
     torchrun --nproc_per_node=4 ofa_aec.py --data-root data/audioset   # DDP: --batch-size is the global batch
-    python common.py seeds --row OFA runs/ofa_aec/cpu_22X_s{0,1,2} --key searched.0.8.mAP   # mean +- std
 
 A killed run continues bit-exactly when the same command is run again (every stage resumes from its
 last.pt with every RNG state); --no-resume starts the run folder afresh (only this script's files are
@@ -29,7 +33,7 @@ removed). The teacher, its soft labels and the log-mel features are shared stage
 (--shared-dir), in folders named by a hash of everything that changes them (the features: of every
 clip's path, size and modification time).
 
-Deviations from the paper (numbered as in the README):
+Deviations from the paper (numbered as in docs/ofa_aec.md):
  1. CPU preset (`--preset cpu`, the default without a CUDA GPU): CNN10 at 1/8 width (8-16-32-64
     channels, FC 64), 1 s synthetic clips (101 frames), 100 steps per 100K paper iterations (teacher
     400, supernet 100 + 200, baselines 100, fine-tuning +10 / +100: the paper's ratios), time masks
@@ -60,7 +64,9 @@ import hashlib
 import itertools
 import math
 import os
+import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -98,6 +104,11 @@ OUTPUTS = ("supernet/*.pt*", "supernet/log.jsonl", "search/candidates.json*", "e
 RATIO = common.number(float, 0, 1, lo_open=True)  # a width ratio in (0, 1]
 
 
+def wrap(text: str) -> str:
+    """A sub-command's description, wrapped for --help (the formatter keeps line breaks as written)."""
+    return textwrap.fill(text, 100)
+
+
 def number_list(parse):
     """argparse type: comma-separated numbers, each checked by `parse` (a bad one is a one-line error)."""
     def f(text: str) -> list:
@@ -109,8 +120,9 @@ def number_list(parse):
     return f
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The training command's parser (the sub-commands predict, counts and plot have their own)."""
+    p = argparse.ArgumentParser(prog="ofa_aec.py", description=__doc__, formatter_class=common.HelpFormatter)
     common.add_common_args(p, "ofa_aec")
     p.set_defaults(synth_clip_seconds=None)  # from the preset (cpu: 1 s)
     g = p.add_argument_group("preset and front-end")
@@ -172,7 +184,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=False,
                    help="Table 2: searched sub-networks +10K / +100K KD steps and Init+100K")
     g.add_argument("--fig3", action="store_true", help="train the four search spaces (Fig. 3, Fig. 4)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def resolve(a: argparse.Namespace) -> tuple[argparse.Namespace, common.Corpus]:
@@ -358,17 +374,23 @@ def count_macs(cfg: dict, frames: int) -> int:
     return n + cin * cfg["fc"] + cfg["fc"] * cfg["n_classes"]
 
 
-def build_model(ckpt: dict) -> CNN10:
-    """Rebuild a plain CNN10 (teacher or exported sub-network) from a checkpoint alone."""
-    model = CNN10(**ckpt["config"])
-    model.load_state_dict(ckpt["model"])
+def build_model(ckpt: dict, path: str | Path = "checkpoint") -> CNN10:
+    """Rebuild a plain CNN10 (teacher or exported sub-network) from a checkpoint alone; weights that do not
+    fit its config are one line naming the file."""
+    try:
+        model = CNN10(**ckpt["config"])
+    except (TypeError, ValueError, RuntimeError, IndexError):  # a config this script did not write
+        raise common.DataError(f"{path}: not a CNN10 checkpoint of ofa_aec.py (config {ckpt['config']})") from None
+    if not isinstance(ckpt.get("model"), dict):
+        raise common.DataError(f"{path}: not a CNN10 checkpoint of ofa_aec.py (no weights)")
+    common.load_weights(model, ckpt["model"], path)
     return model
 
 
 def load_cnn10(path: str | Path, flag: str) -> dict:
     """A CNN10 checkpoint written by this script (a stage's final.pt, an export), or one line naming the file."""
     try:
-        ck = common.load_checkpoint(path)
+        ck = common.load_checkpoint(path, script="ofa_aec")
     except common.DataError:
         raise
     except Exception:
@@ -657,7 +679,7 @@ def teacher_stage(args, data: Data, space: SearchSpace, device) -> tuple[CNN10, 
     training clips (eval mode) are the soft labels, cached beside it. Returns the teacher, its row, soft labels."""
     if args.teacher:
         ck = load_cnn10(args.teacher, "--teacher")
-        teacher, info = build_model(ck).to(device), ck.get("info", {})
+        teacher, info = build_model(ck, args.teacher).to(device), ck.get("info", {})
         teacher_id = files_id(Path(args.teacher).parent, [(Path(args.teacher).name, [])])  # path, size, mtime
         folder = common.stage_dir(args.shared_dir, "soft", {"teacher": teacher_id, "amp": args.amp,
                                                               "train": data.ident["train"]})
@@ -853,17 +875,24 @@ def compute(info: dict) -> str:
     return f"{info['step']} steps, {info['passes']} passes, {info['macs'] / 1e9:,.0f} GMAC"
 
 
-def flat_maps(res: dict) -> dict:
-    """Every eval mAP of a run under a dot-free key, for `python common.py seeds --key mAP.<key>`
-    (budgets in thousands of parameters: OFA_800k; widths in %: KD_r40)."""
+def flat_rows(res: dict) -> dict:
+    """Every evaluated model of a run: {dot-free key: (parameters, eval mAP)} (budgets in thousands of
+    parameters: OFA_800k; widths in %: KD_r40)."""
     k = lambda b: f"{round(float(b) * 1000)}k"
-    out = {"teacher": res["teacher"]["mAP"]} | {f"OFA_{k(b)}": s["mAP"] for b, s in res["searched"].items()}
+    out = {"teacher": (res["teacher"]["params"], res["teacher"]["mAP"])}
+    out |= {f"OFA_{k(b)}": (s["params"], s["mAP"]) for b, s in res["searched"].items()}
     for r in res["baselines"]:
-        out[f"{r['kind'].replace(', equal updates', '_equal')}_r{round(r['r'] * 100)}"] = r["mAP"]
+        out[f"{r['kind'].replace(', equal updates', '_equal')}_r{round(r['r'] * 100)}"] = (r["params"], r["mAP"])
     for f in res["finetune"]:
-        out |= {f"OFA_{k(f['budget'])}_+10K": f["+10K"], f"OFA_{k(f['budget'])}_+100K": f["+100K"],
-                f"Init_{k(f['budget'])}_+100K": f["Init+100K"]}
+        out |= {f"OFA_{k(f['budget'])}_+10K": (f["params"], f["+10K"]),
+                f"OFA_{k(f['budget'])}_+100K": (f["params"], f["+100K"]),
+                f"Init_{k(f['budget'])}_+100K": (f["params"], f["Init+100K"])}
     return out
+
+
+def flat_maps(res: dict) -> dict:
+    """Every eval mAP of a run under a dot-free key, for `python common.py seeds --key mAP.<key>`."""
+    return {key: m for key, (_, m) in flat_rows(res).items()}
 
 
 def plateau_word(info: dict) -> str:
@@ -981,12 +1010,21 @@ def fig3(args: argparse.Namespace) -> dict:
         return common.report(out, {"rows": rows, "spaces": spaces}, "\n".join(md))
 
 
+def counts_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ofa_aec.py counts", formatter_class=common.HelpFormatter,
+        description=wrap("Parameter counts of the [2,2,X] search space with FC1 fixed and elastic (deviation 3): the "
+                    "baselines, the smallest sub-network, the range, and how many sub-networks each budget's "
+                    "+- 0.2M window holds. Prints a table; writes nothing."))
+    p.add_argument("--classes", type=common.POSITIVE_INT, default=527, help="output classes (AudioSet: 527)")
+    p.add_argument("--width-mult", type=common.POSITIVE, default=1.0,
+                   help="CNN10 channel multiplier (the cpu preset: 0.125)")
+    return p
+
+
 def counts_main(argv: list[str]) -> str:
     """`counts`: sub-network parameter counts at the paper's scale, --elastic-fc both ways."""
-    p = argparse.ArgumentParser(prog="ofa_aec.py counts", description="parameter counts of the search space")
-    p.add_argument("--classes", type=common.POSITIVE_INT, default=527)
-    p.add_argument("--width-mult", type=common.POSITIVE, default=1.0)
-    a = p.parse_args(argv)
+    a = counts_parser().parse_args(argv)
     rows = []
     spaces = {efc: SearchSpace(a.classes, 64, a.width_mult, [0.4, 0.6, 0.8, 1.0], "2,2,X", efc)
               for efc in (False, True)}
@@ -1006,18 +1044,39 @@ def counts_main(argv: list[str]) -> str:
     return md
 
 
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ofa_aec.py predict", formatter_class=common.HelpFormatter,
+        description=wrap("Tag audio files (any format soundfile reads, resampled to the model's rate) with an "
+                    "exported sub-network (export/budget_<N>M.pt or its TorchScript .ts) or a teacher's final.pt: "
+                    "one line per file with the top classes and their probabilities. Writes nothing."))
+    p.add_argument("--ckpt", required=True,
+                   help="export/budget_<N>M.pt, its .ts (the .pt beside it gives the class names), or a teacher's final.pt")
+    p.add_argument("--top", type=common.POSITIVE_INT, default=5, help="classes printed per file, most probable first")
+    p.add_argument("files", nargs="+", help="audio files to tag (an unreadable one is skipped and counted)")
+    return p
+
+
 def predict_main(argv: list[str]) -> None:
     """Tag audio files with an exported sub-network (checkpoint or TorchScript) or a teacher."""
-    p = argparse.ArgumentParser(prog="ofa_aec.py predict", description="tag audio files")
-    p.add_argument("--ckpt", required=True, help="export/budget_*.pt, its .ts, or a teacher's final.pt")
-    p.add_argument("--top", type=common.POSITIVE_INT, default=5)
-    p.add_argument("files", nargs="+")
-    a = p.parse_args(argv)
+    a = predict_parser().parse_args(argv)
     path = Path(a.ckpt)
-    ck = load_cnn10(path.with_suffix(".pt"), "--ckpt")
-    model = torch.jit.load(str(path)) if path.suffix == ".ts" else Tagger(ck["frontend"], build_model(ck))
+    ck_path = path.with_suffix(".pt") if path.suffix == ".ts" else path  # a .ts's class names are in its .pt
+    ck = load_cnn10(ck_path, "--ckpt")
+    if not isinstance(ck.get("labels"), dict) or len(ck["labels"].get("names", [])) != ck["config"]["n_classes"]:
+        raise common.DataError(f"--ckpt {ck_path}: no class names for its {ck['config']['n_classes']} outputs")
+    if path.suffix == ".ts":
+        try:
+            model = torch.jit.load(str(path))
+        except Exception as e:  # a truncated file, another format: one line
+            raise common.DataError(f"--ckpt {path}: not a TorchScript file ({type(e).__name__})") from None
+    else:
+        model = Tagger(ck["frontend"], build_model(ck, ck_path))
     model.eval()
     names, sr = ck["labels"]["names"], common.LOGMEL_PRESETS[ck["frontend"]]["sr"]
+    warning = common.synthetic_classes_warning(ck["labels"].get("mids", []))
+    if warning:
+        print(warning)
     skipped = 0
     for f in a.files:
         try:
@@ -1031,6 +1090,137 @@ def predict_main(argv: list[str]) -> None:
         print(f"{f}: " + ", ".join(f"{names[k]} {probs[k]:.2f}" for k in np.argsort(-probs)[:a.top]))
     if skipped:
         print(f"{len(a.files) - skipped} files tagged, {skipped} unreadable (skipped)")
+
+
+# =============================================================================================
+# plot: accuracy against parameters (Figs. 3-4) from results.json, the paper's values beside
+# =============================================================================================
+def paper_curves() -> dict:
+    """The paper's points as {name: [(parameters in M, eval mAP %)]}: the searched [2,2,X] sub-networks
+    (Table 2's OFA column, which repeats Table 1's), the baselines (Table 1) and the teacher (Table 1)."""
+    return {"OFA [2,2,X] (Table 2)": [(v[0], v[1]) for _, v in sorted(PAPER_T2.items())],
+            "KD (Table 1)": [(v[1], v[3]) for _, v in sorted(PAPER_T1.items())],
+            "scratch (Table 1)": [(v[1], v[2]) for _, v in sorted(PAPER_T1.items())],
+            "teacher (Table 1)": [(FULL_527 / 1e6, PAPER_TEACHER)]}
+
+
+def full_params(res: dict) -> int:
+    """Parameters of the run's full CNN10 (the supernet's largest network), from a budget window (its middle
+    is budget * full / 5,219,279) or else the teacher's row."""
+    for s in (res.get("search") or {}).values():
+        return round((s["window"][0] + s["window"][1]) / 2 / (s["budget_M"] * 1e6) * FULL_527)
+    return res["teacher"]["params"]
+
+
+def series_name(key: str) -> str:
+    """A flat key without its budget or width: OFA_800k -> OFA, KD_equal_r40 -> KD_equal, OFA_800k_+10K -> OFA_+10K."""
+    return re.sub(r"_\d+k|_r\d+", "", key)
+
+
+def plot_series(path: Path, label: str, res: dict) -> tuple[dict, dict]:
+    """What one results.json draws: ({line label: [(params % of full, mAP %, std or None)]}, {scatter label:
+    [(params %, mAP %)]}). A run: every evaluated model by series, and every searched candidate (Fig. 4); a
+    --fig3 run: the best candidate per budget and the candidates of each search space; a seeds table
+    (`python common.py seeds`): mean +- sample std of every mAP.<key> over its runs, at their mean size."""
+    pre = f"{label}: " if label else ""
+    lines, dots = {}, {}
+    if "spaces" in res:  # --fig3
+        for space, search in res["spaces"].items():
+            full = full_params({"search": search})
+            pct = lambda n: 100 * n / full
+            lines[f"{pre}{space} best"] = [(pct(s["best"]["params"]), 100 * s["best"]["eval"], None)
+                                           for s in search.values() if s["best"]]
+            dots[f"{pre}{space} candidates"] = [(pct(c["params"]), 100 * c["eval"]) for s in search.values()
+                                                for c in s["candidates"]]
+    elif "searched" in res and "teacher" in res:  # a run folder
+        full = full_params(res)
+        for key, (n, m) in flat_rows(res).items():
+            lines.setdefault(f"{pre}{series_name(key)}", []).append((100 * n / full, 100 * m, None))
+        dots[f"{pre}every searched candidate"] = [(100 * c["params"] / full, 100 * c["eval"])
+                                                  for s in res["search"].values() for c in s["candidates"]]
+    elif res and all(isinstance(v, dict) and "runs" in v for v in res.values()):  # a seeds table
+        for row, t in res.items():
+            runs = [common.read_json(Path(r) / "results.json", "results.json of a seeds row") for r in t["runs"]]
+            for key, values in t.items():
+                if not key.startswith("mAP.") or not isinstance(values, list):
+                    continue
+                sizes = []
+                for r, run_dir in zip(runs, t["runs"]):
+                    rows = flat_rows(r)
+                    if key[4:] not in rows:
+                        raise common.DataError(f"{run_dir}: no {key} (the seeds table names a model its run lacks)")
+                    sizes.append(100 * rows[key[4:]][0] / full_params(r))
+                v = 100 * np.asarray(values, float)
+                lines.setdefault(f"{pre}{row}: {series_name(key[4:])}", []).append(
+                    (float(np.mean(sizes)), float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0))
+    else:
+        raise common.DataError(f"{path}: not a results.json of ofa_aec.py or of `python common.py seeds`")
+    return {k: sorted(v) for k, v in lines.items() if v}, {k: v for k, v in dots.items() if v}
+
+
+def plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ofa_aec.py plot", formatter_class=common.HelpFormatter,
+        description=wrap("Accuracy against parameters (the paper's Figs. 3-4): eval mAP % against parameters as % of "
+                    "the full CNN10, from each RUN's results.json - a run folder (searched sub-networks per budget, "
+                    "baselines and fine-tuning rows when run, every searched candidate as dots), a --fig3 folder "
+                    "(best and candidates of each search space) or the folder of `python common.py seeds` (mean "
+                    "+- sample std over seeds) - with the paper's AudioSet values (Tables 1-2) as dashed lines. "
+                    "Writes one PNG."))
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or their results.json)")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/accuracy_params.png of the first RUN)")
+    p.add_argument("--paper", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the paper's AudioSet values (Tables 1-2) beside ours")
+    return p
+
+
+def plot_main(argv: list[str]) -> Path:
+    """`plot`: the figure of one or more runs (labelled by folder name when several)."""
+    a = plot_parser().parse_args(argv)
+    files = [Path(r) if Path(r).suffix == ".json" else Path(r) / "results.json" for r in a.runs]
+    lines, dots = {}, {}
+    for f in files:
+        if not f.is_file():
+            raise common.DataError(f"{f}: not found (a finished run folder has a results.json)")
+        res = common.read_json(f, "results.json")
+        ln, dt = plot_series(f, f.parent.name if len(files) > 1 else "", res if isinstance(res, dict) else {})
+        lines |= ln
+        dots |= dt
+    paper = paper_curves() if a.paper else {}
+
+    colours = {"OFA": "C0", "KD": "C1", "scratch": "C2", "teacher": "C3"}  # ours solid, the paper's dashed
+
+    def colour(name: str) -> str:  # one colour per method, ours and the paper's alike
+        method = name.split(": ")[-1].split(" ")[0]
+        return colours.setdefault(method, f"C{len(colours) % 10}")
+
+    def draw(ax):
+        for i, (name, pts) in enumerate(dots.items()):
+            x, y = zip(*pts)
+            ax.scatter(x, y, s=12, alpha=0.35, color=f"C{i + 4}" if len(dots) > 1 else "0.5", label=f"ours: {name}")
+        markers = {}
+        for name, pts in lines.items():
+            x, y, err = zip(*pts)
+            m = markers.setdefault(name.rsplit(": ", 1)[0] if ": " in name else "", "o^vDsp"[len(markers) % 6])
+            (ln,) = ax.plot(x, y, f"{m}-" if len(pts) > 1 else "*", ms=6 if len(pts) > 1 else 12, color=colour(name),
+                            label=f"ours: {name}")
+            if any(e is not None for e in err):
+                ax.errorbar(x, y, yerr=err, fmt="none", ecolor=ln.get_color(), capsize=3)
+        for name, pts in paper.items():
+            x = [100 * m * 1e6 / FULL_527 for m, _ in pts]
+            ax.plot(x, [v for _, v in pts], "s--" if len(pts) > 1 else "P", mfc="none", color=colour(name),
+                    ms=6 if len(pts) > 1 else 10, label=f"paper: {name}")
+        ax.set_xlabel("parameters (% of the full CNN10)")
+        ax.set_ylabel("eval mAP % (ours: this corpus; paper: AudioSet)")
+        ax.set_title("OFA-AEC: accuracy against parameters (Figs. 3-4)")
+        ax.legend(fontsize=7, loc="lower right")
+    out = Path(a.out) if a.out else files[0].parent / "accuracy_params.png"
+    try:
+        common.figure(out, draw, size=(7.5, 5))
+    except OSError as e:
+        raise common.DataError(f"--out {out}: cannot write ({e.strerror})") from None
+    print(f"peak memory {common.peak_memory_gb():.1f} GB")
+    return out
 
 
 def bench_step(device, amp: str = "auto", batch_size: int = 8) -> dict:
@@ -1096,7 +1286,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"predict": predict_main, "counts": counts_main}
+    commands = {"predict": predict_main, "counts": counts_main, "plot": plot_main}
     if argv[:1] and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     args = parse_args(argv)

@@ -2925,6 +2925,11 @@ def test_at_documented_commands_parse_and_name_their_upstream_corpus():
 # TorchScript, sampling covers the space, BN recalibration, end-to-end run with predict; the run-time
 # idiom: exact resume after SIGKILL, torchrun DDP, bf16, the feature cache's key, bad input
 # =============================================================================================
+import argparse  # noqa: E402
+import shlex  # noqa: E402
+import subprocess  # noqa: E402
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: on a shared 2-core machine two threads can be 10x slower for these small nets."""
@@ -3072,7 +3077,64 @@ def test_ofa_help(capsys):
     assert "--elastic-depth" in out and "--bn-recal" in out and "Sec. 2.4" in out and "common.py seeds" in out
     md = ofa_aec.main(["counts"])  # the count table both ways, with the windows' sizes at 527 classes
     assert "| r=0.4, depth 2 | 1,169,618 | 944,162 |" in md and "794,666-5,219,279 | 569,210-5,219,279" in md
-    assert "0.8 +- 0.2M window (scaled to this size) | 4 | 11 |" in md
+    for b, fixed, elastic in ((0.8, 4, 11), (1.8, 25, 23), (2.8, 10, 12), (3.8, 8, 8)):  # docs/ofa_aec.md's table
+        assert f"{b:g} +- 0.2M window (scaled to this size) | {fixed} | {elastic} |" in md
+
+
+def test_ofa_every_parser_has_help_and_defaults_and_its_own_help(capsys):
+    """--help of the training command and of each sub-command (its own, not the generic one): every flag has
+    help text and shows its default."""
+    parsers = {"": ofa_aec.build_parser(), "counts": ofa_aec.counts_parser(), "predict": ofa_aec.predict_parser(),
+               "plot": ofa_aec.plot_parser()}
+    for name, p in parsers.items():
+        assert p.formatter_class is C.HelpFormatter, name
+        with pytest.raises(SystemExit) as e:
+            ofa_aec.main([name, "--help"] if name else ["--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and out.startswith(f"usage: ofa_aec.py {name}".rstrip()), name
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (name, action.dest)
+            if action.option_strings and action.default is not None:
+                text = " ".join(p.format_help().split())
+                assert f"(default: {' '.join(map(str, action.default)) if isinstance(action.default, list) else action.default})" \
+                    in text or "default" in action.help, (name, action.dest)
+
+
+def _ofa_doc_commands(tmp: Path) -> list[list[str]]:
+    """Every `python ofa_aec.py ...` / `torchrun ... ofa_aec.py ...` command of the docstring (its indented
+    lines) and of docs/ofa_aec.md's bash blocks (run by bash from the repository root with python and torchrun
+    recording their arguments), as argv after the script's name."""
+    cmds = []
+    for line in ofa_aec.__doc__.splitlines():
+        m = re.search(r"(?:python|torchrun[^#]*?) ofa_aec\.py\b([^#]*)", line)
+        if m:
+            cmds.append(shlex.split(m.group(1)))
+    blocks = re.findall(r"```bash\n(.*?)```", (HERE / "docs" / "ofa_aec.md").read_text(), re.S)
+    rec = tmp / "recorded"
+    record = f'printf "%s\\037" "$@" >> {rec}; echo >> {rec}'
+    script = f"python() {{ {record}; }}\ntorchrun() {{ {record}; }}\n" + "\n".join(blocks)
+    r = subprocess.run(["bash", "-c", script], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for line in rec.read_text().splitlines():
+        argv = line.rstrip("\037").split("\037")
+        script_at = next((i for i, a in enumerate(argv) if a.endswith("ofa_aec.py")), None)
+        if script_at is not None:
+            cmds.append(argv[script_at + 1:])
+    return cmds
+
+
+def test_ofa_documented_commands_parse(tmp_path):
+    """The docstring's and docs page's commands use flags and sub-commands that exist (parsed, not run)."""
+    cmds = _ofa_doc_commands(tmp_path)
+    assert len(cmds) >= 20 and ["counts"] in cmds and ["--seed", "2", "--budgets", "0.8", "--baselines",
+                                                      "--baseline-widths", "0.4", "--finetune"] in cmds  # a loop's
+    assert ["plot", "runs/ofa_aec/cpu_22X_s0", "--out", "docs/figures/ofa_aec.png"] in cmds  # the figure's command
+    subs = {"counts": ofa_aec.counts_parser, "predict": ofa_aec.predict_parser, "plot": ofa_aec.plot_parser}
+    for argv in cmds:
+        p = subs[argv[0]]() if argv[:1] and argv[0] in subs else ofa_aec.build_parser()
+        p.parse_args(argv[1:] if argv[:1] and argv[0] in subs else argv)
 
 
 def _ofa_argv(root, out, *extra):
@@ -3080,7 +3142,63 @@ def _ofa_argv(root, out, *extra):
             "--eval-every", "2", "--budgets", "0.8", "--population", "2", "--bn-recal-clips", "8", *extra]
 
 
-def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys, one_thread):
+def _ofa_saved_axes(monkeypatch) -> list:
+    """The Axes of every figure matplotlib saves from now on (savefig spied on), to read back what was drawn."""
+    import matplotlib.figure
+    saved, savefig = [], matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **k):
+        saved.append(fig.axes[0])
+        return savefig(fig, *a, **k)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    return saved
+
+
+def _ofa_drawn(ax) -> tuple[dict, dict]:
+    """{label: (x, y)} of the Axes' labelled lines and {label: offsets} of its scatters."""
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()
+             if not ln.get_label().startswith("_")}
+    dots = {c.get_label(): c.get_offsets().tolist() for c in ax.collections if not c.get_label().startswith("_")}
+    return lines, dots
+
+
+# the paper's points, typed from the paper (Table 1: baselines at 1.0 / 2.1 / 3.5M and the teacher; Table 2: the
+# searched [2,2,X] sub-networks at 0.9 / 1.8 / 2.7 / 3.6M), x as % of CNN10's 5,219,279 parameters
+OFA_PAPER_DRAWN = {"paper: OFA [2,2,X] (Table 2)": ([0.9, 1.8, 2.7, 3.6], [26.6, 27.2, 27.7, 27.9]),
+                   "paper: KD (Table 1)": ([1.0, 2.1, 3.5], [24.8, 26.4, 28.3]),
+                   "paper: scratch (Table 1)": ([1.0, 2.1, 3.5], [21.2, 22.6, 24.8]),
+                   "paper: teacher (Table 1)": ([5.219279], [29.6])}
+
+
+def _ofa_check_plot(runs, res, png, monkeypatch):
+    """`plot` of one run: the lines are the run's models by kind, the dots every searched candidate, x the
+    parameters as % of the teacher's (the full CNN10), y eval mAP %, all as results.json has them."""
+    saved = _ofa_saved_axes(monkeypatch)
+    ofa_aec.main(["plot", *map(str, runs), "--out", str(png)])
+    assert png.stat().st_size > 1000 and len(saved) == 1
+    lines, dots = _ofa_drawn(saved[0])
+    full = res["teacher"]["params"]
+    want = {"ours: teacher": [(full, res["teacher"]["mAP"])],
+            "ours: OFA": [(s["params"], s["mAP"]) for s in res["searched"].values()]}
+    for b in res["baselines"]:
+        want.setdefault("ours: " + {"scratch": "scratch", "KD": "KD", "KD, equal updates": "KD_equal"}[b["kind"]],
+                        []).append((b["params"], b["mAP"]))
+    for f in res["finetune"]:
+        for kind, name in (("+10K", "OFA_+10K"), ("+100K", "OFA_+100K"), ("Init+100K", "Init_+100K")):
+            want.setdefault(f"ours: {name}", []).append((f["params"], f[kind]))
+    assert set(lines) == set(want) | set(OFA_PAPER_DRAWN)
+    for label, pts in want.items():
+        x, y = zip(*sorted(pts))
+        np.testing.assert_allclose(lines[label], [[100 * n / full for n in x], [100 * m for m in y]], rtol=1e-12)
+    for label, (m, v) in OFA_PAPER_DRAWN.items():
+        np.testing.assert_allclose(lines[label], [[100 * n * 1e6 / 5_219_279 for n in m], v], rtol=1e-12)
+    cands = [c for s in res["search"].values() for c in s["candidates"]]
+    assert list(dots) == ["ours: every searched candidate"]
+    np.testing.assert_allclose(dots["ours: every searched candidate"],
+                               [[100 * c["params"] / full, 100 * c["eval"]] for c in cands], rtol=1e-12)
+
+
+def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys, one_thread, monkeypatch):
     out = tmp_path / "run"
     argv = ["--data-root", str(tiny_root), "--out", str(out), "--workers", "0", "--batch-size", "4",
             "--unit-steps", "2", "--eval-every", "100", "--budgets", "0.8,1.8", "--population", "2",
@@ -3118,8 +3236,11 @@ def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys, 
     assert m == pytest.approx(s["mAP"], abs=2e-3)  # features cached in float16 for the run
     capsys.readouterr()
     ofa_aec.main(["predict", "--ckpt", s["torchscript"], str(tiny_root / corpus.eval[0][0])])
-    line = capsys.readouterr().out.strip()
+    warning, line = capsys.readouterr().out.strip().splitlines()  # the synthetic corpus's classes: warned first
+    assert warning == C.synthetic_classes_warning(corpus.labels.mids) and warning.startswith("warning: ")
     assert line.startswith(str(tiny_root)) and len(re.findall(r" [01]\.\d\d(?:,|$)", line)) == 5  # top 5 classes
+    # plot: the figure of this run, every drawn value read back from the saved Axes against results.json
+    _ofa_check_plot([out], res, tmp_path / "fig.png", monkeypatch)
     # a finished run is returned as it is; fewer rows (the flags that add rows) reuse every stage
     again = ofa_aec.main(argv)
     assert again == json.loads((out / "results.json").read_text()) and "finished with these" in capsys.readouterr().out
@@ -3134,7 +3255,7 @@ def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys, 
     assert "OFA 0.8M" in (out / "results.md").read_text()
 
 
-def test_ofa_fig3_runs_the_four_search_spaces(tiny_root, tmp_path, one_thread):
+def test_ofa_fig3_runs_the_four_search_spaces(tiny_root, tmp_path, one_thread, monkeypatch):
     out = tmp_path / "fig3"
     ofa_aec.main(["--data-root", str(tiny_root), "--out", str(out), "--workers", "0", "--batch-size", "4",
                   "--unit-steps", "1", "--eval-every", "100", "--budgets", "0.8", "--population", "1",
@@ -3144,6 +3265,55 @@ def test_ofa_fig3_runs_the_four_search_spaces(tiny_root, tmp_path, one_thread):
     assert [r[0] for r in res["rows"]] == list(res["spaces"]) and len(list(tmp_path.glob("teacher-*"))) == 1
     ew = json.loads((tmp_path / "fig3_222" / "config.json").read_text())["identity"]
     assert ew["widths"] == [0.2, 0.4, 0.6, 0.8, 1.0] and ew["elastic_depth"] == "2,2,2"
+    # plot of a --fig3 folder: per space its best candidate per budget (line) and every candidate (dots)
+    saved = _ofa_saved_axes(monkeypatch)
+    ofa_aec.main(["plot", str(out), "--no-paper"])
+    assert (out / "accuracy_params.png").exists()
+    lines, dots = _ofa_drawn(saved[0])
+    full = json.loads((tmp_path / "fig3_22X" / "results.json").read_text())["teacher"]["params"]
+    assert set(lines) == {f"ours: {sp} best" for sp in res["spaces"]}
+    assert set(dots) == {f"ours: {sp} candidates" for sp in res["spaces"]}
+    for sp, search in res["spaces"].items():
+        best = sorted((100 * s["best"]["params"] / full, 100 * s["best"]["eval"]) for s in search.values())
+        np.testing.assert_allclose(lines[f"ours: {sp} best"], list(zip(*best)), rtol=1e-12)
+        np.testing.assert_allclose(dots[f"ours: {sp} candidates"], [[100 * c["params"] / full, 100 * c["eval"]]
+                                   for s in search.values() for c in s["candidates"]], rtol=1e-12)
+
+
+def test_ofa_plot_of_a_seeds_table_draws_mean_and_std(tmp_path, monkeypatch):
+    """`plot` of `python common.py seeds`'s folder: per row and model kind, the mean over seeds at the runs' mean
+    size with a +- sample-std error bar; a folder of another kind is one line."""
+    full, maps = 1000, {"OFA_800k": [0.40, 0.42, 0.47], "KD_r40": [0.30, 0.33, 0.31]}
+    lo, hi = (0.6e6 * full / 5_219_279, 1.0e6 * full / 5_219_279)  # the 0.8 +- 0.2M window of a 1,000-param CNN10
+    runs = []
+    for i, size in enumerate((150, 160, 152)):
+        run = tmp_path / f"s{i}"
+        run.mkdir()
+        best = {"params": size, "eval": maps["OFA_800k"][i], "val": 0.1, "arch": []}
+        C.write_json(run / "results.json", {
+            "teacher": {"params": full, "mAP": 0.5}, "searched": {"0.8": {"params": size, "mAP": maps["OFA_800k"][i]}},
+            "baselines": [{"kind": "KD", "r": 0.4, "params": 200, "mAP": maps["KD_r40"][i]}], "finetune": [],
+            "search": {"0.8": {"budget_M": 0.8, "window": [lo, hi], "candidates": [best], "best": best}},
+            "mAP": {k: v[i] for k, v in maps.items()}})
+        runs.append(str(run))
+    C.seeds_table([["u100", *runs]], ["mAP.OFA_800k", "mAP.KD_r40"], tmp_path / "seeds")
+    saved = _ofa_saved_axes(monkeypatch)
+    ofa_aec.main(["plot", str(tmp_path / "seeds"), "--out", str(tmp_path / "seeds.png"), "--no-paper"])
+    lines, dots = _ofa_drawn(saved[0])
+    assert set(lines) == {"ours: u100: OFA", "ours: u100: KD"} and dots == {}
+    bars = [c.get_segments() for c in saved[0].collections]  # the error bars, in the order of the lines
+    for (label, sizes, m), seg in zip((("ours: u100: OFA", (150, 160, 152), maps["OFA_800k"]),
+                                        ("ours: u100: KD", (200, 200, 200), maps["KD_r40"])), bars):
+        mean, std = 100 * np.mean(m), 100 * np.std(m, ddof=1)
+        np.testing.assert_allclose(lines[label], [[100 * np.mean(sizes) / full], [mean]], rtol=1e-9)
+        np.testing.assert_allclose(seg, [[[100 * np.mean(sizes) / full, mean - std],
+                                          [100 * np.mean(sizes) / full, mean + std]]], rtol=1e-9)
+    (tmp_path / "other").mkdir()
+    C.write_json(tmp_path / "other" / "results.json", {"mAP": 0.5})  # another script's run
+    with pytest.raises(C.DataError, match="not a results.json of ofa_aec.py"):
+        ofa_aec.main(["plot", str(tmp_path / "other")])
+    with pytest.raises(C.DataError, match="not found"):
+        ofa_aec.main(["plot", str(tmp_path / "none")])
 
 
 def _ofa_metrics(res):
@@ -3288,7 +3458,7 @@ def _ofa_bad_case(case: str, root: Path, tmp: Path) -> tuple[list, str]:
         elif case == "other_classes":
             m = ofa_aec.CNN10(10, blocks=((8, 8), (16, 16), (32, 32), (64, 64)), fc=64)
             torch.save({"script": "ofa_aec", "model": m.state_dict(), "config": m.config, "frontend": "panns16k"}, ck)
-        msg = {"foreign_teacher": "not a CNN10 checkpoint of ofa_aec.py", "bytes_teacher": "not a readable checkpoint",
+        msg = {"foreign_teacher": "not a CNN10 checkpoint of ofa_aec.py", "bytes_teacher": "not a PyTorch checkpoint",
                "other_classes": "10 classes", "missing_teacher": "checkpoint not found"}[case]
         return base + ["--teacher", str(ck)], msg
     if case in ("out_file", "out_under_file"):
@@ -3310,6 +3480,25 @@ def _ofa_bad_case(case: str, root: Path, tmp: Path) -> tuple[list, str]:
     if case == "foreign_predict":
         torch.save({"model": {}}, tmp / "ck.pt")
         return ["predict", "--ckpt", str(tmp / "ck.pt"), "a.wav"], "not a CNN10 checkpoint"
+    wav = str(root / "audio" / "eval" / "eval_00000.wav")
+    if case == "wav_as_ckpt":  # the arguments swapped: the wav is named, not a .pt beside it
+        return ["predict", "--ckpt", wav, wav], f"{wav}: not a PyTorch checkpoint"
+    if case == "bytes_predict":
+        (tmp / "ck.pt").write_bytes(os.urandom(300))
+        return ["predict", "--ckpt", str(tmp / "ck.pt"), wav], "ck.pt: not a PyTorch checkpoint"
+    if case in ("other_script_predict", "weights_not_config", "broken_ts"):
+        m = ofa_aec.CNN10(30, blocks=((8, 8), (16, 16), (32, 32), (64, 64)), fc=64)
+        ck = {"script": "ofa_aec", "model": m.state_dict(), "config": m.config, "frontend": "panns16k",
+              "labels": {"mids": [f"/synth/{i}" for i in range(30)], "names": [str(i) for i in range(30)]}}
+        if case == "other_script_predict":
+            ck["script"] = "psla"
+        if case == "weights_not_config":  # a CNN10 config with weights of another size
+            ck["config"] = {**m.config, "fc": 32}
+        torch.save(ck, tmp / "ck.pt")
+        (tmp / "ck.ts").write_bytes(b"not torchscript")
+        msg = {"other_script_predict": "a checkpoint of psla, not of ofa_aec", "broken_ts": "not a TorchScript file",
+               "weights_not_config": "not a checkpoint of this model"}[case]
+        return ["predict", "--ckpt", str(tmp / ("ck.ts" if case == "broken_ts" else "ck.pt")), wav], msg
     bad = tmp / "corpus"  # malformed metadata: the corpus's files, audio linked
     bad.mkdir()
     for f in root.iterdir():
@@ -3326,7 +3515,9 @@ def _ofa_bad_case(case: str, root: Path, tmp: Path) -> tuple[list, str]:
 
 @pytest.mark.parametrize("case", ["foreign_teacher", "bytes_teacher", "other_classes", "missing_teacher", "out_file",
                                   "out_under_file", "other_script_run", "user_results", "zero_channels",
-                                  "negative_seed", "foreign_predict", "manifest_row", "synth_json"])
+                                  "negative_seed", "foreign_predict", "wav_as_ckpt", "bytes_predict",
+                                  "other_script_predict", "weights_not_config", "broken_ts", "manifest_row",
+                                  "synth_json"])
 def test_ofa_bad_inputs_are_one_line_and_delete_nothing(case, tiny_root, tmp_path):
     argv, msg = _ofa_bad_case(case, tiny_root, tmp_path)
     before = sorted((p, p.stat().st_size) for p in tmp_path.rglob("*") if p.is_file())
