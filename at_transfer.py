@@ -285,7 +285,7 @@ def claim_upstreams(args) -> None:
 # =============================================================================================
 # Models (Sec. 3): log-mel -> CNN -> mean over frequency -> per-frame Linear + sigmoid -> mean over time.
 # Duplicated from psl.py (MobileNetV2, same module names: a psl.py MA checkpoint loads as is) and psla.py
-# (EfficientNet-B0 layout) on purpose: each script carries its own networks (DESIGN.md).
+# (EfficientNet-B0 layout) on purpose: each script carries its own networks.
 # =============================================================================================
 def conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),

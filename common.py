@@ -76,10 +76,10 @@ POSITIVE, NONNEG, FRACTION = number(float, 0, lo_open=True), number(float, 0), n
 
 
 def add_common_args(p: argparse.ArgumentParser, script: str) -> None:
-    """The flags every script shares (DESIGN.md, 'common flags'). Paper values are set by scripts."""
+    """The flags every script shares (docs/common.md). Paper values are set by scripts."""
     g = p.add_argument_group("common")
     g.add_argument("--data-root", type=str, default=None,
-                   help="corpus in our layout (see README); default: the synthetic corpus in data/synth")
+                   help="corpus in our layout (docs/data.md); default: the synthetic corpus in data/synth")
     g.add_argument("--data", type=str, default="balanced", choices=["balanced", "full", "300h"],
                    help="training manifest: balanced, full (balanced+unbalanced) or 300h")
     g.add_argument("--out", type=str, default=None, help=f"run folder (default runs/{script}/<name>)")
@@ -946,7 +946,7 @@ def sample_300h(balanced: list[Row], unbalanced: list[Row], labels: Labels, per_
 
 @dataclass
 class Corpus:
-    """Everything a script needs from a data root, in the layout of DESIGN.md."""
+    """Everything a script needs from a data root, in the layout of docs/data.md."""
     root: Path
     labels: Labels
     ontology: Ontology

@@ -1,10 +1,10 @@
 """Throughput of the data path on this machine: the wav loader and the batched front-ends, with
 torchaudio's Kaldi fbank beside them where torchaudio imports. Measures; makes no data.
 
-    python data/bench.py [--root data/synth] [--workers 2] [--threads 2]
-    python data/bench.py --steps [--device cuda] [--amp bf16] [--batch-size 32]   # every script's training step
+    python data/bench.py --root data/synth --workers 2 --threads 2       # the data path (with torchaudio installed,
+                                                                         # its Kaldi fbank is timed beside ours)
+    python data/bench.py --steps --device cuda --amp bf16 --batch-size 32   # every script's training step
     python data/bench.py --audioset-scale /tmp/as_fake     # start-up time and memory at full AudioSet scale
-    $(bash ../shared/tools/oracle_env.sh) data/bench.py      # with torchaudio, for the comparison
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import common as C  # noqa: E402
 def bench(root: str | Path, batch: int = 32, n_batches: int = 10, workers: int = 2, repeats: int = 5) -> dict:
     """Clips/s of the wav ClipDataset through a DataLoader, and of the front-ends on the CPU: batched,
     one clip at a time, and torchaudio's Kaldi fbank one clip at a time where torchaudio imports
-    (the reference environment of ../shared/tools/oracle_env.sh). Best of `repeats`, interleaved,
+    (an environment with torchaudio installed). Best of `repeats`, interleaved,
     so that all figures see the same machine state; wall clips/s, clips per CPU-second of this
     process (comparable on a loaded machine at --threads 1) and the load average."""
     corpus = C.load_corpus(str(root), "full")
