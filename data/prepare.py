@@ -1,8 +1,8 @@
 """Real datasets -> our layout, from each dataset's own metadata; audio is never copied (manifests
 point at the files where the user unpacked them).
 
-    python data/prepare.py audioset --csv-dir CSVS --audio-dir CLIPS [--out data/audioset]
-    python data/prepare.py esc50 PATH/ESC-50-master [--out data/tasks]
+    python data/prepare.py audioset --csv-dir CSVS --audio-dir CLIPS --out data/audioset
+    python data/prepare.py esc50 PATH/ESC-50-master --out data/tasks
     python data/prepare.py --help                   # every dataset and its expected layout
 
 AudioSet becomes a corpus (balanced_train/unbalanced_train/eval/300h_train tsvs, what psl.py and

@@ -2,10 +2,10 @@
 that test transfer, and the unlabelled stream (synthetic_stream, also reachable as
 common.synthetic_stream).
 
-    python data/synthetic.py corpus [--root data/synth] [--scale 1] [--seed 0]   # build + summarise
-    python data/synthetic.py summary [--root data/synth]
-    python data/synthetic.py tasks [--root data/synth_tasks] [--scale 1] [--seed 0]
-    python data/synthetic.py probe [--root data/synth_tasks]      # linear-probe difficulty check
+    python data/synthetic.py corpus --root data/synth --scale 1 --seed 0   # build + summarise
+    python data/synthetic.py summary --root data/synth
+    python data/synthetic.py tasks --root data/synth_tasks --scale 1 --seed 0
+    python data/synthetic.py probe --root data/synth_tasks      # linear-probe difficulty check
 
 Scripts never import this file directly: common.py loads it (by path) only when a corpus or the
 task root must be generated, so common.py + a script still run on real data without data/.
