@@ -117,7 +117,8 @@ SHARE, UNIT = common.number(float, 0, 1, lo_open=True), common.number(float, 0, 
 # =============================================================================================
 def build_parser() -> argparse.ArgumentParser:
     """The experiment's parser (the sub-commands plot / embed / predict have their own, below)."""
-    p = argparse.ArgumentParser(prog="conformer_ssl.py", description=__doc__, formatter_class=common.HelpFormatter)
+    p = argparse.ArgumentParser(prog="conformer_ssl.py", description=__doc__, formatter_class=common.HelpFormatter,
+                                epilog="sub-commands: plot, embed, predict (python conformer_ssl.py plot --help, ...)")
     common.add_common_args(p, "conformer_ssl")
     p.set_defaults(data="full")
     p.add_argument("--preset", type=str, default="auto", choices=["auto", "paper", "cpu"],
