@@ -106,7 +106,7 @@ SIZES = {"S": dict(blocks=12, dim=256, heads=8, ffn=1024), "L": dict(blocks=12, 
 PRESETS = {"paper": {"size": "L", "pt_steps": 300_000, "pt_batch_size": 64, "ft_steps": 40_000, "ft_lr": 1e-4},
            "cpu": {"size": "cpu", "pt_steps": 250, "pt_batch_size": 16, "ft_steps": 300, "ft_lr": 1e-3,
                    "batch_size": 8}}
-SYNTH_SCHEDULE = PRESETS["cpu"]  # the name the README's deviation 1 uses
+SYNTH_SCHEDULE = PRESETS["cpu"]  # the CPU schedule of deviation 1
 FRACTIONS = (0.01, 0.03, 0.1, 0.3, 1.0)
 OUTPUTS = ("table1.png", "fig2a.png")  # written in the run folder besides config.json, log.jsonl, results.json/.md
 SHARE, UNIT = common.number(float, 0, 1, lo_open=True), common.number(float, 0, 1, hi_open=True)  # (0, 1], [0, 1)
