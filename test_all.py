@@ -3892,7 +3892,8 @@ def test_ssl_predict_and_embed_a_users_wav(tiny_root, tmp_path, capsys, one_thre
 
 def test_ssl_foreign_checkpoints_are_one_line(tiny_root, tmp_path):
     """predict / embed with another script's checkpoint, a random file, a wav, a tensor, a pre-trained encoder
-    (predict only) or a missing file: one line naming it, nothing written; the CLI prints no traceback."""
+    (predict only) or a missing file: one line naming it (a DataError, which common.cli prints as `error: ...`
+    without a traceback), nothing written."""
     wav = str(next(tiny_root.glob("audio/eval/*.wav")))
     torch.save({"script": "psl", "model": {}}, tmp_path / "psl.pt")
     torch.save({"model": {}, "state": {}}, tmp_path / "noscript.pt")
@@ -3910,8 +3911,6 @@ def test_ssl_foreign_checkpoints_are_one_line(tiny_root, tmp_path):
                 out = ["--out", str(tmp_path / "o")] if cmd == "embed" else []
                 conformer_ssl.main([cmd, "--ckpt", str(tmp_path / name), *out, wav])
             assert "\n" not in str(e.value) and not (tmp_path / "o").exists(), (cmd, name)
-    r = run_cli("conformer_ssl.py", "predict", "--ckpt", wav, wav, check=False, timeout=120)
-    assert r.returncode == 1 and r.stdout.strip() == f"error: {wav}: not a PyTorch checkpoint (UnpicklingError)"
 
 
 # =============================================================================================
