@@ -1240,7 +1240,9 @@ def plot_main(argv: list[str]) -> list[Path]:
     results = [(f, common.read_json(f / "results.json", "results.json")) for f in folders]
     table1 = Path(a.out) if a.out else folders[0] / "table1.png"
     fig2a = table1.with_name(table1.stem + "_fig2a" + table1.suffix) if a.out else folders[0] / "fig2a.png"
-    return plot_figures(*plot_points(results), table1, fig2a)
+    written = plot_figures(*plot_points(results), table1, fig2a)
+    print(f"(peak memory {common.peak_memory_gb():.1f} GB)")
+    return written
 
 
 def audio_parser(command: str) -> argparse.ArgumentParser:

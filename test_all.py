@@ -3773,7 +3773,7 @@ def _bars(ax, ys: list[float]) -> list[float]:
     return [next((s[1][1] - s[0][1]) / 2 for s in segs if abs((s[0][1] + s[1][1]) / 2 - y) < 1e-9) for y in ys]
 
 
-def test_ssl_plot_draws_the_values_of_results_json(tmp_path, monkeypatch):
+def test_ssl_plot_draws_the_values_of_results_json(tmp_path, monkeypatch, capsys):
     """plot: Table 1 (a run folder with 2 seeds at 10 %, and several run folders pooled), a seeds folder
     (`common.py seeds`, fractions from the row names), Fig. 2a's pools; the drawn line data and error bars
     equal the values in results.json (mean, sample std), the paper's line equals PAPER_TABLE1."""
@@ -3784,6 +3784,8 @@ def test_ssl_plot_draws_the_values_of_results_json(tmp_path, monkeypatch):
         (tmp_path / name).mkdir()
         C.write_json(tmp_path / name / "results.json", {"experiment": "table1", "rows": r})
     conformer_ssl.main(["plot", str(tmp_path / "a")])
+    assert capsys.readouterr().out.splitlines() == [f"figure: {tmp_path / 'a' / 'table1.png'}",
+                                                    f"(peak memory {C.peak_memory_gb():.1f} GB)"]
     ax = axes.pop("table1.png")
     assert (tmp_path / "a" / "table1.png").stat().st_size > 1000
     assert _same(_line(ax, "scratch (ours, n=1/2)"), [0.1, 1.0], [0.23, 0.4])
