@@ -19,11 +19,16 @@ cf_L 88.1 M parameters.
     python conformer_ssl.py --table 1 --seeds 0 1 2          # label-efficiency curve, scratch vs pre-trained
     python conformer_ssl.py --fig 2a                         # pre-training pool size 0.25x / 1x / 4x / 16x
     python conformer_ssl.py --task sound_novel               # a downstream task through the task reader
-    python conformer_ssl.py --data-root DIR --table 1     # your corpus: pre-trains on its own audio (printed)
+    python conformer_ssl.py --data-root data/my_corpus --table 1   # your corpus: pre-trains on its own audio (printed)
     python conformer_ssl.py --preset paper --data-root data/audioset --data full --table 1   # the paper's setting
-    torchrun --nproc_per_node=4 conformer_ssl.py --preset paper ...   # DDP: --pt-batch-size / --batch-size per process
+    torchrun --nproc_per_node=4 conformer_ssl.py --preset paper --table 1   # DDP: --pt-batch-size / --batch-size per process
     python conformer_ssl.py --seed 1 --name s1               # one run folder per seed (s0, s1, s2), then:
     python common.py seeds --row 10% runs/conformer_ssl/s? --key rows.0.mean.scratch --key rows.0.mean.pretrained
+
+Sub-commands (each has its own --help):
+    python conformer_ssl.py plot runs/conformer_ssl/cpu_synth     # Table 1 curve (Fig. 2a for a --fig 2a run) as PNG
+    python conformer_ssl.py embed --ckpt runs/conformer_ssl/pretrain-*/pretrain.pt --out runs/conformer_ssl/emb data/synth/audio/eval/eval_00000.wav
+    python conformer_ssl.py predict --ckpt runs/conformer_ssl/finetune/corpus_f1_pretrained_s0-*/final.pt data/synth/audio/eval/eval_00000.wav
 
 --preset auto (default) is the paper's schedule (cf_L, 300k + 40k updates) on a CUDA GPU and the CPU preset
 otherwise, whatever the corpus (printed at start); flags given on the command line win. Pre-training data
@@ -37,10 +42,10 @@ states and its data position every --log-every updates); a finished run is retur
 Stages live beside the run folder, named by a hash of what changes them: pretrain-<hash>/ (one
 encoder for every fraction, seed and run with the same settings) and finetune/<set>_<init>_s<seed>-<hash>/.
 
-Deviations from the paper (numbered as in the README):
+Deviations from the paper (numbered as in docs/conformer_ssl.md):
  1. The CPU preset (`--preset cpu`, auto without a CUDA GPU) is a 4-block, 64-d conformer with a short
     schedule (PRESETS["cpu"]); `--preset paper` is cf_L with the paper's schedules, `--size S` / `L` the
-    paper's encoders. The README's direction run adds `--pt-steps 3000 --pt-lr 2e-3 --ft-steps 600`
+    paper's encoders. The direction run in docs/conformer_ssl.md adds `--pt-steps 3000 --pt-lr 2e-3 --ft-steps 600`
     (3e-4 learned slower here).
  2. Targets (default `--targets proj`) are a linear projection Linear(256, d) of the unmasked latents: the
     choice of fairseq's wav2vec 2.0 without a quantizer (quantize_targets=False: project_q), which the
@@ -72,7 +77,9 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,17 +106,19 @@ SIZES = {"S": dict(blocks=12, dim=256, heads=8, ffn=1024), "L": dict(blocks=12, 
 PRESETS = {"paper": {"size": "L", "pt_steps": 300_000, "pt_batch_size": 64, "ft_steps": 40_000, "ft_lr": 1e-4},
            "cpu": {"size": "cpu", "pt_steps": 250, "pt_batch_size": 16, "ft_steps": 300, "ft_lr": 1e-3,
                    "batch_size": 8}}
-SYNTH_SCHEDULE = PRESETS["cpu"]  # the name the README's deviation 1 uses
+SYNTH_SCHEDULE = PRESETS["cpu"]  # the CPU schedule of deviation 1
 FRACTIONS = (0.01, 0.03, 0.1, 0.3, 1.0)
-OUTPUTS = ("table1.png",)  # written in the run folder besides config.json, log.jsonl, results.json/.md
+OUTPUTS = ("table1.png", "fig2a.png")  # written in the run folder besides config.json, log.jsonl, results.json/.md
 SHARE, UNIT = common.number(float, 0, 1, lo_open=True), common.number(float, 0, 1, hi_open=True)  # (0, 1], [0, 1)
 
 
 # =============================================================================================
 # Arguments: every default is the paper's value (section in the help)
 # =============================================================================================
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The experiment's parser (the sub-commands plot / embed / predict have their own, below)."""
+    p = argparse.ArgumentParser(prog="conformer_ssl.py", description=__doc__, formatter_class=common.HelpFormatter,
+                                epilog="sub-commands: plot, embed, predict (python conformer_ssl.py plot --help, ...)")
     common.add_common_args(p, "conformer_ssl")
     p.set_defaults(data="full")
     p.add_argument("--preset", type=str, default="auto", choices=["auto", "paper", "cpu"],
@@ -192,6 +201,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--task-root", type=str, default=None, help="task root with tasks.json (default: synthetic)")
     g.add_argument("--folds", type=P_INT, default=None, help="use only the first N splits of a k-fold task")
     g.add_argument("--log-every", type=P_INT, default=25, help="log (and checkpoint) every N updates")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     a = p.parse_args(argv)
     if abs(sum(a.phase_ratio) - 1) > 1e-6:
         p.error(f"argument --phase-ratio: {' '.join(map(str, a.phase_ratio))} does not sum to 1")
@@ -464,6 +478,7 @@ class FTData:
     pooling: str
     fraction: float | None  # of the corpus's training set (None: a task split)
     source: list  # the metadata files' identity (a fine-tuning is redone when they change)
+    labels: dict | None = None  # {"mids": [...], "names": [...]} of the targets' columns (kept in final.pt)
 
 
 def files_identity(*paths: Path) -> list:
@@ -554,7 +569,8 @@ def corpus_data(args, corpus: common.Corpus, fraction: float, cache: dict | None
     balance = args.balance if args.balance is not None else (fraction == 1.0 and args.data == "full")
     return FTData(f"corpus_f{fraction:g}", corpus.root, rows, train_y, corpus.eval, test_y, True, "mAP",
                   args.clip_seconds, False, balance, "linsoft" if args.pooling == "auto" else args.pooling, fraction,
-                  files_identity(*sorted(corpus.root.glob("*.tsv")), corpus.root / "class_labels_indices.csv"))
+                  files_identity(*sorted(corpus.root.glob("*.tsv")), corpus.root / "class_labels_indices.csv"),
+                  {"mids": list(corpus.labels.mids), "names": list(corpus.labels.names)})
 
 
 def task_data(args, task: common.Task, split) -> FTData:
@@ -562,7 +578,8 @@ def task_data(args, task: common.Task, split) -> FTData:
     return FTData(f"{task.name}_{name}", task.root, train, task.targets(train), test, task.targets(test),
                   task.type == "multi", task.metric, task.max_seconds, True, bool(args.balance),
                   "mean" if args.pooling == "auto" else args.pooling, None,
-                  files_identity(Path(args.task_root) / "tasks.json", Path(args.task_root) / task.info["manifest"]))
+                  files_identity(Path(args.task_root) / "tasks.json", Path(args.task_root) / task.info["manifest"]),
+                  {"mids": list(task.classes), "names": list(task.classes)})
 
 
 def labelled_sets(args, data) -> list[FTData]:
@@ -850,7 +867,7 @@ def finetune(args, data: FTData, encoder: Path | None, weights: dict | None, see
         common.save_checkpoint(folder / "final.pt", {"script": "conformer_ssl", "model": model.state_dict(),
                                                      "config": model_config(args), "n_classes": data.train_y.shape[1],
                                                      "pooling": data.pooling, "multi": data.multi, "args": vars(args),
-                                                     "result": res})
+                                                     "labels": data.labels, "result": res})
         if common.is_main():
             common.write_json(folder / "result.json", res)
             (folder / "last.pt").unlink(missing_ok=True)
@@ -1012,8 +1029,8 @@ def results_table(args, data, sets: list[FTData], encoders: dict, cells: dict, t
     if kind == "task":
         res |= {"task": data.name, "metric": data.metric}
     md = {"table1": table1_markdown, "fig2a": fig2a_markdown, "task": task_markdown}[kind](res, args, data)
-    if kind == "table1" and common.is_main():
-        plot_table1(res, Path(args.out) / "table1.png")
+    if kind in ("table1", "fig2a") and common.is_main():
+        plot_run(res, Path(args.out))
     skipped = sum(r["skipped_test"] + r["skipped_train"] for r in rows) + sum(
         s["skipped"] for s in res["pretrain"].values())
     md += f"\n\nunreadable clips skipped: {skipped} (counted in results.json)" if skipped else ""
@@ -1084,31 +1101,284 @@ def task_markdown(res: dict, args, task) -> str:
                                                "paper cf_L"], [row])])
 
 
-def plot_table1(res: dict, path: Path) -> None:
+# =============================================================================================
+# Commands: plot (Table 1 / Fig. 2a figures), embed (a wav's embedding), predict (a wav's tags)
+# =============================================================================================
+def plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="conformer_ssl.py plot", formatter_class=common.HelpFormatter,
+        description=textwrap.fill("Draw the paper's figures from results.json: Table 1's label-efficiency curve (test mAP "
+                    "against the labelled fraction, scratch and pre-trained, the paper's cf_L values on AudioSet "
+                    "dashed beside ours) and, for a --fig 2a run, Fig. 2a (mAP against the pre-training pool "
+                    "size, scratch as a line; the paper gives Fig. 2a as a drawing only, no values). RUN is a run "
+                    "folder of this script or a folder written by `python common.py seeds` with keys "
+                    "rows.<i>.mean.<init> or rows.<i>.scores.<init>.<j>; several RUNs (one per seed) are pooled: "
+                    "mean +- sample std over the values.", 100),
+        epilog="example: python conformer_ssl.py plot runs/conformer_ssl/cpu_synth --out docs/figures/conformer_ssl.png")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders or seeds folders holding results.json")
+    p.add_argument("--out", default=None, help="PNG to write (Fig. 2a: the same name with _fig2a); default: "
+                   "table1.png / fig2a.png in the first RUN")
+    return p
+
+
+def plot_points(results: list[tuple[Path, dict]]) -> tuple[dict, dict]:
+    """The values to draw, pooled over `results` ((folder, results.json) pairs): {(fraction, init): [values]}
+    and {init: pool multiple} of the Fig. 2a pools. A run folder's results.json gives every seed's score of
+    every row; a seeds folder's ({row: {key: [per-seed values], 'runs': [...]}}) gives each key's values, the
+    row's fraction read from its first run's results.json (or the row name, '10%' or '0.1')."""
+    cells, pools = {}, {}
+    for folder, res in results:
+        if isinstance(res.get("rows"), list) and res.get("experiment") in ("table1", "fig2a"):
+            for r in res["rows"]:
+                for init, v in r["scores"].items():
+                    cells.setdefault((r["fraction"], init), []).extend(v)
+            pools |= {p["init"]: p["mult"] for p in res.get("pools", [])}
+            continue
+        if res.get("experiment") == "task":
+            raise common.DataError(f"{folder}: a downstream task run (Table 3 style); plot draws Table 1 and Fig. 2a")
+        rows = {k: v for k, v in res.items() if isinstance(v, dict) and "runs" in v}
+        if not rows:
+            raise common.DataError(f"{folder}: results.json is neither a run of conformer_ssl.py (--table 1, --fig 2a, "
+                                   f"the default run) nor a `common.py seeds` table")
+        for name, row in rows.items():
+            for key, values in row.items():
+                m = re.fullmatch(r"rows\.(\d+)\.(?:mean\.(\w+)|scores\.(\w+)\.\d+)", key)
+                if m is None:
+                    continue
+                run = seeds_run(folder, row["runs"])
+                fraction = row_fraction(folder, name, run, int(m[1]))
+                cells.setdefault((fraction, m[2] or m[3]), []).extend(values)
+                pools |= {p["init"]: p["mult"] for p in (run or {}).get("pools", [])}
+    if not cells:
+        raise common.DataError(f"{results[0][0]}: no rows.<i>.mean.<init> keys to draw")
+    return cells, pools
+
+
+def seeds_run(folder: Path, runs: list) -> dict | None:
+    """The results.json of a seeds row's first run (relative to the working folder or to the seeds folder), or None."""
+    for path in ([Path(runs[0]) / "results.json", folder / runs[0] / "results.json"] if runs else []):
+        if path.is_file():
+            return common.read_json(path, "results.json")
+    return None
+
+
+def row_fraction(folder: Path, name: str, run: dict | None, i: int) -> float:
+    if run is not None and i < len(run.get("rows", [])):
+        return float(run["rows"][i]["fraction"])
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(%?)\s*", name)
+    if m is None:
+        raise common.DataError(f"{folder}: row {name!r}: its runs are not readable here and its name is not a "
+                               f"fraction ('10%' or '0.1')")
+    return float(m[1]) / (100 if m[2] else 1)
+
+
+def mean_sd(v: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value), as common.mean_std prints them."""
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def draw_table1(ax, cells: dict) -> None:
+    """Table 1: test mAP against the labelled fraction, ours solid (mean +- sample std), the paper's dashed."""
+    for k, (init, color) in enumerate((("scratch", "C0"), ("pretrained", "C1"))):
+        xs = sorted(f for f, i in cells if i == init)
+        if xs:
+            stats = [mean_sd(cells[f, init]) for f in xs]
+            n = sorted({len(cells[f, init]) for f in xs})
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, color=color,
+                        label=f"{init} (ours, n={'/'.join(map(str, n))})")
+        paper = [(f, v[k]) for f, v in sorted(PAPER_TABLE1.items()) if v[k] is not None]
+        ax.plot([f for f, _ in paper], [v for _, v in paper], ls="--", marker="s", mfc="none", color=color,
+                label=f"{init} (paper, cf_L on AudioSet)")
+    ax.set(xscale="log", xlabel="labelled fraction of the training set", ylabel="test mAP",
+           title="Table 1: label efficiency, scratch vs pre-trained")
+    ax.legend(fontsize=8)
+
+
+def draw_fig2a(ax, cells: dict, pools: dict) -> None:
+    """Fig. 2a: test mAP against the pre-training pool (multiples of the labelled set), one line per
+    labelled fraction, scratch at that fraction as a dotted level."""
+    for k, f in enumerate(sorted({f for f, _ in cells})):
+        inits = sorted((m, i) for i, m in pools.items() if (f, i) in cells)
+        if inits:
+            stats = [mean_sd(cells[f, i]) for _, i in inits]
+            ax.errorbar([m for m, _ in inits], [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
+                        capsize=3, color=f"C{k}", label=f"pre-trained, {100 * f:g} % labelled")
+        if (f, "scratch") in cells:
+            ax.axhline(mean_sd(cells[f, "scratch"])[0], ls=":", color=f"C{k}", label=f"scratch, {100 * f:g} % labelled")
+    ax.set(xscale="log", xlabel="pre-training pool (multiples of the labelled set)", ylabel="test mAP",
+           title="Fig. 2a: amount of pre-training data (paper: drawing only)")
+    ax.legend(fontsize=8)
+
+
+def plot_figures(cells: dict, pools: dict, table1: Path, fig2a: Path) -> list[Path]:
+    """Table 1's curve when there is a scratch or pre-trained row without pools, Fig. 2a's when there are pools."""
+    out = []
+    if pools:
+        out.append(common.figure(fig2a, lambda ax: draw_fig2a(ax, cells, pools)))
+    if any(i == "pretrained" for _, i in cells) or not pools:
+        out.append(common.figure(table1, lambda ax: draw_table1(ax, cells)))
+    return out
+
+
+def plot_run(res: dict, out: Path) -> None:
+    """The figure of a finished experiment, in its run folder (skipped with a line without matplotlib)."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
-        return  # optional dependency: no plot
-    fr = [r["fraction"] for r in res["rows"]]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for init in ("scratch", "pretrained"):
-        v = [r["scores"].get(init, []) for r in res["rows"]]
-        ax.errorbar(fr, [np.mean(x) if x else np.nan for x in v], yerr=[np.std(x) if len(x) > 1 else 0 for x in v],
-                    marker="o", capsize=3, label=init)
-    ax.set(xscale="log", xlabel="labelled fraction", ylabel="test mAP", title="Table 1: label efficiency")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        print("no figure: matplotlib is not installed (pip install matplotlib; then python conformer_ssl.py plot)")
+        return
+    plot_figures(*plot_points([(out, res)]), out / "table1.png", out / "fig2a.png")
+
+
+def plot_main(argv: list[str]) -> list[Path]:
+    """`python conformer_ssl.py plot RUN... [--out PNG]`."""
+    a = plot_parser().parse_args(argv)
+    folders = [Path(r) for r in a.runs]
+    for f in folders:
+        if not (f / "results.json").is_file():
+            raise common.DataError(f"{f}: no results.json (not a finished run of conformer_ssl.py or a seeds folder)")
+    results = [(f, common.read_json(f / "results.json", "results.json")) for f in folders]
+    table1 = Path(a.out) if a.out else folders[0] / "table1.png"
+    fig2a = table1.with_name(table1.stem + "_fig2a" + table1.suffix) if a.out else folders[0] / "fig2a.png"
+    written = plot_figures(*plot_points(results), table1, fig2a)
+    print(f"(peak memory {common.peak_memory_gb():.1f} GB)")
+    return written
+
+
+def audio_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of `embed` (mean-pooled encoder embeddings) or `predict` (tags of a fine-tuned model)."""
+    if command == "embed":
+        p = argparse.ArgumentParser(
+            prog="conformer_ssl.py embed", formatter_class=common.HelpFormatter,
+            description=textwrap.fill("Write each audio file's embedding: the encoder's context vectors (the output of the "
+                        "conformer blocks and final linear, no masking) averaged over time, as OUT/<stem>.npy "
+                        "(float32, shape (d,)); OUT/results.md lists them. The encoder is a pre-trained one "
+                        "(pretrain-<hash>/pretrain.pt) or that of a fine-tuned cell (finetune/.../final.pt).", 100),
+            epilog="example: P=$(ls runs/conformer_ssl/pretrain-*/pretrain.pt | head -1); "
+                   "python conformer_ssl.py embed --ckpt $P --out runs/conformer_ssl/embeddings data/synth/audio/eval/eval_00000.wav")
+        p.add_argument("--ckpt", required=True, help="pretrain.pt of a pre-training stage or final.pt of a fine-tuning cell")
+        p.add_argument("--out", required=True, help="folder for <stem>.npy (claimed like a run folder: a user's "
+                       "files there are never overwritten)")
+        p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                       help="--no-resume: remove the embeddings written there before (another --ckpt)")
+    else:
+        p = argparse.ArgumentParser(
+            prog="conformer_ssl.py predict", formatter_class=common.HelpFormatter,
+            description=textwrap.fill("Tag audio files with a fine-tuned model (finetune/<set>_<init>_s<seed>-<hash>/final.pt): "
+                        "the whole file in one pass (as the test clips of a task are scored), the --top classes "
+                        "with their probabilities. A model fine-tuned on the synthetic corpus knows only its toy "
+                        "classes: predict says so.", 100),
+            epilog="example: CK=$(ls runs/conformer_ssl/finetune/corpus_f1_pretrained_s0-*/final.pt); "
+                   "python conformer_ssl.py predict --ckpt $CK data/synth/audio/eval/eval_00000.wav")
+        p.add_argument("--ckpt", required=True, help="final.pt of a fine-tuning cell")
+        p.add_argument("--top", type=common.POSITIVE_INT, default=5, help="classes shown per file")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav / flac / ogg; mono-mixed, resampled "
+                   "to 16 kHz)")
+    return p
+
+
+def read_model(path: str, head: bool) -> tuple[dict, nn.Module]:
+    """A checkpoint of this script as a model in eval mode: the Classifier of a fine-tuned cell (final.pt), or
+    (head=False) the Encoder of a pretrain.pt or of a final.pt; anything else is one line."""
+    ck = common.load_checkpoint(path, script="conformer_ssl")
+    tuned = "model" in ck and "n_classes" in ck and "pooling" in ck and isinstance(ck.get("config"), dict)
+    if head and not tuned:
+        raise common.DataError(f"{path}: not a fine-tuned model of conformer_ssl.py (finetune/.../final.pt)"
+                               + (" but a pre-trained encoder: embed reads it" if "encoder" in ck else ""))
+    if not tuned and not ("encoder" in ck and isinstance(ck.get("config"), dict)):
+        raise common.DataError(f"{path}: not a checkpoint of conformer_ssl.py (pretrain.pt or finetune/.../final.pt)")
+    config = {"targets": "proj"} | ck["config"]
+    try:
+        model = Classifier(ck["n_classes"], ck["pooling"], 0.0, **config) if tuned else Encoder(**config)
+    except (TypeError, KeyError, ValueError) as e:
+        raise common.DataError(f"{path}: its encoder settings are not this script's ({e})") from None
+    common.load_weights(model, ck["model"] if tuned else ck["encoder"], path)
+    return ck, model.eval()
+
+
+def class_names(ck: dict, path: str) -> tuple[list[str], list[str]]:
+    """(label ids, display names) of a fine-tuned model: kept in final.pt, or (older checkpoints) read from the
+    corpus / task it was trained on; 'class k' when neither is there."""
+    n, labels, args = ck["n_classes"], ck.get("labels"), ck.get("args") or {}
+    if labels is None:
+        try:
+            if args.get("task"):
+                classes = common.read_task(args["task_root"], args["task"]).classes
+                labels = {"mids": classes, "names": classes}
+            elif args.get("data_root"):
+                lab = common.read_class_labels(Path(args["data_root"]) / "class_labels_indices.csv")
+                labels = {"mids": lab.mids, "names": lab.names}
+        except (common.DataError, OSError, KeyError):
+            labels = None
+    if labels is None or len(labels["names"]) != n:
+        print(f"{path}: no class names (its corpus is not readable here): classes are shown by index")
+        return [f"class {k}" for k in range(n)], [f"class {k}" for k in range(n)]
+    return list(labels["mids"]), list(labels["names"])
+
+
+def read_wave(path: str, device) -> torch.Tensor:
+    """(1, N) wave at 16 kHz; a file shorter than 1 s is zero-padded to 1 s (the encoder's 80 ms steps need some)."""
+    x = common.load_audio(path)
+    return torch.from_numpy(np.pad(x, (0, max(0, common.SR - len(x))))).unsqueeze(0).to(device)
+
+
+@torch.no_grad()
+def embed_main(argv: list[str]) -> dict:
+    """`python conformer_ssl.py embed --ckpt CK --out DIR FILE...`: <stem>.npy = mean over time of the context."""
+    a = audio_parser("embed").parse_args(argv)
+    stems = [Path(f).stem for f in a.files]
+    if len(set(stems)) < len(stems):
+        raise common.DataError(f"two files named {next(s for s in stems if stems.count(s) > 1)}: their embeddings "
+                               f"would overwrite each other; embed them into separate --out folders")
+    device = common.pick_device(a.device)
+    _, model = read_model(a.ckpt, head=False)
+    encoder = (model.encoder if isinstance(model, Classifier) else model).to(device)
+    ckpt = Path(a.ckpt).resolve()
+    waves = [read_wave(f, device) for f in a.files]  # every file is readable before --out is claimed
+    with common.claim_run(a.out, "conformer_ssl_embed", {"ckpt": [str(ckpt), ckpt.stat().st_size]}, a.resume,
+                          ("*.npy",)):
+        rows = []
+        for f, stem, wave in zip(a.files, stems, waves):
+            c = encoder(encoder.frontend(wave))[1]  # (1, T', d), no mask
+            np.save(Path(a.out) / f"{stem}.npy", c[0].float().mean(0).cpu().numpy())
+            rows.append([f, f"{stem}.npy", c.shape[1], c.shape[2]])
+        md = "\n\n".join([f"## Embeddings of {len(rows)} files (mean over time of the context vectors of {a.ckpt})",
+                          common.markdown_table(["file", "embedding", "steps (80 ms)", "dims"], rows)])
+        return common.report(a.out, {"ckpt": str(a.ckpt), "files": {r[0]: r[1] for r in rows}, "dim": rows[0][3]}, md)
+
+
+@torch.no_grad()
+def predict_main(argv: list[str]) -> dict:
+    """`python conformer_ssl.py predict --ckpt final.pt FILE...`: the top classes of each file."""
+    a = audio_parser("predict").parse_args(argv)
+    device = common.pick_device(a.device)
+    ck, model = read_model(a.ckpt, head=True)
+    model.to(device)
+    mids, names = class_names(ck, a.ckpt)
+    warning = common.synthetic_classes_warning(mids)
+    if warning:
+        print(warning)
+    tags = {}
+    for f in a.files:
+        p = to_probs(model(read_wave(f, device)), ck["pooling"], ck.get("multi", True))[0].float().cpu().numpy()
+        tags[f] = [(names[k], float(p[k])) for k in np.argsort(-p)[: a.top]]
+        print(f"{f}: " + ", ".join(f"{n} {v:.2f}" for n, v in tags[f]))
+    print(f"(peak memory {common.peak_memory_gb():.1f} GB)")
+    return tags
 
 
 # =============================================================================================
 # main: pre-train -> fine-tune -> table; every stage is reused when its output exists
 # =============================================================================================
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else list(argv))
+COMMANDS = {"plot": plot_main, "embed": embed_main, "predict": predict_main}
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    args = parse_args(argv)
     with common.distributed():
         args, data, unl = load_data(args)
         device, _ = common.setup_device(args)

@@ -3538,6 +3538,7 @@ def test_ofa_bad_input_from_the_command_line_is_one_line(tiny_root, tmp_path):
 # conformer_ssl.py: encoder sizes, span masking, distractors, the contrastive loss, pooling, LR
 # schedules, augmentation, and end-to-end pre-train -> fine-tune -> save -> reload runs
 # =============================================================================================
+import argparse  # noqa: E402
 import math  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
@@ -3687,6 +3688,10 @@ def test_ssl_end_to_end_save_reload_reuse(tiny_root, tmp_path, capsys, one_threa
     (pt,) = tmp_path.glob("pretrain-*/pretrain.pt")  # the stage beside the run folder, named by its settings
     ck = C.load_checkpoint(pt)
     assert [r["step"] for r in ck["curve"]] == [1, 2, 3] and all(np.isfinite(r["train/loss"]) for r in ck["curve"])
+    assert (out / "table1.png").stat().st_size > 1000  # the run's figure (conformer_ssl.py plot draws it again)
+    wav = str(next(tiny_root.glob("audio/eval/*.wav")))  # the pre-trained encoder's embedding of a user's wav
+    assert conformer_ssl.main(["embed", "--ckpt", str(pt), "--out", str(tmp_path / "emb"), wav])["dim"] == 64
+    assert np.load(tmp_path / "emb" / f"{Path(wav).stem}.npy").shape == (64,)
     # reload a fine-tuned model from its checkpoint alone: the same test score
     (final,) = tmp_path.glob("finetune/corpus_f1_pretrained_s0-*/final.pt")
     model = conformer_ssl.build_classifier(C.load_checkpoint(final))
@@ -4064,6 +4069,176 @@ def test_label_fractions_and_weighted_sampler_at_scale_equal_their_references(ti
     assert np.array_equal(w, C.generate_sampling_weights(y.astype(np.float64)))
     ref = np.random.default_rng([3, 0]).choice(len(w), 5000, replace=True, p=w / w.sum())
     assert np.array_equal(C.WeightedSampler(w, 5000, seed=3).epoch_indices(0, chunk=777), ref)
+
+
+# ---- issue 21: conformer_ssl.py's figures (plot), a user's wav (embed, predict), --help of every parser ----
+def _figure_spy(monkeypatch) -> dict:
+    """common.figure as it is (the PNG is written), keeping each drawn Axes by its file name."""
+    axes, real = {}, C.figure
+
+    def spy(path, draw, **kw):
+        return real(path, lambda ax: (draw(ax), axes.__setitem__(Path(path).name, ax)), **kw)
+    monkeypatch.setattr(C, "figure", spy)
+    return axes
+
+
+def _line(ax, label: str):
+    """(x, y) of the line labelled so: a plain line, or the data line of an errorbar (its container holds the label)."""
+    (line,) = [l for l in ax.lines if l.get_label() == label] + [c.lines[0] for c in ax.containers
+                                                                 if c.get_label() == label]
+    return list(line.get_xdata()), list(line.get_ydata())
+
+
+def _same(got: tuple, x: list, y: list) -> bool:
+    return np.allclose(got[0], x) and np.allclose(got[1], y) and len(got[1]) == len(y)
+
+
+def _bars(ax, ys: list[float]) -> list[float]:
+    """Half-lengths of the error bars of the points at heights ys (the vertical segments of ax.collections)."""
+    segs = [s for c in ax.collections for s in c.get_segments()]
+    return [next((s[1][1] - s[0][1]) / 2 for s in segs if abs((s[0][1] + s[1][1]) / 2 - y) < 1e-9) for y in ys]
+
+
+def test_ssl_plot_draws_the_values_of_results_json(tmp_path, monkeypatch, capsys):
+    """plot: Table 1 (a run folder with 2 seeds at 10 %, and several run folders pooled), a seeds folder
+    (`common.py seeds`, fractions from the row names), Fig. 2a's pools; the drawn line data and error bars
+    equal the values in results.json (mean, sample std), the paper's line equals PAPER_TABLE1."""
+    axes = _figure_spy(monkeypatch)
+    rows = [{"fraction": 0.1, "scores": {"scratch": [0.21, 0.25], "pretrained": [0.3, 0.36]}},
+            {"fraction": 1.0, "scores": {"scratch": [0.4], "pretrained": [0.47]}}]
+    for name, r in (("a", rows), ("b", [{"fraction": 1.0, "scores": {"scratch": [0.5], "pretrained": [0.53]}}])):
+        (tmp_path / name).mkdir()
+        C.write_json(tmp_path / name / "results.json", {"experiment": "table1", "rows": r})
+    conformer_ssl.main(["plot", str(tmp_path / "a")])
+    assert capsys.readouterr().out.splitlines() == [f"figure: {tmp_path / 'a' / 'table1.png'}",
+                                                    f"(peak memory {C.peak_memory_gb():.1f} GB)"]
+    ax = axes.pop("table1.png")
+    assert (tmp_path / "a" / "table1.png").stat().st_size > 1000
+    assert _same(_line(ax, "scratch (ours, n=1/2)"), [0.1, 1.0], [0.23, 0.4])
+    assert _same(_line(ax, "pretrained (ours, n=1/2)"), [0.1, 1.0], [0.33, 0.47])
+    assert np.allclose(_bars(ax, [0.23, 0.33]), [np.std([0.21, 0.25], ddof=1), np.std([0.3, 0.36], ddof=1)])
+    assert _same(_line(ax, "pretrained (paper, cf_L on AudioSet)"), [0.01, 0.03, 0.1, 0.3, 1.0],
+                 [0.276, 0.305, 0.337, 0.356, 0.415])
+    assert _same(_line(ax, "scratch (paper, cf_L on AudioSet)"), [0.01, 1.0], [0.138, 0.366])
+    # two run folders (seeds) pooled: 100 % has two values per init
+    conformer_ssl.main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab.png")])
+    assert _same(_line(axes.pop("ab.png"), "pretrained (ours, n=2)"), [0.1, 1.0], [0.33, 0.5])
+    # a seeds folder whose runs are not here: the fraction is the row's name
+    (tmp_path / "seeds").mkdir()
+    C.write_json(tmp_path / "seeds" / "results.json", {
+        "3%": {"rows.0.mean.scratch": [0.1, 0.2, 0.3], "rows.0.mean.pretrained": [0.2, 0.3, 0.7],
+               "runs": ["gone/s0", "gone/s1", "gone/s2"], "minus_first": None}})
+    conformer_ssl.main(["plot", str(tmp_path / "seeds"), "--out", str(tmp_path / "seeds.png")])
+    ax = axes.pop("seeds.png")
+    assert _same(_line(ax, "pretrained (ours, n=3)"), [0.03], [0.4]) and _same(_line(ax, "scratch (ours, n=3)"), [0.03], [0.2])
+    assert np.allclose(_bars(ax, [0.4]), [np.std([0.2, 0.3, 0.7], ddof=1)])
+    # Fig. 2a: the pools against their multiples, scratch as a level
+    (tmp_path / "f").mkdir()
+    pools = [{"init": "pool0_25x", "mult": 0.25}, {"init": "pool4x", "mult": 4}]
+    C.write_json(tmp_path / "f" / "results.json", {"experiment": "fig2a", "pools": pools, "rows": [
+        {"fraction": 0.1, "scores": {"scratch": [0.2], "pool0_25x": [0.22], "pool4x": [0.28]}},
+        {"fraction": 1.0, "scores": {"scratch": [0.4], "pool0_25x": [0.41], "pool4x": [0.45]}}]})
+    conformer_ssl.main(["plot", str(tmp_path / "f")])
+    ax = axes.pop("fig2a.png")
+    assert not axes and (tmp_path / "f" / "fig2a.png").is_file() and not (tmp_path / "f" / "table1.png").exists()
+    assert _same(_line(ax, "pre-trained, 10 % labelled"), [0.25, 4], [0.22, 0.28])
+    assert _same(_line(ax, "pre-trained, 100 % labelled"), [0.25, 4], [0.41, 0.45])
+    assert np.allclose(_line(ax, "scratch, 10 % labelled")[1], 0.2)
+    # not a run of this script: one line
+    (tmp_path / "task").mkdir()
+    C.write_json(tmp_path / "task" / "results.json", {"experiment": "task", "rows": []})
+    for folder, msg in ((tmp_path / "task", "a downstream task run"), (tmp_path / "nope", "no results.json")):
+        with pytest.raises(C.DataError, match=msg):
+            conformer_ssl.main(["plot", str(folder)])
+
+
+def test_ssl_every_parser_has_help_text_and_shows_defaults(capsys):
+    """--help of the experiment and of each sub-command (its own, not the experiment's): every flag has help
+    text, every flag with a default shows it."""
+    parsers = {"": conformer_ssl.build_parser(), "plot": conformer_ssl.plot_parser(),
+               "embed": conformer_ssl.audio_parser("embed"), "predict": conformer_ssl.audio_parser("predict")}
+    for cmd, p in parsers.items():
+        text = p.format_help()
+        for act in p._actions:
+            if isinstance(act, argparse._HelpAction):
+                continue
+            assert act.help, (cmd, act.dest)
+            if act.option_strings and act.default is not None:
+                h = p._get_formatter()._get_help_string(act)
+                assert "default" in h.lower(), (cmd, act.dest, h)
+        assert "(default: " in text or cmd == "plot", cmd
+        with pytest.raises(SystemExit) as e:
+            conformer_ssl.main(([cmd] if cmd else []) + ["--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and out.startswith(f"usage: conformer_ssl.py {cmd}".rstrip()), cmd
+        assert ("--temperature" in out) == (cmd == ""), cmd
+    assert "(default: 5)" in parsers["predict"].format_help() and "sub-commands: plot, embed, predict" in \
+        parsers[""].format_help()
+
+
+def test_ssl_predict_and_embed_a_users_wav(tiny_root, tmp_path, capsys, one_thread):
+    """predict: the fine-tuned model's top classes by name with the probabilities the test set's scoring
+    gives that clip, and the synthetic-classes warning; embed: the mean over time of the encoder's context,
+    one .npy per file, where the results went and the peak memory."""
+    out = tmp_path / "run"
+    conformer_ssl.main(_ssl_argv(tiny_root, out, "--fractions", "1", "--pretrain", "none"))
+    (final,) = tmp_path.glob("finetune/corpus_f1_scratch_s0-*/final.pt")
+    ck = C.load_checkpoint(final)
+    labels = C.read_class_labels(tiny_root / "class_labels_indices.csv")
+    assert ck["labels"] == {"mids": labels.mids, "names": labels.names}
+    args = conformer_ssl.resolve(conformer_ssl.parse_args(_ssl_argv(tiny_root, out)), True, 4.0)
+    data = conformer_ssl.corpus_data(args, C.load_corpus(str(tiny_root), "full"), 1.0)
+    probs = conformer_ssl.predict(conformer_ssl.build_classifier(ck), data, args, torch.device("cpu"))
+    wavs = [str(tiny_root / data.test_rows[i][0]) for i in (0, 1)]
+    capsys.readouterr()
+    tags = conformer_ssl.main(["predict", "--ckpt", str(final), "--top", "3", *wavs])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == C.synthetic_classes_warning(labels.mids) and "peak memory" in lines[-1]
+    for i, w in enumerate(wavs):
+        top = np.argsort(-probs[i])[:3]
+        assert [n for n, _ in tags[w]] == [labels.names[k] for k in top]
+        assert np.allclose([v for _, v in tags[w]], probs[i][top], atol=1e-5)
+        assert lines[1 + i].startswith(f"{w}: {labels.names[top[0]]} ")
+    # an older final.pt without its class names: read from the corpus it names
+    old = {k: v for k, v in ck.items() if k != "labels"}
+    torch.save(old, tmp_path / "old.pt")
+    assert [n for n, _ in conformer_ssl.main(["predict", "--ckpt", str(tmp_path / "old.pt"), "--top", "3", wavs[0]])[
+        wavs[0]]] == [n for n, _ in tags[wavs[0]]]
+    # embed: <stem>.npy = mean over time of the context vectors of the fine-tuned encoder
+    capsys.readouterr()
+    res = conformer_ssl.main(["embed", "--ckpt", str(final), "--out", str(tmp_path / "emb"), *wavs])
+    printed = capsys.readouterr().out
+    model = conformer_ssl.build_classifier(ck).eval()
+    for w in wavs:
+        got = np.load(tmp_path / "emb" / f"{Path(w).stem}.npy")
+        with torch.no_grad():
+            wave = torch.from_numpy(C.load_audio(w))[None]
+            ref = model.encoder(model.encoder.frontend(wave))[1][0].mean(0).numpy()
+        assert got.shape == (64,) and np.allclose(got, ref, atol=1e-5)
+    assert res["dim"] == 64 and f"results: {tmp_path / 'emb' / 'results.md'} (peak memory " in printed
+
+
+def test_ssl_foreign_checkpoints_are_one_line(tiny_root, tmp_path):
+    """predict / embed with another script's checkpoint, a random file, a wav, a tensor, a pre-trained encoder
+    (predict only) or a missing file: one line naming it (a DataError, which common.cli prints as `error: ...`
+    without a traceback), nothing written."""
+    wav = str(next(tiny_root.glob("audio/eval/*.wav")))
+    torch.save({"script": "psl", "model": {}}, tmp_path / "psl.pt")
+    torch.save({"model": {}, "state": {}}, tmp_path / "noscript.pt")
+    (tmp_path / "bytes.pt").write_bytes(os.urandom(300))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    cfg = conformer_ssl.model_config(conformer_ssl.resolve(conformer_ssl.parse_args(["--size", "cpu"]), True))
+    torch.save({"script": "conformer_ssl", "encoder": {"x": torch.zeros(1)}, "config": cfg}, tmp_path / "enc.pt")
+    cases = [("psl.pt", "a checkpoint of psl, not of conformer_ssl"), ("noscript.pt", "not a "),
+             ("bytes.pt", "not a PyTorch checkpoint"), ("tensor.pt", "not a checkpoint of this project"),
+             ("missing.pt", "checkpoint not found")]
+    for cmd in ("predict", "embed"):
+        for name, msg in cases + [(wav, "not a PyTorch checkpoint"),
+                                  ("enc.pt", "but a pre-trained encoder" if cmd == "predict" else "not a checkpoint of this model")]:
+            with pytest.raises(C.DataError, match=re.escape(msg)) as e:
+                out = ["--out", str(tmp_path / "o")] if cmd == "embed" else []
+                conformer_ssl.main([cmd, "--ckpt", str(tmp_path / name), *out, wav])
+            assert "\n" not in str(e.value) and not (tmp_path / "o").exists(), (cmd, name)
 
 
 # =============================================================================================
