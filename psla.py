@@ -12,23 +12,30 @@ Paper, balanced AudioSet -> eval mAP (Tables III, IV, VIII, IX, X):
     + weight averaging 0.3192 (single model)  ensemble of 3 seeds 0.3446  all 20 models 0.3620
 Full AudioSet: 0.3723 scratch ... 0.4435 single model with WA, 0.4744 ensemble of 10 models.
 
-    python psla.py                                          # synthetic corpus, B2, masking + mix-up + WA (5 min)
-    python psla.py --effnet 0 --no-mixup --name mask        # one ablation row (see README for all)
+    python psla.py                          # synthetic corpus, B2, masking + mix-up + WA: runs/psla/b2_balanced
+    python psla.py predict --ckpt runs/psla/b2_balanced data/synth/audio/eval/eval_00000.wav   # tag audio files
+    python psla.py plot runs/psla/b2_balanced --out runs/psla/b2_balanced.png          # the ablation figure
+    python psla.py --effnet 0 --no-mixup --name mask        # one ablation row (docs/psla.md has them all)
     python psla.py --label-enhance type12 --name le         # Sec. V, Table VIII: teacher (a shared stage), student
-    python psla.py --label-enhance type12 --teacher runs/psla/mixup --name le   # ... with a finished run as teacher
-    python psla.py ensemble runs/psla/le_s0 runs/psla/le_s1 runs/psla/le_s2     # Table X
-    python common.py seeds --row base runs/psla/b_s0 runs/psla/b_s1 --row le runs/psla/le_s0 runs/psla/le_s1 \
-        --key last_n.mAP --key wa.mAP --out runs/psla/seeds                      # mean +- std over seeds, paired
+    python psla.py --label-enhance type12 --teacher runs/psla/b2_balanced --name le_b2   # ... a finished run as teacher
+    python psla.py --seed 1 --name b2_balanced_s1           # the default recipe with seed 1 ...
+    python psla.py --seed 2 --name b2_balanced_s2           # ... and seed 2
+    python psla.py ensemble runs/psla/b2_balanced runs/psla/b2_balanced_s1 runs/psla/b2_balanced_s2   # Table X, 3 seeds
+    python psla.py ensemble runs/psla/b2_balanced --which epochs --out runs/psla/checkpoints   # Table X, checkpoints
+    python common.py seeds --row default runs/psla/b2_balanced runs/psla/b2_balanced_s1 runs/psla/b2_balanced_s2 --key last_n.mAP --key wa.mAP --out runs/psla/seeds
+    python psla.py plot runs/psla/seeds runs/psla/ensemble_last --out runs/psla/seeds.png   # mean +- std, ensemble
     python psla.py --data-root data/audioset --data full --imagenet url         # the paper's recipe
     torchrun --nproc_per_node=4 psla.py --data-root data/audioset --data full --imagenet url   # on 4 GPUs (DDP)
+Sub-commands (each has its own --help): predict (tag audio files with a run's final model), plot (the
+ablation figure from results.json), ensemble (Table X committees of finished runs).
 Stages (main): [teacher -> label enhancement] -> train -> weight averaging -> ensembles. To resume a
 run, run the same command again (--no-resume starts it afresh): last.pt, written every epoch and every
 --save-every steps, holds the data position and every RNG state, so a run killed anywhere ends with the
 results of an uninterrupted one. A finished run with the same settings is returned as it is.
-The default command is a pipeline check; README's "direction run" (a 5 s-clip B0 preset, 20 epochs,
-every ablation row x 3 seeds) is the run that says which claims hold.
+The default command is a pipeline check (108 steps of a B2 from scratch), not a converged model; the
+direction run in docs/psla.md (a 5 s-clip B0 preset, every ablation row x 3 seeds) tests the claims.
 
-Deviations from the paper and the official code (numbered as in the README):
+Deviations from the paper and the official code (numbered as in docs/psla.md):
  1. The synthetic default trains from scratch (no ImageNet weights exist offline); the paper's
     path is `--imagenet PATH|url` (torchvision's published EfficientNet weights, not the
     efficientnet_pytorch files the authors used; same architecture and parameter count).
