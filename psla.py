@@ -1238,7 +1238,7 @@ def plot_main(argv: list[str]) -> dict:
         paper = [(y, r["paper"]) for y, r in zip(ys, rows) if r["paper"][0] is not None]
         if paper:
             bars = ax.barh([y + 0.2 for y, _ in paper], [v for _, (v, _) in paper], height=0.38, color="0.7",
-                           hatch="//", label=f"paper ({data} AudioSet, B2; WA and ensembles with every technique)")
+                           hatch="//", label=f"paper ({data} AudioSet, B2; WA, ensembles: all techniques)")
             ax.bar_label(bars, labels=[f"{v:.3f} ({src})" for _, (v, src) in paper], padding=3, fontsize=7)
         ax.set_yticks(ys, [r["label"] for r in rows], fontsize=8)
         ax.invert_yaxis()

@@ -1947,6 +1947,11 @@ def test_psla_predict_tags_a_wav_with_class_names_and_the_synthetic_warning(tmp_
     top = np.argsort(-res["scores"])[:2]
     names = ["Tone", "Noise", "Click"]
     assert lines[1] == f"{wav} (2.0 s, 4 windows): " + ", ".join(f"{names[k]} {res['scores'][k]:.2f}" for k in top)
+    # last.pt (the resumable checkpoint) keeps its metadata under "state": the same tags
+    C.save_state(tmp_path / "resumable" / "last.pt", model, script="psla", config=config, loop={},
+                 labels={"mids": synth, "names": names})
+    again = psla.main(["predict", "--ckpt", str(tmp_path / "resumable" / "last.pt"), str(wav), "--top", "2"])
+    assert np.array_equal(again[str(wav)]["windows"], res["windows"]) and capsys.readouterr().out.splitlines()[1:] == lines[1:]
     # real class ids: no warning
     _psla_tiny_checkpoint(tmp_path / "real", ["/m/09x0r", "/m/04rlf", "/m/0k4j"])
     psla.main(["predict", "--ckpt", str(tmp_path / "real" / "wa.pt"), str(wav)])
@@ -1994,7 +1999,7 @@ def _psla_fake_run(folder: Path, v: float, **config) -> Path:
     return folder
 
 
-def test_psla_plot_draws_the_values_of_results_json(tmp_path, monkeypatch):
+def test_psla_plot_draws_the_values_of_results_json(tmp_path, monkeypatch, capsys):
     """`psla.py plot` of a run, a seeds table and a 3-seed ensemble: the PNG is written, and the bars read back
     from the Axes are results.json's numbers (seeds: mean, error bar = sample std), the paper's bars its
     constants for the same techniques (Tables III-IV, VIII-X)."""
@@ -2013,6 +2018,8 @@ def test_psla_plot_draws_the_values_of_results_json(tmp_path, monkeypatch):
     png = tmp_path / "fig.png"
     psla.main(["plot", str(run), str(tmp_path / "seeds"), str(tmp_path / "ens"), "--out", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(draws) == 1
+    printed = capsys.readouterr().out  # where the figure went, and the peak memory
+    assert f"figure: {png}" in printed and "peak memory" in printed
     fig, ax = plt.subplots()
     draws[0](ax)
     from matplotlib.container import BarContainer
