@@ -12,23 +12,30 @@ Paper, balanced AudioSet -> eval mAP (Tables III, IV, VIII, IX, X):
     + weight averaging 0.3192 (single model)  ensemble of 3 seeds 0.3446  all 20 models 0.3620
 Full AudioSet: 0.3723 scratch ... 0.4435 single model with WA, 0.4744 ensemble of 10 models.
 
-    python psla.py                                          # synthetic corpus, B2, masking + mix-up + WA (5 min)
-    python psla.py --effnet 0 --no-mixup --name mask        # one ablation row (see README for all)
+    python psla.py                          # synthetic corpus, B2, masking + mix-up + WA: runs/psla/b2_balanced
+    python psla.py predict --ckpt runs/psla/b2_balanced data/synth/audio/eval/eval_00000.wav   # tag audio files
+    python psla.py plot runs/psla/b2_balanced --out runs/psla/b2_balanced.png          # the ablation figure
+    python psla.py --effnet 0 --no-mixup --name mask        # one ablation row (docs/psla.md has them all)
     python psla.py --label-enhance type12 --name le         # Sec. V, Table VIII: teacher (a shared stage), student
-    python psla.py --label-enhance type12 --teacher runs/psla/mixup --name le   # ... with a finished run as teacher
-    python psla.py ensemble runs/psla/le_s0 runs/psla/le_s1 runs/psla/le_s2     # Table X
-    python common.py seeds --row base runs/psla/b_s0 runs/psla/b_s1 --row le runs/psla/le_s0 runs/psla/le_s1 \
-        --key last_n.mAP --key wa.mAP --out runs/psla/seeds                      # mean +- std over seeds, paired
+    python psla.py --label-enhance type12 --teacher runs/psla/b2_balanced --name le_b2   # ... a finished run as teacher
+    python psla.py --seed 1 --name b2_balanced_s1           # the default recipe with seed 1 ...
+    python psla.py --seed 2 --name b2_balanced_s2           # ... and seed 2
+    python psla.py ensemble runs/psla/b2_balanced runs/psla/b2_balanced_s1 runs/psla/b2_balanced_s2   # Table X, 3 seeds
+    python psla.py ensemble runs/psla/b2_balanced --which epochs --out runs/psla/checkpoints   # Table X, checkpoints
+    python common.py seeds --row default runs/psla/b2_balanced runs/psla/b2_balanced_s1 runs/psla/b2_balanced_s2 --key last_n.mAP --key wa.mAP --out runs/psla/seeds
+    python psla.py plot runs/psla/seeds runs/psla/ensemble_last --out runs/psla/seeds.png   # mean +- std, ensemble
     python psla.py --data-root data/audioset --data full --imagenet url         # the paper's recipe
     torchrun --nproc_per_node=4 psla.py --data-root data/audioset --data full --imagenet url   # on 4 GPUs (DDP)
+Sub-commands (each has its own --help): predict (tag audio files with a run's final model), plot (the
+ablation figure from results.json), ensemble (Table X committees of finished runs).
 Stages (main): [teacher -> label enhancement] -> train -> weight averaging -> ensembles. To resume a
 run, run the same command again (--no-resume starts it afresh): last.pt, written every epoch and every
 --save-every steps, holds the data position and every RNG state, so a run killed anywhere ends with the
 results of an uninterrupted one. A finished run with the same settings is returned as it is.
-The default command is a pipeline check; README's "direction run" (a 5 s-clip B0 preset, 20 epochs,
-every ablation row x 3 seeds) is the run that says which claims hold.
+The default command is a pipeline check (108 steps of a B2 from scratch), not a converged model; the
+direction run in docs/psla.md (a 5 s-clip B0 preset, every ablation row x 3 seeds) tests the claims.
 
-Deviations from the paper and the official code (numbered as in the README):
+Deviations from the paper and the official code (numbered as in docs/psla.md):
  1. The synthetic default trains from scratch (no ImageNet weights exist offline); the paper's
     path is `--imagenet PATH|url` (torchvision's published EfficientNet weights, not the
     efficientnet_pytorch files the authors used; same architecture and parameter count).
@@ -66,6 +73,7 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 import threading
 import time
 from functools import partial
@@ -106,6 +114,7 @@ PAPER_ROWS = {
 }
 PAPER_WA = {"balanced": 0.3192, "full": 0.4435}  # Table IX (with all techniques)
 PAPER_CHECKPOINT_ENSEMBLE = {"balanced": (60, 0.3280), "full": (30, 0.4518)}  # Table X, upper part
+PAPER_SEED_ENSEMBLE = {"balanced": 0.3446, "full": 0.4641}  # Table X, middle part: 3 runs, same setting
 TORCHVISION_URLS = {  # torchvision's IMAGENET1K_V1 EfficientNet weights
     0: "https://download.pytorch.org/models/efficientnet_b0_rwightman-3dd342df.pth",
     1: "https://download.pytorch.org/models/efficientnet_b1_rwightman-533bc792.pth",
@@ -122,8 +131,9 @@ OUTPUTS = ("last.pt", "best.pt", "wa.pt", "weights/e*.pt", "preds/*.npy", "train
            "*.tmp", "weights/*.tmp", "preds/*.tmp")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def train_parser() -> argparse.ArgumentParser:
+    """The training command's parser (`python psla.py [flags]`)."""
+    p = argparse.ArgumentParser(prog="psla.py", description=__doc__, formatter_class=common.HelpFormatter)
     common.add_common_args(p, "psla")
     g = p.add_argument_group("model (Sec. II-C)")
     g.add_argument("--effnet", type=int, default=2, choices=range(8), help="EfficientNet-B<n> backbone (paper: B2)")
@@ -155,19 +165,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="add direct children (Type I), ancestors (Type II) or both, where the teacher scores "
                         "above the class threshold")
     g.add_argument("--teacher", type=str, default=None,
-                   help="a finished psla.py run folder as teacher (its wa.pt, else last.pt). Default: train one, "
-                        "this recipe with the original labels, in a shared folder beside --out (deviation 10)")
+                   help="a finished psla.py run folder as teacher (its wa.pt, else last.pt), e.g. runs/psla/b2_balanced "
+                        "(the default command's run). Default: train one, this recipe with the original labels, "
+                        "in a shared folder beside --out (deviation 10)")
     g = p.add_argument_group("optimisation (Sec. II-B); unset = the preset's values")
     g.add_argument("--preset", default="auto", choices=["auto", "paper", "cpu"],
                    help="auto: paper on a CUDA GPU (Sec. II-B for --data), else cpu (deviation 2), whatever the corpus")
-    g.add_argument("--epochs", type=common.POSITIVE_INT, default=None, help="60 balanced / 30 full")
-    g.add_argument("--batch-size", type=common.POSITIVE_INT, default=None, help="100")
-    g.add_argument("--lr", type=common.POSITIVE, default=None, help="1e-3 balanced / 1e-4 full")
+    g.add_argument("--epochs", type=common.POSITIVE_INT, default=None, help="training epochs (default: the preset's: paper 60 balanced / 30 full, cpu 6)")
+    g.add_argument("--batch-size", type=common.POSITIVE_INT, default=None, help="clips per step (default: the preset's: paper 100, cpu 16)")
+    g.add_argument("--lr", type=common.POSITIVE, default=None, help="peak learning rate (default: the preset's: paper 1e-3 balanced / 1e-4 full, cpu 1e-3)")
     g.add_argument("--lr-decay-start", type=common.NONNEG_INT, default=None,
-                   help="halve the LR after this epoch (35 / 10)")
+                   help="halve the LR after this epoch (default: the preset's: paper 35 / 10, cpu 3)")
     g.add_argument("--lr-decay-every", type=common.POSITIVE_INT, default=None,
-                   help="... and every this many epochs (5)")
-    g.add_argument("--warmup-steps", type=common.NONNEG_INT, default=None, help="linear LR warm-up iterations (1000)")
+                   help="... and every this many epochs (default: the preset's: paper 5, cpu 1)")
+    g.add_argument("--warmup-steps", type=common.NONNEG_INT, default=None, help="linear LR warm-up iterations (default: the preset's: paper 1000, cpu 9)")
     g.add_argument("--weight-decay", type=common.NONNEG, default=5e-7, help="Adam weight decay")
     g.add_argument("--betas", type=common.number(float, 0, 1, hi_open=True), nargs=2, default=(0.95, 0.999),
                    help="Adam betas")
@@ -177,7 +188,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--wa-start", type=common.POSITIVE_INT, default=None,
                    help="weight averaging from this epoch to the last (default: the first epoch at 1/4 LR)")
     g.add_argument("--last-n", type=common.POSITIVE_INT, default=None,
-                   help="report the mean eval metrics of the last n epochs (5)")
+                   help="report the mean eval metrics of the last n epochs (default: the preset's, 5 / cpu 2)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = train_parser()
     args = p.parse_args(argv)
     if args.teacher is not None and args.label_enhance == "none":
         p.error("--teacher: only used with --label-enhance type1/type2/type12")
@@ -527,6 +543,11 @@ def fbank_statistics(corpus: common.Corpus, args, device: torch.device, max_clip
     return mean, math.sqrt(s2 / n - mean ** 2)
 
 
+def class_labels(corpus: common.Corpus) -> dict:
+    """The class ids and names, saved in every checkpoint so that `psla.py predict` can name its tags."""
+    return {"mids": list(corpus.labels.mids), "names": list(corpus.labels.names)}
+
+
 def model_config(args, corpus: common.Corpus, device) -> dict:
     """The network's settings, saved in every checkpoint; the fbank mean/std as deviation 6 says."""
     if args.norm:
@@ -571,7 +592,7 @@ def train(args, corpus: common.Corpus, rows: list, out: Path, device, amp) -> di
     a run killed anywhere continues exactly. Returns the loop's state: history (one record per epoch), ..."""
     common.seed_everything(args.seed)  # this stage starts the same whichever stages ran before it
     t0, log, targets = time.time(), common.RunLogger(out), corpus.targets(rows, dtype=np.uint8)  # 1.1 GB on AudioSet
-    config = model_config(args, corpus, device)
+    config, labels = model_config(args, corpus, device), class_labels(corpus)  # labels: for `psla.py predict`
     model = build_model(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas),
                                  weight_decay=args.weight_decay)
@@ -606,7 +627,8 @@ def train(args, corpus: common.Corpus, rows: list, out: Path, device, amp) -> di
 
     def checkpoint():  # one atomic file: model, optimizer, scaler, every RNG state, the loop's state
         loop = state | {"loss": (float(loss.sum), loss.n), "minutes": minutes()}
-        common.save_state(out / "last.pt", model, optimizer, scaler, script="psla", config=config, loop=loop)
+        common.save_state(out / "last.pt", model, optimizer, scaler, script="psla", config=config, loop=loop,
+                          labels=labels)
 
     stop = lambda: args.max_steps is not None and state["step"] >= args.max_steps
     while state["epoch"] <= args.epochs and not stop():
@@ -638,7 +660,7 @@ def train(args, corpus: common.Corpus, rows: list, out: Path, device, amp) -> di
             common.save_checkpoint(out / "weights" / f"e{epoch:03d}.pt", {"model": model.state_dict()})
         if selected(state["history"]) is record:
             common.save_checkpoint(out / "best.pt", {"script": "psla", "model": model.state_dict(), "config": config,
-                                                     "epoch": epoch})
+                                                     "epoch": epoch, "labels": labels})
         state.update(epoch=epoch + 1, offset=0, skipped=0, short=0)
         checkpoint()
         log.log(record)  # after last.pt: a kill in between loses this line, never doubles it
@@ -786,17 +808,21 @@ def enhance_labels(scores: np.ndarray, targets: np.ndarray, labels: common.Label
     added = candidates & ~pos & (scores > thresholds) & ok[:, None]  # nan thresholds compare False
     return (pos | added).astype(np.float32), thresholds
 
-def read_checkpoint(path: Path) -> tuple[dict, dict]:
-    """(network settings, weights) of a psla.py checkpoint (wa.pt, best.pt, last.pt); one line otherwise."""
+def read_checkpoint(path: Path, meta: bool = False) -> tuple:
+    """(network settings, weights) of a psla.py checkpoint (wa.pt, best.pt, last.pt), plus its metadata
+    (script, config, labels, ...) with meta=True; one line (DataError) for anything else."""
+    if not Path(path).is_file():
+        raise common.DataError(f"{path}: checkpoint not found")
     try:
         ck = common.load_checkpoint(path)
-    except Exception:  # random bytes, a truncated file, an unpicklable object
+    except Exception:  # random bytes, a wav, a truncated file, an unpicklable object
         raise common.DataError(f"{path}: not a readable checkpoint") from None
-    meta = ck.get("state", ck) if isinstance(ck, dict) else None
-    script = meta.get("script") if isinstance(meta, dict) else None
-    if script != "psla" or "model" not in ck:
-        raise common.DataError(f"{path}: not a psla.py checkpoint" + (f" (a {script}.py one)" if script else ""))
-    return meta["config"], ck["model"]
+    info = ck.get("state", ck) if isinstance(ck, dict) else None  # last.pt keeps it under "state"
+    script = info.get("script") if isinstance(info, dict) else None
+    if script != "psla" or "model" not in ck or not isinstance(info.get("config"), dict):
+        raise common.DataError(f"{path}: not a psla.py checkpoint" + (f" (a {script}.py one)" if script not in
+                                                                       (None, "psla") else ""))
+    return (info["config"], ck["model"], info) if meta else (info["config"], ck["model"])
 
 
 def teacher_file(run: Path) -> Path:
@@ -894,7 +920,8 @@ def weight_averaging(args, corpus: common.Corpus, out: Path, trained: dict, devi
             model = build_model(trained["config"]).to(device)
             model.load_state_dict(common.average_state_dicts([out / "weights" / f"e{e:03d}.pt" for e in epochs]))
             common.save_checkpoint(out / "wa.pt", {"script": "psla", "model": model.state_dict(),
-                                                   "config": trained["config"], "epochs": list(epochs)})
+                                                   "config": trained["config"], "epochs": list(epochs),
+                                                   "labels": class_labels(corpus)})
             ds = Clips(corpus.root, corpus.eval, corpus.targets(corpus.eval), args.target_length)
             loader = clip_loader(ds, 2 * args.batch_size, args.workers)
             save_scores(preds, predict(model, loader, len(ds), len(corpus.labels), device, amp)[0])
@@ -918,15 +945,27 @@ def ensembles(out: Path, history: list[dict]) -> dict:
                     np.load(out / "preds" / "eval_targets.npy"))
 
 
-def ensemble_main(argv: list[str]) -> dict:
-    """`python psla.py ensemble RUN [RUN ...]`: committees from finished runs' saved eval predictions."""
-    p = argparse.ArgumentParser(prog="psla.py ensemble", description="Table X: ensembles of saved predictions")
-    p.add_argument("runs", nargs="+", help="finished psla.py run folders (each has preds/)")
+def wrap(text: str) -> str:
+    """A sub-command's description, wrapped for --help (common.HelpFormatter keeps the layout as given)."""
+    return textwrap.fill(text, 100)
+
+
+def ensemble_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="psla.py ensemble", formatter_class=common.HelpFormatter,
+                                description=wrap("Table X: the committee (mean of the eval probabilities) of finished "
+                                            "psla.py runs' saved predictions (preds/); writes results.json and "
+                                            "results.md in --out."))
+    p.add_argument("runs", nargs="+", metavar="RUN", help="finished psla.py run folders (each has preds/)")
     p.add_argument("--which", default="last", choices=["last", "wa", "best", "epochs"],
                    help="per run: the last epoch (Sec. VI-B2), the WA model, the valid-selected epoch, "
                         "or every epoch's checkpoint (VI-B1)")
     p.add_argument("--out", default=None, help="folder for results.json/.md (default runs/psla/ensemble_<which>)")
-    a = p.parse_args(argv)
+    return p
+
+
+def ensemble_main(argv: list[str]) -> dict:
+    """`python psla.py ensemble RUN [RUN ...]`: committees from finished runs' saved eval predictions."""
+    a = ensemble_parser().parse_args(argv)
     preds, targets = [], None
     for run in map(Path, a.runs):
         if not (run / "preds" / "eval_targets.npy").exists() or not (run / "results.json").exists():
@@ -1015,6 +1054,218 @@ def write_report(args, corpus: common.Corpus, out: Path, trained: dict, wa: dict
 
 
 # =============================================================================================
+# Sub-commands: tag a user's audio (predict), draw the ablation figure (plot)
+# =============================================================================================
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="psla.py predict", formatter_class=common.HelpFormatter,
+        description=wrap("Tag audio files with a trained psla.py model: the top classes of each file with their "
+                    "probabilities. A file longer than the model's input (10.575 s for 1,056 frames) is cut into "
+                    "consecutive windows of that length, each scored, and a class's score is its highest window's. "
+                    "A model trained on the synthetic corpus knows only its toy classes (a warning says so)."))
+    p.add_argument("files", nargs="+", metavar="AUDIO",
+                   help="wav/flac/ogg files (any sample rate: resampled to 16 kHz; channels averaged)")
+    p.add_argument("--ckpt", required=True,
+                   help="a psla.py run folder (its final model: wa.pt, else last.pt), or one of its checkpoints "
+                        "(wa.pt, best.pt, last.pt)")
+    p.add_argument("--top", type=common.POSITIVE_INT, default=5, help="classes shown per file")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast precision of the backbone; auto = bf16 on CUDA, none elsewhere")
+    return p
+
+
+def checkpoint_labels(path: Path, info: dict, n_classes: int) -> tuple[list, list | None, bool]:
+    """(class names, class ids or None, synthetic?) of a checkpoint: saved in it, or for one written
+    before checkpoints held them, from its run folder (results.json's class names; the ids from the
+    corpus named in config.json, when it is still there; data_root None = the synthetic corpus)."""
+    if isinstance(info.get("labels"), dict):
+        mids = list(info["labels"]["mids"])
+        return list(info["labels"]["names"]), mids, common.synthetic_classes_warning(mids) is not None
+    run = Path(path).parent
+    res = common.read_json(run / "results.json", "results.json") if (run / "results.json").is_file() else {}
+    names = res.get("classes")
+    if not isinstance(names, list) or len(names) != n_classes:
+        raise common.DataError(f"{path}: no class names in the checkpoint or in {run / 'results.json'} "
+                               f"(a checkpoint of an unfinished run, or one moved out of its run folder)")
+    ident = common.read_json(run / "config.json", "config.json").get("identity", {}) \
+        if (run / "config.json").is_file() else {}
+    csv = Path(str(ident.get("data_root", ""))) / "class_labels_indices.csv"
+    mids = common.read_class_labels(csv).mids if ident.get("data_root") and csv.is_file() else None
+    if mids is not None and len(mids) != n_classes:
+        mids = None
+    synthetic = (common.synthetic_classes_warning(mids) is not None if mids is not None
+                 else res.get("config", {}).get("data_root", "") is None)  # no --data-root: the synthetic corpus
+    return names, mids, synthetic
+
+
+def predict_main(argv: list[str]) -> dict:
+    """`python psla.py predict --ckpt RUN AUDIO ...`: print each file's top classes; returns
+    {file: {"scores": (K,) clip scores, "windows": (W, K) window scores, "names": class names}}."""
+    a = predict_parser().parse_args(argv)
+    ckpt = teacher_file(Path(a.ckpt)) if Path(a.ckpt).is_dir() else Path(a.ckpt)
+    config, weights, info = read_checkpoint(ckpt, meta=True)
+    names, mids, synthetic = checkpoint_labels(ckpt, info, config["n_classes"])
+    device = common.pick_device(a.device)
+    model = build_model(config)
+    common.load_weights(model, weights, ckpt)
+    model.to(device).eval()
+    amp = common.amp_dtype(device, a.amp)
+    if synthetic:  # the line common.synthetic_classes_warning prints, also for ids not saved
+        print(common.synthetic_classes_warning(mids or [f"/synth/{i}" for i in range(len(names))]))
+    window, out = clip_samples(config["target_length"]), {}
+    for path in a.files:
+        wave = torch.from_numpy(common.load_audio(path))
+        n = max(len(wave), FRAME_LENGTH)  # shorter than one frame: zero-padded to one
+        starts = range(0, max(1, n - FRAME_LENGTH + 1), window)  # every window that holds a whole frame
+        pieces = [wave[s: s + window] for s in starts]
+        lengths = torch.tensor([max(len(x), FRAME_LENGTH) for x in pieces])
+        batch = torch.stack([F.pad(x, (0, window - len(x))) for x in pieces])
+        scores = []
+        with torch.no_grad():
+            for i in range(0, len(batch), 8):
+                with common.autocast(device, amp):
+                    scores.append(model(batch[i:i + 8].to(device), lengths[i:i + 8]).float().cpu())
+        windows = torch.cat(scores).numpy()
+        clip = windows.max(0)
+        top = np.argsort(-clip, kind="stable")[:a.top]
+        print(f"{path} ({len(wave) / common.SR:.1f} s, {len(windows)} window{'s' * (len(windows) > 1)}): "
+              + ", ".join(f"{names[k]} {clip[k]:.2f}" for k in top))
+        out[path] = {"scores": clip, "windows": windows, "names": names}
+    return out
+
+
+def paper_value(config: dict, what: str) -> tuple[float | None, str]:
+    """The paper's eval mAP for one of our numbers, from the run's settings (results.json's config):
+    'single' the row with the same techniques (Tables II-IV, VIII), 'wa' Table IX, 'checkpoints' and
+    'seeds' Table X (WA and ensembles with every technique); (None, '') where the paper has none."""
+    data = config.get("data", "balanced") if config.get("data") in ("balanced", "full") else "full"
+    if what == "single":
+        ns = argparse.Namespace(**{"imagenet": None, "balanced_sampling": None, "freqm": 0, "timem": 0,
+                                   "mixup": 0.0, "label_enhance": "none", **config, "data": data})
+        name, value = paper_row(ns)
+        return (None, "") if value == "-" else (float(value), name.split(" (")[-1].rstrip(")"))
+    if what == "wa":
+        return PAPER_WA[data], "Table IX"
+    if what == "checkpoints":
+        return PAPER_CHECKPOINT_ENSEMBLE[data][1], f"Table X, {PAPER_CHECKPOINT_ENSEMBLE[data][0]} checkpoints"
+    if what == "seeds":
+        return PAPER_SEED_ENSEMBLE[data], "Table X, 3 seeds"
+    return None, ""
+
+
+def _run_config(run) -> dict:
+    """A run's settings from its results.json ({} when it cannot be read: then no paper value)."""
+    try:
+        return common.read_json(Path(run) / "results.json", "results.json").get("config", {}) or {}
+    except (common.DataError, OSError, AttributeError):
+        return {}
+
+
+def plot_rows(folders: list[str]) -> list[dict]:
+    """The figure's bars, from each folder's results.json: a psla.py run (single model, valid-selected,
+    WA, checkpoint ensemble), a `psla.py ensemble` folder (the committee), or a `common.py seeds` folder
+    (each row's mAP keys: mean and sample std over its seeds). Each: label, value, std, paper, source."""
+    keyed = {"last_n.mAP": ("single model", "single"), "best.mAP": ("valid-selected", None),
+             "wa.mAP": ("WA", "wa"), "checkpoint_ensemble.ensemble_mAP": ("checkpoint ensemble", "checkpoints")}
+    rows = []
+    for folder in map(Path, folders):
+        res = common.read_json(folder / "results.json", "results.json (not a finished run?)")
+        if "last_n" in res:  # a training run
+            cfg, ens = res.get("config", {}), res["checkpoint_ensemble"]
+            bars = [(f"single model (mean of last {cfg.get('last_n', '?')})", res["last_n"]["mAP"], "single"),
+                    (f"valid-selected (epoch {res['best']['epoch']})", res["best"]["mAP"], None)]
+            if "wa" in res:
+                bars.append((f"WA (epochs {res['wa']['epochs'][0]}-{res['wa']['epochs'][1]})", res["wa"]["mAP"], "wa"))
+            bars.append((f"checkpoint ensemble ({ens['models']})", ens["ensemble_mAP"], "checkpoints"))
+            for label, value, what in bars:
+                rows.append({"label": f"{folder.name}: {label}", "value": value, "std": None,
+                             "paper": paper_value(cfg, what) if what else (None, "")})
+        elif "ensemble_mAP" in res and "which" in res:  # `psla.py ensemble`
+            configs = [_run_config(r) for r in res["runs"]]
+            same = lambda c: {k: v for k, v in c.items() if k not in ("seed", "name", "out", "resume", "workers")}
+            what = ("checkpoints" if res["which"] == "epochs" and len(res["runs"]) == 1 else
+                    "seeds" if len(res["runs"]) == 3 and configs[0] and all(same(c) == same(configs[0])
+                                                                             for c in configs) else None)
+            rows.append({"label": f"{folder.name}: ensemble of {res['models']} ({res['which']} of "
+                                  f"{len(res['runs'])} run{'s' * (len(res['runs']) > 1)})",
+                         "value": res["ensemble_mAP"], "std": None,
+                         "paper": paper_value(configs[0], what) if what else (None, "")})
+        elif res and all(isinstance(t, dict) and "runs" in t for t in res.values()):  # `common.py seeds`
+            for name, table in res.items():
+                cfg = _run_config(table["runs"][0]) if table["runs"] else {}
+                for key, values in table.items():
+                    if key in ("runs", "minus_first") or not key.endswith("mAP") or not isinstance(values, list):
+                        continue
+                    label, what = keyed.get(key, (key, None))
+                    rows.append({"label": f"{name}: {label} ({len(values)} seeds)", "value": float(np.mean(values)),
+                                 "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                                 "paper": paper_value(cfg, what) if what and cfg else (None, "")})
+        else:
+            raise common.DataError(f"{folder}: not a psla.py run, `psla.py ensemble` or `common.py seeds` folder")
+    return rows
+
+
+def plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="psla.py plot", formatter_class=common.HelpFormatter,
+        description=wrap("Draw the PSLA ablation (eval mAP of the single model, the valid-selected epoch, weight "
+                    "averaging and the ensembles) from the results.json of psla.py runs, `psla.py ensemble` "
+                    "folders and `python common.py seeds` folders (mean +- sample std over the seeds), with "
+                    "the paper's value beside each bar where the paper has one (Tables II-IV, VIII-X)."))
+    p.add_argument("runs", nargs="+", metavar="RUN", help="folders holding a results.json")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/ablation.png of the first RUN)")
+    return p
+
+
+def plot_main(argv: list[str]) -> dict:
+    """`python psla.py plot RUN ... [--out PNG]`: one horizontal bar per number (ours), the paper's value
+    as a grey bar beside it; returns {"figure": path, "rows": the bars}."""
+    a = plot_parser().parse_args(argv)
+    rows = plot_rows(a.runs)
+    if not rows:
+        raise common.DataError(f"{' '.join(a.runs)}: no mAP numbers to draw")
+    cfg = next((c for c in map(_run_config, a.runs) if c), {})
+    data = cfg.get("data") or "balanced"
+    corpus = "the synthetic corpus" if cfg.get("data_root", "") is None else Path(str(cfg.get("data_root"))).name
+
+    def draw(ax):
+        ys = np.arange(len(rows), dtype=float)
+        errs = [r["std"] or 0.0 for r in rows]
+        ours = ax.barh(ys - 0.2, [r["value"] for r in rows], height=0.38, color="tab:blue",
+                       xerr=errs if any(errs) else None, capsize=3, label=f"ours (eval mAP, {corpus})")
+        ax.bar_label(ours, fmt="%.3f", padding=3, fontsize=7)
+        paper = [(y, r["paper"]) for y, r in zip(ys, rows) if r["paper"][0] is not None]
+        if paper:
+            bars = ax.barh([y + 0.2 for y, _ in paper], [v for _, (v, _) in paper], height=0.38, color="0.7",
+                           hatch="//", label=f"paper ({data} AudioSet, B2; WA, ensembles: all techniques)")
+            ax.bar_label(bars, labels=[f"{v:.3f} ({src})" for _, (v, src) in paper], padding=3, fontsize=7)
+        ax.set_yticks(ys, [r["label"] for r in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("eval mAP")
+        ax.set_xlim(0, min(1.0, 1.7 * max([r["value"] + (r["std"] or 0) for r in rows]
+                                           + [v for _, (v, _) in paper])))
+        ax.set_title("PSLA ablation: single model, weight averaging (WA), ensembles", fontsize=10)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(rows)), ncol=2)
+    out = Path(a.out or Path(a.runs[0]) / "ablation.png")
+    common.figure(out, draw, size=(9, 1.6 + 0.55 * len(rows)))
+    print(f"(peak memory {common.peak_memory_gb():.1f} GB)")
+    return {"figure": str(out), "rows": rows}
+
+
+SUBCOMMANDS = {"ensemble": ("ensemble_main", "ensemble_parser"), "predict": ("predict_main", "predict_parser"),
+               "plot": ("plot_main", "plot_parser")}
+
+
+def parse_command(argv: list[str]) -> tuple[str, argparse.Namespace]:
+    """(command, its parsed flags) of a psla.py command line, without running it: 'train' (the default
+    command) or a sub-command (ensemble, predict, plot). Usage errors exit as argparse does."""
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return argv[0], globals()[SUBCOMMANDS[argv[0]][1]]().parse_args(argv[1:])
+    return "train", parse_args(argv)
+
+
+# =============================================================================================
 # main: [teacher -> label enhancement] -> train -> weight averaging -> ensembles -> report
 # =============================================================================================
 def run_identity(args, corpus: common.Corpus) -> dict:
@@ -1024,8 +1275,8 @@ def run_identity(args, corpus: common.Corpus) -> dict:
 
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["ensemble"]:
-        return ensemble_main(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:  # ensemble, predict, plot
+        return globals()[SUBCOMMANDS[argv[0]][0]](argv[1:])
     args = parse_args(argv)
     with common.distributed():
         corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)

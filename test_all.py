@@ -1484,6 +1484,15 @@ def test_psla_end_to_end_save_reload_resume_enhance_ensemble(tiny_root, tmp_path
     table = C.seeds_table([["two", str(run), str(tmp_path / "le")], ["one", str(run)]], ["last_n.mAP", "best.mAP"],
                           tmp_path / "seeds")
     assert table["two"]["last_n.mAP"] == [res["last_n"]["mAP"], res_le["last_n"]["mAP"]]
+    # a user's wav (issue 21): `predict --ckpt RUN` uses the final model (wa.pt, which names its classes) and
+    # scores an eval clip as the saved eval scores of the WA model; the figure from the real results.json formats
+    assert psla.read_checkpoint(run / "wa.pt", meta=True)[2]["labels"]["names"] == corpus.labels.names
+    clip = str(corpus.root / corpus.eval[0][0])
+    tags = psla.main(["predict", "--ckpt", str(run), clip])[clip]
+    assert np.allclose(tags["windows"][0], np.load(run / "preds" / "eval_wa.npy")[0], atol=1e-5)
+    drawn = psla.main(["plot", str(run), str(tmp_path / "ens"), str(tmp_path / "seeds"), "--out", str(tmp_path / "f.png")])
+    assert (tmp_path / "f.png").is_file() and [r["value"] for r in drawn["rows"]][:4] == [
+        res["last_n"]["mAP"], res["best"]["mAP"], res["wa"]["mAP"], res["checkpoint_ensemble"]["ensemble_mAP"]]
 
 
 @pytest.fixture(scope="session")
@@ -1815,6 +1824,229 @@ def test_psla_bad_input_is_one_line_and_keeps_every_file(case, match, tiny_root,
         psla.main(argv)
     assert "\n" not in str(e.value) and {p: p.read_bytes() for p in files} == files
     assert sorted(p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock") == sorted(files)
+
+
+# ---- issue 21: psla.py for a newcomer (help, predict a user's wav, the ablation figure, documented commands) ----
+PSLA_PARSERS = ("train_parser", "ensemble_parser", "predict_parser", "plot_parser")
+
+
+def test_psla_help_every_flag_has_help_and_shows_its_default(capsys):
+    """Every flag of every parser has help text and shows its default (common.HelpFormatter); each sub-command's
+    --help is its own (before: `psla.py predict --help` did not exist, `ensemble --help` had no defaults)."""
+    for name in PSLA_PARSERS:
+        p = getattr(psla, name)()
+        assert p.formatter_class is C.HelpFormatter, name
+        fmt = C.HelpFormatter(p.prog)
+        for action in p._actions:
+            if isinstance(action, __import__("argparse")._HelpAction):
+                continue
+            assert action.help and action.help.strip(), f"{name}: {action.dest} has no help"
+            if action.default not in (None, False) or isinstance(action.default, bool):
+                assert "default" in fmt._get_help_string(action).lower(), f"{name}: {action.dest} shows no default"
+    for cmd in ("ensemble", "predict", "plot"):
+        with pytest.raises(SystemExit) as e:
+            psla.main([cmd, "--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and out.startswith(f"usage: psla.py {cmd}"), out[:200]
+    assert "(default: 5)" in psla.predict_parser().format_help() and "(default: last)" in psla.ensemble_parser().format_help()
+
+
+def _psla_commands(text: str, prefix: str = "") -> list[list[str]]:
+    """The `python psla.py ...` / `torchrun ... psla.py ...` command lines of bash text, as bash expands them
+    (loops, variables), recorded by functions standing in for python and torchrun."""
+    import subprocess
+    rec = "python() { printf '%s\\037' \"$@\" >> \"$REC\"; printf '\\036' >> \"$REC\"; }\n" \
+          "torchrun() { python \"$@\"; }\n"
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"psla_rec_{os.getpid()}"
+    path.unlink(missing_ok=True)
+    path.touch()
+    subprocess.run(["bash", "-c", rec + prefix + text], env={**os.environ, "REC": str(path)}, check=True,
+                   cwd=C.HERE, stdout=subprocess.DEVNULL)
+    cmds = [c.split("\x1f")[:-1] for c in path.read_text().split("\x1e")[:-1]]
+    path.unlink()
+    return [c[c.index("psla.py") + 1:] if "psla.py" in c else c for c in cmds]
+
+
+def _psla_check_commands(cmds: list[list[str]], where: str) -> int:
+    """Parse every psla.py command with psla's own parsers; every run folder a command reads was made by an
+    earlier one (a training run's --out or runs/psla/<name>, an ensemble's or seeds table's --out)."""
+    made, n = set(), 0
+    for argv in cmds:
+        if argv[:2] == ["common.py", "seeds"]:
+            made.add(argv[argv.index("--out") + 1].rstrip("/"))
+            continue
+        if argv and argv[0].endswith(".py"):  # another script (data/prepare.py ...)
+            continue
+        n += 1
+        cmd, a = psla.parse_command(argv)
+        reads = {"train": [a.teacher] if cmd == "train" else [], "ensemble": getattr(a, "runs", []),
+                 "plot": getattr(a, "runs", []), "predict": [getattr(a, "ckpt", None)]}[cmd]
+        for r in filter(None, reads):
+            r = r.rstrip("/")
+            r = str(Path(r).parent) if r.endswith(".pt") else r
+            assert r in made, f"{where}: {' '.join(argv)} reads {r}, which no earlier command makes"
+        if cmd == "train":
+            psla.resolve_schedule(a, Path(a.data_root) if a.data_root else None)
+            made.add(a.out)
+        elif cmd == "ensemble":
+            made.add(a.out or f"runs/psla/ensemble_{a.which}")
+    return n
+
+
+def test_psla_docstring_and_docs_commands_run_as_written():
+    """The docstring's command lines and every ```bash block of docs/psla.md: each psla.py command parses with
+    psla's own parser (sub-commands included) and reads only run folders an earlier command makes (before:
+    the ensemble example read le_s0 runs no command made; --teacher differed between README and --help)."""
+    doc = [line.strip().split("  #")[0] for line in psla.__doc__.splitlines()
+           if line.startswith("    python ") or line.startswith("    torchrun ")]
+    assert _psla_check_commands(_psla_commands("\n".join(doc)), "psla.py's docstring") >= 10
+    page = (C.HERE / "docs" / "psla.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", page, re.S)
+    assert blocks and _psla_check_commands(_psla_commands("\n".join(blocks)), "docs/psla.md") >= 5
+    teacher = "runs/psla/b2_balanced"  # the same --teacher in the docs, the docstring and --help
+    assert f"--teacher {teacher}" in page and f"--teacher {teacher}" in psla.__doc__
+    assert teacher in " ".join(psla.train_parser().format_help().split())
+    assert "![" in page and "(figures/psla.png)" in page and (C.HERE / "docs" / "figures" / "psla.png").is_file()
+
+
+def _psla_tiny_checkpoint(folder: Path, mids: list[str], labels: bool = True) -> Path:
+    """A psla.py wa.pt of a B0 on 64 frames with 3 classes (random weights), as `python psla.py` writes it."""
+    torch.manual_seed(0)
+    config = dict(n_classes=3, effnet=0, heads=2, n_mels=128, target_length=64, norm=(-10.0, 3.0), freqm=0,
+                  timem=0, drop_connect=0.0)
+    model = psla.build_model(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    ck = {"script": "psla", "model": model.state_dict(), "config": config, "epochs": [1, 1]}
+    if labels:
+        ck["labels"] = {"mids": mids, "names": ["Tone", "Noise", "Click"]}
+    torch.save(ck, folder / "wa.pt")
+    return folder / "wa.pt"
+
+
+def test_psla_predict_tags_a_wav_with_class_names_and_the_synthetic_warning(tmp_path, capsys):
+    """`psla.py predict --ckpt RUN AUDIO`: top-k class names and probabilities per file; a file longer than the
+    model's input is scored window by window (the max over windows); the synthetic-classes warning exactly
+    when the checkpoint knows only /synth/ classes, also for a checkpoint saved without its labels (the
+    run's results.json names the classes, its config says no --data-root)."""
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, np.random.default_rng(0).standard_normal(32000).astype(np.float32) * 0.1, 16000)
+    synth = ["/synth/p0", "/synth/p1", "/synth/p0c0"]
+    ckpt = _psla_tiny_checkpoint(tmp_path / "run", synth)
+    out = psla.main(["predict", "--ckpt", str(tmp_path / "run"), str(wav), "--top", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == C.synthetic_classes_warning(synth)
+    res = out[str(wav)]
+    assert res["windows"].shape == (4, 3)  # 2 s in windows of (64 - 1) * 160 + 400 samples (the last: 560)
+    assert np.array_equal(res["scores"], res["windows"].max(0))
+    config, weights = psla.read_checkpoint(ckpt)
+    model = psla.build_model(config).eval()
+    model.load_state_dict(weights)
+    with torch.no_grad():
+        first = model(torch.from_numpy(C.load_audio(wav)[:psla.clip_samples(64)])[None]).numpy()[0]
+    assert np.allclose(res["windows"][0], first, atol=1e-6)
+    top = np.argsort(-res["scores"])[:2]
+    names = ["Tone", "Noise", "Click"]
+    assert lines[1] == f"{wav} (2.0 s, 4 windows): " + ", ".join(f"{names[k]} {res['scores'][k]:.2f}" for k in top)
+    # last.pt (the resumable checkpoint) keeps its metadata under "state": the same tags
+    C.save_state(tmp_path / "resumable" / "last.pt", model, script="psla", config=config, loop={},
+                 labels={"mids": synth, "names": names})
+    again = psla.main(["predict", "--ckpt", str(tmp_path / "resumable" / "last.pt"), str(wav), "--top", "2"])
+    assert np.array_equal(again[str(wav)]["windows"], res["windows"]) and capsys.readouterr().out.splitlines()[1:] == lines[1:]
+    # real class ids: no warning
+    _psla_tiny_checkpoint(tmp_path / "real", ["/m/09x0r", "/m/04rlf", "/m/0k4j"])
+    psla.main(["predict", "--ckpt", str(tmp_path / "real" / "wa.pt"), str(wav)])
+    assert "warning" not in capsys.readouterr().out
+    # a checkpoint saved without its labels (older runs): names from results.json, synthetic from its config
+    old = tmp_path / "old"
+    _psla_tiny_checkpoint(old, synth, labels=False)
+    (old / "results.json").write_text(json.dumps({"classes": names, "config": {"data_root": None}}))
+    psla.main(["predict", "--ckpt", str(old), str(wav)])
+    assert capsys.readouterr().out.splitlines()[0] == C.synthetic_classes_warning(synth)
+
+
+@pytest.mark.parametrize("case", ["psl_checkpoint", "random_bytes", "a_wav", "plain_state_dict", "missing",
+                                  "folder_without_checkpoint", "no_class_names"])
+def test_psla_predict_foreign_checkpoint_is_one_line(case, tmp_path):
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, np.zeros(8000, np.float32), 16000)
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = run / "wa.pt"
+    if case == "psl_checkpoint":
+        torch.save({"model": {}, "state": {"script": "psl"}}, ckpt)
+    elif case == "random_bytes":
+        ckpt.write_bytes(os.urandom(300))
+    elif case == "a_wav":
+        ckpt = wav
+    elif case == "plain_state_dict":
+        torch.save(psla.PSLANet(3, effnet=0).state_dict(), ckpt)
+    elif case == "no_class_names":
+        _psla_tiny_checkpoint(run, [], labels=False)
+    target = run if case in ("folder_without_checkpoint", "no_class_names") else ckpt
+    with pytest.raises(C.DataError) as e:
+        psla.main(["predict", "--ckpt", str(target), str(wav)])
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300, str(e.value)
+
+
+def _psla_fake_run(folder: Path, v: float, **config) -> Path:
+    """A results.json in the format psla.py writes (the keys plot reads), with chosen numbers."""
+    folder.mkdir(parents=True)
+    cfg = dict(data="balanced", data_root=None, imagenet=None, balanced_sampling=False, freqm=48, timem=192,
+               mixup=0.5, label_enhance="none", last_n=2, seed=0, name=folder.name, out=str(folder)) | config
+    (folder / "results.json").write_text(json.dumps({
+        "last_n": {"mAP": v}, "best": {"epoch": 5, "mAP": v + 0.01}, "wa": {"mAP": v + 0.02, "epochs": [5, 6]},
+        "checkpoint_ensemble": {"models": 6, "ensemble_mAP": v + 0.03}, "config": cfg}))
+    return folder
+
+
+def test_psla_plot_draws_the_values_of_results_json(tmp_path, monkeypatch, capsys):
+    """`psla.py plot` of a run, a seeds table and a 3-seed ensemble: the PNG is written, and the bars read back
+    from the Axes are results.json's numbers (seeds: mean, error bar = sample std), the paper's bars its
+    constants for the same techniques (Tables III-IV, VIII-X)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    run = _psla_fake_run(tmp_path / "run", 0.31)
+    seeds = [_psla_fake_run(tmp_path / f"s{i}", v, seed=i, imagenet="url", label_enhance="type12")
+             for i, v in enumerate((0.2, 0.25, 0.33))]
+    table = C.seeds_table([["le", *map(str, seeds)]], ["last_n.mAP", "wa.mAP"], tmp_path / "seeds")
+    (tmp_path / "ens").mkdir()
+    (tmp_path / "ens" / "results.json").write_text(json.dumps(
+        {"runs": [str(s) for s in seeds], "which": "last", "models": 3, "ensemble_mAP": 0.4, "avg_mAP": 0.26}))
+    draws, real_figure = [], C.figure
+    monkeypatch.setattr(C, "figure", lambda path, draw, size=None: (draws.append(draw), real_figure(path, draw))[1])
+    png = tmp_path / "fig.png"
+    psla.main(["plot", str(run), str(tmp_path / "seeds"), str(tmp_path / "ens"), "--out", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(draws) == 1
+    printed = capsys.readouterr().out  # where the figure went, and the peak memory
+    assert f"figure: {png}" in printed and "peak memory" in printed
+    fig, ax = plt.subplots()
+    draws[0](ax)
+    from matplotlib.container import BarContainer
+    ours, paper = [c for c in ax.containers if isinstance(c, BarContainer)]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    got = dict(zip(labels, [p.get_width() for p in ours.patches]))
+    mean, sd = np.mean(table["le"]["wa.mAP"]), np.std(table["le"]["wa.mAP"], ddof=1)
+    assert got == pytest.approx({"run: single model (mean of last 2)": 0.31, "run: valid-selected (epoch 5)": 0.32,
+                                 "run: WA (epochs 5-6)": 0.33, "run: checkpoint ensemble (6)": 0.34,
+                                 "le: single model (3 seeds)": np.mean([0.2, 0.25, 0.33]),
+                                 "le: WA (3 seeds)": mean, "ens: ensemble of 3 (last of 3 runs)": 0.4}, abs=1e-12)
+    segments = ours.errorbar.lines[2][0].get_segments()  # one per bar: (value - std, y) .. (value + std, y)
+    wa_bar = labels.index("le: WA (3 seeds)")
+    assert np.allclose([segments[wa_bar][0][0], segments[wa_bar][1][0]], [mean - sd, mean + sd])
+    # paper bars: none for this scratch run's single model (no such row), Table IX for WA, Table X for the
+    # 60 checkpoints; the ImageNet + masking + mix-up + Type I+II seeds row 0.3162; the 3-seed ensemble 0.3446
+    ys = {round(p.get_y() + p.get_height() / 2 - 0.2): p.get_width() for p in paper.patches}
+    expect = {labels.index(k): v for k, v in {
+        "run: WA (epochs 5-6)": 0.3192, "run: checkpoint ensemble (6)": 0.3280, "le: single model (3 seeds)": 0.3162,
+        "le: WA (3 seeds)": 0.3192, "ens: ensemble of 3 (last of 3 runs)": 0.3446}.items()}
+    assert ys == pytest.approx(expect)
+    plt.close(fig)
+    with pytest.raises(C.DataError, match="not a psla.py run"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "results.json").write_text(json.dumps({"mAP": 0.5}))
+        psla.main(["plot", str(tmp_path / "other"), "--out", str(png)])
+
 
 
 # =============================================================================================
