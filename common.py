@@ -618,7 +618,7 @@ def readable_scores(y_true: np.ndarray, scores: np.ndarray, metric=None) -> dict
 
 
 def apply_preset(args: argparse.Namespace, presets: dict, script: str) -> argparse.Namespace:
-    """--preset auto|paper|cpu (every script, issue 20): `auto` is the paper's schedule where the paper's
+    """--preset auto|paper|cpu (every script): `auto` is the paper's schedule where the paper's
     compute exists (a CUDA GPU) and the CPU preset otherwise, whatever the corpus; the preset fills every
     flag left at None (a flag given on the command line wins). Prints one line: the preset and why."""
     device = pick_device(getattr(args, "device", "auto"))

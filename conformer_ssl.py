@@ -510,7 +510,7 @@ class Unlabelled:
 
 def unlabelled_source(args, data) -> Unlabelled | None:
     """--pretrain resolved (None for 'none'): 'corpus' = the --data-root corpus's --data manifests (the default
-    with a real-layout --data-root: bug 2 of issue 20, which pre-trained on the stream whatever the root);
+    with a real-layout --data-root);
     'synthetic' = the stream (the default on the synthetic corpus, whose unlabelled audio it is); a .tsv."""
     if args.pretrain == "none":
         return None
@@ -953,7 +953,7 @@ def load_data(args) -> tuple[argparse.Namespace, object, Unlabelled | None]:
         data = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
         args = resolve(args, data.synthetic, data.clip_seconds or 10.0)
         args.data_root, real_root, synthetic = str(data.root), not data.synthetic, data.synthetic
-    # bug 2 (issue 20): a real-layout --data-root is pre-trained on by default, not the synthetic stream
+    # a real-layout --data-root is pre-trained on by default, not the synthetic stream
     args.pretrain = args.pretrain or ("corpus" if real_root else "synthetic")
     unl = None if args.pretrained or args.pretrain == "none" else unlabelled_source(args, data)
     hint = "" if synthetic or args.pretrain != "synthetic" else " (--data-root DIR or --pretrain FILE.tsv: your own audio)"

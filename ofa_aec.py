@@ -646,7 +646,7 @@ def train(model: CNN10, folder: Path, args, data: Data, targets: np.ndarray, tot
                 record = {"stage": folder.name, "step": state["step"], "train/loss": loss.read(),
                           **(validate(model) if common.is_main() else {})}
                 state["curve"].append(record)
-                record["plateau"] = convergence(state["curve"])["plateau"]  # so far (issue 20): in every log line
+                record["plateau"] = convergence(state["curve"])["plateau"]  # so far: in every log line
                 common.save_state(folder / "last.pt", model, opt, scaler, **state)
                 logger.log(record)
         bar.close()
@@ -662,7 +662,7 @@ def train(model: CNN10, folder: Path, args, data: Data, targets: np.ndarray, tot
 
 
 def convergence(curve: list[dict]) -> dict:
-    """Whether a stage reached a plateau (issue 20): its validation mAP (the supernet's: the largest
+    """Whether a stage reached a plateau: its validation mAP (the supernet's: the largest
     sub-network's), else the training loss."""
     key = next((k for k in curve[-1] if k.startswith("val/")), None) if curve else None
     if key:

@@ -446,7 +446,7 @@ def collate(batch):
 
 def clip_loader(dataset, batch_size: int, workers: int, **kw) -> torch.utils.data.DataLoader:
     """Every psla loader (training, valid/eval, teacher scores, fbank statistics): the same padding.
-    Workers start from a fork server (Linux), not from this process (issue 12): the training loader
+    Workers start from a fork server (Linux), not from this process: the training loader
     starts fresh workers every epoch, and forked from a process whose heap holds GBs of freed
     activations they share it copy-on-write, so the next steps copy every page they write (1.2-1.7x a
     bare step over a 6-step epoch, README) and a fork can keep a stale copy of the heap alive. Same
@@ -470,7 +470,7 @@ def worker_context():
 def worker_init(trainer: int, worker_id: int) -> None:
     """A worker started from the fork server is the server's child, not the trainer's, so torch's own
     check (is my parent alive?) never sees a killed trainer, and the server lives as long as any worker:
-    both outlived a SIGKILLed run by 26 minutes (issue 19). A thread ends the worker once the trainer is
+    otherwise both outlive a SIGKILLed run. A thread ends the worker once the trainer is
     gone (or a zombie); the server then exits too."""
     common.seed_worker(worker_id)
     if sys.platform.startswith("linux"):
@@ -655,7 +655,7 @@ def train(args, corpus: common.Corpus, rows: list, out: Path, device, amp) -> di
                   "train/short": common.all_sum(state["short"])}
         record |= common.from_rank0(evaluate(model, evals, epoch, out, args, device, amp) if common.is_main() else None)
         state["history"].append(record)
-        record["plateau"] = convergence(state["history"])["plateau"]  # so far (issue 20): in every log line
+        record["plateau"] = convergence(state["history"])["plateau"]  # so far: in every log line
         if epoch >= args.wa_start:  # Sec. VI-A
             common.save_checkpoint(out / "weights" / f"e{epoch:03d}.pt", {"model": model.state_dict()})
         if selected(state["history"]) is record:
@@ -672,7 +672,7 @@ def train(args, corpus: common.Corpus, rows: list, out: Path, device, amp) -> di
 
 
 def convergence(history: list[dict]) -> dict:
-    """Whether the stage reached a plateau (issue 20): valid mAP per epoch, else the training loss."""
+    """Whether the stage reached a plateau: valid mAP per epoch, else the training loss."""
     if history and "valid/mAP" in history[-1]:
         return common.plateau_report([r["valid/mAP"] for r in history])
     return common.plateau_report([r["train/loss"] for r in history], higher=False)

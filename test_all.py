@@ -5,14 +5,17 @@ against hand-computed cases and an end-to-end run of every stage on a tiny synth
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
 import os
 import pickle
 import re
+import shlex
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -1100,6 +1103,7 @@ PSL_DDP_SPY = r'''
 import json, os, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv.pop(1))
+import argparse
 import hashlib
 import numpy as np
 import torch
@@ -5024,3 +5028,140 @@ def test_prepare_keeps_symlinked_clips_as_given(tmp_path):
     C.load_data_module("prepare").prepare(csvs, clips, tmp_path / "out")
     (row,) = C.read_manifest(tmp_path / "out" / "eval.tsv")
     assert row[0] == "../clips/evalclip001.wav"
+
+
+# =============================================================================================
+# The docs: every command in README.md, docs/*.md and the scripts' docstrings parses as written
+# =============================================================================================
+HERE = Path(__file__).resolve().parent
+COMMAND_SCRIPTS = ["psla.py", "psl.py", "at_transfer.py", "conformer_ssl.py", "ofa_aec.py", "common.py",
+                   "data/synthetic.py", "data/prepare.py", "data/bench.py"]
+RECORDER = r'''
+record() { printf '%s\x1f' "$@" >> "$CALLS"; printf '\x1e' >> "$CALLS"; }
+python() { record "$@"; }
+python3() { record "$@"; }
+torchrun() { while [[ "$1" == --* ]]; do shift; done; record "$@"; }
+pip() { :; }
+nice() { while [[ "$1" == -* ]]; do shift; shift; done; "$@"; }
+bash() { :; }
+'''
+
+
+def _bash_blocks(text: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", text, re.S)
+
+
+def _doc_commands(tmp_path: Path) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """(where, argv) of every python/torchrun command the docs' bash blocks run, by running each block in
+    bash with python/torchrun replaced by a recorder (loops and variables expand as a user's shell would),
+    and of every `python ...` line in the scripts' docstrings."""
+    import subprocess
+    out, bad = [], []
+    for doc in [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]:
+        for i, block in enumerate(_bash_blocks(doc.read_text())):
+            calls = tmp_path / "calls"
+            calls.write_bytes(b"")
+            r = subprocess.run(["bash", "-c", RECORDER + "\nset -e\n" + block], cwd=tmp_path, capture_output=True,
+                               text=True, env=dict(os.environ, CALLS=str(calls)), timeout=60)
+            where = f"{doc.name} bash block {i + 1}"
+            if r.returncode:
+                bad.append(f"{where} does not run in bash: {r.stderr.strip()[-300:]}")
+            for rec in calls.read_bytes().decode().split("\x1e")[:-1]:
+                out.append((where, rec.split("\x1f")[:-1]))
+    for script in COMMAND_SCRIPTS:
+        text = (HERE / script).read_text()
+        docstring = text[text.index('"""') + 3: text.index('"""', text.index('"""') + 3)]
+        for line in docstring.replace("\\\n", " ").splitlines():  # continuation lines joined
+            line = line.split("  #")[0].strip()
+            if line.startswith(("python ", "torchrun ")):
+                try:
+                    argv = shlex.split(line)[1:]
+                except ValueError as e:
+                    bad.append(f"{script} docstring: {line}: {e}")
+                    continue
+                while argv and argv[0].startswith("--"):  # torchrun's own flags
+                    argv.pop(0)
+                out.append((f"{script} docstring", argv))
+    return out, bad
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _parse_only(argv: list[str], monkeypatch) -> None:
+    """Run the command's script up to its (sub-)parser's parse_args and stop there: flags, choices and
+    types are checked by the script's own argparse, nothing is trained or written."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+    script, args = argv[0], argv[1:]
+    spec = importlib.util.spec_from_file_location("docs_" + script.replace("/", "_")[:-3], HERE / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    try:
+        module.main(args)
+    except _Parsed:
+        pass
+
+
+def test_every_command_in_the_docs_parses_as_written(tmp_path, monkeypatch, capsys):
+    """Each python/torchrun command of README.md, docs/*.md and the docstrings (loops expanded by bash) names a
+    script of the repository and parses with that script's own argparse (its sub-command's parser for a
+    sub-command); `python -m pytest ...` lines are not script commands."""
+    commands, bad = _doc_commands(tmp_path)
+    assert len(commands) > 20
+    for where, argv in commands:
+        if not argv or argv[0] == "-m" or argv[0] == "-c":
+            continue
+        if argv[0] not in COMMAND_SCRIPTS:
+            bad.append(f"{where}: {' '.join(argv)}: not a script of the repository")
+            continue
+        try:
+            _parse_only(argv, monkeypatch)
+        except SystemExit as e:
+            if e.code not in (0, None):
+                bad.append(f"{where}: {' '.join(argv)}: {capsys.readouterr().err.strip().splitlines()[-1:]}")
+        except Exception as e:  # noqa: BLE001 - a command that fails before parsing is a docs bug too
+            bad.append(f"{where}: {' '.join(argv)}: {type(e).__name__}: {e}")
+        finally:
+            monkeypatch.undo()
+    assert not bad, "\n".join(bad)
+
+
+def test_docs_parser_check_catches_a_wrong_flag(tmp_path, monkeypatch):
+    """The check above fails on a flag the script does not have and passes a real one."""
+    _parse_only(["psl.py", "--segment", "2", "--data", "balanced"], monkeypatch)
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as e:
+        _parse_only(["psl.py", "--segmnet", "2"], monkeypatch)
+    assert e.value.code == 2
+
+
+# The main command's printed digits depend on the thread count (torch's CPU kernels sum in another order):
+# each count is deterministic, and these are its digits at tiny scale on the CPU this suite runs on.
+MAIN_COMMAND_DIGITS = {1: "17.81", 2: "18.02"}
+
+
+def test_main_command_prints_the_same_digits_per_thread_count(psl_tiny, tmp_path):
+    """README's main command (`python psl.py --segment 2 --data balanced`) at tiny scale, in a fresh process
+    with 1 and with 2 threads: each prints its pinned student mAP to the printed digit. A change that moves
+    the numbers (or makes a thread count non-deterministic) fails here, and README must be re-measured."""
+    import subprocess
+    printed = {}
+    for threads in MAIN_COMMAND_DIGITS:
+        out = tmp_path / f"t{threads}"
+        r = subprocess.run([sys.executable, "psl.py", "--segment", "2", "--data", "balanced", "--data-root", str(psl_tiny),
+                            "--out", str(out), "--stages", str(tmp_path / f"stages{threads}"), "--workers", "0",
+                            "--batch-size", "8", "--max-steps", "3", "--teacher-epochs", "1", "--epochs", "1"],
+                           cwd=HERE, capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)))
+        assert r.returncode == 0, r.stderr[-500:]
+        (row,) = [l for l in r.stdout.splitlines() if l.startswith("| psl-2s |")]
+        printed[threads] = row.split("|")[2].strip()
+    assert printed == MAIN_COMMAND_DIGITS
