@@ -53,7 +53,7 @@ Deviations from the paper (numbered as in docs/psl.md):
     polynomial power 1; mix-up is applied to waveforms. Soft labels are precomputed once per
     (teacher, data, segment) instead of online (equivalent: the teacher is deterministic in eval mode)
     and stored as float16 (rounding at most 2.4e-4): a memory-mapped .npy, 10 GB for 9.5 M chunks of
-    full AudioSet, read row by row, never held in memory (README: memory per PSL row).
+    full AudioSet, read row by row, never held in memory (docs/psl.md: memory at AudioSet scale).
  6. The dB floor (top_db 120) is taken per clip, not per batch as in torchaudio.
  7. Chunks of real clips: durations rounded to 0.1 s (as the official code; at least 0.1 s), and a
     remainder shorter than 0.5 s joins the chunk before it (a 160,001-sample clip is 10.0 s; a 4.3 s
