@@ -116,7 +116,7 @@ students of a direction run share it with --teacher FILE. The student flags are 
 serves both commands; this stage does not read them.
 
     python psl.py teacher --teacher-epochs 20 --ma-eval-every 1        # prints runs/psl/teacher-<hash>
-    T=$(ls -d runs/psl/teacher-*/ | head -1)
+    T=$(ls -td runs/psl/teacher-*/ | head -1)                          # the newest MA folder
     python psl.py --teacher ${T}final.pt --segment 5                   # a student with that MA
 """
 STUDENT_ONLY = ("--segment", "--labels", "--alpha", "--threshold", "--epochs", "--eval-every", "--eval-mode")
@@ -929,7 +929,9 @@ def run_teacher(args: argparse.Namespace) -> Path:
     folder, for student runs to share with --teacher (e.g. every seed of a direction run)."""
     corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
     final = train_teacher(resolve(args, corpus), common.setup_device(args)[0])
-    print(f"machine annotator: {final.parent} (students: --teacher {final})")
+    if common.is_main():
+        print(f"machine annotator: {final.parent} (students: --teacher {final}; peak memory "
+              f"{common.peak_memory_gb():.1f} GB)", flush=True)
     return final
 
 

@@ -1121,6 +1121,8 @@ def test_psl_all_stages_save_reload_predict(psl_tiny, tmp_path, capsys):
     out = tmp_path / "run"
     psl.main(_argv(psl_tiny, out, "--segment", "2", "--max-steps", "2"))
     res = json.loads((out / "results.json").read_text())
+    where = re.escape(str(out / "results.md"))
+    assert re.search(rf"results: {where} \(peak memory \d+\.\d GB\)", capsys.readouterr().out)  # where, how much
     assert 0 < res["mAP"] <= 1 and 0 <= res["mAUC"] <= 1 and np.isfinite(res["dprime"]) and res["n"] == 24
     assert res["method"] == "psl" and res["params"] == sum(p.numel() for p in psl.MobileNetV2(30).parameters())
     a = res["analysis"]
@@ -1142,7 +1144,8 @@ def test_psl_all_stages_save_reload_predict(psl_tiny, tmp_path, capsys):
     capsys.readouterr()
     psl.main(["predict", "--ckpt", str(out / "student" / "final.pt"), str(psl_tiny / corpus.eval[0][0])])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3 and "2.0-   4.0 s" in lines[2] and ":" in lines[0]  # clip line + 2 segments
+    assert lines[0] == C.synthetic_classes_warning(corpus.labels.mids)  # the synthetic corpus's toy classes
+    assert len(lines) == 4 and "2.0-   4.0 s" in lines[3] and ":" in lines[1]  # warning, clip line + 2 segments
 
 
 def test_psl_weak_baseline_needs_no_teacher(psl_tiny, tmp_path):
@@ -1189,7 +1192,9 @@ def test_psl_teacher_subcommand_is_shared_by_student_runs(psl_tiny, tmp_path, ca
     file's content) and writes nothing beside the user's file; a changed MA setting is another stage."""
     flags = ["--stages", str(tmp_path / "stages"), "--max-steps", "1", "--segment", "4"]
     final = psl.main(["teacher", *_argv(psl_tiny, tmp_path / "unused", *flags)])
-    assert f"machine annotator: {final.parent}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"machine annotator: {final.parent}" in out and f"results: {final.parent / 'results.md'} (peak memory" in out
+    assert re.search(r"--teacher \S+final\.pt; peak memory \d+\.\d GB\)", out)  # where it went, its memory
     assert final.parent.parent == tmp_path / "stages" and final.parent.name.startswith("teacher-")
     stamp = final.stat().st_mtime_ns
     assert psl.main(["teacher", *_argv(psl_tiny, tmp_path / "unused", *flags)]) == final
