@@ -11,13 +11,14 @@ Paper, AudioSet balanced subset, eval mAP (%) / d' (Table 2):
     weak baseline 17.69 / 1.994   PSL-10s 31.13 / 2.454   PSL-5s 34.11 / 2.549   PSL-2s 35.48 / 2.588
     (the MA itself, trained on full AudioSet: 40.53 / 2.695)
 
-    python psl.py --segment 2 --data balanced               # synthetic corpus, all stages (8 min, 2 cores)
+    python psl.py --segment 2 --data balanced               # synthetic corpus, all stages (the default run)
     python psl.py --table 2                                 # weak / PSL-10s / 5s / 2s, shared teacher
     python psl.py --data-root data/audioset --segment 2     # real AudioSet (on a GPU: the paper's schedule)
-    python psl.py --data-root DIR --preset cpu --ma-eval-every 1 --eval-every 1   # any corpus: validate per epoch
+    python psl.py --data-root data/audioset --preset cpu --ma-eval-every 1 --eval-every 1   # validate per epoch
     torchrun --nproc_per_node=2 psl.py --segment 2          # DDP (gloo on CPU, nccl on GPUs)
-    python psl.py predict --ckpt runs/psl/psl_2s_balanced/student/final.pt clip.wav
+    python psl.py predict --ckpt runs/psl/psl_2s_balanced/student/final.pt clip.wav   # tag your audio
     python psl.py teacher --teacher-epochs 20               # stage 1 alone: prints the shared MA's folder
+    python psl.py plot runs/psl/psl_2s_balanced --out chunks.png   # mAP against chunk length, beside the paper's
 
 --preset auto|paper|cpu decides the schedule of the flags left unset (one line at start says which and
 why): auto = the paper's (Sec. 3.2, 3.3) on a CUDA GPU, the CPU one (deviation 4) otherwise, whatever the
@@ -25,7 +26,9 @@ corpus. Validation intervals are epochs of the stage's own training set (--eval-
 epoch on any corpus) or batches with a `b` suffix (10000b, the paper's). Every training stage (the MA
 first: a PSL student is capped by it) says in its last log line and results.json whether its validation
 mAP reached a plateau (common.plateau_report: the last quarter of validations within 0.005 of the best).
-    python common.py seeds --row weak RUN RUN RUN --row psl RUN RUN RUN --key mAP   # mean +- std over seeds
+Seeds (runs named by --name: weak_s0..2 and psl_s0..2 with --seed 0..2): mean +- std, then the figure:
+    python common.py seeds --row weak-2s runs/psl/weak_s{0,1,2} --row PSL-2s runs/psl/psl_s{0,1,2} --out runs/psl/s2
+    python psl.py plot runs/psl/s2
 
 A killed run resumes exactly (bit-identical results) when the same command is run again; --no-resume
 restarts the run folder (removing only the files psl.py wrote there). The MA and each relabel cache
@@ -33,7 +36,7 @@ are shared stages: folders `<--stages>/teacher-<hash>` and `relabel-<hash>` name
 that changes them (the relabel cache: the teacher file's content, the corpus files, data, segment),
 reused by every run that needs the same one and never removed by --no-resume.
 
-Deviations from the paper (numbered as in the README):
+Deviations from the paper (numbered as in docs/psl.md):
  1. Validation uses the held-out valid split (valid.tsv) by mAP over n-second chunk averages; the
     paper's text says "the balanced subset", which for Table 2 is the training set and the official
     code's cv file is the training file (`--valid-on train`). Without a valid.tsv every stage
@@ -50,7 +53,7 @@ Deviations from the paper (numbered as in the README):
     polynomial power 1; mix-up is applied to waveforms. Soft labels are precomputed once per
     (teacher, data, segment) instead of online (equivalent: the teacher is deterministic in eval mode)
     and stored as float16 (rounding at most 2.4e-4): a memory-mapped .npy, 10 GB for 9.5 M chunks of
-    full AudioSet, read row by row, never held in memory (README: memory per PSL row).
+    full AudioSet, read row by row, never held in memory (docs/psl.md: memory at AudioSet scale).
  6. The dB floor (top_db 120) is taken per clip, not per batch as in torchaudio.
  7. Chunks of real clips: durations rounded to 0.1 s (as the official code; at least 0.1 s), and a
     remainder shorter than 0.5 s joins the chunk before it (a 160,001-sample clip is 10.0 s; a 4.3 s
@@ -105,60 +108,95 @@ OUTPUTS = ("student/*.pt", "student/*.tmp", "student/topk.json")  # what a run w
 # =============================================================================================
 # Arguments: every default is the paper's value (section in the help)
 # =============================================================================================
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+TEACHER_DOC = """Stage 1 of psl.py alone: train the machine annotator (MA, MobileNetV2 on --ma-data with weak clip
+labels, pseudo-balanced sampling, wave augmentation, mix-up, SpecAugment, polynomial lr decay; Sec. 3.3), evaluate it on
+whole eval clips, and print its folder <--stages>/teacher-<hash>/ (hash of every MA setting and the corpus files).
+A second call with the same MA settings reuses it; so does every run (`python psl.py ...`) that needs this MA, and
+students of a direction run share it with --teacher FILE. The student flags are accepted so that one flag set
+serves both commands; this stage does not read them.
+
+    python psl.py teacher --teacher-epochs 20 --ma-eval-every 1        # prints runs/psl/teacher-<hash>
+    T=$(ls -td runs/psl/teacher-*/ | head -1)                          # the newest MA folder
+    python psl.py --teacher ${T}final.pt --segment 5                   # a student with that MA
+"""
+STUDENT_ONLY = ("--segment", "--labels", "--alpha", "--threshold", "--epochs", "--eval-every", "--eval-mode")
+
+
+def build_parser(command: str = "run") -> argparse.ArgumentParser:
+    """The parser of `python psl.py` (command "run") or of `python psl.py teacher` (its own description and
+    usage; --table and --teacher do not exist there, the student-only flags are listed in their own group)."""
+    teacher = command == "teacher"
+    p = argparse.ArgumentParser(prog="psl.py teacher" if teacher else "psl.py", formatter_class=common.HelpFormatter,
+                                description=TEACHER_DOC if teacher else __doc__,
+                                epilog=None if teacher else "sub-commands (each with its own --help): "
+                                "teacher (stage 1 alone), predict (tag audio files), plot (mAP against chunk length)")
     common.add_common_args(p, "psl")
-    g = p.add_argument_group("pseudo strong labels (Sec. 2, 3, 4.2)")
-    g.add_argument("--segment", type=common.POSITIVE, default=2.0,
-                   help="chunk length n in seconds: 2, 5 or 10 (Sec. 3)")
-    g.add_argument("--labels", type=str, default="psl", choices=["psl", "weak"],
-                   help="psl: MA soft labels per chunk; weak: clip labels propagated to chunks (Table 2 baseline)")
-    g.add_argument("--alpha", type=common.FRACTION, default=1.0,
-                   help="loss = alpha*BCE(soft) + (1-alpha)*BCE(weak); 1 = PSL, 0.5 = teacher-student (Sec. 4.2)")
-    g.add_argument("--table", type=int, default=None, choices=[2, 3],
-                   help="run the rows of Table 2 (weak, PSL-10/5/2s) or Table 3 (alpha 0 / 0.5) and write the table")
-    g.add_argument("--threshold", type=common.FRACTION, default=0.5, help="hard labels for the analysis (Sec. 4.3)")
-    g.add_argument("--stages", type=str, default=None,
-                   help="folder of the shared stages teacher-<hash>/, relabel-<hash>/ (default: the parent of --out)")
-    g = p.add_argument_group("machine annotator (Sec. 3.3)")
-    g.add_argument("--ma-data", type=str, default="full", choices=["balanced", "full", "300h"],
-                   help="MA training set (full AudioSet in the paper)")
-    g.add_argument("--teacher", type=str, default=None,
-                   help="use this MA checkpoint (a psl.py final.pt) instead of training one")
-    g.add_argument("--teacher-epochs", type=common.POSITIVE_INT, default=None,
-                   help="MA epochs with polynomial decay (preset paper: 30; cpu: 5)")
-    g.add_argument("--poly-power", type=common.NONNEG, default=1.0, help="polynomial lr decay power (not given; ours)")
-    g.add_argument("--mixup-alpha", type=common.POSITIVE, default=1.0,
-                   help="mix-up lambda ~ Beta(a, a) (Sec. 3.3, [17])")
-    g.add_argument("--gain-db", type=common.NONNEG, default=6.0, help="random gain in +-dB (not given; ours)")
-    g.add_argument("--max-shift-s", type=common.NONNEG, default=1.0,
-                   help="circular time shift up to +-s (not given; ours)")
-    g.add_argument("--freq-mask", type=common.NONNEG_INT, default=10, help="SpecAugment: max mel bins per mask (ours)")
-    g.add_argument("--time-mask", type=common.NONNEG_INT, default=50, help="SpecAugment: max frames per mask (ours)")
-    g.add_argument("--n-masks", type=common.NONNEG_INT, default=2, help="SpecAugment: masks per axis (ours)")
-    g = p.add_argument_group("training (Sec. 3.2, 3.3); unset = the preset's values")
-    g.add_argument("--preset", type=str, default="auto", choices=["auto", "paper", "cpu"],
-                   help="schedule of the flags left unset: paper (Sec. 3.2, 3.3) or cpu (deviation 4); "
-                        "auto = paper on a CUDA GPU, cpu otherwise, whatever the corpus")
-    g.add_argument("--batch-size", type=common.POSITIVE_INT, default=32, help="batch size (Sec. 3.2)")
-    g.add_argument("--lr", type=common.POSITIVE, default=None,
-                   help="Adam learning rate (preset paper: 1e-4, Sec. 3.2; cpu: 1e-3, the official code's)")
-    g.add_argument("--epochs", type=common.POSITIVE_INT, default=None,
-                   help="max student epochs (preset paper: 300; cpu: 6)")
-    g.add_argument("--eval-every", type=every, default=None,
-                   help="student: validate every X epochs of its chunks (0.5 = twice per epoch), or every N batches "
-                        "as Nb, at least once per epoch (preset paper: 10000b, Sec. 3.2; cpu: 0.5)")
-    g.add_argument("--ma-eval-every", type=every, default=None,
-                   help="machine annotator: validate every X epochs of its clips, or Nb batches (as --eval-every)")
-    g.add_argument("--patience", type=common.POSITIVE, default=15,
-                   help="early stop after N epochs without a validation gain (student, Sec. 3.3; MA alike)")
-    g.add_argument("--top-k", type=common.POSITIVE_INT, default=4,
-                   help="average the top-k checkpoints by validation mAP (Sec. 3.2)")
-    g.add_argument("--valid-on", type=str, default="valid", choices=["valid", "train"],
-                   help="validation split; official code: the training file (deviation 1)")
-    g.add_argument("--eval-mode", type=str, default="chunks", choices=["chunks", "clip"],
-                   help="chunks: average n-second chunk scores per clip (Sec. 3.3); clip: whole clips (official)")
-    return p.parse_args(argv)
+    skipped = {"--table", "--teacher"} if teacher else set()
+    student = []  # the teacher parser's student-only flags, listed last in their own group
+
+    def group(title):  # add_argument of a group, routing the student-only flags of the teacher parser
+        g = p.add_argument_group(title)
+
+        def add(flag, **kw):
+            if teacher and flag in STUDENT_ONLY:
+                student.append((flag, kw))
+            elif flag not in skipped:
+                g.add_argument(flag, **kw)
+        return add
+    g = group("pseudo strong labels (Sec. 2, 3, 4.2)")
+    g("--segment", type=common.POSITIVE, default=2.0, help="chunk length n in seconds: 2, 5 or 10 (Sec. 3)")
+    g("--labels", type=str, default="psl", choices=["psl", "weak"],
+      help="psl: MA soft labels per chunk; weak: clip labels propagated to chunks (Table 2 baseline)")
+    g("--alpha", type=common.FRACTION, default=1.0,
+      help="loss = alpha*BCE(soft) + (1-alpha)*BCE(weak); 1 = PSL, 0.5 = teacher-student (Sec. 4.2)")
+    g("--table", type=int, default=None, choices=[2, 3],
+      help="run the rows of Table 2 (weak, PSL-10/5/2s) or Table 3 (alpha 0 / 0.5) and write the table")
+    g("--threshold", type=common.FRACTION, default=0.5, help="hard labels for the analysis (Sec. 4.3)")
+    g("--stages", type=str, default=None,
+      help="folder of the shared stages teacher-<hash>/, relabel-<hash>/ (default: the parent of --out)")
+    g = group("machine annotator (Sec. 3.3)")
+    g("--ma-data", type=str, default="full", choices=["balanced", "full", "300h"],
+      help="MA training set (full AudioSet in the paper)")
+    g("--teacher", type=str, default=None, help="use this MA checkpoint (a psl.py final.pt) instead of training one")
+    g("--teacher-epochs", type=common.POSITIVE_INT, default=None,
+      help="MA epochs with polynomial decay (preset paper: 30; cpu: 5)")
+    g("--poly-power", type=common.NONNEG, default=1.0, help="polynomial lr decay power (not given; ours)")
+    g("--mixup-alpha", type=common.POSITIVE, default=1.0, help="mix-up lambda ~ Beta(a, a) (Sec. 3.3, [17])")
+    g("--gain-db", type=common.NONNEG, default=6.0, help="random gain in +-dB (not given; ours)")
+    g("--max-shift-s", type=common.NONNEG, default=1.0, help="circular time shift up to +-s (not given; ours)")
+    g("--freq-mask", type=common.NONNEG_INT, default=10, help="SpecAugment: max mel bins per mask (ours)")
+    g("--time-mask", type=common.NONNEG_INT, default=50, help="SpecAugment: max frames per mask (ours)")
+    g("--n-masks", type=common.NONNEG_INT, default=2, help="SpecAugment: masks per axis (ours)")
+    g = group("training (Sec. 3.2, 3.3); unset = the preset's values")
+    g("--preset", type=str, default="auto", choices=["auto", "paper", "cpu"],
+      help="schedule of the flags left unset: paper (Sec. 3.2, 3.3) or cpu (deviation 4); "
+           "auto = paper on a CUDA GPU, cpu otherwise, whatever the corpus")
+    g("--batch-size", type=common.POSITIVE_INT, default=32, help="batch size (Sec. 3.2)")
+    g("--lr", type=common.POSITIVE, default=None,
+      help="Adam learning rate (preset paper: 1e-4, Sec. 3.2; cpu: 1e-3, the official code's)")
+    g("--epochs", type=common.POSITIVE_INT, default=None, help="max student epochs (preset paper: 300; cpu: 6)")
+    g("--eval-every", type=every, default=None,
+      help="student: validate every X epochs of its chunks (0.5 = twice per epoch), or every N batches "
+           "as Nb, at least once per epoch (preset paper: 10000b, Sec. 3.2; cpu: 0.5)")
+    g("--ma-eval-every", type=every, default=None,
+      help="machine annotator: validate every X epochs of its clips, or Nb batches (as --eval-every)")
+    g("--patience", type=common.POSITIVE, default=15,
+      help="early stop after N epochs without a validation gain (student, Sec. 3.3; MA alike)")
+    g("--top-k", type=common.POSITIVE_INT, default=4, help="average the top-k checkpoints by validation mAP (Sec. 3.2)")
+    g("--valid-on", type=str, default="valid", choices=["valid", "train"],
+      help="validation split; official code: the training file (deviation 1)")
+    g("--eval-mode", type=str, default="chunks", choices=["chunks", "clip"],
+      help="chunks: average n-second chunk scores per clip (Sec. 3.3); clip: whole clips (official)")
+    if teacher:
+        g = p.add_argument_group("student stage (accepted, not read by `psl.py teacher`)")
+        for flag, kw in student:
+            g.add_argument(flag, **kw)
+        p.set_defaults(table=None, teacher=None)
+    return p
+
+
+def parse_args(argv=None, command: str = "run") -> argparse.Namespace:
+    return build_parser(command).parse_args(argv)
 
 
 def every(text: str) -> float | str:
@@ -289,14 +327,19 @@ class MobileNetV2(nn.Module):
 
 
 def build_model(ckpt: dict, path="checkpoint") -> MobileNetV2:
-    """Rebuild a model from a self-describing checkpoint alone; another script's checkpoint is one line."""
+    """Rebuild a model from a self-describing checkpoint alone; another script's checkpoint, or one whose
+    weights are not this model's (an edited or foreign file), is one line."""
     ours = isinstance(ckpt, dict) and {"model", "labels", "segment"} <= set(ckpt) and ckpt.get("script", "psl") == "psl"
     if not ours:
         other = (ckpt.get("script") or ("psla" if "config" in ckpt else None)) if isinstance(ckpt, dict) else None
         raise common.DataError(f"{path}: not a psl.py model checkpoint (a student's or MA's final.pt)"
-                               + (f" but a {other}.py one" if other else ""))
-    model = MobileNetV2(len(ckpt["labels"]["mids"]))
-    model.load_state_dict(ckpt["model"])
+                               + (f" but {other}.py's" if other else ""))
+    labels = ckpt["labels"]
+    if not (isinstance(labels, dict) and isinstance(labels.get("mids"), list) and labels["mids"]
+            and isinstance(ckpt["model"], dict)):
+        raise common.DataError(f"{path}: not a psl.py model checkpoint (no class list or weights)")
+    model = MobileNetV2(len(labels["mids"]))
+    common.load_weights(model, ckpt["model"], path)
     return model
 
 
@@ -886,25 +929,45 @@ def run_teacher(args: argparse.Namespace) -> Path:
     folder, for student runs to share with --teacher (e.g. every seed of a direction run)."""
     corpus = common.load_corpus(args.data_root, args.data, args.synth_scale, args.synth_clip_seconds, args.seed)
     final = train_teacher(resolve(args, corpus), common.setup_device(args)[0])
-    print(f"machine annotator: {final.parent} (students: --teacher {final})")
+    if common.is_main():
+        print(f"machine annotator: {final.parent} (students: --teacher {final}; peak memory "
+              f"{common.peak_memory_gb():.1f} GB)", flush=True)
     return final
+
+
+PREDICT_DOC = """Tag audio files with a psl.py checkpoint (a student's or the MA's final.pt): the top classes of each
+file (mean of its chunk scores, as the evaluation) and a timeline of the top 3 classes per chunk. Any format and
+sample rate soundfile reads (resampled to 16 kHz, mixed to mono). A checkpoint trained on the synthetic corpus
+knows only its 30 toy classes: the prediction then starts with a warning line.
+
+    python psl.py predict --ckpt runs/psl/psl_2s_balanced/student/final.pt clip.wav other.flac
+"""
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="psl.py predict", description=PREDICT_DOC, formatter_class=common.HelpFormatter)
+    p.add_argument("--ckpt", required=True, help="final.pt of a student (run/student/final.pt) or of an MA "
+                                                 "(teacher-<hash>/final.pt)")
+    p.add_argument("--segment", type=common.POSITIVE, default=None,
+                   help="timeline resolution in seconds (default: the model's chunk length; 2 for an MA)")
+    p.add_argument("--top", type=common.POSITIVE_INT, default=5, help="classes shown per file (3 per chunk)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast precision; auto = bf16 on CUDA, none elsewhere")
+    p.add_argument("files", nargs="+", help="audio files to tag (wav, flac, ...)")
+    return p
 
 
 def predict(argv: list[str]) -> None:
     """Tag audio files with a checkpoint: top classes per clip and a per-segment timeline."""
-    p = argparse.ArgumentParser(prog="psl.py predict", description="tag audio files with a PSL/MA checkpoint")
-    p.add_argument("--ckpt", required=True, help="final.pt of a student or teacher")
-    p.add_argument("--segment", type=common.POSITIVE, default=None,
-                   help="timeline resolution (default: the model's chunk length)")
-    p.add_argument("--top", type=common.POSITIVE_INT, default=5, help="classes shown per clip (3 per segment)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"], help="autocast precision")
-    p.add_argument("files", nargs="+")
-    a = p.parse_args(argv)
+    a = predict_parser().parse_args(argv)
     ckpt = read_checkpoint(a.ckpt)
     device = common.pick_device(a.device)
     model = build_model(ckpt, a.ckpt).to(device).eval()
     names = ckpt["labels"]["names"]
+    warning = common.synthetic_classes_warning(ckpt["labels"]["mids"])
+    if warning:
+        print(warning, flush=True)
     segment = a.segment or ckpt["segment"] or 2.0
     for path in a.files:
         wave = torch.from_numpy(common.load_audio(path))
@@ -920,14 +983,139 @@ def predict(argv: list[str]) -> None:
             print(f"  {s:6.1f}-{e:6.1f} s  " + ", ".join(f"{names[k]} {pr[k]:.2f}" for k in np.argsort(-pr)[:3]))
 
 
+# =============================================================================================
+# plot: mAP against chunk length (Table 2 / 3), ours beside the paper's
+# =============================================================================================
+PLOT_DOC = """Draw eval mAP (%) against chunk length (2 / 5 / 10 s) for each labelling (weak, PSL, alpha 0.5), ours
+(solid, filled markers) beside the paper's Tables 2 and 3 (dashed, hollow markers; AudioSet, balanced subset).
+Each RUN is a folder with a results.json:
+  - a run of psl.py (one point: its method at its chunk length),
+  - a `python psl.py --table 2` (or 3) folder (one point per row),
+  - a folder written by `python common.py seeds --row weak-2s RUN... --row PSL-2s RUN... --out D` (rows named
+    <weak|PSL|alpha 0.5|ts>-<n>s, anything after the length becomes part of the series name; each point is the
+    mean over seeds with a +- sample std error bar), or
+  - a machine annotator's teacher-<hash> folder (a horizontal line, beside the paper's MA: 40.53).
+Only numbers read from these files are drawn; the paper's come from Tables 2 and 3.
+
+    python psl.py plot runs/psl/psl_2s_balanced runs/psl/teacher-*/ --out docs/figures/psl.png
+"""
+METHOD_NAMES = {"weak": "weak", "psl": "PSL", "ts": "alpha 0.5"}
+METHOD_COLORS = {"weak": "tab:blue", "psl": "tab:red", "ts": "tab:green"}
+ROW_NAME = r"^\s*(?P<m>weak|psl|alpha\s*0?\.5|ts\s*0?\.5|teacher-student)[-_ ]*(?P<s>\d+(?:\.\d+)?)\s*s(?P<rest>.*)$"
+
+
+def parse_row_name(name: str) -> tuple[str, float, str] | None:
+    """'PSL-2s' -> ('psl', 2.0, ''), 'alpha 0.5-5s' -> ('ts', 5.0, ''), 'weak-2s 30ep' -> ('weak', 2.0, '30ep')."""
+    import re
+    m = re.match(ROW_NAME, name, re.IGNORECASE)
+    if not m:
+        return None
+    kind = m["m"].lower()
+    kind = "weak" if kind == "weak" else "psl" if kind == "psl" else "ts"
+    return kind, float(m["s"]), m["rest"].strip(" -_()")
+
+
+def plot_points(runs: list[str]) -> tuple[dict, list]:
+    """Series {(source, method, extra): [(segment, [mAP values]), ...]} and MA lines [(label, mAP)] read from
+    the results.json of every RUN (source: the folder of a seeds or --table run; "" for single runs, which
+    join one series per method); anything else is one line naming the folder."""
+    series, ma = {}, []
+    for run in runs:
+        r = common.read_json(Path(run) / "results.json", "results.json (not a finished run?)")
+        src = Path(run).resolve().name
+        add = lambda src_, kind, seg, extra, values: series.setdefault((src_, kind, extra), []).append((seg, values))
+        if "table" in r and "rows" in r:  # a --table run: [name, alpha, mAP %, d', mAUC, paper mAP %, paper d']
+            for row in r["rows"]:
+                parsed = parse_row_name(row[0])
+                if parsed:
+                    add(src, parsed[0], parsed[1], parsed[2], [float(row[2]) / 100])
+        elif "method" in r and "segment" in r and "mAP" in r:  # one run
+            add("", r["method"], float(r["segment"]), "", [float(r["mAP"])])
+        elif "mAP" in r and "convergence" in r:  # a machine annotator's stage folder
+            ma.append((f"MA (ours, {src})", float(r["mAP"])))
+        elif r and all(isinstance(v, dict) and "runs" in v for v in r.values()):  # common.py seeds
+            for name, row in r.items():
+                parsed = parse_row_name(name)
+                if parsed is None:
+                    raise common.DataError(f"{run}: seeds row {name!r} is not named <weak|PSL|alpha 0.5>-<n>s "
+                                           "(e.g. weak-2s, PSL-5s)")
+                if "mAP" not in row:
+                    raise common.DataError(f"{run}: seeds row {name!r} has no mAP (common.py seeds --key mAP)")
+                add(src, *parsed, [float(v) for v in row["mAP"]])
+        else:
+            raise common.DataError(f"{run}: results.json of neither a psl.py run, a --table run, a teacher stage "
+                                   "nor a `common.py seeds` table")
+    if not series and not ma:
+        raise common.DataError("plot: nothing to draw in " + ", ".join(runs))
+    return series, ma
+
+
+def draw_chunk_lengths(series: dict, ma: list):
+    """draw(ax) for common.figure: one line per series (ours: mean +- sample std over seeds), the paper's
+    Table 2 / 3 lines for weak and PSL (and alpha 0.5 when ours has it), MA levels as horizontal lines."""
+    def draw(ax):
+        kinds = {"weak", "psl"} | {k for _, k, _ in series}
+        for kind in ("weak", "psl", "ts"):
+            if kind not in kinds:
+                continue
+            pts = sorted((seg, v) for (k, seg), v in PAPER.items() if k == kind)
+            table = "Table 2" if kind == "psl" else "Table 3" if kind == "ts" else "Tables 2, 3"
+            ax.plot([p[0] for p in pts], [p[1][0] for p in pts], "--", marker="o", mfc="none",
+                    color=METHOD_COLORS[kind], alpha=0.6, label=f"paper {METHOD_NAMES[kind]} ({table}, AudioSet)",
+                    gid=f"paper:{kind}")
+        sources = sorted({src for src, _, _ in series})
+        for (src, kind, extra), pts in sorted(series.items()):
+            pts = sorted(pts, key=lambda p: p[0])
+            x = [seg for seg, _ in pts]
+            y = [100 * float(np.mean(v)) for _, v in pts]
+            err = [100 * float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for _, v in pts]
+            n = sorted({len(v) for _, v in pts})
+            where = f", {src or 'single runs'}" if len(sources) > 1 else ""
+            label = f"{METHOD_NAMES.get(kind, kind)}{' ' + extra if extra else ''} (ours{where}" + \
+                (f", {'/'.join(map(str, n))} seeds, mean +- std)" if n != [1] else ")")
+            ax.errorbar(x, y, yerr=err if any(err) else None, fmt="-", marker="osD^v"[sources.index(src) % 5],
+                        capsize=4, label=label, color=METHOD_COLORS.get(kind), gid=f"ours:{src}:{kind}:{extra}")
+        for i, (label, value) in enumerate(ma):
+            ax.axhline(100 * value, color="black", ls="-", lw=1, alpha=0.7, label=label, gid=f"ours:ma:{i}")
+        if ma:
+            ax.axhline(40.53, color="black", ls="--", lw=1, alpha=0.5, label="paper MA (full AudioSet)",
+                       gid="paper:ma")
+        ax.set_xscale("log")
+        ax.set_xticks([2, 5, 10])
+        ax.set_xticklabels(["2", "5", "10"])
+        ax.minorticks_off()
+        ax.set_xlabel("chunk length n (s)")
+        ax.set_ylabel("eval mAP (%)")
+        ax.set_title("PSL: mAP against chunk length (ours: our corpus; paper: AudioSet)", fontsize=10)
+        ax.set_xlim(1.7, 12)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    return draw
+
+
+def plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="psl.py plot", description=PLOT_DOC, formatter_class=common.HelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="folders with a results.json (see above)")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/chunk_length.png of the first RUN)")
+    return p
+
+
+def plot(argv: list[str]) -> Path:
+    """`python psl.py plot RUN... [--out PNG]`: the chunk-length figure from the runs' results.json."""
+    a = plot_parser().parse_args(argv)
+    series, ma = plot_points(a.runs)
+    return common.figure(a.out or Path(a.runs[0]) / "chunk_length.png", draw_chunk_lengths(series, ma), size=(9.5, 4.6))
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["predict"]:
         return predict(argv[1:])
+    if argv[:1] == ["plot"]:
+        return plot(argv[1:])
     if argv[:1] == ["seeds"]:
         raise common.DataError("psl.py seeds is now: python common.py seeds --row NAME RUN... --row ... --key mAP")
     teacher_only = argv[:1] == ["teacher"]
-    args = parse_args(argv[1:] if teacher_only else argv)
+    args = parse_args(argv[1:], "teacher") if teacher_only else parse_args(argv)
     with common.distributed():
         return run_teacher(args) if teacher_only else run_table(args) if args.table else run(args)
 

@@ -928,6 +928,148 @@ def test_psl_help(capsys):
     assert "--ckpt" in capsys.readouterr().out
 
 
+def _psl_parsers() -> dict:
+    return {"run": psl.build_parser("run"), "teacher": psl.build_parser("teacher"), "predict": psl.predict_parser(),
+            "plot": psl.plot_parser()}
+
+
+def test_psl_every_command_has_its_own_help_with_defaults(capsys):
+    """Issue 21: `psl.py teacher --help` is the teacher stage's own help (not the run's), every sub-command's
+    --help names its own program, every flag and positional has help text, and defaults are shown."""
+    helps = {}
+    for cmd in ("run", "teacher", "predict", "plot"):
+        with pytest.raises(SystemExit) as e:
+            psl.main(([] if cmd == "run" else [cmd]) + ["--help"])
+        assert e.value.code == 0
+        helps[cmd] = capsys.readouterr().out
+    assert helps["run"].startswith("usage: psl.py [") and "sub-commands (each with its own --help)" in helps["run"]
+    for cmd in ("teacher", "predict", "plot"):
+        assert helps[cmd].startswith(f"usage: psl.py {cmd} ") and "What is reproduced" not in helps[cmd], cmd
+    assert "Stage 1 of psl.py alone" in helps["teacher"] and "--table" not in helps["teacher"]
+    assert "student stage (accepted, not read by `psl.py teacher`)" in helps["teacher"]
+    for cmd in ("run", "teacher"):
+        assert "batch size (Sec. 3.2) (default: 32)" in helps[cmd] and "(default: 15)" in helps[cmd]
+    assert "(default: 5)" in helps["predict"] and "audio files to tag" in helps["predict"]
+    for cmd, parser in _psl_parsers().items():
+        assert isinstance(parser.formatter_class, type) and issubclass(parser.formatter_class, C.HelpFormatter), cmd
+        for action in parser._actions:
+            assert action.help and action.help.strip(), f"{cmd}: {action.dest} has no help text"
+    t = psl.parse_args(["--segment", "4", "--eval-every", "1b", "--teacher-epochs", "3"], "teacher")
+    assert t.teacher is None and t.table is None and t.teacher_epochs == 3  # the run's flags are accepted
+
+
+def test_psl_docstring_commands_parse():
+    """Every `python psl.py ...` / `torchrun ... psl.py ...` example of the module docstring and of the
+    sub-commands' help parses with that command's own parser (flags exist, values are valid)."""
+    import shlex
+    parsers, n = _psl_parsers(), 0
+    for doc in (psl.__doc__, psl.TEACHER_DOC, psl.PREDICT_DOC, psl.PLOT_DOC):
+        for line in doc.splitlines():
+            if not re.match(r"    (python|torchrun) ", line):
+                continue
+            words = shlex.split(line.split("#")[0])
+            if "psl.py" not in words[:4]:
+                continue
+            argv = words[words.index("psl.py") + 1:]
+            cmd = argv[0] if argv and argv[0] in ("teacher", "predict", "plot") else "run"
+            parsers[cmd].parse_args(argv[1:] if cmd != "run" else argv)
+            n += 1
+    assert n >= 12
+
+
+def _psl_results(folder: Path, obj) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(obj))
+    return str(folder)
+
+
+def test_psl_plot_draws_the_values_of_results_json(tmp_path, monkeypatch):
+    """`psl.py plot`: the PNG is written and the drawn values are read back from the Axes: each seeds row is a
+    point at its chunk length (mean of the per-seed mAP, in %) with a +- sample std error bar; a single run
+    and a --table run are points, a teacher stage a horizontal line; the paper's lines are Tables 2 and 3."""
+    seeds = {"weak-2s": {"mAP": [0.561, 0.579, 0.564], "runs": ["a", "b", "c"], "minus_first": None},
+             "PSL-2s": {"mAP": [0.782, 0.779, 0.778], "runs": ["a", "b", "c"], "minus_first": [0.2, 0.2, 0.2]},
+             "PSL-5s 30ep": {"mAP": [0.765, 0.763, 0.769], "runs": ["a", "b", "c"], "minus_first": [0.2, 0.2, 0.2]},
+             "alpha 0.5-5s": {"mAP": [0.744, 0.705, 0.742], "runs": ["a", "b", "c"], "minus_first": [0.1, 0.1, 0.1]}}
+    runs = [_psl_results(tmp_path / "seeds", seeds),
+            _psl_results(tmp_path / "psl_5s", {"method": "psl", "segment": 5.0, "mAP": 0.4321, "alpha": 1.0}),
+            _psl_results(tmp_path / "psl_2s", {"method": "psl", "segment": 2.0, "mAP": 0.4686, "alpha": 1.0}),
+            _psl_results(tmp_path / "table2", {"table": 2, "rows": [["weak-10s", "0", "19.28", "-0.047", "0.4869"],
+                                                                     ["PSL-10s", "1", "23.64", "0.227", "0.5638"]]}),
+            _psl_results(tmp_path / "teacher-abc", {"mAP": 0.4964, "convergence": {"plateau": False}})]
+    axes, figure = [], C.figure
+
+    def spy(path, draw, **kw):
+        return figure(path, lambda ax: (draw(ax), axes.append(ax)), **kw)
+    monkeypatch.setattr(C, "figure", spy)
+    png = tmp_path / "fig" / "psl.png"
+    assert psl.main(["plot", *runs, "--out", str(png)]) == png
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    (ax,) = axes
+    bars = {c.lines[0].get_gid(): c for c in ax.containers}
+    caps = {id(l) for c in ax.containers for l in c.lines[1]}  # the error bars' caps (Line2D too)
+    lines = {l.get_gid(): l for l in ax.lines if id(l) not in caps}
+
+    def drawn(gid):
+        return list(lines[gid].get_xdata()), [float(v) for v in lines[gid].get_ydata()]
+    for gid, rows in (("ours:seeds:weak:", ["weak-2s"]), ("ours:seeds:psl:", ["PSL-2s"]),
+                      ("ours:seeds:psl:30ep", ["PSL-5s 30ep"]), ("ours:seeds:ts:", ["alpha 0.5-5s"])):
+        v = [seeds[r]["mAP"] for r in rows]
+        x, y = drawn(gid)
+        assert x == [psl.parse_row_name(r)[1] for r in rows]
+        np.testing.assert_allclose(y, [100 * np.mean(m) for m in v], rtol=1e-12)
+        segs = bars[gid].lines[2][0].get_segments()  # the error bars: (x, mean - std) .. (x, mean + std)
+        np.testing.assert_allclose([[s[0][1], s[1][1]] for s in segs],
+                                   [[100 * (np.mean(m) - np.std(m, ddof=1)), 100 * (np.mean(m) + np.std(m, ddof=1))]
+                                    for m in v], rtol=1e-12)
+    assert drawn("ours::psl:") == ([2.0, 5.0], [46.86, 43.21])  # the single runs, sorted by chunk length
+    assert drawn("ours:table2:weak:") == ([10.0], [19.28]) and drawn("ours:table2:psl:") == ([10.0], [23.64])
+    assert drawn("ours:ma:0")[1] == [49.64, 49.64] and drawn("paper:ma")[1] == [40.53, 40.53]
+    for kind in ("weak", "psl", "ts"):  # the paper's lines: Tables 2 and 3
+        assert drawn(f"paper:{kind}") == ([2, 5, 10], [psl.PAPER[(kind, n)][0] for n in (2, 5, 10)])
+    assert len(ax.lines) == len(lines) + len(caps) and None not in lines  # nothing else drawn
+    bad = _psl_results(tmp_path / "bad", {"x-2s": {"mAP": [0.5], "runs": ["a"]}})
+    for argv, msg in (([bad], "seeds row 'x-2s' is not named"), ([str(tmp_path / "none")], "not found"),
+                      ([_psl_results(tmp_path / "other", {"acc": 1})], "neither a psl.py run")):
+        with pytest.raises(C.DataError, match=msg) as e:
+            psl.main(["plot", *argv])
+        assert "\n" not in str(e.value)
+
+
+def _psl_checkpoint(path: Path, mids, n_model: int | None = None, **extra) -> Path:
+    torch.manual_seed(0)
+    model = psl.MobileNetV2(n_model or len(mids))
+    torch.save({"script": "psl", "model": model.state_dict(), "segment": 2.0, "args": {}, "info": {},
+                "labels": {"mids": list(mids), "names": [f"class {m}" for m in mids]}, **extra}, path)
+    return path
+
+
+def test_psl_predict_warns_for_synthetic_classes_and_foreign_files_are_one_line(tmp_path, capsys):
+    """Issue 21: a prediction with a checkpoint that knows only the synthetic corpus's classes starts with
+    common.synthetic_classes_warning (real AudioSet ids: no warning); a foreign file as --ckpt (a wav, random
+    bytes, a psl-shaped file whose weights are another model's) is one line, no traceback."""
+    wav = tmp_path / "a.wav"
+    sf.write(wav, (np.random.default_rng(0).standard_normal(3 * C.SR) * 0.1).astype(np.float32), C.SR)
+    synth = _psl_checkpoint(tmp_path / "synth.pt", ["/synth/p0c0", "/synth/p1c0", "/synth/p2"])
+    real = _psl_checkpoint(tmp_path / "real.pt", ["/m/09x0r", "/m/04rlf", "/m/0jbk"])
+    capsys.readouterr()
+    psl.main(["predict", "--ckpt", str(synth), str(wav)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == C.synthetic_classes_warning(["/synth/p0c0", "/synth/p1c0", "/synth/p2"])
+    assert out[1].startswith(f"{wav}: class /synth/") and len(out) == 4  # + 2 s and 1 s chunks
+    psl.main(["predict", "--ckpt", str(real), str(wav)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{wav}: class /m/") and len(out) == 3 and "warning" not in "".join(out)
+    (tmp_path / "rand.pt").write_bytes(np.random.default_rng(0).bytes(300))
+    for ckpt, msg in ((wav, "not a PyTorch checkpoint"), (tmp_path / "rand.pt", "not a PyTorch checkpoint"),
+                      (_psl_checkpoint(tmp_path / "other.pt", ["/m/a", "/m/b"], n_model=5), "not a checkpoint of "
+                       "this model (2 shapes differ"),
+                      (_psl_checkpoint(tmp_path / "nolabels.pt", ["/m/a"], labels={}), "no class list")):
+        with pytest.raises(C.DataError, match=re.escape(msg)) as e:
+            psl.main(["predict", "--ckpt", str(ckpt), str(wav)])
+        assert "\n" not in str(e.value) and str(ckpt) in str(e.value)
+
+
 def test_psl_chunking_keeps_short_last_chunk(psl_tiny):
     corpus = C.load_corpus(str(psl_tiny), "balanced")
     rows = corpus.train[:2]
@@ -982,6 +1124,8 @@ def test_psl_all_stages_save_reload_predict(psl_tiny, tmp_path, capsys):
     out = tmp_path / "run"
     psl.main(_argv(psl_tiny, out, "--segment", "2", "--max-steps", "2"))
     res = json.loads((out / "results.json").read_text())
+    where = re.escape(str(out / "results.md"))
+    assert re.search(rf"results: {where} \(peak memory \d+\.\d GB\)", capsys.readouterr().out)  # where, how much
     assert 0 < res["mAP"] <= 1 and 0 <= res["mAUC"] <= 1 and np.isfinite(res["dprime"]) and res["n"] == 24
     assert res["method"] == "psl" and res["params"] == sum(p.numel() for p in psl.MobileNetV2(30).parameters())
     a = res["analysis"]
@@ -1003,7 +1147,8 @@ def test_psl_all_stages_save_reload_predict(psl_tiny, tmp_path, capsys):
     capsys.readouterr()
     psl.main(["predict", "--ckpt", str(out / "student" / "final.pt"), str(psl_tiny / corpus.eval[0][0])])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3 and "2.0-   4.0 s" in lines[2] and ":" in lines[0]  # clip line + 2 segments
+    assert lines[0] == C.synthetic_classes_warning(corpus.labels.mids)  # the synthetic corpus's toy classes
+    assert len(lines) == 4 and "2.0-   4.0 s" in lines[3] and ":" in lines[1]  # warning, clip line + 2 segments
 
 
 def test_psl_weak_baseline_needs_no_teacher(psl_tiny, tmp_path):
@@ -1050,7 +1195,9 @@ def test_psl_teacher_subcommand_is_shared_by_student_runs(psl_tiny, tmp_path, ca
     file's content) and writes nothing beside the user's file; a changed MA setting is another stage."""
     flags = ["--stages", str(tmp_path / "stages"), "--max-steps", "1", "--segment", "4"]
     final = psl.main(["teacher", *_argv(psl_tiny, tmp_path / "unused", *flags)])
-    assert f"machine annotator: {final.parent}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"machine annotator: {final.parent}" in out and f"results: {final.parent / 'results.md'} (peak memory" in out
+    assert re.search(r"--teacher \S+final\.pt; peak memory \d+\.\d GB\)", out)  # where it went, its memory
     assert final.parent.parent == tmp_path / "stages" and final.parent.name.startswith("teacher-")
     stamp = final.stat().st_mtime_ns
     assert psl.main(["teacher", *_argv(psl_tiny, tmp_path / "unused", *flags)]) == final
@@ -1252,20 +1399,20 @@ def _psl_bad_input(case: str, root: Path, tmp: Path) -> tuple[list, str]:
     argv = lambda *x: _argv(root, tmp / "out", "--max-steps", "1", *x)
     if case == "teacher_other_script":
         torch.save({"model": {}, "config": {}}, ckpt)  # psla.py's wa.pt
-        return argv("--teacher", ckpt), "ck.pt: not a psl.py model checkpoint (a student's or MA's final.pt) but a psla"
+        return argv("--teacher", ckpt), "ck.pt: not a psl.py model checkpoint (a student's or MA's final.pt) but psla.py's"
     if case == "teacher_at_transfer":
         torch.save({"model": {}, "arch": "mbv2", "labels": {"mids": []}, "script": "at_transfer"}, ckpt)
-        return argv("--teacher", ckpt), "but a at_transfer.py one"
+        return argv("--teacher", ckpt), "but at_transfer.py's"
     if case == "teacher_missing":
         return argv("--teacher", tmp / "none.pt"), "none.pt: checkpoint not found"
     if case == "teacher_garbage":
         ckpt.write_bytes(b"\x00not a checkpoint" * 10)
-        return argv("--teacher", ckpt), "ck.pt: not a readable checkpoint"
+        return argv("--teacher", ckpt), "ck.pt: not a PyTorch checkpoint"
     if case == "teacher_folder":
-        return argv("--teacher", tmp), "not a readable checkpoint"
+        return argv("--teacher", tmp), f"{tmp}: checkpoint not found"
     if case == "predict_other_script":
         torch.save({"model": {}, "config": {}}, ckpt)
-        return ["predict", "--ckpt", str(ckpt), "a.wav"], "but a psla.py one"
+        return ["predict", "--ckpt", str(ckpt), "a.wav"], "but psla.py's"
     if case == "out_file":
         (tmp / "out").write_text("mine")
         return argv(), "exists and is not a folder"
