@@ -4871,17 +4871,15 @@ def test_psl_preset_is_decided_by_the_machine_not_the_corpus(psl_tiny, tmp_path,
 
 
 def test_psl_validation_interval_is_relative_to_the_epoch():
-    """Issue 20, bug 6: --eval-every / --ma-eval-every count epochs of the stage's own training set (the README's
-    direction run said `--ma-eval-every 38`, one epoch of 1,188 clips only): 0.5 is half of any corpus's epoch,
+    """Issue 20, bug 6: --eval-every / --ma-eval-every count epochs of the stage's own training set (the docs'
+    direction run once said `--ma-eval-every 38`, one epoch of 1,188 clips only): 0.5 is half of any corpus's epoch,
     exactly the former synthetic rule (steps // 2); 'Nb' counts batches, at least once per epoch (deviation 8)."""
     assert all(psl.eval_interval(spe, 0.5) == max(1, spe // 2) for spe in range(1, 500))  # the former rule
     assert [psl.eval_interval(spe, 1.0) for spe in (38, 45, 18, 60_000)] == [38, 45, 18, 60_000]
     assert psl.eval_interval(100, 0.29) == 29 and psl.eval_interval(100, 2.0) == 200
     assert psl.eval_interval(60_000, "10000b") == 10_000 and psl.eval_interval(38, "10000b") == 38
     assert psl.parse_args(["--ma-eval-every", "1"]).ma_eval_every == 1.0  # epochs, not batches
-    readme = (HERE / "README.md").read_text()
-    part = readme[readme.index("## psl.py"):]
-    part = part[:part.index("\n## ", 1)]  # psl.py's section: its commands carry no corpus-specific batch counts
+    part = (HERE / "docs" / "psl.md").read_text()  # psl.py's page: its commands carry no corpus-specific batch counts
     given = re.findall(r"--(?:ma-)?eval-every (\S+)", "".join(re.findall(r"```(?:bash)?\n(.*?)```", part, re.S)))
     assert given and all(re.fullmatch(r"[0-9.]+", v) for v in given), given
 
