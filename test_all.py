@@ -5050,7 +5050,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tiny_root, tmp_path):
     """Bad input: the other script's checkpoints and runs are recognised; --out a file or under one."""
     psla_ckpt = tmp_path / "wa.pt"
     torch.save({"model": {}, "config": {}}, psla_ckpt)
-    with pytest.raises(C.DataError, match="psla.py one"):
+    with pytest.raises(C.DataError, match="but psla.py.s$"):
         psl.main(["predict", "--ckpt", str(psla_ckpt), "x.wav"])
     psl_run = tmp_path / "pslrun"
     psl_run.mkdir()
