@@ -91,7 +91,7 @@ def add_common_args(p: argparse.ArgumentParser, script: str) -> None:
                    help="torch.compile the training forward (same results, faster on a GPU)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--workers", type=NONNEG_INT, default=2, help="DataLoader worker processes")
-    g.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="stop each training stage after this many steps (smoke runs)")
+    g.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="stop each training stage after this many steps (smoke runs; default: no limit)")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the run folder's checkpoints (stages whose output exists are skipped)")
     g.add_argument("--synth-scale", type=POSITIVE, default=1.0, help="size of the synthetic corpus (1.0 ~ 1,600 clips)")
@@ -1763,6 +1763,8 @@ def save_checkpoint(path: str | Path, obj: dict) -> None:
 def load_checkpoint(path: str | Path, map_location="cpu", script: str | None = None) -> dict:
     """A checkpoint file as a dict; anything else (missing, not a torch file, another script's checkpoint
     when `script` is given and the file names its script) is one line (DataError)."""
+    if Path(path).is_dir():
+        raise DataError(f"{path}: a folder, not a checkpoint file")
     if not Path(path).is_file():
         raise DataError(f"{path}: checkpoint not found")
     try:

@@ -1409,7 +1409,7 @@ def _psl_bad_input(case: str, root: Path, tmp: Path) -> tuple[list, str]:
         ckpt.write_bytes(b"\x00not a checkpoint" * 10)
         return argv("--teacher", ckpt), "ck.pt: not a PyTorch checkpoint"
     if case == "teacher_folder":
-        return argv("--teacher", tmp), f"{tmp}: checkpoint not found"
+        return argv("--teacher", tmp), f"{tmp}: a folder, not a checkpoint file"
     if case == "predict_other_script":
         torch.save({"model": {}, "config": {}}, ckpt)
         return ["predict", "--ckpt", str(ckpt), "a.wav"], "but psla.py's"
