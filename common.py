@@ -396,6 +396,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return h
 
 
+def command_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of a script's sub-command (`psla.py predict`, `ofa_aec.py plot`, ...): the one-paragraph
+    description wrapped to 100 columns, every flag's default shown."""
+    import textwrap
+    return argparse.ArgumentParser(prog=prog, description=textwrap.fill(description, 100), epilog=epilog,
+                                   formatter_class=HelpFormatter)
+
+
 def figure(path: str | Path, draw, size=(6.4, 4.2)) -> Path:
     """Draw one figure with matplotlib (headless: Agg) by calling draw(ax) and save it as PNG at `path`.
     Scripts plot only numbers they read from results.json; draw returns nothing."""

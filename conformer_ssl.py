@@ -79,7 +79,6 @@ import copy
 import math
 import re
 import sys
-import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1105,15 +1104,15 @@ def task_markdown(res: dict, args, task) -> str:
 # Commands: plot (Table 1 / Fig. 2a figures), embed (a wav's embedding), predict (a wav's tags)
 # =============================================================================================
 def plot_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="conformer_ssl.py plot", formatter_class=common.HelpFormatter,
-        description=textwrap.fill("Draw the paper's figures from results.json: Table 1's label-efficiency curve (test mAP "
+    p = common.command_parser(
+            "conformer_ssl.py plot",
+            ("Draw the paper's figures from results.json: Table 1's label-efficiency curve (test mAP "
                     "against the labelled fraction, scratch and pre-trained, the paper's cf_L values on AudioSet "
                     "dashed beside ours) and, for a --fig 2a run, Fig. 2a (mAP against the pre-training pool "
                     "size, scratch as a line; the paper gives Fig. 2a as a drawing only, no values). RUN is a run "
                     "folder of this script or a folder written by `python common.py seeds` with keys "
                     "rows.<i>.mean.<init> or rows.<i>.scores.<init>.<j>; several RUNs (one per seed) are pooled: "
-                    "mean +- sample std over the values.", 100),
+                    "mean +- sample std over the values."),
         epilog="example: python conformer_ssl.py plot runs/conformer_ssl/cpu_synth --out docs/figures/conformer_ssl.png")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders or seeds folders holding results.json")
     p.add_argument("--out", default=None, help="PNG to write (Fig. 2a: the same name with _fig2a); default: "
@@ -1248,12 +1247,12 @@ def plot_main(argv: list[str]) -> list[Path]:
 def audio_parser(command: str) -> argparse.ArgumentParser:
     """The parser of `embed` (mean-pooled encoder embeddings) or `predict` (tags of a fine-tuned model)."""
     if command == "embed":
-        p = argparse.ArgumentParser(
-            prog="conformer_ssl.py embed", formatter_class=common.HelpFormatter,
-            description=textwrap.fill("Write each audio file's embedding: the encoder's context vectors (the output of the "
+        p = common.command_parser(
+            "conformer_ssl.py embed",
+            ("Write each audio file's embedding: the encoder's context vectors (the output of the "
                         "conformer blocks and final linear, no masking) averaged over time, as OUT/<stem>.npy "
                         "(float32, shape (d,)); OUT/results.md lists them. The encoder is a pre-trained one "
-                        "(pretrain-<hash>/pretrain.pt) or that of a fine-tuned cell (finetune/.../final.pt).", 100),
+                        "(pretrain-<hash>/pretrain.pt) or that of a fine-tuned cell (finetune/.../final.pt)."),
             epilog="example: P=$(ls runs/conformer_ssl/pretrain-*/pretrain.pt | head -1); "
                    "python conformer_ssl.py embed --ckpt $P --out runs/conformer_ssl/embeddings data/synth/audio/eval/eval_00000.wav")
         p.add_argument("--ckpt", required=True, help="pretrain.pt of a pre-training stage or final.pt of a fine-tuning cell")
@@ -1262,12 +1261,12 @@ def audio_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                        help="--no-resume: remove the embeddings written there before (another --ckpt)")
     else:
-        p = argparse.ArgumentParser(
-            prog="conformer_ssl.py predict", formatter_class=common.HelpFormatter,
-            description=textwrap.fill("Tag audio files with a fine-tuned model (finetune/<set>_<init>_s<seed>-<hash>/final.pt): "
+        p = common.command_parser(
+            "conformer_ssl.py predict",
+            ("Tag audio files with a fine-tuned model (finetune/<set>_<init>_s<seed>-<hash>/final.pt): "
                         "the whole file in one pass (as the test clips of a task are scored), the --top classes "
                         "with their probabilities. A model fine-tuned on the synthetic corpus knows only its toy "
-                        "classes: predict says so.", 100),
+                        "classes: predict says so."),
             epilog="example: CK=$(ls runs/conformer_ssl/finetune/corpus_f1_pretrained_s0-*/final.pt); "
                    "python conformer_ssl.py predict --ckpt $CK data/synth/audio/eval/eval_00000.wav")
         p.add_argument("--ckpt", required=True, help="final.pt of a fine-tuning cell")

@@ -66,7 +66,6 @@ import math
 import os
 import re
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -103,10 +102,6 @@ OUTPUTS = ("supernet/*.pt*", "supernet/log.jsonl", "search/candidates.json*", "e
 # =============================================================================================
 RATIO = common.number(float, 0, 1, lo_open=True)  # a width ratio in (0, 1]
 
-
-def wrap(text: str) -> str:
-    """A sub-command's description, wrapped for --help (the formatter keeps line breaks as written)."""
-    return textwrap.fill(text, 100)
 
 
 def number_list(parse):
@@ -1011,9 +1006,9 @@ def fig3(args: argparse.Namespace) -> dict:
 
 
 def counts_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ofa_aec.py counts", formatter_class=common.HelpFormatter,
-        description=wrap("Parameter counts of the [2,2,X] search space with FC1 fixed and elastic (deviation 3): the "
+    p = common.command_parser(
+        "ofa_aec.py counts",
+        ("Parameter counts of the [2,2,X] search space with FC1 fixed and elastic (deviation 3): the "
                     "baselines, the smallest sub-network, the range, and how many sub-networks each budget's "
                     "+- 0.2M window holds. Prints a table; writes nothing."))
     p.add_argument("--classes", type=common.POSITIVE_INT, default=527, help="output classes (AudioSet: 527)")
@@ -1045,9 +1040,9 @@ def counts_main(argv: list[str]) -> str:
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ofa_aec.py predict", formatter_class=common.HelpFormatter,
-        description=wrap("Tag audio files (any format soundfile reads, resampled to the model's rate) with an "
+    p = common.command_parser(
+        "ofa_aec.py predict",
+        ("Tag audio files (any format soundfile reads, resampled to the model's rate) with an "
                     "exported sub-network (export/budget_<N>M.pt or its TorchScript .ts) or a teacher's final.pt: "
                     "one line per file with the top classes and their probabilities. Writes nothing."))
     p.add_argument("--ckpt", required=True,
@@ -1159,9 +1154,9 @@ def plot_series(path: Path, label: str, res: dict) -> tuple[dict, dict]:
 
 
 def plot_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ofa_aec.py plot", formatter_class=common.HelpFormatter,
-        description=wrap("Accuracy against parameters (the paper's Figs. 3-4): eval mAP % against parameters as % of "
+    p = common.command_parser(
+        "ofa_aec.py plot",
+        ("Accuracy against parameters (the paper's Figs. 3-4): eval mAP % against parameters as % of "
                     "the full CNN10, from each RUN's results.json - a run folder (searched sub-networks per budget, "
                     "baselines and fine-tuning rows when run, every searched candidate as dots), a --fig3 folder "
                     "(best and candidates of each search space) or the folder of `python common.py seeds` (mean "

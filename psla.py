@@ -73,7 +73,6 @@ import argparse
 import math
 import os
 import sys
-import textwrap
 import threading
 import time
 from functools import partial
@@ -945,16 +944,12 @@ def ensembles(out: Path, history: list[dict]) -> dict:
                     np.load(out / "preds" / "eval_targets.npy"))
 
 
-def wrap(text: str) -> str:
-    """A sub-command's description, wrapped for --help (common.HelpFormatter keeps the layout as given)."""
-    return textwrap.fill(text, 100)
-
 
 def ensemble_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="psla.py ensemble", formatter_class=common.HelpFormatter,
-                                description=wrap("Table X: the committee (mean of the eval probabilities) of finished "
-                                            "psla.py runs' saved predictions (preds/); writes results.json and "
-                                            "results.md in --out."))
+    p = common.command_parser(
+        "psla.py ensemble",
+        ("Table X: the committee (mean of the eval probabilities) of finished "
+         "psla.py runs' saved predictions (preds/); writes results.json and results.md in --out."))
     p.add_argument("runs", nargs="+", metavar="RUN", help="finished psla.py run folders (each has preds/)")
     p.add_argument("--which", default="last", choices=["last", "wa", "best", "epochs"],
                    help="per run: the last epoch (Sec. VI-B2), the WA model, the valid-selected epoch, "
@@ -1057,9 +1052,9 @@ def write_report(args, corpus: common.Corpus, out: Path, trained: dict, wa: dict
 # Sub-commands: tag a user's audio (predict), draw the ablation figure (plot)
 # =============================================================================================
 def predict_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="psla.py predict", formatter_class=common.HelpFormatter,
-        description=wrap("Tag audio files with a trained psla.py model: the top classes of each file with their "
+    p = common.command_parser(
+        "psla.py predict",
+        ("Tag audio files with a trained psla.py model: the top classes of each file with their "
                     "probabilities. A file longer than the model's input (10.575 s for 1,056 frames) is cut into "
                     "consecutive windows of that length, each scored, and a class's score is its highest window's. "
                     "A model trained on the synthetic corpus knows only its toy classes (a warning says so)."))
@@ -1207,9 +1202,9 @@ def plot_rows(folders: list[str]) -> list[dict]:
 
 
 def plot_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="psla.py plot", formatter_class=common.HelpFormatter,
-        description=wrap("Draw the PSLA ablation (eval mAP of the single model, the valid-selected epoch, weight "
+    p = common.command_parser(
+        "psla.py plot",
+        ("Draw the PSLA ablation (eval mAP of the single model, the valid-selected epoch, weight "
                     "averaging and the ensembles) from the results.json of psla.py runs, `psla.py ensemble` "
                     "folders and `python common.py seeds` folders (mean +- sample std over the seeds), with "
                     "the paper's value beside each bar where the paper has one (Tables II-IV, VIII-X)."))
