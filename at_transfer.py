@@ -939,7 +939,7 @@ def at_markdown(results: dict, args) -> str:
             c = {m: cells.get((arch, name, m)) for m in MODES}
             row += [common.mean_std(c[m]["trials"], 100, 2) if c[m] else "-" for m in MODES]
             for m in ("frozen", "finetune"):
-                row.append(f"{100 * (c[m]['mean'] - c['scratch']['mean']):+.2f}" if c[m] and c["scratch"] else "-")
+                row.append(paired_difference(c[m], c["scratch"]) if c[m] and c["scratch"] else "-")
             p = PAPER_T3.get(paper_row(name) or "", {}).get(arch)
             row.append(" / ".join(map(str, p)) if p else PAPER_PATTERN[domains[name] == "speech"])
         rows.append(row)
@@ -948,7 +948,9 @@ def at_markdown(results: dict, args) -> str:
     md = "\n".join([f"## Table 3 (Dinkel et al.): transfer to {args.task_root or 'the synthetic tasks'}", "",
                     f"Scores in %, {n}; preset {args.preset}, lr {args.lr:g}, scratch/finetune <= {args.epochs} "
                     f"epochs (patience {args.patience}), frozen <= {args.frozen_epochs} (patience "
-                    f"{args.frozen_patience}). One trial is a pipeline check, not a result.", "",
+                    f"{args.frozen_patience}); frozen-scratch and finetune-scratch: mean +- std of the per-trial differences "
+                    f"(paired: trial k of every column has the same seed and splits). One trial is a pipeline check, "
+                    f"not a result.", "",
                     common.markdown_table(head, rows)]
                    + ([f"\nUnreadable test clips, excluded (per trial): {'; '.join(skipped)}"] if skipped else []))
     open_runs = [f"{c['arch']} {c['task']} {c['mode']}: {c['plateau']['runs'] - c['plateau']['reached']} of "
@@ -960,6 +962,16 @@ def at_markdown(results: dict, args) -> str:
     for arch, up in results["upstreams"].items():
         md += f"\n\nUpstream {arch}: {up['ckpt']}" + ("" if up.get("given") else "\n\n" + upstream_markdown(up))
     return md
+
+
+def paired_difference(cell: dict, scratch: dict) -> str:
+    """A mode's score minus scratch's, in points: with >= 2 trials of each, mean +- sample std of the per-trial
+    differences (trial k of both columns uses the same seed and splits: paired), else the difference of means."""
+    a, b = cell["trials"], scratch["trials"]
+    if len(a) == len(b) > 1:
+        d = 100 * (np.asarray(a) - np.asarray(b))
+        return f"{d.mean():+.2f} +- {d.std(ddof=1):.2f}"
+    return f"{100 * (cell['mean'] - scratch['mean']):+.2f}"
 
 
 def plateau_line(p: dict | bool | None) -> str:

@@ -5310,3 +5310,21 @@ def test_main_command_prints_the_same_digits_per_thread_count(psl_tiny, tmp_path
         (row,) = [l for l in r.stdout.splitlines() if l.startswith("| psl-2s |")]
         printed[threads] = row.split("|")[2].strip()
     assert printed == MAIN_COMMAND_DIGITS
+
+
+def test_at_matrix_reports_paired_trial_differences():
+    """frozen-scratch in results.md is the mean +- sample std of the per-trial differences when both columns have
+    >= 2 trials (hand-computed: differences 10, 30, 20 points -> +20.00 +- 10.00), the difference of the means
+    with one trial; a paired std differs from the unpaired one (trials move together here)."""
+    scratch = {"trials": [0.50, 0.40, 0.60], "mean": 0.50}
+    frozen = {"trials": [0.60, 0.70, 0.80], "mean": 0.70}
+    assert AT.paired_difference(frozen, scratch) == "+20.00 +- 10.00"
+    assert AT.paired_difference({"trials": [0.7], "mean": 0.7}, {"trials": [0.5], "mean": 0.5}) == "+20.00"
+    cells = {("tagging", "scratch"): [0.50, 0.40, 0.60], ("tagging", "frozen"): [0.60, 0.70, 0.80]}
+    results = {"upstreams": {}, "cells": [
+        {"task": t, "domain": "sound", "mode": m, "arch": "mbv2", "metric": "mAP", "trials": v,
+         "mean": float(np.mean(v)), "plateau": {"reached": 3, "runs": 3}} for (t, m), v in cells.items()]}
+    args = SimpleNamespace(trials=3, folds=1, task_root=None, preset="cpu", lr=1e-3, epochs=24, patience=6,
+                           frozen_epochs=500, frozen_patience=50)
+    row = next(l for l in AT.at_markdown(results, args).splitlines() if l.startswith("| tagging"))
+    assert "| +20.00 +- 10.00 |" in row and "paired" in AT.at_markdown(results, args)
