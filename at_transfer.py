@@ -1085,10 +1085,11 @@ def embed(argv: list[str]) -> None:
 PLOT_REFERENCE = {"sound": "ESC-50", "speech": "SPCV2"}  # the paper's row shown for a task without its own row
 
 
-def matrix_groups(runs: list[str]) -> list[dict]:
+def matrix_groups(runs: list[str], each: bool = False) -> list[dict]:
     """The bars of the figure, read from results.json only: one group per (row, arch, task) with each mode's
-    samples (in %; a run's trials, or one value per run folder / seed), the paper's Table 3 values of the task's
-    own row where it has one, and the reference rows of the paper for the domains of the other tasks."""
+    samples (in %; a run's trials, or one value per run folder / seed; with `each` every run folder is a row of
+    its own with its trials), the paper's Table 3 values of the task's own row where it has one, and the reference
+    rows of the paper for the domains of the other tasks."""
     res = [(r, common.read_json(Path(r) / "results.json", "results.json (not a finished run?)")) for r in runs]
     table: dict[tuple, dict] = {}  # (row, arch, task) -> {"metric", "domain", "plateau", mode: [samples]}
 
@@ -1103,7 +1104,10 @@ def matrix_groups(runs: list[str]) -> list[dict]:
     for r, data in res:
         if "cells" in data:  # a run folder: its trials (one run), or each run's cell mean (several run folders)
             for cell in data["cells"]:
-                add("", cell, cell["trials"] if len(runs) == 1 else [cell["mean"]])
+                if each:
+                    add(Path(r).name, cell, cell["trials"])
+                else:
+                    add("", cell, cell["trials"] if len(runs) == 1 else [cell["mean"]])
             continue
         for row, t in data.items():  # common.py seeds: {row: {"cells.<i>.mean": [per seed], "runs": [...]}}
             keys = [k for k in t if re.fullmatch(r"cells\.\d+\.mean", k)] if isinstance(t, dict) else []
@@ -1138,6 +1142,9 @@ def plot_parser() -> argparse.ArgumentParser:
                                 formatter_class=common.HelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or a common.py seeds folder) with results.json")
     p.add_argument("--out", default=None, help="PNG to write (default: matrix.png in the first RUN)")
+    p.add_argument("--each", action="store_true",
+                   help="one group of bars per run folder and task, each with its own trials (runs that differ in "
+                        "more than the seed, e.g. two upstreams); default: several run folders are seeds of one setting")
     return p
 
 
@@ -1145,13 +1152,13 @@ def plot(argv: list[str]) -> Path:
     """Draw the transfer matrix (Table 3 layout): one group of bars per task, scratch / frozen / finetune, from each
     RUN's results.json: a run folder of this script (bars: the mean over its trials, +- the sample std when there
     are >= 2), several run folders (one value per run, e.g. other --seed), or a folder written by `python common.py
-    seeds ... --key cells.0.mean ...` (one value per seed). Hatched bars are the paper's Table 3 (MobileNetV2 /
+    seeds ... --key cells.0.mean ...` (one value per seed); with --each, run folders side by side (each its trials). Hatched bars are the paper's Table 3 (MobileNetV2 /
     EfficientNet-B0 upstream on AudioSet): the task's own row for a public dataset; for a task without a row (the
     synthetic ones) the paper's ESC-50 (sound) or SPCV2 (speech) row, to compare the pattern, not the numbers.
 
     python at_transfer.py plot runs/at_transfer/synth_tasks_cpu --out docs/figures/at_transfer.png"""
     a = plot_parser().parse_args(argv)
-    groups = matrix_groups(a.runs)
+    groups = matrix_groups(a.runs, a.each)
     colours = {"scratch": "tab:gray", "frozen": "tab:blue", "finetune": "tab:orange"}
     width = 0.27
 

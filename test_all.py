@@ -5298,16 +5298,20 @@ def test_main_command_prints_the_same_digits_per_thread_count(psl_tiny, tmp_path
     with 1 and with 2 threads: each prints its pinned student mAP to the printed digit. A change that moves
     the numbers (or makes a thread count non-deterministic) fails here, and README must be re-measured."""
     import subprocess
-    printed = {}
+    procs = {}  # both thread counts at once (numerics depend on the thread count, not on the load)
     for threads in MAIN_COMMAND_DIGITS:
         out = tmp_path / f"t{threads}"
-        r = subprocess.run([sys.executable, "psl.py", "--segment", "2", "--data", "balanced", "--data-root", str(psl_tiny),
-                            "--out", str(out), "--stages", str(tmp_path / f"stages{threads}"), "--workers", "0",
-                            "--batch-size", "8", "--max-steps", "3", "--teacher-epochs", "1", "--epochs", "1"],
-                           cwd=HERE, capture_output=True, text=True, timeout=600,
-                           env=dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)))
-        assert r.returncode == 0, r.stderr[-500:]
-        (row,) = [l for l in r.stdout.splitlines() if l.startswith("| psl-2s |")]
+        procs[threads] = subprocess.Popen(
+            [sys.executable, "psl.py", "--segment", "2", "--data", "balanced", "--data-root", str(psl_tiny),
+             "--out", str(out), "--stages", str(tmp_path / f"stages{threads}"), "--workers", "0",
+             "--batch-size", "8", "--max-steps", "3", "--teacher-epochs", "1", "--epochs", "1"],
+            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)))
+    printed = {}
+    for threads, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-500:]
+        (row,) = [l for l in stdout.splitlines() if l.startswith("| psl-2s |")]
         printed[threads] = row.split("|")[2].strip()
     assert printed == MAIN_COMMAND_DIGITS
 
@@ -5328,3 +5332,16 @@ def test_at_matrix_reports_paired_trial_differences():
                            frozen_epochs=500, frozen_patience=50)
     row = next(l for l in AT.at_markdown(results, args).splitlines() if l.startswith("| tagging"))
     assert "| +20.00 +- 10.00 |" in row and "paired" in AT.at_markdown(results, args)
+
+
+def test_at_plot_each_draws_run_folders_side_by_side(tmp_path, monkeypatch):
+    """`plot --each A B`: one group per (run folder, task) with that run's trials (mean +- std of its 3 trials),
+    not one pooled bar of the two runs' means (the default, for seeds of one setting)."""
+    a = _at_fake_run(tmp_path / "ma", {("tagging", "scratch"): [0.5, 0.6, 0.7], ("tagging", "frozen"): [0.2, 0.3, 0.4]})
+    b = _at_fake_run(tmp_path / "ma3", {("tagging", "scratch"): [0.5, 0.6, 0.7], ("tagging", "frozen"): [0.4, 0.5, 0.9]})
+    path, bars = _at_drawn(monkeypatch, ["--each", str(a), str(b), "--out", str(tmp_path / "f.png")])
+    assert np.allclose([p.get_height() for p in bars["ours frozen"].patches], [30.0, 60.0])
+    segs = bars["ours frozen"].errorbar.lines[2][0].get_segments()
+    assert np.allclose([s[1, 1] - s[0, 1] for s in segs], [2 * 10.0, 2 * 100 * np.std([0.4, 0.5, 0.9], ddof=1)])
+    _, pooled = _at_drawn(monkeypatch, [str(a), str(b), "--out", str(tmp_path / "g.png")])
+    assert np.allclose([p.get_height() for p in pooled["ours frozen"].patches], [45.0])  # mean of the two means
