@@ -1043,13 +1043,25 @@ def cell(v: list[float]) -> str:
     return "-" if not v else f"{v[0]:.3f} (n=1)" if len(v) == 1 else f"{common.mean_std(v, digits=3)} (n={len(v)})"
 
 
+def gain(scratch: list[float], pretrained: list[float]) -> str:
+    """Pre-trained minus scratch: with the same >= 2 seeds in both, mean +- sample std of the per-seed differences
+    (both inits fine-tune on the same labelled clips, and seed s is the same fine-tuning seed in both: paired),
+    else the difference of the means."""
+    if not pretrained:
+        return "-"
+    if len(pretrained) == len(scratch) > 1:
+        d = np.subtract(pretrained, scratch)
+        return f"{d.mean():+.3f} +- {d.std(ddof=1):.3f}"
+    return f"{np.mean(pretrained) - np.mean(scratch):+.3f}"
+
+
 def table1_markdown(res: dict, args, corpus) -> str:
     rows = []
     for r in res["rows"]:
         sc, pr = r["scores"]["scratch"], r["scores"].get("pretrained", [])
         paper = PAPER_TABLE1.get(r["fraction"], (None, None))
         rows.append([f"{100 * r['fraction']:g} %", r["clips"], cell(sc), cell(pr),
-                     f"{np.mean(pr) - np.mean(sc):+.3f}" if pr else "-", *(f"{v:.3f}" if v else "-" for v in paper)])
+                     gain(sc, pr), *(f"{v:.3f}" if v else "-" for v in paper)])
     title = (f"## Label efficiency (Table 1): {args.size} encoder, fine-tuned on "
              f"{'the synthetic corpus' if corpus.synthetic else corpus.root} ({args.data}), test mAP on "
              f"{res['rows'][0]['n_test']} clips" + (", frozen encoder" if args.freeze else ""))

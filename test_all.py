@@ -5345,3 +5345,11 @@ def test_at_plot_each_draws_run_folders_side_by_side(tmp_path, monkeypatch):
     assert np.allclose([s[1, 1] - s[0, 1] for s in segs], [2 * 10.0, 2 * 100 * np.std([0.4, 0.5, 0.9], ddof=1)])
     _, pooled = _at_drawn(monkeypatch, [str(a), str(b), "--out", str(tmp_path / "g.png")])
     assert np.allclose([p.get_height() for p in pooled["ours frozen"].patches], [45.0])  # mean of the two means
+
+
+def test_ssl_table1_gain_is_the_paired_per_seed_difference():
+    """Table 1's gain column: with 3 seeds of both inits, mean +- sample std of pre-trained - scratch per seed
+    (hand-computed: 0.1, 0.3, 0.2 -> +0.200 +- 0.100); one seed: the plain difference; no pre-trained: '-'."""
+    assert conformer_ssl.gain([0.3, 0.2, 0.4], [0.4, 0.5, 0.6]) == "+0.200 +- 0.100"
+    assert conformer_ssl.gain([0.3], [0.25]) == "-0.050"
+    assert conformer_ssl.gain([0.3, 0.2], []) == "-"
