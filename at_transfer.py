@@ -1122,7 +1122,7 @@ def matrix_groups(runs: list[str], each: bool = False) -> list[dict]:
     groups, refs = [], {}
     arches = {k[1] for k in table}
     for (row, arch, task), g in table.items():
-        label = (f"{row}: " if row else "") + task + (f" ({arch})" if len(arches) > 1 else "")
+        label = (f"{row}:\n" if row else "") + task + (f" ({arch})" if len(arches) > 1 else "")
         paper = PAPER_T3.get(paper_row(task) or "", {}).get(arch)
         groups.append({"label": f"{label}\n{g['metric']}", "ours": True, "open": g["open"],
                        **{m: g[m] for m in MODES if m in g}})
@@ -1179,7 +1179,8 @@ def plot(argv: list[str]) -> Path:
                                     for v, i in zip(means, idx)], fontsize=7, padding=1)
         ax.set_xticks(range(len(groups)), [g["label"] for g in groups], fontsize=8)
         ax.set_ylabel("test score, % (the task's metric)")
-        ax.set_ylim(0, 110)
+        ax.set_ylim(0, 128)  # room for the legend above the bars
+        ax.set_yticks(range(0, 101, 20))
         ax.set_title("Transfer matrix (Table 3 layout): scratch / frozen / finetune; hatched: the paper", fontsize=9)
         ax.legend(fontsize=7, ncol=2, loc="upper left")
         if any(g.get("open") for g in groups):
