@@ -967,10 +967,8 @@ def at_markdown(results: dict, args) -> str:
 def paired_difference(cell: dict, scratch: dict) -> str:
     """A mode's score minus scratch's, in points: with >= 2 trials of each, mean +- sample std of the per-trial
     differences (trial k of both columns uses the same seed and splits: paired), else the difference of means."""
-    a, b = cell["trials"], scratch["trials"]
-    if len(a) == len(b) > 1:
-        d = 100 * (np.asarray(a) - np.asarray(b))
-        return f"{d.mean():+.2f} +- {d.std(ddof=1):.2f}"
+    if len(cell["trials"]) == len(scratch["trials"]):
+        return common.paired_difference(cell["trials"], scratch["trials"], 100, 2)
     return f"{100 * (cell['mean'] - scratch['mean']):+.2f}"
 
 

@@ -672,6 +672,13 @@ def mean_std(v, scale: float = 1.0, digits: int = 4) -> str:
     return f"{scale * np.mean(v):.{digits}f} +- {scale * sd:.{digits}f}"
 
 
+def paired_difference(a, b, scale: float = 1.0, digits: int = 4) -> str:
+    """Signed 'mean +- sample std' of the paired differences a[i] - b[i] (the same seed / trial in both); with one
+    pair, the difference alone."""
+    d = scale * (np.asarray(a, float) - np.asarray(b, float))
+    return f"{d.mean():+.{digits}f}" + (f" +- {d.std(ddof=1):.{digits}f}" if len(d) > 1 else "")
+
+
 def result_value(results: dict, key: str, where: str) -> float:
     """A number in a results.json by a dotted key ('mAP', 'student.best_val_mAP', 'rows.0.mAP')."""
     v = results

@@ -1049,9 +1049,8 @@ def gain(scratch: list[float], pretrained: list[float]) -> str:
     else the difference of the means."""
     if not pretrained:
         return "-"
-    if len(pretrained) == len(scratch) > 1:
-        d = np.subtract(pretrained, scratch)
-        return f"{d.mean():+.3f} +- {d.std(ddof=1):.3f}"
+    if len(pretrained) == len(scratch):
+        return common.paired_difference(pretrained, scratch, digits=3)
     return f"{np.mean(pretrained) - np.mean(scratch):+.3f}"
 
 
