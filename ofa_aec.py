@@ -902,7 +902,7 @@ def ofa_markdown(res: dict, args, data: Data) -> str:
     p_m = lambda n: f"{n:,} ({100 * n / full:.1f}%)"
     t_info = res["teacher"]["info"]
     t1 = [["teacher CNN10", p_m(full), f"{100 * t_map:.2f}", "100.0", compute(t_info) if "step" in t_info else "-",
-           f"5.2M: {PAPER_TEACHER}"]]
+           plateau_word(t_info), f"5.2M: {PAPER_TEACHER}"]]
     for b in sorted({float(k) for k in searched} | {b for b in PAPER_T1 if any(
             abs(r["r"] - PAPER_T1[b][0]) < 1e-9 for r in base)}):
         paper = PAPER_T1.get(b)
@@ -910,11 +910,12 @@ def ofa_markdown(res: dict, args, data: Data) -> str:
             if paper and abs(r["r"] - paper[0]) < 1e-9:
                 ref = {"scratch": paper[2], "KD": paper[3]}.get(r["kind"], "-")
                 t1.append([f"{r['kind']} (r={r['r']:g}, depth 2)", p_m(r["params"]), f"{100 * r['mAP']:.2f}",
-                           pct(r["mAP"]), compute(r["info"]), f"{paper[1]}M: {ref}"])
+                           pct(r["mAP"]), compute(r["info"]), plateau_word(r["info"]), f"{paper[1]}M: {ref}"])
         if f"{b:g}" in searched:
             s = searched[f"{b:g}"]
             t1.append([f"OFA {b:g}M budget: {arch_name(s['arch'])}", p_m(s["params"]), f"{100 * s['mAP']:.2f}",
-                       pct(s["mAP"]), "shared: " + compute(s_info), f"{paper[4]}M: {paper[5]}" if paper else "-"])
+                       pct(s["mAP"]), "shared: " + compute(s_info), plateau_word(s_info) + " (supernet)",
+                       f"{paper[4]}M: {paper[5]}" if paper else "-"])
     md = [f"# OFA-AEC: {args.name}", "",
           f"{args.preset} preset: CNN10 width x{args.width_mult:g} ({full:,} parameters, {len(data.labels['mids'])} "
           f"classes), {args.frontend} log-mels, {data.frames} frames, {SPACES[args.elastic_depth]} with widths "
@@ -923,8 +924,10 @@ def ofa_markdown(res: dict, args, data: Data) -> str:
           f"{res['n']['eval']} clips; skipped unreadable: {data.skipped}); {res['minutes']:.1f} min. Validation "
           f"plateau (last quarter within {common.plateau_report([])['tolerance']} mAP of the best before): teacher "
           f"{plateau_word(t_info)}, supernet {plateau_word(s_info)}.", "",
-          "## Table 1 (eval mAP %; compute: optimiser steps, sub-network passes, forward MACs)", "",
-          common.markdown_table(["model", "params (% of full)", "mAP %", "% of teacher", "compute", "paper"], t1), "",
+          "## Table 1 (eval mAP %; compute: optimiser steps, sub-network passes, forward MACs; plateau: the "
+          "stage's validation)", "",
+          common.markdown_table(["model", "params (% of full)", "mAP %", "% of teacher", "compute", "plateau",
+                                 "paper"], t1), "",
           f"## Fig. 4: candidates per budget ({SPACES[args.elastic_depth]})", "",
           common.markdown_table(["budget", "in window", "evaluated", "eval mAP min / median / max", "eval mean",
                                  "val mAP min / median / max", "eval std"], fig4_rows(res["search"])), "",
@@ -933,10 +936,12 @@ def ofa_markdown(res: dict, args, data: Data) -> str:
            f"{s['max_diff_supernet']:.1e} / {s['max_diff_torchscript']:.1e}" for b, s in searched.items()]
     if res["finetune"]:
         md += ["", "## Table 2: continual fine-tuning (eval mAP %)", "",
-               common.markdown_table(["budget", "sub-network", "params", "OFA", "+10K", "+100K", "Init+100K", "paper"],
+               common.markdown_table(["budget", "sub-network", "params", "OFA", "+10K", "+100K", "Init+100K",
+                                      "plateau +100K / Init", "paper"],
                                      [[f"{r['budget']}M", arch_name(r["arch"]), f"{r['params']:,}"]
-                                      + [f"{100 * r[k]:.2f}" for k in ("OFA", "+10K", "+100K", "Init+100K")] + [
-                                       " / ".join(map(str, PAPER_T2.get(float(r["budget"]), ())[1:])) or "-"]
+                                      + [f"{100 * r[k]:.2f}" for k in ("OFA", "+10K", "+100K", "Init+100K")]
+                                      + [f"{plateau_word(r['info'])} / {plateau_word(r['init_info'])}",
+                                         " / ".join(map(str, PAPER_T2.get(float(r["budget"]), ())[1:])) or "-"]
                                       for r in res["finetune"]])]
     return "\n".join(md)
 

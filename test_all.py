@@ -3603,7 +3603,13 @@ def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys, 
     for info in (res["teacher"]["info"], res["supernet"]):
         assert info["convergence"]["validations"] == 1 and info["convergence"]["plateau"] is False
     assert all("plateau" in json.loads(line) for line in (out / "supernet" / "log.jsonl").read_text().splitlines())
-    assert "Validation plateau" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "Validation plateau" in md
+    # every trained row of Tables 1 and 2 says whether its own stage reached a plateau (one validation: NO)
+    t1 = [line for line in md.split("## Table 1")[1].split("## Fig. 4")[0].splitlines() if line.startswith("| ")][1:]
+    assert len(t1) == 1 + 3 + 2 and all(line.split(" | ")[5] in ("NO", "NO (supernet)") for line in t1)
+    t2 = [line for line in md.split("## Table 2")[1].splitlines() if line.startswith("| ")][1:]
+    assert len(t2) == 2 and all(line.split(" | ")[7] == "NO / NO" for line in t2)
     # save -> reload -> eval: the exported checkpoint alone rebuilds the sub-network; TorchScript agrees
     s = res["searched"]["0.8"]
     ck = C.load_checkpoint(s["checkpoint"])
