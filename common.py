@@ -694,21 +694,26 @@ def result_value(results: dict, key: str, where: str) -> float:
     return float(v)
 
 
-def seeds_table(rows: list[list[str]], keys: list[str], out: str | Path) -> dict:
+def seeds_table(rows: list[list[str]], keys: list[str], out: str | Path, pairs: list[list[str]] = ()) -> dict:
     """The direction-run table: for each row (a name and its run folders, one per seed, the same seed order
-    in every row) mean +- sample std of each key over the runs, and the paired difference (same seed) of
-    the first key from the first row. Writes out/results.json and results.md."""
+    in every row) mean +- sample std of each key over the runs, the paired difference (same seed) of the
+    first key from the first row, and for each pair (A, B) of keys the paired difference A - B within each
+    run (e.g. WA against the single model of the same runs). Writes out/results.json and results.md."""
     table, lines = {}, []
     for i, (name, *runs) in enumerate(rows):
         if not runs:
             raise DataError(f"--row {name}: no run folders")
         res = [read_json(Path(r) / "results.json", "results.json (not a finished run?)") for r in runs]
-        t = table[name] = {k: [result_value(x, k, r) for x, r in zip(res, runs)] for k in keys} | {"runs": runs}
+        used = list(dict.fromkeys([*keys, *(k for pair in pairs for k in pair)]))
+        t = table[name] = {k: [result_value(x, k, r) for x, r in zip(res, runs)] for k in used} | {"runs": runs}
         first = table[rows[0][0]][keys[0]]
         t["minus_first"] = [a - b for a, b in zip(t[keys[0]], first)] if i and len(first) == len(runs) else None
+        t["paired"] = {f"{a} - {b}": [x - y for x, y in zip(t[a], t[b])] for a, b in pairs}  # not a key's values
         lines.append([name, len(runs), *(mean_std(t[k]) for k in keys), " / ".join(f"{v:.4f}" for v in t[keys[0]]),
-                      mean_std(t["minus_first"]) if t["minus_first"] else "-"])
-    md = markdown_table(["setting", "seeds", *keys, f"{keys[0]} per seed", f"{keys[0]} - {rows[0][0]} (paired)"], lines)
+                      mean_std(t["minus_first"]) if t["minus_first"] else "-",
+                      *(paired_difference(t[a], t[b]) for a, b in pairs)])
+    md = markdown_table(["setting", "seeds", *keys, f"{keys[0]} per seed", f"{keys[0]} - {rows[0][0]} (paired)",
+                         *(f"{a} - {b} (paired)" for a, b in pairs)], lines)
     return report(out, table, "# Direction run: mean +- sample std over seeds\n\n" + md)
 
 
@@ -723,9 +728,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="a row name followed by its run folders")
     s.add_argument("--key", action="append", default=None,
                    help="results.json key, dotted for nested ones (repeatable; default mAP)")
+    s.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="two results.json keys: each row's paired difference A - B within its runs (repeatable)")
     s.add_argument("--out", default="runs/seeds", help="folder for results.json / results.md (default runs/seeds)")
     a = p.parse_args(argv)
-    seeds_table(a.row, a.key or ["mAP"], a.out)
+    seeds_table(a.row, a.key or ["mAP"], a.out, a.pair)
 
 
 def paper_heading(corpus, what: str = "paper") -> str:

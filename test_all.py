@@ -888,6 +888,14 @@ def test_seeds_table_mean_std_and_paired(tmp_path):
     assert "0.7000 +- 0.1000" in md and "0.1000 +- 0.1000" in md and "0.3500 +- 0.0500" in md
     with pytest.raises(C.DataError, match="no 'nope' in results.json"):
         C.seeds_table([["a", runs["base"][0]]], ["nope"], out)
+    # --pair A B: the paired difference of two keys within each row's runs (here mAP - student.best = v / 2)
+    C.main(["seeds", "--row", "new", *runs["new"], "--key", "mAP", "--pair", "mAP", "student.best", "--out", str(out)])
+    t = json.loads((out / "results.json").read_text())
+    assert t["new"]["paired"]["mAP - student.best"] == pytest.approx([0.3, 0.4, 0.35])
+    assert "| mAP - student.best (paired) |" in (out / "results.md").read_text()
+    assert "| +0.3500 +- 0.0500 |" in (out / "results.md").read_text()
+    with pytest.raises(C.DataError, match="no 'nope' in results.json"):
+        C.seeds_table([["a", runs["base"][0]]], ["mAP"], out, [["mAP", "nope"]])
 
 
 # =============================================================================================
@@ -2160,7 +2168,8 @@ def test_psla_plot_draws_the_values_of_results_json(tmp_path, monkeypatch, capsy
     run = _psla_fake_run(tmp_path / "run", 0.31)
     seeds = [_psla_fake_run(tmp_path / f"s{i}", v, seed=i, imagenet="url", label_enhance="type12")
              for i, v in enumerate((0.2, 0.25, 0.33))]
-    table = C.seeds_table([["le", *map(str, seeds)]], ["last_n.mAP", "wa.mAP"], tmp_path / "seeds")
+    table = C.seeds_table([["le", *map(str, seeds)]], ["last_n.mAP", "wa.mAP"], tmp_path / "seeds",
+                          [["wa.mAP", "last_n.mAP"]])  # a paired column is not a bar
     (tmp_path / "ens").mkdir()
     (tmp_path / "ens" / "results.json").write_text(json.dumps(
         {"runs": [str(s) for s in seeds], "which": "last", "models": 3, "ensemble_mAP": 0.4, "avg_mAP": 0.26}))
@@ -3685,7 +3694,8 @@ def test_ofa_plot_of_a_seeds_table_draws_mean_and_std(tmp_path, monkeypatch):
             "search": {"0.8": {"budget_M": 0.8, "window": [lo, hi], "candidates": [best], "best": best}},
             "mAP": {k: v[i] for k, v in maps.items()}})
         runs.append(str(run))
-    C.seeds_table([["u100", *runs]], ["mAP.OFA_800k", "mAP.KD_r40"], tmp_path / "seeds")
+    C.seeds_table([["u100", *runs]], ["mAP.OFA_800k", "mAP.KD_r40"], tmp_path / "seeds",
+                  [["mAP.OFA_800k", "mAP.KD_r40"]])  # a paired column is not a line
     saved = _ofa_saved_axes(monkeypatch)
     ofa_aec.main(["plot", str(tmp_path / "seeds"), "--out", str(tmp_path / "seeds.png"), "--no-paper"])
     lines, dots = _ofa_drawn(saved[0])
