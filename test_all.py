@@ -3520,9 +3520,11 @@ def _ofa_doc_commands(tmp: Path) -> list[list[str]]:
 def test_ofa_documented_commands_parse(tmp_path):
     """The docstring's and docs page's commands use flags and sub-commands that exist (parsed, not run)."""
     cmds = _ofa_doc_commands(tmp_path)
-    assert len(cmds) >= 20 and ["counts"] in cmds and ["--seed", "2", "--budgets", "0.8", "--baselines",
-                                                      "--baseline-widths", "0.4", "--finetune"] in cmds  # a loop's
-    assert ["plot", "runs/ofa_aec/cpu_22X_s0", "--out", "docs/figures/ofa_aec.png"] in cmds  # the figure's command
+    assert len(cmds) >= 20 and ["counts"] in cmds and ["--unit-steps", "400", "--seed", "2", "--budgets", "0.8",
+                                                      "--baselines", "--baseline-widths", "0.4", "--finetune",
+                                                      "--name", "dir_u400_s2"] in cmds  # a loop's last pass
+    assert ["plot", "runs/ofa_aec/cpu_22X_s0", "--out", "docs/figures/ofa_aec.png"] in cmds  # the figures' commands
+    assert ["plot", "runs/ofa_aec/direction", "--out", "docs/figures/ofa_aec_direction.png"] in cmds
     subs = {"counts": ofa_aec.counts_parser, "predict": ofa_aec.predict_parser, "plot": ofa_aec.plot_parser}
     for argv in cmds:
         p = subs[argv[0]]() if argv[:1] and argv[0] in subs else ofa_aec.build_parser()
