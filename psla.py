@@ -1157,6 +1157,19 @@ def _run_config(run) -> dict:
         return {}
 
 
+def _folder_config(folder) -> dict:
+    """The settings behind any plotted folder: a run's own, else the first run of an ensemble or seeds table."""
+    if cfg := _run_config(folder):
+        return cfg
+    try:
+        res = common.read_json(Path(folder) / "results.json", "results.json")
+    except (common.DataError, OSError):
+        return {}
+    runs = res.get("runs") if isinstance(res.get("runs"), list) else next(
+        (t["runs"] for t in res.values() if isinstance(t, dict) and t.get("runs")), [])
+    return _run_config(runs[0]) if runs else {}
+
+
 def plot_rows(folders: list[str]) -> list[dict]:
     """The figure's bars, from each folder's results.json: a psla.py run (single model, valid-selected,
     WA, checkpoint ensemble), a `psla.py ensemble` folder (the committee), or a `common.py seeds` folder
@@ -1220,15 +1233,16 @@ def plot_main(argv: list[str]) -> dict:
     rows = plot_rows(a.runs)
     if not rows:
         raise common.DataError(f"{' '.join(a.runs)}: no mAP numbers to draw")
-    cfg = next((c for c in map(_run_config, a.runs) if c), {})
+    cfg = next((c for c in map(_folder_config, a.runs) if c), {})
     data = cfg.get("data") or "balanced"
-    corpus = "the synthetic corpus" if cfg.get("data_root", "") is None else Path(str(cfg.get("data_root"))).name
+    corpus = ("" if not cfg else ", the synthetic corpus" if cfg.get("data_root") is None
+              else f", {Path(str(cfg['data_root'])).name}")
 
     def draw(ax):
         ys = np.arange(len(rows), dtype=float)
         errs = [r["std"] or 0.0 for r in rows]
         ours = ax.barh(ys - 0.2, [r["value"] for r in rows], height=0.38, color="tab:blue",
-                       xerr=errs if any(errs) else None, capsize=3, label=f"ours (eval mAP, {corpus})")
+                       xerr=errs if any(errs) else None, capsize=3, label=f"ours (eval mAP{corpus})")
         ax.bar_label(ours, fmt="%.3f", padding=3, fontsize=7)
         paper = [(y, r["paper"]) for y, r in zip(ys, rows) if r["paper"][0] is not None]
         if paper:

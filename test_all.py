@@ -2201,6 +2201,14 @@ def test_psla_plot_draws_the_values_of_results_json(tmp_path, monkeypatch, capsy
         "run: WA (epochs 5-6)": 0.3192, "run: checkpoint ensemble (6)": 0.3280, "le: single model (3 seeds)": 0.3162,
         "le: WA (3 seeds)": 0.3192, "ens: ensemble of 3 (last of 3 runs)": 0.3446}.items()}
     assert ys == pytest.approx(expect)
+    assert ax.get_legend_handles_labels()[1][0] == "ours (eval mAP, the synthetic corpus)"
+    plt.close(fig)
+    # a seeds table drawn alone names the corpus of its runs (the legend said "None": no config of its own)
+    draws.clear()
+    psla.main(["plot", str(tmp_path / "seeds"), "--out", str(png)])
+    fig, ax = plt.subplots()
+    draws[0](ax)
+    assert ax.get_legend_handles_labels()[1][0] == "ours (eval mAP, the synthetic corpus)"
     plt.close(fig)
     with pytest.raises(C.DataError, match="not a psla.py run"):
         (tmp_path / "other").mkdir()
