@@ -700,11 +700,11 @@ def seeds_table(rows: list[list[str]], keys: list[str], out: str | Path, pairs: 
     first key from the first row, and for each pair (A, B) of keys the paired difference A - B within each
     run (e.g. WA against the single model of the same runs). Writes out/results.json and results.md."""
     table, lines = {}, []
+    used = list(dict.fromkeys([*keys, *(k for pair in pairs for k in pair)]))  # each key read once per run
     for i, (name, *runs) in enumerate(rows):
         if not runs:
             raise DataError(f"--row {name}: no run folders")
         res = [read_json(Path(r) / "results.json", "results.json (not a finished run?)") for r in runs]
-        used = list(dict.fromkeys([*keys, *(k for pair in pairs for k in pair)]))
         t = table[name] = {k: [result_value(x, k, r) for x, r in zip(res, runs)] for k in used} | {"runs": runs}
         first = table[rows[0][0]][keys[0]]
         t["minus_first"] = [a - b for a, b in zip(t[keys[0]], first)] if i and len(first) == len(runs) else None
