@@ -921,7 +921,8 @@ def ofa_markdown(res: dict, args, data: Data) -> str:
           f"classes), {args.frontend} log-mels, {data.frames} frames, {SPACES[args.elastic_depth]} with widths "
           f"{args.widths}, elastic FC {args.elastic_fc}, BN recalibration {args.bn_recal}; unit = {args.unit_steps} "
           f"steps per 100K paper iterations; data {args.data} ({len(data.train_idx)} clips; eval scored on "
-          f"{res['n']['eval']} clips; skipped unreadable: {data.skipped}); {res['minutes']:.1f} min. Validation "
+          f"{res['n']['eval']} clips; skipped unreadable: {data.skipped}); {res['minutes']:.1f} min in this invocation (a "
+          f"stage found finished on disk is read back, not timed again). Validation "
           f"plateau (last quarter within {common.plateau_report([])['tolerance']} mAP of the best before): teacher "
           f"{plateau_word(t_info)}, supernet {plateau_word(s_info)}.", "",
           "## Table 1 (eval mAP %; compute: optimiser steps, sub-network passes, forward MACs; plateau: the "

@@ -3656,6 +3656,9 @@ def test_ofa_end_to_end_save_reload_predict_resume(tiny_root, tmp_path, capsys, 
     fewer = ofa_aec.main(argv[:-4])
     assert fewer["searched"]["0.8"]["mAP"] == s["mAP"] and fewer["baselines"] == []
     assert all(f.read_text() == text for f, text in logs)  # nothing trained again
+    # its minutes are this invocation's, and results.md says so (it once read as the training's time)
+    assert "min in this invocation (a stage found finished on disk is read back, not timed again)" in (
+        out / "results.md").read_text()
     with pytest.raises(C.DataError, match=r"--lr 0.001 \(now 0.01\)"):  # other settings are refused, naming the flag
         ofa_aec.main(argv + ["--lr", "0.01"])
     with pytest.raises(C.DataError, match=r"--max-steps None \(now 1\)"):  # a cut-short run is another run
