@@ -694,11 +694,14 @@ def result_value(results: dict, key: str, where: str) -> float:
     return float(v)
 
 
-def seeds_table(rows: list[list[str]], keys: list[str], out: str | Path, pairs: list[list[str]] = ()) -> dict:
+def seeds_table(rows: list[list[str]], keys: list[str], out: str | Path, pairs: list[list[str]] = (),
+                minus: list[list[str]] = ()) -> dict:
     """The direction-run table: for each row (a name and its run folders, one per seed, the same seed order
     in every row) mean +- sample std of each key over the runs, the paired difference (same seed) of the
     first key from the first row, and for each pair (A, B) of keys the paired difference A - B within each
-    run (e.g. WA against the single model of the same runs). Writes out/results.json and results.md."""
+    run (e.g. WA against the single model of the same runs), and for each pair (A, B) of row names the paired
+    difference of the first key, row A - row B, seed by seed (e.g. PSL-2s against PSL-5s; kept in row A's
+    "minus" as {B: values}). Writes out/results.json and results.md."""
     table, lines = {}, []
     used = list(dict.fromkeys([*keys, *(k for pair in pairs for k in pair)]))  # each key read once per run
     for i, (name, *runs) in enumerate(rows):
@@ -714,6 +717,15 @@ def seeds_table(rows: list[list[str]], keys: list[str], out: str | Path, pairs: 
                       *(paired_difference(t[a], t[b]) for a, b in pairs)])
     md = markdown_table(["setting", "seeds", *keys, f"{keys[0]} per seed", f"{keys[0]} - {rows[0][0]} (paired)",
                          *(f"{a} - {b} (paired)" for a, b in pairs)], lines)
+    between = []
+    for a, b in minus:  # row A - row B, the same seed in both
+        if a not in table or b not in table or len(table[a]["runs"]) != len(table[b]["runs"]):
+            raise DataError(f"--minus {a} {b}: both must be --row names with as many runs (one per seed)")
+        d = table[a].setdefault("minus", {})[b] = [x - y for x, y in zip(table[a][keys[0]], table[b][keys[0]])]
+        between.append([f"{a} - {b}", paired_difference(table[a][keys[0]], table[b][keys[0]]),
+                        " / ".join(f"{v:+.4f}" for v in d)])
+    if between:
+        md += "\n\n" + markdown_table(["rows", f"{keys[0]} (paired)", "per seed"], between)
     return report(out, table, "# Direction run: mean +- sample std over seeds\n\n" + md)
 
 
@@ -730,9 +742,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="results.json key, dotted for nested ones (repeatable; default mAP)")
     s.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
                    help="two results.json keys: each row's paired difference A - B within its runs (repeatable)")
+    s.add_argument("--minus", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="two row names: the paired difference of the first key, row A - row B, seed by seed (repeatable)")
     s.add_argument("--out", default="runs/seeds", help="folder for results.json / results.md (default runs/seeds)")
     a = p.parse_args(argv)
-    seeds_table(a.row, a.key or ["mAP"], a.out, a.pair)
+    seeds_table(a.row, a.key or ["mAP"], a.out, a.pair, a.minus)
 
 
 def paper_heading(corpus, what: str = "paper") -> str:

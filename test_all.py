@@ -896,6 +896,15 @@ def test_seeds_table_mean_std_and_paired(tmp_path):
     assert "| +0.3500 +- 0.0500 |" in (out / "results.md").read_text()
     with pytest.raises(C.DataError, match="no 'nope' in results.json"):
         C.seeds_table([["a", runs["base"][0]]], ["mAP"], out, [["mAP", "nope"]])
+    # --minus A B: row A - row B on the first key, seed by seed (new - base = +0.1 / +0.2 / 0.0)
+    C.main(["seeds", "--row", "base", *runs["base"], "--row", "new", *runs["new"], "--minus", "new", "base",
+            "--minus", "base", "new", "--out", str(out)])
+    t, md = json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+    assert t["new"]["minus"]["base"] == pytest.approx([0.1, 0.2, 0.0]) and "minus" in t["base"]
+    assert "| new - base | +0.1000 +- 0.1000 | +0.1000 / +0.2000 / +0.0000 |" in md
+    assert "| base - new | -0.1000 +- 0.1000 |" in md
+    with pytest.raises(C.DataError, match="--minus new gone"):
+        C.seeds_table([["new", *runs["new"]]], ["mAP"], out, minus=[["new", "gone"]])
 
 
 # =============================================================================================
