@@ -807,6 +807,7 @@ def enhance_labels(scores: np.ndarray, targets: np.ndarray, labels: common.Label
     added = candidates & ~pos & (scores > thresholds) & ok[:, None]  # nan thresholds compare False
     return (pos | added).astype(np.float32), thresholds
 
+
 def read_checkpoint(path: Path, meta: bool = False) -> tuple:
     """(network settings, weights) of a psla.py checkpoint (wa.pt, best.pt, last.pt), plus its metadata
     (script, config, labels, ...) with meta=True; one line (DataError) for anything else."""
