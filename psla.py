@@ -33,7 +33,7 @@ run, run the same command again (--no-resume starts it afresh): last.pt, written
 --save-every steps, holds the data position and every RNG state, so a run killed anywhere ends with the
 results of an uninterrupted one. A finished run with the same settings is returned as it is.
 The default command is a pipeline check (108 steps of a B2 from scratch), not a converged model; the
-direction run in docs/psla.md (a 3 s-clip B0 preset, 48 epochs, masking and mix-up rows x 3 seeds) tests them.
+direction run in docs/psla.md (a 3 s-clip B0 preset, 48 epochs, four ablation rows x 3 seeds) tests them.
 
 Deviations from the paper and the official code (numbered as in docs/psla.md):
  1. The synthetic default trains from scratch (no ImageNet weights exist offline); the paper's
