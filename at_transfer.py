@@ -977,8 +977,8 @@ def plateau_line(p: dict | bool | None) -> str:
     if not isinstance(p, dict):
         return f"plateau: {p}"
     return (f"validation {'reached a plateau' if p['plateau'] else 'had NOT reached a plateau (not converged)'}: "
-            f"best {p['best']:.4f}, last {p['last']:.4f} over {p['validations']} validations (tolerance "
-            f"{p['tolerance']:g})") if p["validations"] else "no validation"
+            f"best {p['best']:.4f}, last {p['last']:.4f} over {p['validations']} validations, last-quarter gain "
+            f"{common.signed(p.get('gain'))} (tolerance {p['tolerance']:g})") if p["validations"] else "no validation"
 
 
 def bench_step(device, amp: str = "auto", batch_size: int = 8) -> dict:

@@ -648,9 +648,28 @@ def apply_preset(args: argparse.Namespace, presets: dict, script: str) -> argpar
 
 def plateau_report(values: list[float], higher: bool = True, tol: float = 0.005) -> dict:
     """A stage's convergence line for its log and results.json: whether validation reached a plateau
-    (`plateau`: the last quarter gained <= tol over the best before it), the best and the last values."""
+    (`plateau`: the last quarter gained <= tol over the best before it), that gain (`gain`: the last
+    quarter's best minus the best before it, positive = better, None under 4 values), the best and the
+    last values."""
     return {"plateau": plateau(values, higher, tol), "tolerance": tol, "validations": len(values),
+            "gain": last_quarter_gain(values, higher),
             "best": (max if higher else min)(values) if values else None, "last": values[-1] if values else None}
+
+
+def signed(x: float | None, digits: int = 4) -> str:
+    """A gain for a log line: '+0.0160', '-0.0030', or 'n/a' (None: too few values, or a report from before
+    the gain was kept)."""
+    return "n/a" if x is None else f"{x:+.{digits}f}"
+
+
+def last_quarter_gain(values: list[float], higher: bool = True) -> float | None:
+    """How much the last quarter of a validation curve (at least 2 values) improved on the best before it
+    (negative: it did not); None under 4 values. `plateau` is this gain <= its tolerance."""
+    if len(values) < 4:
+        return None
+    v = np.asarray(values, dtype=np.float64) * (1 if higher else -1)
+    q = max(2, len(v) // 4)
+    return float(v[-q:].max() - v[:-q].max())
 
 
 def plateau(values: list[float], higher: bool = True, tol: float = 0.005) -> bool:

@@ -648,7 +648,8 @@ def train(model: CNN10, folder: Path, args, data: Data, targets: np.ndarray, tot
         state["convergence"] = conv = convergence(state["curve"])
         if common.is_main():
             print(f"{folder.name}: {'a plateau' if conv['plateau'] else 'NO plateau'} in validation (last quarter of "
-                  f"{conv['validations']} validations within {conv['tolerance']} of the best before)")
+                  f"{conv['validations']} validations within {conv['tolerance']} of the best before; it gained "
+                  f"{common.signed(conv['gain'])})")
         save_model(final, model, args, data, info=state)
         common.barrier()  # final.pt is written before any process reads it
     ck = common.load_checkpoint(final, device)

@@ -571,7 +571,8 @@ def train(model: nn.Module, dataset, n_classes: int, sample, folder: Path, log_d
     if common.is_main():
         stage, n = folder.name.split("-")[0], conv["validations"]  # teacher (the MA) or student
         why = (f"only {n} validations, 4 needed" if n < 4 else f"the last quarter of {n} validations gained "
-               f"{'at most' if conv['plateau'] else 'more than'} {conv['tolerance']} over the best before it")
+               f"{common.signed(conv['gain'])}, {'at most' if conv['plateau'] else 'more than'} {conv['tolerance']}, "
+               f"over the best before it")
         print(f"{stage}: validation mAP {'reached a plateau' if conv['plateau'] else 'did NOT reach a plateau'} "
               f"({why})" + ("" if conv["plateau"] or stage == "student" else
                            "; a PSL student is capped by its MA: more --teacher-epochs?"), flush=True)
@@ -865,7 +866,7 @@ def plateau_markdown(stages: dict) -> str:
     """One line: did each stage's validation mAP reach a plateau (common.plateau_report)?"""
     say = lambda c: "-" if c is None else (
         f"{'yes' if c['plateau'] else 'NO'} (best {c['best']:.4f}, last {c['last']:.4f}, {c['validations']} "
-        f"validations)" if c["validations"] else "NO (no validation)")
+        f"validations, last-quarter gain {common.signed(c.get('gain'))})" if c["validations"] else "NO (no validation)")
     return "Validation mAP reached a plateau (last quarter within 0.005 of the best before it): " + \
         "; ".join(f"{k}: {say(c)}" for k, c in stages.items())
 

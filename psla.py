@@ -666,7 +666,8 @@ def train(args, corpus: common.Corpus, rows: list, out: Path, device, amp) -> di
     conv = convergence(state["history"])
     if common.is_main():
         print(f"{out}: {'a plateau' if conv['plateau'] else 'NO plateau'} in validation "
-              f"(last quarter of {conv['validations']} epochs within {conv['tolerance']} of the best before)")
+              f"(last quarter of {conv['validations']} epochs within {conv['tolerance']} of the best before; "
+              f"it gained {common.signed(conv['gain'])})")
     return state | {"config": config, "minutes": minutes(), "parameters": count_parameters(model), "convergence": conv}
 
 

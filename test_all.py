@@ -869,8 +869,16 @@ def test_apply_preset_by_device_flags_win_and_plateau_report(capsys):
     a = C.apply_preset(argparse.Namespace(preset="paper", device="cpu", epochs=None, lr=None), presets, "x")
     assert (a.preset, a.epochs, a.lr) == ("paper", 100, 1e-4) and "(--preset paper)" in capsys.readouterr().out
     r = C.plateau_report([0.1, 0.3, 0.3, 0.299, 0.3])
-    assert r == {"plateau": True, "tolerance": 0.005, "validations": 5, "best": 0.3, "last": 0.3}
+    assert r == {"plateau": True, "tolerance": 0.005, "validations": 5, "gain": 0.0, "best": 0.3, "last": 0.3}
     assert not C.plateau_report([0.1, 0.2, 0.3, 0.4])["plateau"] and C.plateau_report([])["best"] is None
+    # the last-quarter gain, by hand: last 2 of 4 best 0.4 against 0.2 before; a loss (lower is better)
+    # whose last 2 of 8 reach 0.43 against 0.45 before gains 0.02; a curve that fell gains a negative amount
+    assert C.plateau_report([0.1, 0.2, 0.3, 0.4])["gain"] == pytest.approx(0.2)
+    loss = C.plateau_report([1.0, 0.8, 0.7, 0.69, 0.5, 0.45, 0.44, 0.43], higher=False)
+    assert loss["gain"] == pytest.approx(0.02) and not loss["plateau"]
+    assert C.plateau_report([0.5, 0.6, 0.4, 0.3])["gain"] == pytest.approx(-0.2)  # 0.4 against 0.6
+    assert C.plateau_report([0.1, 0.2, 0.3])["gain"] is None and C.signed(None) == "n/a"
+    assert C.signed(0.016) == "+0.0160" and C.signed(-0.003) == "-0.0030"
 
 
 def test_seeds_table_mean_std_and_paired(tmp_path):
@@ -4941,8 +4949,10 @@ def test_psl_every_stage_reports_its_plateau(tmp_path, capsys):
         assert train()["convergence"] == info["convergence"]  # finished: resumed at its end, the same report
         assert len((tmp_path / name / "log.jsonl").read_text().splitlines()) == 9  # the end line once
     out = capsys.readouterr().out
-    assert "student: validation mAP reached a plateau (the last quarter of 8 validations gained at most 0.005" in out
-    assert "student: validation mAP did NOT reach a plateau (the last quarter of 8 validations gained more" in out
+    assert ("student: validation mAP reached a plateau (the last quarter of 8 validations gained +0.0000, at most "
+            "0.005" in out)  # flat: 0.5 against 0.5 before
+    assert ("student: validation mAP did NOT reach a plateau (the last quarter of 8 validations gained +0.2000, more "
+            "than 0.005" in out)  # rising: 0.8 against 0.6 before
 
 
 def test_scores_are_fp32_under_bf16_autocast():
