@@ -3101,7 +3101,7 @@ def test_at_scratch_needs_no_upstream_and_one_matrix_is_one_folder(at_tasks, tmp
     lines = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     for stage in {l["stage"] for l in lines}:
         last = [l for l in lines if l["stage"] == stage][-1]
-        assert set(last["plateau"]) == {"plateau", "tolerance", "validations", "best", "last"}, stage
+        assert set(last["plateau"]) == {"plateau", "tolerance", "validations", "gain", "best", "last"}, stage
     r = json.loads((out / "mbv2" / "sound_novel" / "scratch" / "trial0_fold1" / "result.json").read_text())
     assert r["plateau"]["validations"] == 1 and r["plateau"]["plateau"] is False  # 1 validation: too few to tell
     assert all(c["plateau"] == {"reached": 0, "runs": 1} for c in res["cells"])
